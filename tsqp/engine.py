@@ -1,0 +1,314 @@
+"""The untrusted server's compute: the weights it holds, the per-session KV cache, and one method per call.
+
+The engine knows nothing about sockets; `server.py` is a thin loop around `Engine.handle`, and tests
+can call `handle` directly. Every input is validated against the model before it is used.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tsqp.checkpoint import Checkpoint, layer_prefix
+from tsqp.config import LlamaConfig
+from tsqp.errors import ProtocolError, TsqpError
+from tsqp.protocol import CONTROL_METHODS, DTYPES, METHODS, SESSION_METHODS, Message
+
+DEFAULT_MAX_CACHE_BYTES = 8 << 30
+DEFAULT_IDLE_TIMEOUT_S = 600.0
+MAX_BATCH = 8
+
+@dataclass
+class Layer:
+    qkv: torch.Tensor  # (q_dim + 2 kv_dim, hidden): q, k and v projections fused into one matmul
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # (hidden, q_dim)
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # (2 intermediate, hidden)
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # (hidden, intermediate)
+    down_bias: torch.Tensor | None
+
+
+@dataclass
+class Session:
+    owner: bytes  # the client connection that opened it; nobody else can use it
+    keys: torch.Tensor  # (layers, kv_heads, capacity, head_dim), post-RoPE, as sent by the TEE
+    values: torch.Tensor  # (layers, kv_heads, capacity, head_dim), never leave the server
+    filled: list[int] = field(default_factory=list)  # per layer: positions holding keys and values
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class Engine:
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
+                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                 progress=None):
+        self.checkpoint = Checkpoint(model_dir)
+        self.config: LlamaConfig = self.checkpoint.config
+        self.device = torch.device(device)
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.max_cache_bytes = max_cache_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.sessions: dict[bytes, Session] = {}
+        self.fingerprint = self.checkpoint.fingerprint()
+        self._load(progress)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self, progress) -> None:
+        c = self.config
+        names = ["model.embed_tokens.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
+        if c.tie_word_embeddings and self.checkpoint.has("lm_head.weight"):
+            names.append("lm_head.weight")
+        projections = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+        for layer in range(c.num_layers):
+            for part, bias in (("self_attn", c.attention_bias), ("mlp", c.mlp_bias)):
+                for proj in projections["attn" if part == "self_attn" else "mlp"]:
+                    names.append(f"{layer_prefix(layer)}{part}.{proj}.weight")
+                    if bias:
+                        names.append(f"{layer_prefix(layer)}{part}.{proj}.bias")
+        weights: dict[str, torch.Tensor] = {}
+        for name, tensor in self.checkpoint.tensors(names):
+            weights[name] = tensor.to(self.device, self.dtype)
+            if progress:
+                progress(len(weights), len(names))
+        self.embed = weights.pop("model.embed_tokens.weight")
+        self.head = weights.pop("lm_head.weight", self.embed)
+        self.layers = [self._fuse(weights, layer) for layer in range(c.num_layers)]
+
+    def _fuse(self, w: dict[str, torch.Tensor], layer: int) -> Layer:
+        p = layer_prefix(layer)
+
+        def cat(part: str, projs: list[str], kind: str) -> torch.Tensor | None:
+            keys = [f"{p}{part}.{proj}.{kind}" for proj in projs]
+            if kind == "bias" and keys[0] not in w:
+                return None
+            return torch.cat([w.pop(k) for k in keys])
+
+        return Layer(
+            qkv=cat("self_attn", ["q_proj", "k_proj", "v_proj"], "weight"),
+            qkv_bias=cat("self_attn", ["q_proj", "k_proj", "v_proj"], "bias"),
+            o=w.pop(f"{p}self_attn.o_proj.weight"),
+            o_bias=w.pop(f"{p}self_attn.o_proj.bias", None),
+            gate_up=cat("mlp", ["gate_proj", "up_proj"], "weight"),
+            gate_up_bias=cat("mlp", ["gate_proj", "up_proj"], "bias"),
+            down=w.pop(f"{p}mlp.down_proj.weight"),
+            down_bias=w.pop(f"{p}mlp.down_proj.bias", None),
+        )
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def handle(self, peer: bytes, request: Message) -> tuple[dict, list[torch.Tensor]]:
+        """Runs one validated request; returns (reply args, result tensors on the CPU)."""
+        method = request.header.get("method")
+        if method not in METHODS:
+            raise ProtocolError(f"unknown method {method!r}")
+        if len(request.tensors) != METHODS[method]:
+            raise ProtocolError(f"{method} takes {METHODS[method]} tensors, got {len(request.tensors)}")
+        self.expire_idle()
+        inputs = [t.to(self.device) for t in request.tensors]
+        args = request.args
+        start = time.perf_counter()
+        handler = getattr(self, "op_" + method)
+        if method in CONTROL_METHODS:
+            reply_args, tensors = handler(peer, request.header.get("session"), args)
+        elif method in SESSION_METHODS:
+            reply_args, tensors = {}, handler(self._session(peer, request.header.get("session")), args, *inputs)
+        else:
+            reply_args, tensors = {}, handler(args, *inputs)
+        tensors = [t.to("cpu") for t in tensors]  # a no-op on a CPU server; a device->host copy on GPU
+        return {**reply_args, "compute_s": time.perf_counter() - start}, tensors
+
+    def _session(self, peer: bytes, session_id) -> Session:
+        session = self.sessions.get(session_id) if isinstance(session_id, bytes) else None
+        if session is None or not secrets.compare_digest(session.owner, peer):
+            raise TsqpError("unknown or expired session (sessions are bound to the connection that opened them)")
+        session.last_used = time.monotonic()
+        return session
+
+    def expire_idle(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, sess in self.sessions.items() if now - sess.last_used > self.idle_timeout_s]:
+            del self.sessions[sid]
+
+    def drop_peer(self, peer: bytes) -> None:
+        for sid in [s for s, sess in self.sessions.items() if sess.owner == peer]:
+            del self.sessions[sid]
+
+    # -- control -------------------------------------------------------------------------------
+
+    def op_ping(self, peer, session_id, args):
+        return {}, []
+
+    def op_init(self, peer, session_id, args):
+        c = self.config
+        info = {"fingerprint": self.fingerprint, "dtype": self.dtype_name, "device": str(self.device),
+                "layers": c.num_layers, "hidden": c.hidden_size, "vocab": c.vocab_size}
+        return info, []
+
+    def op_open_session(self, peer, session_id, args):
+        c = self.config
+        capacity = _int_arg(args, "capacity", 1, c.max_position_embeddings)
+        nbytes = 2 * c.num_layers * c.kv_dim * capacity * self.dtype.itemsize
+        in_use = sum(s.nbytes for s in self.sessions.values())
+        if in_use + nbytes > self.max_cache_bytes:
+            raise TsqpError(
+                f"KV cache memory cap reached: a {capacity}-token session needs {nbytes / 2**20:.1f} MiB, "
+                f"{in_use / 2**20:.1f} of {self.max_cache_bytes / 2**20:.1f} MiB are in use"
+            )
+        shape = (c.num_layers, c.num_kv_heads, capacity, c.head_dim)
+        session = Session(owner=peer, keys=torch.empty(shape, dtype=self.dtype, device=self.device),
+                          values=torch.empty(shape, dtype=self.dtype, device=self.device), filled=[0] * c.num_layers)
+        session_id = secrets.token_bytes(16)
+        self.sessions[session_id] = session
+        return {"session": session_id}, []
+
+    def op_close_session(self, peer, session_id, args):
+        self._session(peer, session_id)
+        del self.sessions[session_id]
+        return {}, []
+
+    # -- the seed's calls ----------------------------------------------------------------------
+
+    def op_embedding(self, args, ids):
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            raise ProtocolError("embedding takes a 1-d int64 tensor of token ids")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise TsqpError(f"token id out of range [0, {self.config.vocab_size})")
+        return [self.embed[ids]]
+
+    def op_lm_head(self, args, x):
+        return [F.linear(self._activation(x, self.config.hidden_size), self.head)]
+
+    def op_linear(self, args, x):
+        weight, bias = self._named_weight(args, args.get("name"))
+        return [F.linear(self._activation(x, weight.shape[1]), weight, bias)]
+
+    def op_batch_linear(self, args, x):
+        names = args.get("names")
+        if not isinstance(names, list) or not 0 < len(names) <= MAX_BATCH:
+            raise ProtocolError(f"batch_linear needs a list of 1 to {MAX_BATCH} weight names")
+        return [self.op_linear({**args, "name": name}, x)[0] for name in names]
+
+    def op_matmul(self, args, a, b):
+        if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
+            raise ProtocolError(f"matmul shapes {list(a.shape)} and {list(b.shape)} do not match")
+        return [torch.matmul(self._float(a), self._float(b))]
+
+    def _named_weight(self, args, name) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The seed's names (q_proj ... down_proj, with args layer=N), as views of the fused weights."""
+        c = self.config
+        w = self.layers[_int_arg(args, "layer", 0, c.num_layers - 1)]
+        fused = {
+            "q_proj": (w.qkv, w.qkv_bias, 0, c.q_dim),
+            "k_proj": (w.qkv, w.qkv_bias, c.q_dim, c.kv_dim),
+            "v_proj": (w.qkv, w.qkv_bias, c.q_dim + c.kv_dim, c.kv_dim),
+            "gate_proj": (w.gate_up, w.gate_up_bias, 0, c.intermediate_size),
+            "up_proj": (w.gate_up, w.gate_up_bias, c.intermediate_size, c.intermediate_size),
+            "o_proj": (w.o, w.o_bias, 0, c.hidden_size),
+            "down_proj": (w.down, w.down_bias, 0, c.hidden_size),
+        }
+        if name not in fused:
+            raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(fused)}")
+        weight, bias, start, rows = fused[name]
+        return weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
+
+    # -- fused per-layer calls -----------------------------------------------------------------
+
+    def op_qkv(self, session: Session, args, x):
+        """x (T, hidden) -> q (T, q_dim), k (T, kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T)."""
+        c = self.config
+        layer, pos = self._layer_pos(session, args)
+        x = self._activation(x, c.hidden_size)
+        T = x.shape[0]
+        self._check_room(session, pos, T)
+        weights = self.layers[layer]
+        qkv = F.linear(x, weights.qkv, weights.qkv_bias)  # (T, q_dim + 2 kv_dim)
+        q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=1)
+        session.values[layer, :, pos:pos + T] = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        return [q.contiguous(), k.contiguous()]
+
+    def op_scores(self, session: Session, args, q, k):
+        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores (heads, T, pos+T) = q k^T / sqrt(hd).
+
+        k is cached at [pos, pos+T); every key from 0 to pos+T is scored (the TEE applies the causal mask).
+        """
+        c = self.config
+        layer, pos = self._layer_pos(session, args)
+        T = q.shape[0] if q.dim() == 3 else -1
+        if tuple(q.shape) != (T, c.num_heads, c.head_dim) or tuple(k.shape) != (T, c.num_kv_heads, c.head_dim):
+            raise ProtocolError(f"scores needs q (T, {c.num_heads}, {c.head_dim}) and k (T, {c.num_kv_heads}, {c.head_dim})")
+        self._check_room(session, pos, T)
+        session.keys[layer, :, pos:pos + T] = self._float(k).transpose(0, 1)
+        session.filled[layer] = pos + T
+        keys = session.keys[layer, :, :pos + T]  # (kv_heads, L, hd)
+        q = self._float(q).view(T, c.num_kv_heads, c.group_size, c.head_dim).permute(1, 2, 0, 3)  # (kv, group, T, hd)
+        q = q.reshape(c.num_kv_heads, c.group_size * T, c.head_dim)
+        scores = torch.bmm(q, keys.transpose(1, 2)) * (1.0 / math.sqrt(c.head_dim))  # (kv, group*T, L)
+        return [scores.view(c.num_heads, T, pos + T)]
+
+    def op_attn_out(self, session: Session, args, probs):
+        """probs (heads, T, pos+T) -> o_proj(probs @ V) (T, hidden); V is the session's cache."""
+        c = self.config
+        layer, pos = self._layer_pos(session, args)
+        L = session.filled[layer]
+        T = L - pos
+        if T <= 0 or tuple(probs.shape) != (c.num_heads, T, L):
+            raise ProtocolError(f"attn_out needs probs ({c.num_heads}, {T}, {L}) after scores at pos {pos}")
+        probs = self._float(probs).view(c.num_kv_heads, c.group_size * T, L)
+        out = torch.bmm(probs, session.values[layer, :, :L])  # (kv, group*T, hd)
+        out = out.view(c.num_heads, T, c.head_dim).transpose(0, 1).reshape(T, c.q_dim)
+        weights = self.layers[layer]
+        return [F.linear(out, weights.o, weights.o_bias)]
+
+    def op_gate_up(self, session: Session, args, x):
+        layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
+        weights = self.layers[layer]
+        gate_up = F.linear(self._activation(x, self.config.hidden_size), weights.gate_up, weights.gate_up_bias)
+        gate, up = gate_up.chunk(2, dim=1)
+        return [gate.contiguous(), up.contiguous()]
+
+    def op_down(self, session: Session, args, x):
+        layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
+        weights = self.layers[layer]
+        return [F.linear(self._activation(x, self.config.intermediate_size), weights.down, weights.down_bias)]
+
+    # -- validation helpers --------------------------------------------------------------------
+
+    def _layer_pos(self, session: Session, args) -> tuple[int, int]:
+        layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
+        pos = _int_arg(args, "pos", 0, session.keys.shape[2])
+        if pos > session.filled[layer]:
+            raise ProtocolError(f"pos {pos} skips past the {session.filled[layer]} cached positions of layer {layer}")
+        return layer, pos
+
+    def _check_room(self, session: Session, pos: int, T: int) -> None:
+        if T <= 0 or pos + T > session.keys.shape[2]:
+            raise TsqpError(f"{T} tokens at position {pos} exceed the session capacity of {session.keys.shape[2]}")
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise ProtocolError(f"tensor of dtype {x.dtype} sent to a {self.dtype_name} server")
+        return x
+
+    def _activation(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != width or x.shape[0] == 0:
+            raise ProtocolError(f"expected a (T, {width}) activation, got {list(x.shape)}")
+        return self._float(x)
+
+
+def _int_arg(args: dict, name: str, low: int, high: int) -> int:
+    value = args.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(f"argument {name!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value

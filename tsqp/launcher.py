@@ -1,0 +1,93 @@
+"""Starting a private server subprocess for a client that was given no --connect, and stopping it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from threading import Thread
+
+from tsqp.errors import ConnectionLost
+from tsqp.transport import Client, ipc_path, private_endpoint
+
+DEFAULT_START_TIMEOUT_S = 600.0
+
+
+class ServerProcess:
+    """`with ServerProcess(model, device, dtype) as server:` runs `tsqp serve` on a private ipc endpoint."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
+                 start_timeout_s: float = DEFAULT_START_TIMEOUT_S, endpoint: str | None = None,
+                 extra_args: list[str] = ()):
+        self.endpoint = endpoint or private_endpoint()
+        self.command = [sys.executable, "-m", "tsqp", "serve", "--model", str(model_dir), "--device", device,
+                        "--dtype", dtype, "--listen", self.endpoint, *extra_args]
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=20)
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, errors="replace")
+        Thread(target=self._relay_stderr, daemon=True).start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _relay_stderr(self) -> None:
+        """Shows the server's progress lines to the user and keeps the last ones for error messages."""
+        for line in self.process.stderr:
+            self.stderr_tail.append(line.rstrip())
+            if os.environ.get("TSQP_QUIET_SERVER") is None:
+                sys.stderr.write(line)
+
+    def exit_reason(self) -> str | None:
+        """None while the process runs; its exit code and last error line once it has exited."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        time.sleep(0.05)  # let the relay thread catch the last lines
+        last = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
+        return f"exit code {self.process.returncode}" + (f": {last}" if last else "")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        path = ipc_path(self.endpoint)
+        while time.monotonic() < deadline:
+            if reason := self.exit_reason():
+                raise ConnectionLost(f"the server process exited before it was ready ({reason})")
+            if path is None or path.exists():
+                try:
+                    with Client(self.endpoint, timeout_s=1.0) as probe:
+                        probe.call("ping")
+                    return
+                except ConnectionLost:
+                    pass
+            time.sleep(0.1)
+        raise ConnectionLost(
+            f"the server was not ready after {self.start_timeout_s:.0f} s; "
+            "raise --start-timeout for a large model or start `tsqp serve` yourself and pass --connect"
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            path.unlink(missing_ok=True)
+            if path.parent.name.startswith("tsqp-"):
+                shutil.rmtree(path.parent, ignore_errors=True)
+

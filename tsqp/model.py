@@ -1,0 +1,93 @@
+"""The TEE side of the model: the LLaMA forward pass with every weight product sent to the server.
+
+It reads top to bottom like DESIGN.md section 1. The TEE holds only the RMSNorm gains and the rope
+parameters, read from its own copy of the model folder; `self.ops` (a `remote.RemoteOps`) does the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tsqp.checkpoint import Checkpoint, layer_prefix, norm_weight_names
+from tsqp.errors import TsqpError
+from tsqp.remote import Call, RemoteOps
+from tsqp.rope import Rotary
+from tsqp.stats import Stats
+
+
+class TeeModel:
+    def __init__(self, model_dir: str | Path, call: Call, stats: Stats | None = None):
+        """call: how requests reach the server (`transport.Client.call` or `remote.InProcess`)."""
+        checkpoint = Checkpoint(model_dir)
+        self.config = c = checkpoint.config
+        self.fingerprint = checkpoint.fingerprint()
+        self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
+        self.rotary = Rotary(c)
+        self.ops = RemoteOps(call, c)
+        self.stats = stats or Stats()
+
+    def attach(self) -> dict:
+        """Checks the server runs this very model (same fingerprint) before anything is sent."""
+        info = self.ops.init()
+        if info.get("fingerprint") != self.fingerprint:
+            raise TsqpError(
+                "the server runs a different model than the TEE's model folder (fingerprints differ): "
+                "start the server with the same checkpoint"
+            )
+        return info
+
+    def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        with self.stats.tee("rmsnorm"):
+            variance = x.pow(2).mean(-1, keepdim=True)
+            return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self.norms[name]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """ids (T,) at positions [pos, pos+T) of the open session -> float32 logits (T or 1, vocab)."""
+        c, ops, stats = self.config, self.ops, self.stats
+        self.check_ids(ids)
+        T = ids.shape[0]
+        x = ops.embedding(ids)  # (T, hidden)
+        with stats.tee("rope"):
+            cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))
+            mask = causal_mask(T, pos)  # (T, pos+T), True where a key lies in the future
+        for layer in range(c.num_layers):
+            p = layer_prefix(layer)
+            h = self.rms_norm(x, p + "input_layernorm.weight")
+            q, k = ops.qkv(layer, pos, h)  # (T, q_dim), (T, kv_dim)
+            with stats.tee("rope"):
+                q = self.rotary.apply(q.view(T, c.num_heads, c.head_dim), cos, sin)
+                k = self.rotary.apply(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
+            scores = ops.scores(layer, pos, q, k)  # (heads, T, pos+T), already scaled by 1/sqrt(hd)
+            with stats.tee("softmax"):
+                probs = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1)
+            attn = ops.attn_out(layer, pos, probs)  # (T, hidden)
+            with stats.tee("residual"):
+                x = x + attn
+            h = self.rms_norm(x, p + "post_attention_layernorm.weight")
+            gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
+            with stats.tee("silu_mul"):
+                act = F.silu(gate).mul_(up)
+            mlp = ops.down(layer, act)  # (T, hidden)
+            with stats.tee("residual"):
+                x = x + mlp
+        if last_only:
+            x = x[-1:]
+        x = self.rms_norm(x, "model.norm.weight")
+        return ops.lm_head(x)  # (T or 1, vocab)
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise TsqpError("give at least one token id")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
+
+
+def causal_mask(T: int, pos: int) -> torch.Tensor:
+    """(T, pos+T) bool: query i (at position pos+i) may not see key j > pos+i."""
+    return torch.ones(T, pos + T, dtype=torch.bool).triu_(pos + 1)

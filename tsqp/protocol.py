@@ -1,0 +1,171 @@
+"""The wire protocol between the TEE client and the GPU server. Nothing else builds or parses frames.
+
+A request is one ZeroMQ multipart message from the client's DEALER socket:
+
+    frame 0        header: msgpack map
+                     v        PROTOCOL_VERSION
+                     id       request id (int), echoed by the reply; a reply with another id is stale
+                     method   name of the call (see METHODS)
+                     session  session id (bytes) or nil
+                     args     map of scalars and lists of scalars
+                     tensors  one descriptor per tensor: [dtype, shape] for a tensor carried in the next
+                              frame, [dtype, shape, offset] for one placed in the shared-memory arena
+    frame 1..n     raw bytes of each framed tensor, C order, sent zero-copy; never pickle
+
+The server's ROUTER socket sees the peer identity in front of these frames and replies in the same
+layout with header keys v, id, ok, error (when not ok), args and tensors.
+
+Every header is validated before any tensor byte is touched: types, version, frame count, dtype
+names, shape rank and size, and that each frame's length equals its declared shape times item size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from tsqp.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 8
+MAX_NDIM = 4
+MAX_MESSAGE_BYTES = 4 << 30  # zmq.MAXMSGSIZE on both sides; a 2048-token prefill of a 32-head model stays far below
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+# Every call and the number of tensors it takes. The seed's vocabulary (embedding, linear,
+# batch_linear, matmul, lm_head) stays for tools that drive the server op by op; the TEE forward pass
+# uses the fused per-layer calls, one round trip between two TEE steps: five a layer.
+METHODS: dict[str, int] = {
+    "init": 0, "ping": 0, "open_session": 0, "close_session": 0,  # control
+    "embedding": 1, "linear": 1, "batch_linear": 1, "matmul": 2, "lm_head": 1,  # the seed's calls
+    "qkv": 1, "scores": 2, "attn_out": 1, "gate_up": 1, "down": 1,  # fused, per layer, need a session
+}
+CONTROL_METHODS = ("init", "ping", "open_session", "close_session")
+SESSION_METHODS = ("qkv", "scores", "attn_out", "gate_up", "down")
+
+# torch.frombuffer warns on read-only buffers (zmq frames are); the tensors built here are never written.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+@dataclass
+class Message:
+    header: dict[str, Any]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.header.get("args") or {}
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """A zero-copy buffer over a contiguous tensor's bytes (any dtype, bfloat16 included)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def descriptor(tensor: torch.Tensor) -> list:
+    if tensor.dtype not in DTYPE_NAMES:
+        raise ProtocolError(f"dtype {tensor.dtype} cannot travel")
+    return [DTYPE_NAMES[tensor.dtype], list(tensor.shape)]
+
+
+def pack(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list:
+    """Header dict + tensors -> frames. The header's `tensors` entry is filled in here."""
+    header = {**header, "v": PROTOCOL_VERSION, "tensors": [descriptor(t) for t in tensors]}
+    return [msgpack.packb(header, use_bin_type=True)] + [tensor_bytes(t) for t in tensors]
+
+
+def nbytes_of(dtype_name: str, shape: list[int]) -> int:
+    return math.prod(shape) * DTYPES[dtype_name].itemsize
+
+
+def unpack(frames: list, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Frames -> validated Message; tensors are read-only views of the frames (no copy)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    header = parse_header(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
+    descriptors = header["tensors"]
+    if len(frames) - 1 != len(descriptors):
+        raise ProtocolError(f"header declares {len(descriptors)} tensors but {len(frames) - 1} frames follow")
+    tensors, total = [], 0
+    for desc, frame in zip(descriptors, frames[1:]):
+        dtype_name, shape = desc[0], desc[1]
+        buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+        expected = nbytes_of(dtype_name, shape)
+        total += expected
+        if total > max_bytes:
+            raise ProtocolError(f"message larger than the {max_bytes}-byte bound")
+        if buffer.nbytes != expected:
+            raise ProtocolError(f"tensor {dtype_name}{shape} needs {expected} bytes, frame has {buffer.nbytes}")
+        if expected == 0:
+            tensors.append(torch.empty(shape, dtype=DTYPES[dtype_name]))
+        else:
+            tensors.append(torch.frombuffer(buffer, dtype=DTYPES[dtype_name]).view(shape))
+    return Message(header, tensors)
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=1024, max_str_len=MAX_HEADER_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}")
+    if not isinstance(header.get("id"), int) or isinstance(header.get("id"), bool):
+        raise ProtocolError("header id is not an integer")
+    args = header.get("args", {})
+    if args is not None and not isinstance(args, dict):
+        raise ProtocolError("header args is not a map")
+    session = header.get("session")
+    if session is not None and not isinstance(session, bytes):
+        raise ProtocolError("header session is not bytes")
+    descriptors = header.get("tensors")
+    if not isinstance(descriptors, list) or len(descriptors) > MAX_TENSORS:
+        raise ProtocolError(f"header tensors is not a list of at most {MAX_TENSORS} descriptors")
+    for desc in descriptors:
+        _check_descriptor(desc)
+    return header
+
+
+def _check_descriptor(desc: Any) -> None:
+    if not isinstance(desc, list) or len(desc) not in (2, 3):
+        raise ProtocolError("tensor descriptor is not [dtype, shape] or [dtype, shape, offset]")
+    dtype_name, shape = desc[0], desc[1]
+    if dtype_name not in DTYPES:
+        raise ProtocolError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise ProtocolError(f"shape is not a list of at most {MAX_NDIM} dimensions")
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim < 1 << 32:
+            raise ProtocolError(f"bad dimension {dim!r} in shape")
+    if len(desc) == 3 and (not isinstance(desc[2], int) or isinstance(desc[2], bool) or desc[2] < 0):
+        raise ProtocolError("arena offset is not a non-negative integer")
+
+
+def expect(tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, tuple[int, ...]]], method: str) -> None:
+    """Client side: a reply must hold exactly the tensors that were asked for."""
+    if len(tensors) != len(specs):
+        raise ProtocolError(f"{method}: server returned {len(tensors)} tensors, expected {len(specs)}")
+    for i, (tensor, (dtype, shape)) in enumerate(zip(tensors, specs)):
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ProtocolError(
+                f"{method}: result {i} is {DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}, "
+                f"expected {DTYPE_NAMES[dtype]}{list(shape)}"
+            )
