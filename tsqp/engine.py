@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tsqp.checkpoint import Checkpoint, layer_prefix
 from tsqp.config import LlamaConfig
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.protocol import CONTROL_METHODS, DTYPES, METHODS, SESSION_METHODS, Message
+from tsqp.protocol import CONTROL_METHODS, DTYPES, MAX_QUERY_TILE, METHODS, SESSION_METHODS, Message, query_tiles
 
 DEFAULT_MAX_CACHE_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 600.0
@@ -239,35 +239,48 @@ class Engine:
         return [q.contiguous(), k.contiguous()]
 
     def op_scores(self, session: Session, args, q, k):
-        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores (heads, T, pos+T) = q k^T / sqrt(hd).
+        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
 
-        k is cached at [pos, pos+T); every key from 0 to pos+T is scored (the TEE applies the causal mask).
+        k is cached at [pos, pos+T). Each tile scores its rows against the keys up to its last row; the
+        TEE masks the diagonal block and runs the softmax.
         """
         c = self.config
         layer, pos = self._layer_pos(session, args)
+        tile = _int_arg(args, "tile", 1, MAX_QUERY_TILE)
         T = q.shape[0] if q.dim() == 3 else -1
         if tuple(q.shape) != (T, c.num_heads, c.head_dim) or tuple(k.shape) != (T, c.num_kv_heads, c.head_dim):
             raise ProtocolError(f"scores needs q (T, {c.num_heads}, {c.head_dim}) and k (T, {c.num_kv_heads}, {c.head_dim})")
         self._check_room(session, pos, T)
         session.keys[layer, :, pos:pos + T] = self._float(k).transpose(0, 1)
         session.filled[layer] = pos + T
-        keys = session.keys[layer, :, :pos + T]  # (kv_heads, L, hd)
+        keys_t = session.keys[layer, :, :pos + T].transpose(1, 2)  # (kv, hd, L)
         q = self._float(q).view(T, c.num_kv_heads, c.group_size, c.head_dim).permute(1, 2, 0, 3)  # (kv, group, T, hd)
-        q = q.reshape(c.num_kv_heads, c.group_size * T, c.head_dim)
-        scores = torch.bmm(q, keys.transpose(1, 2)) * (1.0 / math.sqrt(c.head_dim))  # (kv, group*T, L)
-        return [scores.view(c.num_heads, T, pos + T)]
+        tiles, total = query_tiles(T, pos, c.num_heads, tile)
+        packed = torch.empty(total, dtype=self.dtype, device=self.device)
+        for t in tiles:
+            q_tile = q[:, :, t.row:t.row + t.rows].reshape(c.num_kv_heads, c.group_size * t.rows, c.head_dim)
+            out = packed[t.offset:t.offset + c.num_heads * t.rows * t.keys].view(c.num_kv_heads, c.group_size * t.rows, t.keys)
+            torch.bmm(q_tile, keys_t[:, :, :t.keys], out=out)
+        packed.mul_(1.0 / math.sqrt(c.head_dim))
+        return [packed]
 
     def op_attn_out(self, session: Session, args, probs):
-        """probs (heads, T, pos+T) -> o_proj(probs @ V) (T, hidden); V is the session's cache."""
+        """probs packed like scores -> o_proj(probs @ V) (T, hidden); V is the session's cache."""
         c = self.config
         layer, pos = self._layer_pos(session, args)
-        L = session.filled[layer]
-        T = L - pos
-        if T <= 0 or tuple(probs.shape) != (c.num_heads, T, L):
-            raise ProtocolError(f"attn_out needs probs ({c.num_heads}, {T}, {L}) after scores at pos {pos}")
-        probs = self._float(probs).view(c.num_kv_heads, c.group_size * T, L)
-        out = torch.bmm(probs, session.values[layer, :, :L])  # (kv, group*T, hd)
-        out = out.view(c.num_heads, T, c.head_dim).transpose(0, 1).reshape(T, c.q_dim)
+        tile = _int_arg(args, "tile", 1, MAX_QUERY_TILE)
+        T = session.filled[layer] - pos
+        tiles, total = query_tiles(T, pos, c.num_heads, tile)
+        if T <= 0 or tuple(probs.shape) != (total,):
+            raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
+        probs = self._float(probs)
+        values = session.values[layer]  # (kv, capacity, hd)
+        out = torch.empty(c.num_kv_heads, c.group_size, T, c.head_dim, dtype=self.dtype, device=self.device)
+        for t in tiles:
+            p = probs[t.offset:t.offset + c.num_heads * t.rows * t.keys].view(c.num_kv_heads, c.group_size * t.rows, t.keys)
+            o = torch.bmm(p, values[:, :t.keys])  # (kv, group*rows, hd)
+            out[:, :, t.row:t.row + t.rows] = o.view(c.num_kv_heads, c.group_size, t.rows, c.head_dim)
+        out = out.permute(2, 0, 1, 3).reshape(T, c.q_dim)  # (T, heads*hd), head-major like q_proj
         weights = self.layers[layer]
         return [F.linear(out, weights.o, weights.o_bias)]
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tsqp.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.errors import TsqpError
+from tsqp.protocol import Tile, query_tiles
 from tsqp.remote import Call, RemoteOps
 from tsqp.rope import Rotary
 from tsqp.stats import Stats
@@ -51,9 +52,9 @@ class TeeModel:
         self.check_ids(ids)
         T = ids.shape[0]
         x = ops.embedding(ids)  # (T, hidden)
+        tiles, _ = query_tiles(T, pos, c.num_heads, ops.tile)
         with stats.tee("rope"):
             cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))
-            mask = causal_mask(T, pos)  # (T, pos+T), True where a key lies in the future
         for layer in range(c.num_layers):
             p = layer_prefix(layer)
             h = self.rms_norm(x, p + "input_layernorm.weight")
@@ -61,10 +62,10 @@ class TeeModel:
             with stats.tee("rope"):
                 q = self.rotary.apply(q.view(T, c.num_heads, c.head_dim), cos, sin)
                 k = self.rotary.apply(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
-            scores = ops.scores(layer, pos, q, k)  # (heads, T, pos+T), already scaled by 1/sqrt(hd)
+            scores = ops.scores(layer, pos, q, k)  # packed query tiles, scaled by 1/sqrt(hd)
             with stats.tee("softmax"):
-                probs = torch.softmax(scores.masked_fill_(mask, float("-inf")), dim=-1)
-            attn = ops.attn_out(layer, pos, probs)  # (T, hidden)
+                probs = causal_softmax_(scores, tiles, c.num_heads)
+            attn = ops.attn_out(layer, pos, T, probs)  # (T, hidden)
             with stats.tee("residual"):
                 x = x + attn
             h = self.rms_norm(x, p + "post_attention_layernorm.weight")
@@ -88,6 +89,15 @@ class TeeModel:
             raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
 
 
-def causal_mask(T: int, pos: int) -> torch.Tensor:
-    """(T, pos+T) bool: query i (at position pos+i) may not see key j > pos+i."""
-    return torch.ones(T, pos + T, dtype=torch.bool).triu_(pos + 1)
+def causal_softmax_(packed: torch.Tensor, tiles: list[Tile], heads: int) -> torch.Tensor:
+    """Softmax over keys with the causal mask, in place on packed query tiles (the TEE owns this copy).
+
+    Within a tile only the last `rows` key columns can lie in the future of a row: that diagonal
+    block gets -inf above its diagonal; every earlier key is visible to every row of the tile.
+    """
+    for t in tiles:
+        block = packed[t.offset:t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
+        future = torch.ones(t.rows, t.rows, dtype=torch.bool).triu_(1)
+        block[:, :, t.keys - t.rows:].masked_fill_(future, float("-inf"))
+        torch.softmax(block, dim=-1, out=block)
+    return packed

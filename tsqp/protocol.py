@@ -57,6 +57,30 @@ METHODS: dict[str, int] = {
 CONTROL_METHODS = ("init", "ping", "open_session", "close_session")
 SESSION_METHODS = ("qkv", "scores", "attn_out", "gate_up", "down")
 
+# Scores and probabilities travel packed by query tiles: tile i holds rows [row, row+rows) of every
+# head against keys [0, pos+row+rows) only, so the future half of the causal square never crosses.
+DEFAULT_QUERY_TILE = 64
+MAX_QUERY_TILE = 4096
+
+
+@dataclass(frozen=True)
+class Tile:
+    row: int  # first query row (relative to the call's first token)
+    rows: int
+    keys: int  # pos + row + rows: every earlier key and the tile's own
+    offset: int  # element offset of the tile's (heads, rows, keys) block in the packed tensor
+
+
+def query_tiles(T: int, pos: int, heads: int, tile: int) -> tuple[list[Tile], int]:
+    """The tiles of a call with T queries at positions [pos, pos+T), and the packed length in elements."""
+    tiles, offset = [], 0
+    for row in range(0, T, tile):
+        rows = min(tile, T - row)
+        tiles.append(Tile(row, rows, pos + row + rows, offset))
+        offset += heads * rows * (pos + row + rows)
+    return tiles, offset
+
+
 # torch.frombuffer warns on read-only buffers (zmq frames are); the tensors built here are never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 

@@ -14,7 +14,7 @@ import torch
 
 from tsqp.config import LlamaConfig
 from tsqp.errors import ServerError, TsqpError
-from tsqp.protocol import DTYPES, FLOAT_DTYPES, Message, expect
+from tsqp.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, expect, query_tiles
 
 Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None) -> reply Message
 
@@ -36,8 +36,9 @@ class InProcess:
 
 
 class RemoteOps:
-    def __init__(self, call: Call, config: LlamaConfig, wire_dtype: str = "float32"):
+    def __init__(self, call: Call, config: LlamaConfig, wire_dtype: str = "float32", tile: int = DEFAULT_QUERY_TILE):
         self.call = call
+        self.tile = tile  # query rows per packed score tile
         self.config = config
         self.wire = DTYPES[wire_dtype]
         self.session: bytes | None = None
@@ -88,14 +89,14 @@ class RemoteOps:
         return q, k
 
     def scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """q (T, heads, hd), k (T, kv_heads, hd) -> (heads, T, pos+T)."""
-        T = q.shape[0]
-        return self._run("scores", {"layer": layer, "pos": pos}, [q, k], [(self.config.num_heads, T, pos + T)])[0]
+        """q (T, heads, hd), k (T, kv_heads, hd) -> scores packed by query tiles (protocol.query_tiles)."""
+        _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile)
+        return self._run("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])[0]
 
-    def attn_out(self, layer: int, pos: int, probs: torch.Tensor) -> torch.Tensor:
-        """probs (heads, T, pos+T) -> o_proj(probs @ V) (T, hidden)."""
-        T = probs.shape[1]
-        return self._run("attn_out", {"layer": layer, "pos": pos}, [probs], [(T, self.config.hidden_size)])[0]
+    def attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> torch.Tensor:
+        """probs packed like scores -> o_proj(probs @ V) (T, hidden)."""
+        return self._run("attn_out", {"layer": layer, "pos": pos, "tile": self.tile}, [probs],
+                         [(T, self.config.hidden_size)])[0]
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T, inter = h.shape[0], self.config.intermediate_size
