@@ -119,5 +119,8 @@ def norm_weight_names(config: LlamaConfig) -> list[str]:
     """The only weights the TEE holds: RMSNorm gains."""
     names = []
     for layer in range(config.num_layers):
-        names += [layer_prefix(layer) + "input_layernorm.weight", layer_prefix(layer) + "post_attention_layernorm.weight"]
+        names += [
+            layer_prefix(layer) + "input_layernorm.weight",
+            layer_prefix(layer) + "post_attention_layernorm.weight",
+        ]
     return names + ["model.norm.weight"]

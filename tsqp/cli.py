@@ -1,9 +1,12 @@
 """`tsqp` command line: flags with environment-variable defaults, parsed here and nowhere else.
 
-    tsqp serve    --model DIR [--device cpu|cuda:N] [--dtype ...] [--listen ENDPOINT]
-    tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
-    tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--compare] [--json FILE]
-    tsqp preset   NAME            (writes the preset checkpoint and prints its folder)
+tsqp serve    --model DIR [--device cpu|cuda:N] [--dtype ...] [--listen ENDPOINT]
+tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
+tsqp generate [--model DIR | --preset NAME] (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-new-tokens N]
+              [--temperature T] [--top-k K] [--top-p P] [--seed S] [--connect ENDPOINT] [--json]
+tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--json FILE]
+tsqp preset   NAME            (writes the preset checkpoint and prints its folder)
+tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from tsqp.errors import TsqpError
 from tsqp.presets import PRESETS, preset_path
 from tsqp.protocol import FLOAT_DTYPES
 from tsqp.runner import RunOptions
+from tsqp.transport import endpoint_from_env
+from tsqp.tuning import keep_freed_memory
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -30,34 +35,87 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def model_flags(p: argparse.ArgumentParser, presets: bool = False) -> None:
-        p.add_argument("--model", default=env("LLAMA_MODEL_PATH"),
-                       help="Hugging Face Llama checkpoint folder (default: $LLAMA_MODEL_PATH)")
+        p.add_argument(
+            "--model",
+            default=env("LLAMA_MODEL_PATH"),
+            help="Hugging Face Llama checkpoint folder (default: $LLAMA_MODEL_PATH)",
+        )
         if presets:
-            p.add_argument("--preset", choices=sorted(PRESETS),
-                           help="a random-weight checkpoint of a named shape, written to the cache on first use")
+            p.add_argument(
+                "--preset",
+                choices=sorted(PRESETS),
+                help="a random-weight checkpoint of a named shape, written to the cache on first use",
+            )
 
     def server_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default=env("LLAMA_GPU_DEVICE", "cpu"),
-                       help="where the server computes: cpu or cuda:N (default: $LLAMA_GPU_DEVICE or cpu)")
-        p.add_argument("--dtype", default=env("LLAMA_DTYPE", "float32"), choices=FLOAT_DTYPES,
-                       help="server weights and wire dtype (default: $LLAMA_DTYPE or float32)")
+        p.add_argument(
+            "--device",
+            default=env("LLAMA_GPU_DEVICE", "cpu"),
+            help="where the server computes: cpu or cuda:N (default: $LLAMA_GPU_DEVICE or cpu)",
+        )
+        p.add_argument(
+            "--dtype",
+            default=env("LLAMA_DTYPE", "float32"),
+            choices=FLOAT_DTYPES,
+            help="server weights and wire dtype (default: $LLAMA_DTYPE or float32)",
+        )
+
+    def curve_flag(p: argparse.ArgumentParser, side: str) -> None:
+        p.add_argument(
+            "--curve-keys",
+            default=env("TSQP_CURVE_KEYS"),
+            metavar="DIR",
+            help=f"authenticate and encrypt the link with CurveZMQ using the {side} keys in DIR, "
+            "written by `tsqp keys DIR` (default: $TSQP_CURVE_KEYS)",
+        )
 
     def client_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--connect", default=env("LLAMA_GPU_ENDPOINT"),
-                       help="a running server (ipc://PATH or tcp://HOST:PORT); without it a private server is started")
+        p.add_argument(
+            "--connect",
+            default=endpoint_from_env(),
+            help="a running server (ipc://PATH or tcp://HOST:PORT; default: $LLAMA_GPU_ENDPOINT, $LLAMA_IPC_PATH, "
+            "$LLAMA_GPU_PORT); without one a private server is started",
+        )
         p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply (default 600)")
-        p.add_argument("--start-timeout", type=float, default=600.0,
-                       help="seconds to wait for a private server to load its weights (default 600)")
+        p.add_argument(
+            "--start-timeout",
+            type=float,
+            default=600.0,
+            help="seconds to wait for a private server to load its weights (default 600)",
+        )
+        p.add_argument(
+            "--transport",
+            choices=("auto", "shm", "zmq"),
+            default=env("TSQP_TRANSPORT", "auto"),
+            help="bulk tensors through a /dev/shm arena (shm) or in ZeroMQ frames (zmq); "
+            "auto: shm when the server is on this host",
+        )
+        p.add_argument(
+            "--arena-name",
+            default=env("TSQP_ARENA_NAME"),
+            help="fixed arena file name in /dev/shm (tsqp-...), e.g. one listed in a Gramine manifest",
+        )
+        curve_flag(p, "client (client.key_secret, server.key)")
+        p.add_argument(
+            "--verify",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="check every server result with Freivalds' test (default); --no-verify to measure without",
+        )
         server_flags(p)
 
     serve = commands.add_parser("serve", help="run the untrusted GPU server")
     model_flags(serve)
     server_flags(serve)
-    serve.add_argument("--listen", default=None,
-                       help="ipc://PATH or tcp://HOST:PORT (default: $LLAMA_GPU_ENDPOINT, $LLAMA_IPC_PATH, "
-                            "$LLAMA_GPU_PORT, else a per-user ipc path)")
+    serve.add_argument(
+        "--listen",
+        default=None,
+        help="ipc://PATH or tcp://HOST:PORT (default: $LLAMA_GPU_ENDPOINT, $LLAMA_IPC_PATH, "
+        "$LLAMA_GPU_PORT, else a per-user ipc path)",
+    )
     serve.add_argument("--max-cache-mb", type=int, default=8192, help="KV cache memory cap over all sessions")
     serve.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is freed")
+    curve_flag(serve, "server (server.key_secret; clients admitted from allowed/)")
 
     logits = commands.add_parser("logits", help="write float32 logits [seq, vocab] for every position")
     model_flags(logits)
@@ -65,16 +123,63 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument("--token-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     logits.add_argument("--out", required=True, help="output .npy file")
 
+    generate = commands.add_parser("generate", help="generate text: prefill, then decode with the server's KV cache")
+    model_flags(generate, presets=True)
+    client_flags(generate)
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
+    prompt.add_argument("--token-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    generate.add_argument(
+        "--chat", action="store_true", help="wrap --prompt as one user turn in the checkpoint's chat template"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the smallest set of tokens whose probability reaches p (1: off)",
+    )
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object (ids, text, timings) instead of streaming the text"
+    )
+
     bench = commands.add_parser("bench", help="time a prefill and print the statistics table")
     model_flags(bench, presets=True)
     client_flags(bench)
     bench.add_argument("--tokens", type=int, default=128, help="prompt length (default 128)")
-    bench.add_argument("--compare", action="store_true",
-                       help="also time transformers' monolithic prefill (sdpa and eager) in the same run")
+    bench.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        help="then time this many greedy decode steps with the server's KV cache (default 0: none)",
+    )
+    bench.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time transformers' monolithic prefill (sdpa and eager), and generate with --decode, in the same run",
+    )
     bench.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
+    bench.add_argument(
+        "--sweep",
+        help="more prompt lengths to time, e.g. 128,512,1024,2048 (with --compare: transformers too, each length)",
+    )
+    bench.add_argument("--trace", help="write a Chrome/Perfetto trace of the timed prefill to this JSON file")
+
+    diagnose = commands.add_parser("diagnose", help="transport in use, round-trip latency and bandwidth")
+    model_flags(diagnose, presets=True)
+    client_flags(diagnose)
+    diagnose.add_argument("--sizes", default="8,32,128", help="bulk transfer sizes in MB (default 8,32,128)")
+    diagnose.add_argument("--rounds", type=int, default=1000, help="small round trips to time (default 1000)")
+    diagnose.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
 
     preset = commands.add_parser("preset", help="write a preset checkpoint (if needed) and print its folder")
     preset.add_argument("name", choices=sorted(PRESETS))
+
+    keys = commands.add_parser("keys", help="write CurveZMQ key pairs (server, client) and an allow-list")
+    keys.add_argument("folder", help="DIR for server.key[_secret], client.key[_secret] and allowed/")
     return parser
 
 
@@ -89,21 +194,36 @@ def resolve_model(args: argparse.Namespace, default_preset: str | None = None) -
 
 
 def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
-    return RunOptions(model_dir=model_dir, connect=args.connect, device=args.device, dtype=args.dtype,
-                      timeout_s=args.timeout, start_timeout_s=args.start_timeout)
+    return RunOptions(
+        model_dir=model_dir,
+        connect=args.connect,
+        device=args.device,
+        dtype=args.dtype,
+        timeout_s=args.timeout,
+        start_timeout_s=args.start_timeout,
+        transport=args.transport,
+        arena_name=args.arena_name,
+        curve_keys=Path(args.curve_keys) if args.curve_keys else None,
+        verify=args.verify,
+    )
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise TsqpError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def parse_token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise TsqpError(f"--token-ids must be comma-separated integers, got {text!r}") from None
+    ids = parse_int_list(text, "--token-ids")
     if not ids:
         raise TsqpError("--token-ids is empty")
     return ids
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from tsqp.curve import server_keys
     from tsqp.server import run_server
     from tsqp.transport import default_endpoint
 
@@ -112,22 +232,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise TsqpError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    run_server(str(resolve_model(args)), args.listen or default_endpoint(), args.device, args.dtype,
-               max_cache_bytes=args.max_cache_mb << 20, idle_timeout_s=args.idle_timeout)
+    curve = server_keys(args.curve_keys) if args.curve_keys else None  # checked before the weights load
+    run_server(
+        str(resolve_model(args)),
+        args.listen or default_endpoint(),
+        args.device,
+        args.dtype,
+        curve=curve,
+        max_cache_bytes=args.max_cache_mb << 20,
+        idle_timeout_s=args.idle_timeout,
+    )
 
 
 def cmd_logits(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from tsqp.generate import kv_session
     from tsqp.runner import open_model
 
     ids = torch.tensor(parse_token_ids(args.token_ids), dtype=torch.int64)
     with open_model(run_options(args, resolve_model(args))) as tee:
         tee.check_ids(ids)
-        tee.ops.open_session(ids.shape[0])
-        logits = tee.forward(ids)
-        tee.ops.close_session()
+        with kv_session(tee, ids.shape[0]):
+            logits = tee.forward(ids)
     np.save(args.out, logits.numpy())
     print(f"wrote {args.out}: float32 {list(logits.shape)}")
 
@@ -137,19 +265,143 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.tokens < 1:
         raise TsqpError("--tokens must be at least 1")
-    run_bench(run_options(args, resolve_model(args, default_preset="tiny")), args.tokens,
-              compare=args.compare, json_path=args.json_path)
+    if args.decode < 0:
+        raise TsqpError("--decode must be at least 0")
+    sweep = parse_int_list(args.sweep, "--sweep") if args.sweep else []
+    if min([args.tokens, *sweep]) < 1:
+        raise TsqpError("--tokens and --sweep lengths must be at least 1")
+    run_bench(
+        run_options(args, resolve_model(args, default_preset="tiny")),
+        args.tokens,
+        compare=args.compare,
+        json_path=args.json_path,
+        decode=args.decode,
+        sweep=sweep,
+        trace_path=args.trace,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from tsqp.config import LlamaConfig
+    from tsqp.generate import generate, session_capacity
+    from tsqp.runner import open_model
+    from tsqp.sampling import SamplingOptions
+    from tsqp.tokenizer import TOKENIZER_FILE, TextTokenizer, eos_token_ids
+
+    model_dir = resolve_model(args)
+    sampling = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None:  # the tokenizer is required, and checked before a server starts
+        tokenizer = TextTokenizer(model_dir)
+        prompt_ids = tokenizer.chat_prompt_ids(args.prompt) if args.chat else tokenizer.encode(args.prompt)
+    else:
+        if args.chat:
+            raise TsqpError("--chat needs --prompt: the chat template applies to text")
+        tokenizer = TextTokenizer(model_dir) if (model_dir / TOKENIZER_FILE).is_file() else None
+        prompt_ids = parse_token_ids(args.token_ids)
+    session_capacity(LlamaConfig.from_model_dir(model_dir), len(prompt_ids), args.max_new_tokens)  # before the server
+    stream = TextStream(tokenizer) if not args.json else None
+    with open_model(run_options(args, model_dir)) as tee:
+        eos = eos_token_ids(model_dir, tee.config)
+        result = generate(tee, prompt_ids, args.max_new_tokens, sampling, eos, on_token=stream)
+    text = tokenizer.decode(result.generated_ids) if tokenizer else None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": result.prompt_ids,
+                    "generated_ids": result.generated_ids,
+                    "text": text,
+                    "stop_reason": result.stop_reason,
+                    "ttft_s": result.ttft_s,
+                    "decode_tokens_per_s": result.decode_tokens_per_s,
+                }
+            )
+        )
+        return
+    stream.finish()
+    print(
+        f"[{len(result.generated_ids)} tokens, stopped by {result.stop_reason}; first token {result.ttft_s:.3f} s, "
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+
+
+class TextStream:
+    """Prints generated text as it comes: decodes every id so far and writes the new suffix.
+
+    Decoding the whole sequence keeps multi-token characters and word spacing right; a suffix that
+    ends inside a UTF-8 character (U+FFFD) waits for the next token. Without a tokenizer, ids are printed.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        if self.tokenizer is None:
+            sys.stdout.write(("," if len(self.ids) > 1 else "") + str(token))
+        else:
+            text = self.tokenizer.decode(self.ids)
+            if text.endswith("\ufffd"):
+                return
+            sys.stdout.write(text[len(self.printed) :])
+            self.printed = text
+        sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self.tokenizer is not None:
+            sys.stdout.write(self.tokenizer.decode(self.ids)[len(self.printed) :])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    import json
+
+    from tsqp.diagnose import run_diagnose
+
+    sizes = parse_int_list(args.sizes, "--sizes")
+    if args.rounds < 1 or not sizes or min(sizes) < 1:
+        raise TsqpError("--rounds and every --sizes entry must be at least 1")
+    result = run_diagnose(run_options(args, resolve_model(args, default_preset="tiny")), sizes, args.rounds)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
     print(preset_path(args.name))
 
 
-COMMANDS = {"serve": cmd_serve, "logits": cmd_logits, "bench": cmd_bench, "preset": cmd_preset}
+def cmd_keys(args: argparse.Namespace) -> None:
+    from tsqp.curve import generate
+
+    for path in generate(args.folder):
+        print(path)
+    print(
+        f"server host: tsqp serve --curve-keys {args.folder} (needs server.key_secret, allowed/); "
+        f"client host: --curve-keys {args.folder} (needs client.key_secret, server.key)",
+        file=sys.stderr,
+    )
+
+
+COMMANDS = {
+    "diagnose": cmd_diagnose,
+    "serve": cmd_serve,
+    "logits": cmd_logits,
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "preset": cmd_preset,
+    "keys": cmd_keys,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         COMMANDS[args.command](args)
     except TsqpError as exc:

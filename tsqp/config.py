@@ -62,33 +62,33 @@ class LlamaConfig:
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise ModelError(f"unsupported hidden_act {act!r}: TSQP implements the LLaMA SiLU MLP only")
+        hidden = _field(raw, "hidden_size", int)
+        heads = _field(raw, "num_attention_heads", int)
+        kv_heads = _field(raw, "num_key_value_heads", int, heads)
+        head_dim = _field(raw, "head_dim", int, hidden // heads if heads > 0 else 0)
         try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            kv_heads = int(raw.get("num_key_value_heads") or heads)
-            head_dim = int(raw.get("head_dim") or hidden // heads)
             rope_theta, rope_type, rope_params = _rope_fields(raw)
-            config = cls(
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_layers=int(raw["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_type=rope_type,
-                rope_params=rope_params,
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", False)),
-                mlp_bias=bool(raw.get("mlp_bias", False)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_ids=_int_tuple(raw.get("eos_token_id")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"config.json is missing or has a bad value for {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"config.json has a bad rope field ({exc})") from None
+        config = cls(
+            vocab_size=_field(raw, "vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=_field(raw, "intermediate_size", int),
+            num_layers=_field(raw, "num_hidden_layers", int),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=_field(raw, "rms_norm_eps", float, 1e-6),
+            rope_theta=rope_theta,
+            rope_type=rope_type,
+            rope_params=rope_params,
+            tie_word_embeddings=_field(raw, "tie_word_embeddings", bool, False),
+            attention_bias=_field(raw, "attention_bias", bool, False),
+            mlp_bias=_field(raw, "mlp_bias", bool, False),
+            max_position_embeddings=_field(raw, "max_position_embeddings", int, 2048),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_field(raw, "eos_token_id", _int_tuple, ()),
+        )
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise ModelError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         return config
@@ -112,6 +112,24 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+_MISSING = object()
+
+
+def _field(raw: dict[str, Any], name: str, convert, default: Any = _MISSING) -> Any:
+    """raw[name] converted, or the default when absent or null; a ModelError naming the field otherwise."""
+    value = raw.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ModelError(f"config.json has no {name!r}")
+        return default
+    if convert in (int, float) and isinstance(value, bool) or convert is bool and not isinstance(value, bool):
+        raise ModelError(f"config.json has a bad value for {name!r}: {value!r}")
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise ModelError(f"config.json has a bad value for {name!r}: {value!r}") from None
+
+
 def _int_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -131,7 +149,10 @@ def _rope_fields(raw: dict[str, Any]) -> tuple[float, str, tuple[tuple[str, floa
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelError(f"unsupported rope type {rope_type!r}: TSQP supports {', '.join(SUPPORTED_ROPE_TYPES)}")
     numeric = tuple(sorted((k, float(v)) for k, v in params.items() if isinstance(v, (int, float))))
-    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    needed = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    }
     missing = [k for k in needed.get(rope_type, ()) if k not in dict(numeric)]
     if missing:
         raise ModelError(f"rope type {rope_type!r} needs {', '.join(missing)} in config.json")

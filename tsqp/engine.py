@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +22,18 @@ from tsqp.protocol import CONTROL_METHODS, DTYPES, MAX_QUERY_TILE, METHODS, SESS
 
 DEFAULT_MAX_CACHE_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 600.0
+EVICT_IDLE_S = 30.0  # when the cache is full, sessions idle this long give way to a new one (a killed client's)
 MAX_BATCH = 8
+
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
 
 @dataclass
 class Layer:
-    qkv: torch.Tensor  # (q_dim + 2 kv_dim, hidden): q, k and v projections fused into one matmul
-    qkv_bias: torch.Tensor | None
+    qk: torch.Tensor  # (q_dim + kv_dim, hidden): q and k projections fused, their result goes to the TEE
+    qk_bias: torch.Tensor | None
+    v: torch.Tensor  # (kv_dim, hidden): its result stays in the KV cache
+    v_bias: torch.Tensor | None
     o: torch.Tensor  # (hidden, q_dim)
     o_bias: torch.Tensor | None
     gate_up: torch.Tensor  # (2 intermediate, hidden)
@@ -49,9 +56,15 @@ class Session:
 
 
 class Engine:
-    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
-                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-                 progress=None):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        progress=None,
+    ):
         self.checkpoint = Checkpoint(model_dir)
         self.config: LlamaConfig = self.checkpoint.config
         self.device = torch.device(device)
@@ -61,6 +74,7 @@ class Engine:
         self.idle_timeout_s = idle_timeout_s
         self.sessions: dict[bytes, Session] = {}
         self.fingerprint = self.checkpoint.fingerprint()
+        self._alloc: Alloc | None = None
         self._load(progress)
 
     # -- loading -------------------------------------------------------------------------------
@@ -96,8 +110,10 @@ class Engine:
             return torch.cat([w.pop(k) for k in keys])
 
         return Layer(
-            qkv=cat("self_attn", ["q_proj", "k_proj", "v_proj"], "weight"),
-            qkv_bias=cat("self_attn", ["q_proj", "k_proj", "v_proj"], "bias"),
+            qk=cat("self_attn", ["q_proj", "k_proj"], "weight"),
+            qk_bias=cat("self_attn", ["q_proj", "k_proj"], "bias"),
+            v=w.pop(f"{p}self_attn.v_proj.weight"),
+            v_bias=w.pop(f"{p}self_attn.v_proj.bias", None),
             o=w.pop(f"{p}self_attn.o_proj.weight"),
             o_bias=w.pop(f"{p}self_attn.o_proj.bias", None),
             gate_up=cat("mlp", ["gate_proj", "up_proj"], "weight"),
@@ -108,10 +124,14 @@ class Engine:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def handle(self, peer: bytes, request: Message) -> tuple[dict, list[torch.Tensor]]:
-        """Runs one validated request; returns (reply args, result tensors on the CPU)."""
+    def handle(self, peer: bytes, request: Message, alloc: Alloc | None = None) -> tuple[dict, list[torch.Tensor]]:
+        """Runs one validated request; returns (reply args, result tensors on the CPU).
+
+        alloc(shape, dtype) gives the buffer a result is written to (a slot in the client's
+        shared-memory arena); results land there directly on a CPU server.
+        """
         method = request.header.get("method")
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS or not hasattr(self, "op_" + method):
             raise ProtocolError(f"unknown method {method!r}")
         if len(request.tensors) != METHODS[method]:
             raise ProtocolError(f"{method} takes {METHODS[method]} tensors, got {len(request.tensors)}")
@@ -120,14 +140,16 @@ class Engine:
         args = request.args
         start = time.perf_counter()
         handler = getattr(self, "op_" + method)
+        self._alloc = alloc if alloc is not None and self.device.type == "cpu" else None
         if method in CONTROL_METHODS:
             reply_args, tensors = handler(peer, request.header.get("session"), args)
         elif method in SESSION_METHODS:
             reply_args, tensors = {}, handler(self._session(peer, request.header.get("session")), args, *inputs)
         else:
             reply_args, tensors = {}, handler(args, *inputs)
-        tensors = [t.to("cpu") for t in tensors]  # a no-op on a CPU server; a device->host copy on GPU
-        return {**reply_args, "compute_s": time.perf_counter() - start}, tensors
+        if alloc is None:
+            tensors = [t.to("cpu") for t in tensors]  # with an arena the server copies into it directly
+        return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
 
     def _session(self, peer: bytes, session_id) -> Session:
         session = self.sessions.get(session_id) if isinstance(session_id, bytes) else None
@@ -141,6 +163,19 @@ class Engine:
         for sid in [s for s, sess in self.sessions.items() if now - sess.last_used > self.idle_timeout_s]:
             del self.sessions[sid]
 
+    def _make_room(self, nbytes: int) -> None:
+        """Frees sessions idle for EVICT_IDLE_S or more, least recently used first, until nbytes fit.
+
+        ZeroMQ does not tell the server which client went away, so a client killed with -9 leaves its
+        sessions behind until the idle timeout; under memory pressure they give way sooner.
+        """
+        now = time.monotonic()
+        idle = sorted((s.last_used, sid) for sid, s in self.sessions.items() if now - s.last_used >= EVICT_IDLE_S)
+        for _, sid in idle:
+            if sum(s.nbytes for s in self.sessions.values()) + nbytes <= self.max_cache_bytes:
+                return
+            del self.sessions[sid]
+
     def drop_peer(self, peer: bytes) -> None:
         for sid in [s for s, sess in self.sessions.items() if sess.owner == peer]:
             del self.sessions[sid]
@@ -150,16 +185,27 @@ class Engine:
     def op_ping(self, peer, session_id, args):
         return {}, []
 
+    def op_echo(self, args, x):
+        """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""
+        return [self._out(tuple(x.shape), x.dtype).copy_(x)]
+
     def op_init(self, peer, session_id, args):
         c = self.config
-        info = {"fingerprint": self.fingerprint, "dtype": self.dtype_name, "device": str(self.device),
-                "layers": c.num_layers, "hidden": c.hidden_size, "vocab": c.vocab_size}
+        info = {
+            "fingerprint": self.fingerprint,
+            "dtype": self.dtype_name,
+            "device": str(self.device),
+            "layers": c.num_layers,
+            "hidden": c.hidden_size,
+            "vocab": c.vocab_size,
+        }
         return info, []
 
     def op_open_session(self, peer, session_id, args):
         c = self.config
         capacity = _int_arg(args, "capacity", 1, c.max_position_embeddings)
         nbytes = 2 * c.num_layers * c.kv_dim * capacity * self.dtype.itemsize
+        self._make_room(nbytes)
         in_use = sum(s.nbytes for s in self.sessions.values())
         if in_use + nbytes > self.max_cache_bytes:
             raise TsqpError(
@@ -167,8 +213,14 @@ class Engine:
                 f"{in_use / 2**20:.1f} of {self.max_cache_bytes / 2**20:.1f} MiB are in use"
             )
         shape = (c.num_layers, c.num_kv_heads, capacity, c.head_dim)
-        session = Session(owner=peer, keys=torch.empty(shape, dtype=self.dtype, device=self.device),
-                          values=torch.empty(shape, dtype=self.dtype, device=self.device), filled=[0] * c.num_layers)
+        # zeroed: a cache slot read before it is written (attn_out before qkv) must not hold an earlier
+        # session's values, which may belong to another client
+        session = Session(
+            owner=peer,
+            keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            values=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            filled=[0] * c.num_layers,
+        )
         session_id = secrets.token_bytes(16)
         self.sessions[session_id] = session
         return {"session": session_id}, []
@@ -183,16 +235,17 @@ class Engine:
     def op_embedding(self, args, ids):
         if ids.dtype != torch.int64 or ids.dim() != 1:
             raise ProtocolError("embedding takes a 1-d int64 tensor of token ids")
+        self._check_tokens(ids.shape[0])
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise TsqpError(f"token id out of range [0, {self.config.vocab_size})")
-        return [self.embed[ids]]
+        return [torch.index_select(self.embed, 0, ids, out=self._out((ids.shape[0], self.config.hidden_size)))]
 
     def op_lm_head(self, args, x):
-        return [F.linear(self._activation(x, self.config.hidden_size), self.head)]
+        return [self._linear(self._activation(x, self.config.hidden_size), self.head, None)]
 
     def op_linear(self, args, x):
         weight, bias = self._named_weight(args, args.get("name"))
-        return [F.linear(self._activation(x, weight.shape[1]), weight, bias)]
+        return [self._linear(self._activation(x, weight.shape[1]), weight, bias)]
 
     def op_batch_linear(self, args, x):
         names = args.get("names")
@@ -203,16 +256,20 @@ class Engine:
     def op_matmul(self, args, a, b):
         if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
             raise ProtocolError(f"matmul shapes {list(a.shape)} and {list(b.shape)} do not match")
-        return [torch.matmul(self._float(a), self._float(b))]
+        shape = (*a.shape[:-1], b.shape[-1])
+        limit = self.config.num_heads * self.config.max_position_embeddings**2  # all heads' full score square
+        if math.prod(shape) > limit:
+            raise ProtocolError(f"matmul result {list(shape)} exceeds {limit} elements")
+        return [torch.matmul(self._float(a), self._float(b), out=self._out(shape))]
 
     def _named_weight(self, args, name) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The seed's names (q_proj ... down_proj, with args layer=N), as views of the fused weights."""
         c = self.config
         w = self.layers[_int_arg(args, "layer", 0, c.num_layers - 1)]
         fused = {
-            "q_proj": (w.qkv, w.qkv_bias, 0, c.q_dim),
-            "k_proj": (w.qkv, w.qkv_bias, c.q_dim, c.kv_dim),
-            "v_proj": (w.qkv, w.qkv_bias, c.q_dim + c.kv_dim, c.kv_dim),
+            "q_proj": (w.qk, w.qk_bias, 0, c.q_dim),
+            "k_proj": (w.qk, w.qk_bias, c.q_dim, c.kv_dim),
+            "v_proj": (w.v, w.v_bias, 0, c.kv_dim),
             "gate_proj": (w.gate_up, w.gate_up_bias, 0, c.intermediate_size),
             "up_proj": (w.gate_up, w.gate_up_bias, c.intermediate_size, c.intermediate_size),
             "o_proj": (w.o, w.o_bias, 0, c.hidden_size),
@@ -226,17 +283,16 @@ class Engine:
     # -- fused per-layer calls -----------------------------------------------------------------
 
     def op_qkv(self, session: Session, args, x):
-        """x (T, hidden) -> q (T, q_dim), k (T, kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T)."""
+        """x (T, hidden) -> [q | k] (T, q_dim + kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T)."""
         c = self.config
         layer, pos = self._layer_pos(session, args)
         x = self._activation(x, c.hidden_size)
         T = x.shape[0]
         self._check_room(session, pos, T)
         weights = self.layers[layer]
-        qkv = F.linear(x, weights.qkv, weights.qkv_bias)  # (T, q_dim + 2 kv_dim)
-        q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=1)
-        session.values[layer, :, pos:pos + T] = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        return [q.contiguous(), k.contiguous()]
+        v = F.linear(x, weights.v, weights.v_bias)  # (T, kv_dim)
+        session.values[layer, :, pos : pos + T] = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        return [self._linear(x, weights.qk, weights.qk_bias)]
 
     def op_scores(self, session: Session, args, q, k):
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
@@ -249,18 +305,23 @@ class Engine:
         tile = _int_arg(args, "tile", 1, MAX_QUERY_TILE)
         T = q.shape[0] if q.dim() == 3 else -1
         if tuple(q.shape) != (T, c.num_heads, c.head_dim) or tuple(k.shape) != (T, c.num_kv_heads, c.head_dim):
-            raise ProtocolError(f"scores needs q (T, {c.num_heads}, {c.head_dim}) and k (T, {c.num_kv_heads}, {c.head_dim})")
+            raise ProtocolError(
+                f"scores needs q (T, {c.num_heads}, {c.head_dim}) and k (T, {c.num_kv_heads}, {c.head_dim})"
+            )
         self._check_room(session, pos, T)
-        session.keys[layer, :, pos:pos + T] = self._float(k).transpose(0, 1)
+        self._float(q)  # both dtypes checked before the cache changes
+        session.keys[layer, :, pos : pos + T] = self._float(k).transpose(0, 1)
         session.filled[layer] = pos + T
-        keys_t = session.keys[layer, :, :pos + T].transpose(1, 2)  # (kv, hd, L)
+        keys_t = session.keys[layer, :, : pos + T].transpose(1, 2)  # (kv, hd, L)
         q = self._float(q).view(T, c.num_kv_heads, c.group_size, c.head_dim).permute(1, 2, 0, 3)  # (kv, group, T, hd)
         tiles, total = query_tiles(T, pos, c.num_heads, tile)
-        packed = torch.empty(total, dtype=self.dtype, device=self.device)
+        packed = self._out((total,))
         for t in tiles:
-            q_tile = q[:, :, t.row:t.row + t.rows].reshape(c.num_kv_heads, c.group_size * t.rows, c.head_dim)
-            out = packed[t.offset:t.offset + c.num_heads * t.rows * t.keys].view(c.num_kv_heads, c.group_size * t.rows, t.keys)
-            torch.bmm(q_tile, keys_t[:, :, :t.keys], out=out)
+            q_tile = q[:, :, t.row : t.row + t.rows].reshape(c.num_kv_heads, c.group_size * t.rows, c.head_dim)
+            out = packed[t.offset : t.offset + c.num_heads * t.rows * t.keys].view(
+                c.num_kv_heads, c.group_size * t.rows, t.keys
+            )
+            torch.bmm(q_tile, keys_t[:, :, : t.keys], out=out)
         packed.mul_(1.0 / math.sqrt(c.head_dim))
         return [packed]
 
@@ -277,24 +338,39 @@ class Engine:
         values = session.values[layer]  # (kv, capacity, hd)
         out = torch.empty(c.num_kv_heads, c.group_size, T, c.head_dim, dtype=self.dtype, device=self.device)
         for t in tiles:
-            p = probs[t.offset:t.offset + c.num_heads * t.rows * t.keys].view(c.num_kv_heads, c.group_size * t.rows, t.keys)
-            o = torch.bmm(p, values[:, :t.keys])  # (kv, group*rows, hd)
-            out[:, :, t.row:t.row + t.rows] = o.view(c.num_kv_heads, c.group_size, t.rows, c.head_dim)
+            p = probs[t.offset : t.offset + c.num_heads * t.rows * t.keys].view(
+                c.num_kv_heads, c.group_size * t.rows, t.keys
+            )
+            o = torch.bmm(p, values[:, : t.keys])  # (kv, group*rows, hd)
+            out[:, :, t.row : t.row + t.rows] = o.view(c.num_kv_heads, c.group_size, t.rows, c.head_dim)
         out = out.permute(2, 0, 1, 3).reshape(T, c.q_dim)  # (T, heads*hd), head-major like q_proj
         weights = self.layers[layer]
-        return [F.linear(out, weights.o, weights.o_bias)]
+        return [self._linear(out, weights.o, weights.o_bias)]
 
     def op_gate_up(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
         weights = self.layers[layer]
-        gate_up = F.linear(self._activation(x, self.config.hidden_size), weights.gate_up, weights.gate_up_bias)
-        gate, up = gate_up.chunk(2, dim=1)
-        return [gate.contiguous(), up.contiguous()]
+        return [self._linear(self._activation(x, self.config.hidden_size), weights.gate_up, weights.gate_up_bias)]
 
     def op_down(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
         weights = self.layers[layer]
-        return [F.linear(self._activation(x, self.config.intermediate_size), weights.down, weights.down_bias)]
+        return [self._linear(self._activation(x, self.config.intermediate_size), weights.down, weights.down_bias)]
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _out(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Where a result goes: the request's arena slot on a CPU server, else fresh device memory."""
+        if self._alloc is not None:
+            return self._alloc(shape, dtype or self.dtype)
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T + b, written straight into its output buffer."""
+        out = self._out((x.shape[0], weight.shape[0]))
+        if bias is None:
+            return torch.matmul(x, weight.t(), out=out)
+        return torch.addmm(bias, x, weight.t(), out=out)
 
     # -- validation helpers --------------------------------------------------------------------
 
@@ -317,7 +393,14 @@ class Engine:
     def _activation(self, x: torch.Tensor, width: int) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != width or x.shape[0] == 0:
             raise ProtocolError(f"expected a (T, {width}) activation, got {list(x.shape)}")
+        self._check_tokens(x.shape[0])
         return self._float(x)
+
+    def _check_tokens(self, T: int) -> None:
+        """No call concerns more tokens than the model has positions; this bounds every result's size
+        (an lm_head reply is vocab/hidden times its request)."""
+        if T > self.config.max_position_embeddings:
+            raise ProtocolError(f"{T} tokens exceed the model's {self.config.max_position_embeddings} positions")
 
 
 def _int_arg(args: dict, name: str, low: int, high: int) -> int:

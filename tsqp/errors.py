@@ -23,3 +23,7 @@ class ConnectionLost(TsqpError):
 
 class IntegrityError(TsqpError):
     """A result returned by the untrusted server failed verification."""
+
+
+class LinkRefused(ConnectionLost):
+    """The server refused the link itself: a CURVE key not in its allow-list, or a security mismatch."""

@@ -1,7 +1,8 @@
 """The TEE side of the model: the LLaMA forward pass with every weight product sent to the server.
 
 It reads top to bottom like DESIGN.md section 1. The TEE holds only the RMSNorm gains and the rope
-parameters, read from its own copy of the model folder; `self.ops` (a `remote.RemoteOps`) does the rest.
+parameters, read from its own copy of the model folder; `self.ops` (a `remote.RemoteOps`, by default the
+`verify.VerifiedOps` that checks every result) does the rest.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from tsqp.protocol import Tile, query_tiles
 from tsqp.remote import Call, RemoteOps
 from tsqp.rope import Rotary
 from tsqp.stats import Stats
+from tsqp.verify import VerifiedOps
 
 
 class TeeModel:
-    def __init__(self, model_dir: str | Path, call: Call, stats: Stats | None = None):
-        """call: how requests reach the server (`transport.Client.call` or `remote.InProcess`)."""
+    def __init__(self, model_dir: str | Path, call: Call, stats: Stats | None = None, verify: bool = True):
+        """call: how requests reach the server (`transport.Client.call` or `remote.InProcess`).
+
+        verify: check every result with `verify.VerifiedOps` (Freivalds); off only for measurements.
+        """
         checkpoint = Checkpoint(model_dir)
         self.config = c = checkpoint.config
         self.fingerprint = checkpoint.fingerprint()
         self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
         self.rotary = Rotary(c)
-        self.ops = RemoteOps(call, c)
         self.stats = stats or Stats()
+        self.ops = VerifiedOps(call, c, checkpoint, self.stats) if verify else RemoteOps(call, c)
 
     def attach(self) -> dict:
         """Checks the server runs this very model (same fingerprint) before anything is sent."""
@@ -56,6 +61,7 @@ class TeeModel:
         with stats.tee("rope"):
             cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))
         for layer in range(c.num_layers):
+            stats.layer = layer
             p = layer_prefix(layer)
             h = self.rms_norm(x, p + "input_layernorm.weight")
             q, k = ops.qkv(layer, pos, h)  # (T, q_dim), (T, kv_dim)
@@ -75,6 +81,7 @@ class TeeModel:
             mlp = ops.down(layer, act)  # (T, hidden)
             with stats.tee("residual"):
                 x = x + mlp
+        stats.layer = None
         if last_only:
             x = x[-1:]
         x = self.rms_norm(x, "model.norm.weight")
@@ -96,8 +103,8 @@ def causal_softmax_(packed: torch.Tensor, tiles: list[Tile], heads: int) -> torc
     block gets -inf above its diagonal; every earlier key is visible to every row of the tile.
     """
     for t in tiles:
-        block = packed[t.offset:t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
+        block = packed[t.offset : t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
         future = torch.ones(t.rows, t.rows, dtype=torch.bool).triu_(1)
-        block[:, :, t.keys - t.rows:].masked_fill_(future, float("-inf"))
+        block[:, :, t.keys - t.rows :].masked_fill_(future, float("-inf"))
         torch.softmax(block, dim=-1, out=block)
     return packed

@@ -10,6 +10,7 @@ A request is one ZeroMQ multipart message from the client's DEALER socket:
                      args     map of scalars and lists of scalars
                      tensors  one descriptor per tensor: [dtype, shape] for a tensor carried in the next
                               frame, [dtype, shape, offset] for one placed in the shared-memory arena
+                              (arena.py); a request's results go to the arena from args.reply_at on
     frame 1..n     raw bytes of each framed tensor, C order, sent zero-copy; never pickle
 
 The server's ROUTER socket sees the peer identity in front of these frames and replies in the same
@@ -29,6 +30,7 @@ from typing import Any
 import msgpack
 import torch
 
+from tsqp.arena import Arena
 from tsqp.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -50,11 +52,24 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # batch_linear, matmul, lm_head) stays for tools that drive the server op by op; the TEE forward pass
 # uses the fused per-layer calls, one round trip between two TEE steps: five a layer.
 METHODS: dict[str, int] = {
-    "init": 0, "ping": 0, "open_session": 0, "close_session": 0,  # control
-    "embedding": 1, "linear": 1, "batch_linear": 1, "matmul": 2, "lm_head": 1,  # the seed's calls
-    "qkv": 1, "scores": 2, "attn_out": 1, "gate_up": 1, "down": 1,  # fused, per layer, need a session
+    "init": 0,
+    "ping": 0,
+    "open_session": 0,
+    "close_session": 0,
+    "attach_arena": 0,  # control
+    "echo": 1,  # diagnosis: returns its input
+    "embedding": 1,
+    "linear": 1,
+    "batch_linear": 1,
+    "matmul": 2,
+    "lm_head": 1,  # the seed's calls
+    "qkv": 1,
+    "scores": 2,
+    "attn_out": 1,
+    "gate_up": 1,
+    "down": 1,  # fused, per layer, need a session
 }
-CONTROL_METHODS = ("init", "ping", "open_session", "close_session")
+CONTROL_METHODS = ("init", "ping", "open_session", "close_session", "attach_arena")
 SESSION_METHODS = ("qkv", "scores", "attn_out", "gate_up", "down")
 
 # Scores and probabilities travel packed by query tiles: tile i holds rows [row, row+rows) of every
@@ -106,32 +121,48 @@ def descriptor(tensor: torch.Tensor) -> list:
     return [DTYPE_NAMES[tensor.dtype], list(tensor.shape)]
 
 
-def pack(header: dict[str, Any], tensors: list[torch.Tensor] = ()) -> list:
-    """Header dict + tensors -> frames. The header's `tensors` entry is filled in here."""
-    header = {**header, "v": PROTOCOL_VERSION, "tensors": [descriptor(t) for t in tensors]}
-    return [msgpack.packb(header, use_bin_type=True)] + [tensor_bytes(t) for t in tensors]
+def pack(header: dict[str, Any], tensors: list[torch.Tensor] = (), arena: Arena | None = None) -> list:
+    """Header dict + tensors -> frames. The header's `tensors` entry is filled in here; a tensor that
+    lies in the arena is described by its offset and sends no frame."""
+    descriptors, frames = [], []
+    for tensor in tensors:
+        offset = arena.offset_of(tensor) if arena is not None else None
+        if offset is None:
+            descriptors.append(descriptor(tensor))
+            frames.append(tensor_bytes(tensor))
+        else:
+            descriptors.append(descriptor(tensor) + [offset])
+    header = {**header, "v": PROTOCOL_VERSION, "tensors": descriptors}
+    return [msgpack.packb(header, use_bin_type=True)] + frames
 
 
 def nbytes_of(dtype_name: str, shape: list[int]) -> int:
     return math.prod(shape) * DTYPES[dtype_name].itemsize
 
 
-def unpack(frames: list, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Frames -> validated Message; tensors are read-only views of the frames (no copy)."""
+def unpack(frames: list, arena: Arena | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Frames -> validated Message; tensors are views of the frames or of the arena (no copy)."""
     if not frames:
         raise ProtocolError("empty message")
     header = parse_header(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
     descriptors = header["tensors"]
-    if len(frames) - 1 != len(descriptors):
-        raise ProtocolError(f"header declares {len(descriptors)} tensors but {len(frames) - 1} frames follow")
-    tensors, total = [], 0
-    for desc, frame in zip(descriptors, frames[1:]):
+    framed = sum(len(desc) == 2 for desc in descriptors)
+    if len(frames) - 1 != framed:
+        raise ProtocolError(f"header declares {framed} framed tensors but {len(frames) - 1} frames follow")
+    tensors, total, next_frame = [], 0, iter(frames[1:])
+    for desc in descriptors:
         dtype_name, shape = desc[0], desc[1]
-        buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
         expected = nbytes_of(dtype_name, shape)
         total += expected
         if total > max_bytes:
             raise ProtocolError(f"message larger than the {max_bytes}-byte bound")
+        if len(desc) == 3:
+            if arena is None:
+                raise ProtocolError("tensor placed in a shared-memory arena, but no arena is attached")
+            tensors.append(arena.view(DTYPES[dtype_name], shape, desc[2]))
+            continue
+        frame = next(next_frame)
+        buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
         if buffer.nbytes != expected:
             raise ProtocolError(f"tensor {dtype_name}{shape} needs {expected} bytes, frame has {buffer.nbytes}")
         if expected == 0:
@@ -150,7 +181,7 @@ def parse_header(raw: bytes) -> dict[str, Any]:
         raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
-    if header.get("v") != PROTOCOL_VERSION:
+    if not _is_int(header.get("v")) or header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r} is not {PROTOCOL_VERSION}")
     if not isinstance(header.get("id"), int) or isinstance(header.get("id"), bool):
         raise ProtocolError("header id is not an integer")
@@ -172,7 +203,7 @@ def _check_descriptor(desc: Any) -> None:
     if not isinstance(desc, list) or len(desc) not in (2, 3):
         raise ProtocolError("tensor descriptor is not [dtype, shape] or [dtype, shape, offset]")
     dtype_name, shape = desc[0], desc[1]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise ProtocolError(f"shape is not a list of at most {MAX_NDIM} dimensions")
@@ -183,11 +214,15 @@ def _check_descriptor(desc: Any) -> None:
         raise ProtocolError("arena offset is not a non-negative integer")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def expect(tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, tuple[int, ...]]], method: str) -> None:
     """Client side: a reply must hold exactly the tensors that were asked for."""
     if len(tensors) != len(specs):
         raise ProtocolError(f"{method}: server returned {len(tensors)} tensors, expected {len(specs)}")
-    for i, (tensor, (dtype, shape)) in enumerate(zip(tensors, specs)):
+    for i, (tensor, (dtype, shape)) in enumerate(zip(tensors, specs, strict=True)):
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ProtocolError(
                 f"{method}: result {i} is {DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}, "

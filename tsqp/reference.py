@@ -1,37 +1,115 @@
 """transformers' monolithic model on the same checkpoint: the baseline the split is measured against.
 
-transformers is an optional extra (`pip install tsqp[bench]`); the TEE runtime never imports this module.
+Each timing runs in a fresh subprocess (`python -m tsqp.reference ...`) with the thread count of the
+split run and OpenMP's default wait policy (TSQP sets a passive one for itself; a monolithic run is
+better off spinning), so the baseline is what a user gets by running the model in one process.
+transformers is an optional extra (`pip install tsqp[bench]`); the TEE runtime never imports it.
 """
 
 from __future__ import annotations
 
-import gc
+import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
 from tsqp.errors import TsqpError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def time_reference(
+    model_dir: Path, dtype: str, attn: str, tokens: int, warmup: int, seed: int, threads: int, decode: int = 0
+) -> dict:
+    """{"prefill_s": ...} (and decode figures when decode > 0) from a subprocess."""
+    env = dict(os.environ)
+    if os.environ.get("TSQP_USER_OMP_WAIT_POLICY") is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    command = [
+        sys.executable,
+        "-m",
+        "tsqp.reference",
+        str(model_dir),
+        dtype,
+        attn,
+        str(tokens),
+        str(warmup),
+        str(seed),
+        str(threads),
+        str(decode),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TsqpError(f"the transformers reference run failed: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load_reference(model_dir: Path, dtype: str, attn: str):
+def _measure(
+    model_dir: str, dtype: str, attn: str, tokens: int, warmup: int, seed: int, threads: int, decode: int
+) -> dict:
+    import torch
+
     try:
         from transformers import LlamaForCausalLM
     except ImportError:
         raise TsqpError("the comparison needs transformers: pip install 'tsqp[bench]'") from None
-    return LlamaForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation=attn).eval()
+    from tsqp.bench import token_ids
+
+    torch.set_num_threads(threads)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
+    ids = token_ids(tokens, model.config.vocab_size, seed)
+    result = {}
+    with torch.inference_mode():
+        model(ids[None, :warmup])
+        start = time.perf_counter()
+        model(ids[None])
+        result["prefill_s"] = time.perf_counter() - start
+        if decode:  # greedy, exactly `decode` tokens (min_new_tokens holds eos off), with transformers' KV cache
+            clock = _TokenClock()
+            start = time.perf_counter()
+            out = model.generate(
+                ids[None],
+                attention_mask=torch.ones_like(ids)[None],
+                do_sample=False,
+                max_new_tokens=decode,
+                min_new_tokens=decode,
+                pad_token_id=0,
+                streamer=clock,
+            )
+            result["generate_s"] = time.perf_counter() - start
+            result["generated"] = out.shape[1] - tokens
+            result["generated_ids"] = out[0, tokens:].tolist()
+            result["ttft_s"] = (clock.first or time.perf_counter()) - start
+    return result
 
 
-@torch.inference_mode()
-def time_prefill(model_dir: Path, ids: torch.Tensor, dtype: str, attn: str, warmup_ids: torch.Tensor) -> float:
-    """Seconds for one monolithic forward over ids (all positions' logits), after a short warm-up."""
-    model = load_reference(model_dir, dtype, attn)
-    model(warmup_ids[None])
-    start = time.perf_counter()
-    model(ids[None])
-    elapsed = time.perf_counter() - start
-    del model
-    gc.collect()
-    return elapsed
+class _TokenClock:
+    """A transformers streamer that notes when the first new token arrives (its first put is the prompt)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m tsqp.reference")
+    for name in ("model_dir", "dtype", "attn"):
+        parser.add_argument(name)
+    for name in ("tokens", "warmup", "seed", "threads", "decode"):
+        parser.add_argument(name, type=int)
+    a = parser.parse_args()
+    try:
+        print(json.dumps(_measure(a.model_dir, a.dtype, a.attn, a.tokens, a.warmup, a.seed, a.threads, a.decode)))
+    except TsqpError as exc:
+        print(f"tsqp: error: {exc}", file=sys.stderr)
+        sys.exit(1)

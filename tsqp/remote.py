@@ -8,6 +8,7 @@ TEE before any math touches them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,9 @@ class InProcess:
         self.engine = engine
         self.peer = peer
 
-    def __call__(self, method: str, args: dict | None = None, tensors=(), session: bytes | None = None) -> Message:
+    def __call__(
+        self, method: str, args: dict | None = None, tensors=(), session: bytes | None = None, reply_bytes: int = 0
+    ) -> Message:
         request = Message({"id": 0, "method": method, "session": session, "args": args or {}}, list(tensors))
         try:
             reply_args, results = self.engine.handle(self.peer, request)
@@ -70,22 +73,33 @@ class RemoteOps:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _run(self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]],
-             session: bool = True) -> list[torch.Tensor]:
-        reply = self.call(method, args, [t.to(self.wire) for t in inputs], session=self.session if session else None)
+    def _run(
+        self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
+    ) -> list[torch.Tensor]:
+        reply_bytes = sum(math.prod(shape) for shape in shapes) * self.wire.itemsize
+        reply = self.call(
+            method,
+            args,
+            [t.to(self.wire) for t in inputs],
+            session=self.session if session else None,
+            reply_bytes=reply_bytes,
+        )
         expect(reply.tensors, [(self.wire, shape) for shape in shapes], method)
         return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) int64 -> (T, hidden)."""
-        reply = self.call("embedding", {}, [ids])
+        reply = self.call(
+            "embedding", {}, [ids], reply_bytes=ids.shape[0] * self.config.hidden_size * self.wire.itemsize
+        )
         expect(reply.tensors, [(self.wire, (ids.shape[0], self.config.hidden_size))], "embedding")
         return reply.tensors[0].to(torch.float32, copy=True)
 
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v."""
         T, c = h.shape[0], self.config
-        q, k = self._run("qkv", {"layer": layer, "pos": pos}, [h], [(T, c.q_dim), (T, c.kv_dim)])
+        (qk,) = self._run("qkv", {"layer": layer, "pos": pos}, [h], [(T, c.q_dim + c.kv_dim)])
+        q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         return q, k
 
     def scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -95,12 +109,14 @@ class RemoteOps:
 
     def attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> torch.Tensor:
         """probs packed like scores -> o_proj(probs @ V) (T, hidden)."""
-        return self._run("attn_out", {"layer": layer, "pos": pos, "tile": self.tile}, [probs],
-                         [(T, self.config.hidden_size)])[0]
+        return self._run(
+            "attn_out", {"layer": layer, "pos": pos, "tile": self.tile}, [probs], [(T, self.config.hidden_size)]
+        )[0]
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T, inter = h.shape[0], self.config.intermediate_size
-        gate, up = self._run("gate_up", {"layer": layer}, [h], [(T, inter), (T, inter)])
+        (gate_up,) = self._run("gate_up", {"layer": layer}, [h], [(T, 2 * inter)])
+        gate, up = gate_up.split([inter, inter], dim=1)
         return gate, up
 
     def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tsqp.checkpoint import Checkpoint
+from tsqp.curve import client_keys
 from tsqp.launcher import ServerProcess
 from tsqp.model import TeeModel
 from tsqp.stats import Stats
-from tsqp.transport import Client
+from tsqp.transport import Client, use_shm
 
 
 @dataclass
@@ -21,20 +23,51 @@ class RunOptions:
     dtype: str = "float32"  # for the private server
     timeout_s: float = 600.0  # per request
     start_timeout_s: float = 600.0
+    transport: str = "auto"  # shm | zmq | auto: shm when the server is on this host
+    arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
+    curve_keys: Path | None = None  # CurveZMQ key folder (tsqp keys DIR); the private server gets it too
+    verify: bool = True  # Freivalds-check every server result (verify.VerifiedOps)
 
 
 @contextmanager
-def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeModel]:
-    """A TeeModel attached to a verified-fingerprint server; the private server stops on exit (Ctrl-C too)."""
+def open_client(options: RunOptions, stats: Stats | None = None) -> Iterator[Client]:
+    """A Client of the given server, or of a private one that stops on exit (Ctrl-C too)."""
     stats = stats or Stats()
+    curve = client_keys(options.curve_keys) if options.curve_keys else None  # checked before a server starts
     with ExitStack() as stack:
         if options.connect:
             endpoint, alive = options.connect, None
         else:
-            server = stack.enter_context(ServerProcess(str(options.model_dir), options.device, options.dtype,
-                                                       start_timeout_s=options.start_timeout_s))
+            server = stack.enter_context(
+                ServerProcess(
+                    str(options.model_dir),
+                    options.device,
+                    options.dtype,
+                    start_timeout_s=options.start_timeout_s,
+                    curve_keys=options.curve_keys,
+                )
+            )
             endpoint, alive = server.endpoint, server.exit_reason
-        client = stack.enter_context(Client(endpoint, timeout_s=options.timeout_s, stats=stats, alive=alive))
-        tee = TeeModel(options.model_dir, client.call, stats)
+        client = stack.enter_context(
+            Client(
+                endpoint,
+                timeout_s=options.timeout_s,
+                stats=stats,
+                alive=alive,
+                shm=use_shm(options.transport, endpoint),
+                arena_name=options.arena_name,
+                curve=curve,
+            )
+        )
+        yield client
+
+
+@contextmanager
+def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeModel]:
+    """A TeeModel attached to a server that runs the same model (its fingerprint is checked)."""
+    stats = stats or Stats()
+    Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
+    with open_client(options, stats) as client:
+        tee = TeeModel(options.model_dir, client.call, stats, verify=options.verify)
         tee.attach()
         yield tee

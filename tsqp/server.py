@@ -12,24 +12,37 @@ import sys
 import time
 
 import msgpack
+import torch
 import zmq
 
+from tsqp.arena import Arena, align
+from tsqp.curve import CurveKeys, start_authenticator
 from tsqp.engine import Engine
-from tsqp.errors import TsqpError
-from tsqp.protocol import PROTOCOL_VERSION, pack, parse_header, unpack
+from tsqp.errors import ProtocolError, TsqpError
+from tsqp.protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack, parse_header, unpack
 from tsqp.transport import bind_server, ipc_path
 
 POLL_MS = 200
 
 
 class Server:
-    def __init__(self, engine: Engine, endpoint: str, context: zmq.Context | None = None):
+    def __init__(
+        self, engine: Engine, endpoint: str, context: zmq.Context | None = None, curve: CurveKeys | None = None
+    ):
+        """curve: server keys (tsqp.curve.server_keys): only clients in the allow-list connect, encrypted."""
         self.engine = engine
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
-        self.sock = bind_server(self.context, endpoint)
+        self.authenticator = start_authenticator(self.context, curve) if curve is not None else None
+        try:
+            self.sock = bind_server(self.context, endpoint, curve)
+        except BaseException:
+            if self.authenticator is not None:
+                self.authenticator.stop()
+            raise
         self.stopping = False
         self.requests = 0
+        self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
 
     def serve_forever(self) -> None:
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -54,45 +67,106 @@ class Server:
         peer, body = frames[0].bytes, frames[1:]
         self.requests += 1
         request_id = _request_id(body[0])
+        arena = self.arenas.get(peer)
         try:
-            request = unpack(body)
-            args, tensors = self.engine.handle(peer, request)
-            reply = pack({"id": request_id, "ok": True, "args": args}, tensors)
+            request = unpack(body, arena)
+            if request.header.get("method") == "attach_arena":
+                args, tensors = self.attach_arena(peer, request.args), []
+            else:
+                slots = ReplySlots(arena, request) if arena and "reply_at" in request.args else None
+                args, tensors = self.engine.handle(peer, request, slots)
+                if slots is not None:
+                    tensors = [slots.place(t) for t in tensors]
+            reply = pack({"id": request_id, "ok": True, "args": args}, tensors, arena)
         except TsqpError as exc:
             reply = pack({"id": request_id, "ok": False, "error": str(exc)})
         except Exception as exc:  # a bug or a hostile input we did not foresee: answer, keep serving
             reply = pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
         self.sock.send_multipart([peer] + reply, copy=False)
 
+    def attach_arena(self, peer: bytes, args: dict) -> dict:
+        name, size = args.get("name"), args.get("size")
+        if not isinstance(name, str) or not isinstance(size, int) or not 0 < size <= MAX_MESSAGE_BYTES * 2:
+            raise ProtocolError("attach_arena needs a name and a size within bounds")
+        old = self.arenas.pop(peer, None)
+        if old is not None:
+            old.release()
+        arena = self.arenas[peer] = Arena(name, size, create=False)
+        if self.engine.device.type == "cuda":
+            arena.pin()
+        return {}
+
     def close(self) -> None:
+        for arena in self.arenas.values():
+            arena.release()
         self.sock.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         path = ipc_path(self.endpoint)
         if path is not None:
             path.unlink(missing_ok=True)
 
 
+class ReplySlots:
+    """Hands out the arena slots for one request's results, from the client's reply_at offset on."""
+
+    def __init__(self, arena: Arena, request: Message):
+        reply_at = request.args["reply_at"]
+        if not isinstance(reply_at, int) or isinstance(reply_at, bool):
+            raise ProtocolError("a request through the arena needs an integer reply_at")
+        inputs_end = max(
+            (offset + t.nbytes for t in request.tensors if (offset := arena.offset_of(t)) is not None), default=0
+        )
+        if reply_at < inputs_end:
+            raise ProtocolError(f"reply_at {reply_at} overlaps the request's inputs (which end at {inputs_end})")
+        self.arena = arena
+        self.cursor = reply_at
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        view = self.arena.view(dtype, shape, self.cursor)
+        self.cursor += align(view.nbytes)
+        return view
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A result not yet in the arena (computed on a GPU, or a small one) is copied to the next slot."""
+        if self.arena.offset_of(tensor) is not None:
+            return tensor
+        return self(tuple(tensor.shape), tensor.dtype).copy_(tensor)
+
+
 def _request_id(frame) -> int:
     """The id to echo, even from a header that fails validation (0 when it cannot be read)."""
     try:
-        return parse_header(frame.bytes)["id"]
-    except TsqpError:
+        return parse_header(bytes(frame.buffer[: MAX_HEADER_BYTES + 1]))["id"]
+    except Exception:  # any hostile header: fall back to a lenient read of its first bytes
         try:
-            header = msgpack.unpackb(frame.bytes[:4096], raw=False)
+            header = msgpack.unpackb(bytes(frame.buffer[:4096]), raw=False)
             value = header.get("id") if isinstance(header, dict) else None
             return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 0
         except Exception:
             return 0
 
 
-def run_server(model_dir: str, endpoint: str, device: str, dtype: str, **engine_options) -> None:
+def run_server(
+    model_dir: str, endpoint: str, device: str, dtype: str, curve: CurveKeys | None = None, **engine_options
+) -> None:
     from rich.progress import Progress
 
     started = time.perf_counter()
     with Progress(transient=True, console=None) as progress:
         task = progress.add_task("loading weights", total=None)
-        engine = Engine(model_dir, device=device, dtype=dtype,
-                        progress=lambda done, total: progress.update(task, completed=done, total=total), **engine_options)
-    server = Server(engine, endpoint)
-    print(f"tsqp server: {model_dir} on {device} ({dtype}), loaded in {time.perf_counter() - started:.1f} s, "
-          f"listening on {endpoint}, protocol v{PROTOCOL_VERSION}", file=sys.stderr, flush=True)
+        engine = Engine(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            **engine_options,
+        )
+    server = Server(engine, endpoint, curve=curve)
+    print(
+        f"tsqp server: {model_dir} on {device} ({dtype}), loaded in {time.perf_counter() - started:.1f} s, "
+        f"listening on {endpoint}{' (CURVE)' if curve else ''}, protocol v{PROTOCOL_VERSION}",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_forever()

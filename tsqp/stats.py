@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
+
+TEE_PID, SERVER_PID = 1, 2
 
 
 @dataclass
@@ -31,9 +34,26 @@ class Stats:
     deserialize_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    trace: list[dict] | None = None  # Chrome trace events (perf_counter clock, shared by both processes)
+    layer: int | None = None  # the layer the TEE is in, for trace annotations
 
-    def rpc(self, method: str, *, sent: int, received: int, total_s: float, serialize_s: float,
-            deserialize_s: float, server_s: float) -> None:
+    def rpc(
+        self,
+        method: str,
+        *,
+        sent: int,
+        received: int,
+        total_s: float,
+        serialize_s: float,
+        deserialize_s: float,
+        server_s: float,
+        start: float | None = None,
+        server_start: float | None = None,
+    ) -> None:
+        """start: perf_counter when the call began; server_start: the server's perf_counter when it began
+        computing (CLOCK_MONOTONIC, the same clock in both processes on one host)."""
+        if self.trace is not None and start is not None:
+            self._trace_rpc(method, start, total_s, server_start, server_s, sent + received)
         self.rpc_calls += 1
         self.rpc_s += total_s
         self.serialize_s += serialize_s
@@ -48,10 +68,62 @@ class Stats:
         try:
             yield
         finally:
-            self.tee_ops[op].add(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            self.tee_ops[op].add(elapsed)
+            if self.trace is not None:
+                self._event(op, TEE_PID, 1, start, elapsed)
 
     def reset(self) -> None:
+        tracing = self.trace is not None
         self.__init__()
+        if tracing:
+            self.start_trace()
+
+    # -- timeline ------------------------------------------------------------------------------
+
+    def start_trace(self) -> None:
+        self.trace = []
+
+    def _event(self, name: str, pid: int, tid: int, start: float, seconds: float, **args) -> None:
+        if self.layer is not None:
+            args["layer"] = self.layer
+        self.trace.append(
+            {
+                "name": name,
+                "ph": "X",
+                "pid": pid,
+                "tid": tid,
+                "ts": start * 1e6,
+                "dur": max(seconds, 0.0) * 1e6,
+                "args": args,
+            }
+        )
+
+    def _trace_rpc(
+        self, method: str, start: float, total_s: float, server_start: float | None, server_s: float, nbytes: int
+    ) -> None:
+        self._event(f"rpc {method}", TEE_PID, 2, start, total_s, bytes=nbytes)
+        if server_start is None or not start <= server_start <= start + total_s:
+            return  # another host's clock, or a server that gives none: no server lane
+        self._event(method, SERVER_PID, 1, server_start, server_s)
+        self._event("request transfer", TEE_PID, 3, start, server_start - start)
+        self._event("reply transfer", TEE_PID, 3, server_start + server_s, start + total_s - server_start - server_s)
+
+    def write_trace(self, path: str) -> None:
+        """A Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev): TEE and server on one clock."""
+        names = [
+            (TEE_PID, "TEE (trusted)", {1: "TEE ops", 2: "round trips", 3: "transfers"}),
+            (SERVER_PID, "server (untrusted)", {1: "server ops"}),
+        ]
+        meta = []
+        for pid, name, threads in names:
+            meta.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}})
+            meta += [
+                {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}}
+                for tid, label in threads.items()
+            ]
+        with open(path, "w") as handle:
+            json.dump({"traceEvents": meta + (self.trace or []), "displayTimeUnit": "ms"}, handle)
 
     @property
     def server_s(self) -> float:
@@ -63,11 +135,18 @@ class Stats:
         return max(self.rpc_s - self.server_s, 0.0)
 
     def summary(self) -> dict:
-        return {"rpc_calls": self.rpc_calls, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-                "rpc_s": self.rpc_s, "server_compute_s": self.server_s, "communication_s": self.communication_s,
-                "serialize_s": self.serialize_s, "deserialize_s": self.deserialize_s,
-                "tee_ops": {k: v.seconds for k, v in self.tee_ops.items()},
-                "server_ops": {k: v.seconds for k, v in self.server_ops.items()}}
+        return {
+            "rpc_calls": self.rpc_calls,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "rpc_s": self.rpc_s,
+            "server_compute_s": self.server_s,
+            "communication_s": self.communication_s,
+            "serialize_s": self.serialize_s,
+            "deserialize_s": self.deserialize_s,
+            "tee_ops": {k: v.seconds for k, v in self.tee_ops.items()},
+            "server_ops": {k: v.seconds for k, v in self.server_ops.items()},
+        }
 
     def print_table(self, wall_s: float, console: Console | None = None) -> None:
         console = console or Console()
@@ -76,8 +155,14 @@ class Stats:
             ops.add_column(col, justify="left" if col in ("side", "op") else "right")
         for side, table in (("server", self.server_ops), ("tee", self.tee_ops)):
             for name, op in sorted(table.items(), key=lambda kv: -kv[1].seconds):
-                ops.add_row(side, name, str(op.count), f"{op.seconds:.3f}", f"{1000 * op.seconds / max(op.count, 1):.2f}",
-                            f"{100 * op.seconds / wall_s:.1f}%" if wall_s else "-")
+                ops.add_row(
+                    side,
+                    name,
+                    str(op.count),
+                    f"{op.seconds:.3f}",
+                    f"{1000 * op.seconds / max(op.count, 1):.2f}",
+                    f"{100 * op.seconds / wall_s:.1f}%" if wall_s else "-",
+                )
         console.print(ops)
         wire = Table(title="Communication", title_justify="left")
         wire.add_column("metric")

@@ -2,13 +2,18 @@
 
 The client is a DEALER socket (not REQ: a lost reply cannot lock it up, and a restarted server is
 reconnected to by ZeroMQ itself). Each request carries an id; replies with another id are stale and
-dropped. A call fails with a one-line error when the server disconnects, dies, or misses its deadline.
+dropped. A call fails with a one-line error when the server disconnects, dies, or misses its deadline;
+the next call goes to whatever server listens on the endpoint then (a restarted one is reconnected to).
+Replies are hostile input: protocol.unpack validates them before anything reads a tensor byte.
+Every message part is bounded by zmq.MAXMSGSIZE; a peer that sends a larger one is disconnected.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,22 +23,41 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tsqp.errors import ConnectionLost, ServerError
+from tsqp.arena import SHM_DIR, Arena, align, shm_available
+from tsqp.curve import CurveKeys, apply_curve
+from tsqp.errors import ConnectionLost, LinkRefused, ServerError
 from tsqp.protocol import MAX_MESSAGE_BYTES, Message, pack, unpack
 from tsqp.stats import Stats
 
 POLL_MS = 100
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 PROBE_TIMEOUT_S = 0.5
+RECONNECT_GRACE_S = 1.0  # a call after a disconnect waits this long for the server to come back
+MAX_ERROR_CHARS = 300  # of a server's error text shown to the user
+LINK_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
-def default_endpoint() -> str:
-    """The seed's variables first, then a per-user ipc path."""
+def endpoint_from_env() -> str | None:
+    """The seed's variables, in its order: LLAMA_GPU_ENDPOINT, LLAMA_IPC_PATH, LLAMA_GPU_PORT."""
     if os.environ.get("LLAMA_GPU_ENDPOINT"):
         return os.environ["LLAMA_GPU_ENDPOINT"]
     if os.environ.get("LLAMA_IPC_PATH"):
         return "ipc://" + os.environ["LLAMA_IPC_PATH"]
     if os.environ.get("LLAMA_GPU_PORT"):
         return f"tcp://127.0.0.1:{os.environ['LLAMA_GPU_PORT']}"
+    return None
+
+
+def default_endpoint() -> str:
+    """Where `tsqp serve` listens by default: the seed's variables, else a per-user ipc path."""
+    if endpoint := endpoint_from_env():
+        return endpoint
     runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return f"ipc://{runtime}/tsqp-{os.getuid()}.sock"
 
@@ -45,7 +69,7 @@ def private_endpoint() -> str:
 
 
 def ipc_path(endpoint: str) -> Path | None:
-    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
 
 
 def check_endpoint(endpoint: str) -> None:
@@ -53,24 +77,42 @@ def check_endpoint(endpoint: str) -> None:
         raise ConnectionLost(f"endpoint {endpoint!r} is neither ipc://PATH nor tcp://HOST:PORT")
 
 
-def make_socket(context: zmq.Context, kind: int, max_message_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+def use_shm(transport: str, endpoint: str) -> bool:
+    """shm: bulk tensors through /dev/shm; only possible when client and server share a host."""
+    local = endpoint.startswith("ipc://") or endpoint.split("://")[-1].split(":")[0] in LOCAL_HOSTS
+    if transport == "shm" and not local:
+        raise ConnectionLost(f"--transport shm needs a server on this host, not {endpoint}")
+    if transport == "shm" and not shm_available():
+        raise ConnectionLost(f"--transport shm needs a writable {SHM_DIR}")
+    return transport == "shm" or (transport == "auto" and local and shm_available())
+
+
+def make_socket(
+    context: zmq.Context, kind: int, max_message_bytes: int = MAX_MESSAGE_BYTES, curve: CurveKeys | None = None
+) -> zmq.Socket:
+    """curve: CURVE keys (tsqp.curve), server mode when they carry an allow-list."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if curve is not None:
+        apply_curve(sock, curve)
     return sock
 
 
-def bind_server(context: zmq.Context, endpoint: str) -> zmq.Socket:
-    """A ROUTER bound to endpoint. A stale ipc socket file is removed; a live server is an error."""
+def bind_server(context: zmq.Context, endpoint: str, curve: CurveKeys | None = None) -> zmq.Socket:
+    """A ROUTER bound to endpoint. A stale ipc socket file is removed; a live server is an error.
+
+    With curve (server keys), the context needs a running ZAP handler (curve.start_authenticator).
+    """
     check_endpoint(endpoint)
     path = ipc_path(endpoint)
     if path is not None and path.exists():
-        if _answers(context, endpoint):
+        if _listening(path):
             raise ConnectionLost(f"a server is already listening on {endpoint}; stop it or pass another --listen")
         path.unlink()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    sock = make_socket(context, zmq.ROUTER)
+    sock = make_socket(context, zmq.ROUTER, curve=curve)
     try:
         sock.bind(endpoint.replace("tcp://*", "tcp://0.0.0.0"))
     except zmq.ZMQError as exc:
@@ -79,20 +121,35 @@ def bind_server(context: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def _answers(context: zmq.Context, endpoint: str) -> bool:
-    try:
-        with Client(endpoint, context=context, timeout_s=PROBE_TIMEOUT_S) as probe:
-            probe.call("ping")
-        return True
-    except ConnectionLost:
-        return False
+def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on an ipc socket file. The kernel answers this, so a server
+    busy with a long request (or one that needs CURVE keys) still counts as live; a file left by a
+    killed process refuses the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT_S)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Client:
     """Sends requests to one server and waits for the matching reply, with a deadline."""
 
-    def __init__(self, endpoint: str, *, context: zmq.Context | None = None, timeout_s: float = 600.0,
-                 stats: Stats | None = None, alive: Callable[[], str | None] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        timeout_s: float = 600.0,
+        stats: Stats | None = None,
+        alive: Callable[[], str | None] | None = None,
+        shm: bool = False,
+        arena_name: str | None = None,
+        curve: CurveKeys | None = None,
+    ):
+        """curve: client keys (tsqp.curve.client_keys) for a server started with --curve-keys."""
         check_endpoint(endpoint)
         path = ipc_path(endpoint)
         if path is not None and not path.exists():
@@ -102,31 +159,106 @@ class Client:
         self.stats = stats or Stats()
         self.alive = alive  # returns a reason when the server is known to be gone (a child process that exited)
         self.context = context or zmq.Context.instance()
-        self.sock = make_socket(self.context, zmq.DEALER)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.connected = False
+        self.curve = curve
+        self.sock = make_socket(self.context, zmq.DEALER, curve=curve)
+        self.monitor = self.sock.get_monitor_socket(LINK_EVENTS)
+        self.up = False  # a connection to the server has completed its handshake and is open
+        self.down: ConnectionLost | None = None  # why the last connection ended, until another comes up
         self.sock.connect(endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.ids = itertools.count(1)
+        self.use_shm = shm  # bulk tensors through a shared-memory arena (same host only)
+        self.arena_name = arena_name
+        self.arena: Arena | None = None
+        self.arena_attached = False  # the server behind the current connection maps self.arena
 
-    def call(self, method: str, args: dict | None = None, tensors: list[torch.Tensor] = (),
-             session: bytes | None = None, timeout_s: float | None = None) -> Message:
+    def call(
+        self,
+        method: str,
+        args: dict | None = None,
+        tensors: list[torch.Tensor] = (),
+        session: bytes | None = None,
+        timeout_s: float | None = None,
+        reply_bytes: int = 0,
+    ) -> Message:
+        """One round trip. reply_bytes: room the results need in the arena (the caller knows their shapes)."""
         start = time.perf_counter()
+        self._check_link(method)
+        args = dict(args or {})
+        if self.use_shm and (tensors or reply_bytes):
+            tensors = self._place(list(tensors), reply_bytes, args)
         request_id = next(self.ids)
-        frames = pack({"id": request_id, "method": method, "session": session, "args": args or {}}, list(tensors))
+        frames = pack({"id": request_id, "method": method, "session": session, "args": args}, list(tensors), self.arena)
         packed = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)
         sent = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         reply, received_bytes, received = self._wait(request_id, method, timeout_s or self.timeout_s)
+        if self.arena is not None:
+            received_bytes += sum(t.nbytes for t in reply.tensors if self.arena.offset_of(t) is not None)
+            sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
         done = time.perf_counter()
-        self.stats.rpc(method, sent=sent, received=received_bytes,
-                       total_s=done - start, serialize_s=packed - start, deserialize_s=done - received,
-                       server_s=float(reply.args.get("compute_s", 0.0)) if isinstance(reply.args, dict) else 0.0)
-        if not reply.header.get("ok"):
-            raise ServerError(f"server refused {method}: {reply.header.get('error', 'no reason given')}")
+        if method != "attach_arena":  # setup, not part of the computation's round trips
+            self.stats.rpc(
+                method,
+                sent=sent,
+                received=received_bytes,
+                total_s=done - start,
+                serialize_s=packed - start,
+                deserialize_s=done - received,
+                server_s=_seconds(reply.args.get("compute_s")),
+                start=start,
+                server_start=_seconds(reply.args.get("compute_start")),
+            )
+        if reply.header.get("ok") is not True:
+            raise ServerError(f"server refused {method}: {_one_line(reply.header.get('error', 'no reason given'))}")
         return reply
+
+    def _check_link(self, method: str) -> None:
+        """Catches up on connection events that came between calls. After a disconnect the server gets
+        RECONNECT_GRACE_S to come back (ZeroMQ retries every 100 ms, so a restarted server is picked up);
+        otherwise the call fails now instead of at its deadline."""
+        self._link_events(method, in_flight=False)
+        deadline = time.monotonic() + RECONNECT_GRACE_S
+        while self.down is not None and time.monotonic() < deadline:
+            if self.monitor.poll(min(POLL_MS, max(0.0, deadline - time.monotonic()) * 1000)):
+                self._link_events(method, in_flight=False)
+        if isinstance(self.down, LinkRefused):
+            raise LinkRefused(str(self.down))
+        if self.down is not None:
+            raise ConnectionLost(
+                f"{self.down} and did not come back within {RECONNECT_GRACE_S:g} s ({method} not sent)"
+            )
+
+    def _link_events(self, method: str, in_flight: bool) -> None:
+        """Reads the monitor's pending events; during a call, a lost or refused connection fails it."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            kind, lost = event["event"], None
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.down = True, None
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                lost = LinkRefused(
+                    f"server at {self.endpoint} refused this client's CURVE key (ZAP status "
+                    f"{int(event['value'])}): add its client.key to the server's allowed/ folder"
+                )
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                lost = LinkRefused(
+                    f"handshake with server at {self.endpoint} failed: "
+                    + (
+                        "is it running with --curve-keys, and is server.key its public key?"
+                        if self.curve
+                        else "it may require CURVE; pass --curve-keys DIR"
+                    )
+                )
+            elif kind == zmq.EVENT_DISCONNECTED and self.up:
+                self.up = False
+                lost = ConnectionLost(f"server at {self.endpoint} closed the connection")
+            if lost is not None:
+                self.down, self.arena_attached = lost, False
+                if in_flight:
+                    raise lost if isinstance(lost, LinkRefused) else ConnectionLost(f"{lost} during {method}")
 
     def _wait(self, request_id: int, method: str, timeout_s: float) -> tuple[Message, int, float]:
         """(reply, bytes received, time it arrived); replies to earlier requests are dropped."""
@@ -134,24 +266,48 @@ class Client:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:.0f} s")
+                raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:g} s")
             events = dict(self.poller.poll(min(POLL_MS, remaining * 1000)))
-            if self.monitor in events:
-                event = recv_monitor_message(self.monitor)["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    self.connected = True
-                elif event == zmq.EVENT_DISCONNECTED and self.connected:
-                    raise ConnectionLost(f"server at {self.endpoint} closed the connection during {method}")
-            if self.sock in events:
+            if self.sock in events:  # a reply that made it wins over the disconnect that may follow it
                 frames = self.sock.recv_multipart(copy=False)
                 arrived = time.perf_counter()
-                reply = unpack(frames)
+                reply = unpack(frames, self.arena)
                 if reply.header.get("id") == request_id:
                     return reply, sum(f.buffer.nbytes for f in frames), arrived
+            if self.monitor in events:
+                self._link_events(method, in_flight=True)
             if self.alive is not None and (reason := self.alive()):
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
+    def _place(self, tensors: list[torch.Tensor], reply_bytes: int, args: dict) -> list[torch.Tensor]:
+        """Copies request tensors into the arena (from offset 0) and reserves room for the results."""
+        sizes = [align(t.nbytes) for t in tensors]
+        needed = sum(sizes) + align(reply_bytes)
+        if self.arena is None or self.arena.size < needed:
+            self.arena = (
+                Arena.create(self.arena_name, align(needed)) if self.arena is None else self.arena.grown(needed)
+            )
+            self.arena_attached = False
+        if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
+            self.use_shm = False  # the attach call itself carries no tensors
+            try:
+                self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})
+            finally:
+                self.use_shm = True
+            self.arena_attached = True
+        placed, offset = [], 0
+        for tensor, size in zip(tensors, sizes, strict=True):
+            view = self.arena.view(tensor.dtype, tensor.shape, offset)
+            view.copy_(tensor)
+            placed.append(view)
+            offset += size
+        args["reply_at"] = offset
+        return placed
+
     def close(self) -> None:
+        if self.arena is not None:
+            self.arena.unlink()
+            self.arena = None
         self.sock.disable_monitor()
         self.monitor.close()
         self.sock.close()
@@ -161,3 +317,16 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _seconds(value) -> float:
+    """A duration reported by the server, for the statistics only; anything else counts as 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
+
+
+def _one_line(text) -> str:
+    """A server's error text as one bounded line (it is untrusted and goes to the user's terminal)."""
+    text = " ".join(str(text).split())
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."

@@ -1,0 +1,129 @@
+"""The shared-memory arena: one file in /dev/shm mapped MAP_SHARED by the TEE client and the server.
+
+Bulk tensors travel through it; ZeroMQ carries only the small headers that say where they lie. The
+TEE creates the file and sizes it with ftruncate (the only calls Gramine's `untrusted_shm` mount
+allows besides mmap), and grows it when a call needs more room. A request's inputs lie from offset 0,
+its results from the request's `reply_at` offset on, each aligned to ALIGN bytes; one request is in
+flight per client, so every call reuses the whole arena.
+
+The arena is untrusted memory: the server may write there at any time. The TEE copies each result
+out before it checks or uses it (remote.RemoteOps does), and never reads a value twice from here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+from pathlib import Path
+
+import torch
+
+from tsqp.errors import ProtocolError, TsqpError
+
+SHM_DIR = Path("/dev/shm")
+ALIGN = 256
+NAME_PATTERN = re.compile(r"^tsqp-[A-Za-z0-9_.-]{1,100}$")
+INITIAL_BYTES = 16 << 20
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def shm_available() -> bool:
+    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+class Arena:
+    """A mapping of /dev/shm/NAME; `view` gives tensors over its bytes (bounds checked)."""
+
+    def __init__(self, name: str, size: int, create: bool):
+        if not NAME_PATTERN.match(name):
+            raise ProtocolError(f"arena name {name!r} is not tsqp-[A-Za-z0-9_.-]+")
+        self.name = name
+        self.path = SHM_DIR / name
+        self.owner = create
+        flags = os.O_RDWR | (os.O_CREAT if create else 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            raise TsqpError(f"cannot open shared-memory arena {self.path}: {exc.strerror}") from None
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size < size:
+                raise ProtocolError(f"arena {name} is smaller than the declared {size} bytes")
+            self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.size = size
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)  # (size,)
+        self.base = self.bytes.data_ptr()
+        self.pinned = False
+
+    @classmethod
+    def create(cls, name: str | None = None, size: int = INITIAL_BYTES) -> Arena:
+        sweep_stale()
+        return cls(name or f"tsqp-arena-{os.getpid()}-{secrets.token_hex(4)}", size, create=True)
+
+    def view(self, dtype: torch.dtype, shape: list[int] | tuple[int, ...], offset: int) -> torch.Tensor:
+        """A tensor over [offset, offset + nbytes); a ProtocolError when that leaves the arena or is unaligned."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = itemsize
+        for dim in shape:
+            nbytes *= dim
+        if offset % ALIGN or offset < 0 or offset + nbytes > self.size:
+            raise ProtocolError(
+                f"arena range [{offset}, {offset + nbytes}) is unaligned or outside the {self.size}-byte arena"
+            )
+        return self.bytes[offset : offset + nbytes].view(dtype).view(shape)
+
+    def offset_of(self, tensor: torch.Tensor) -> int | None:
+        """Where a tensor lies in this arena, or None when it lies elsewhere."""
+        offset = tensor.data_ptr() - self.base
+        return offset if 0 <= offset < self.size and tensor.is_contiguous() else None
+
+    def grown(self, needed: int) -> Arena:
+        """The TEE side: the same file, resized to hold `needed` bytes (at least doubling)."""
+        size = max(needed, 2 * self.size)
+        self.release()
+        return Arena(self.name, align(size), create=True)
+
+    def pin(self) -> bool:
+        """Page-locks the mapping for CUDA (cudaHostRegister), so device-to-host copies land in it by DMA."""
+        if not torch.cuda.is_available():
+            return False
+        error = torch.cuda.cudart().cudaHostRegister(self.base, self.size, 0)
+        self.pinned = int(error) == 0
+        return self.pinned
+
+    def release(self) -> None:
+        """Drops this mapping (views still held elsewhere keep it alive until they go)."""
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.base)
+            self.pinned = False
+        self.bytes = None
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a tensor still looks at it; the mapping goes with that tensor
+
+    def unlink(self) -> None:
+        self.release()
+        self.path.unlink(missing_ok=True)
+
+
+def sweep_stale() -> None:
+    """Removes arena files of dead processes (the pid is in the default name): a kill -9 leaves no trace."""
+    if not SHM_DIR.is_dir():
+        return
+    for path in SHM_DIR.glob("tsqp-arena-*-*"):
+        try:
+            pid = int(path.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, PermissionError, IndexError, OSError):
+            continue

@@ -1,0 +1,330 @@
+"""Verified mode: the TEE checks every result the untrusted server returns before it uses it.
+
+Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
+(out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
+(`freivalds.build_keys`: streamed one weight at a time, only the vectors kept). It then checks
+Y s == X w + b s: two matrix-vector products over data it already holds, instead of the matrix
+product itself. The server never sees s.
+
+    embedding   rows (T, hidden)              rows s == e[ids]               e = E s (vocab, K)
+    qkv         q (T, q_dim), k (T, kv_dim)   q s_q == x w_q + b_q s_q, same for k
+    scores      tile (heads, rows, keys)      S r[:keys] == q (K^T r) / sqrt(hd)
+    attn_out    y = o_proj(P V) (T, hidden)   y s_o == sum_h P_h c_h + b_o s_o
+    gate_up, down, lm_head                    like qkv
+
+scores: r is a secret value per key position, drawn per session; K^T r is a running sum over the
+post-RoPE keys the TEE itself sent, so a server that caches other keys fails the check. attn_out: V
+never leaves the server, but V = x W_v^T + b_v for the x the TEE sent in qkv, so with
+z_h = W_v[g(h)]^T (W_o[:, h]^T s_o) and beta_h = b_v[g(h)] . (W_o[:, h]^T s_o) the TEE keeps
+c[j, h] = x_j . z_h + beta_h per position; one check covers v_proj, the cached V, P @ V and o_proj.
+
+Each entry of s and r is a random sign times a magnitude uniform in [1, 2), from a generator seeded
+with 63 secret bits per TEE process. A tampered result Y + D passes one vector only if |D s| stays
+within the tolerance: a change in a single element by more than the tolerance is always caught
+(|D_i s_i| >= |D_i|), and a change whose largest element exceeds the tolerance by a factor F passes a
+vector with probability at most 1/F, whatever the server knows about the other elements. K = 2
+independent vectors are checked at once (one pass over the data): at most 1/F^2.
+
+Tolerance. The honest server rounds: each element it returns carries a relative error up to the unit
+roundoff u of its dtype (2^-24 float32, 2^-11 float16, 2^-8 bfloat16), and each sum it forms in float32
+an error of about 2^-24 sqrt(n) times the norm of its terms (n the reduction length); the TEE's own
+float32 sums add the same. The errors are independent across elements, so their s-weighted sum grows
+like a 2-norm (s itself is independent of them). For a row of a linear result, per vector,
+
+    |Y s - X w - b s| <= LAMBDA * [ (u + 2^-24 sqrt(out)) S_MAX ||Y_row||
+                                    + 2^-24 (sqrt(in) + sqrt(out)) omega ||X_row|| ]
+
+where omega = S_MAX max_j ||W[:, j]|| bounds how a column's accumulation error reaches Y s. scores use
+2u and the row norm of S, and ||q|| times the Frobenius norm of the key prefix; attn_out bounds the
+rounding of the server's V and P @ V, which the TEE never sees, by omega_o sum_j P_hj ||v_j|| with
+||v_j|| <= ||x_j|| sigma(W_v[g(h)]) + ||b_v[g(h)]|| (sigma: spectral norm), summed over heads as a
+2-norm. In float32 the output-rounding term is no larger than the accumulation terms, so the row norms
+are bounded from the TEE's side (||Y|| <= ||X|| ||W||_F + ||b||, Cauchy-Schwarz for scores) instead of
+measured: one pass less over every result. LAMBDA = 4 over these bounds: honest discrepancies stay
+below 0.4 of the tolerance (`VerifiedOps.margin`) in the tests and on cuBLAS at the 1.1B shape.
+
+What the tolerance lets through: per row, changes D with |D s| below it, i.e. of the size of the
+rounding noise: at the 1.1B shape about 1e-4 of |Y s| in float32 (1e-3 with bounded norms), 0.004 in
+float16 and 0.03 in bfloat16; attn_out is looser (0.2 float16, 1.1 bfloat16: the bound on the unseen
+V and P @ V dominates). docs/threat-model.md has the measured table.
+
+A failed check raises IntegrityError naming the op and layer, and every later call raises too: a
+server must not learn from retries which perturbations pass.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import Counter
+
+import torch
+
+from tsqp.checkpoint import Checkpoint
+from tsqp.config import LlamaConfig
+from tsqp.errors import IntegrityError, TsqpError
+from tsqp.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
+from tsqp.protocol import query_tiles
+from tsqp.remote import Call, RemoteOps
+from tsqp.stats import Stats
+
+LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
+U32 = 2.0**-24
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+class AttentionState:
+    """Per session: the secret r per key position and, per layer, what the TEE sent (as c and K^T r)."""
+
+    def __init__(self, config: LlamaConfig, capacity: int, generator: torch.Generator):
+        c, layers = config, range(config.num_layers)
+        self.r = secret_matrix(generator, capacity)  # (capacity, K)
+        # per head: K rows of c[j, h] and one of the bound on ||v_j||, over positions j (a row per column)
+        self.c = [torch.zeros(c.num_heads, VECTORS + 1, capacity) for _ in layers]
+        self.c_filled = [0 for _ in layers]
+        self.kr = [torch.zeros(VECTORS, c.num_kv_heads, c.head_dim) for _ in layers]  # sum_j r_j k_j
+        self.k_sq = [torch.zeros(c.num_kv_heads) for _ in layers]  # sum_j ||k_j||^2
+        self.k_filled = [0 for _ in layers]
+
+
+class VerifiedOps(RemoteOps):
+    """RemoteOps whose every result passes a Freivalds check before it is returned."""
+
+    def __init__(
+        self,
+        call: Call,
+        config: LlamaConfig,
+        checkpoint: Checkpoint,
+        stats: Stats | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        """seed: for tests only; by default 63 secret bits the server cannot know."""
+        super().__init__(call, config, **kwargs)
+        self.checkpoint = checkpoint
+        self.stats = stats or Stats()
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        self.keys: ModelKeys | None = None
+        self.keys_dtype: torch.dtype | None = None
+        self.state: AttentionState | None = None
+        self.setup_s = 0.0  # computing the keys from the checkpoint
+        self.checks: Counter[str] = Counter()  # op -> results verified
+        self.comparisons = 0  # row-vector comparisons made
+        self.margin: dict[str, float] = {}  # op -> largest |lhs - rhs| / tolerance seen
+        self.failure: str | None = None
+
+    # -- control -------------------------------------------------------------------------------
+
+    def open_session(self, capacity: int) -> None:
+        super().open_session(capacity)
+        self.state = AttentionState(self.config, capacity, self.generator)
+
+    def close_session(self) -> None:
+        self.state = None
+        super().close_session()
+
+    # -- verified calls ------------------------------------------------------------------------
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        self._usable()
+        rows = super().embedding(ids)
+        with self.stats.tee("verify"):
+            keys = self.keys
+            lhs = times(rows, keys.embed_s)
+            scale = 2 * U32 * math.sqrt(self.config.hidden_size) * S_MAX  # the TEE's own float32 sums
+            self._check("embedding", None, lhs, keys.embed_e[ids], scale * _row_norm(rows))
+        return rows
+
+    def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._usable()
+        sent = h.to(self.wire)
+        q, k = super().qkv(layer, pos, sent)
+        with self.stats.tee("verify"):
+            c, keys, state = self.config, self.keys.layers[layer], self._session_state()
+            x = sent.float()
+            x_norm = _row_norm(x)
+            proj = times(x, keys.qkv_proj)  # (T, 2K + heads K)
+            self._check_linear("qkv (q)", layer, q, proj[:, :VECTORS], x_norm, keys.q)
+            self._check_linear("qkv (k)", layer, k, proj[:, VECTORS : 2 * VECTORS], x_norm, keys.k)
+            if pos > state.c_filled[layer]:
+                raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
+            T = x.shape[0]
+            cache = state.c[layer][:, :, pos : pos + T]  # (heads, K + 1, T)
+            cache[:, :VECTORS] = (proj[:, 2 * VECTORS :].view(T, c.num_heads, VECTORS) + keys.beta).permute(1, 2, 0)
+            cache[:, VECTORS] = x_norm.view(1, T) * keys.v_gain[:, None] + keys.v_bias_norm[:, None]
+            state.c_filled[layer] = pos + T
+        return q, k
+
+    def scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        self._usable()
+        q_sent, k_sent = q.to(self.wire), k.to(self.wire)
+        packed = super().scores(layer, pos, q_sent, k_sent)
+        with self.stats.tee("verify"):
+            self._check_scores(layer, pos, q_sent.float(), k_sent.float(), packed)
+        return packed
+
+    def attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> torch.Tensor:
+        self._usable()
+        sent = probs.to(self.wire)
+        y = super().attn_out(layer, pos, T, sent)
+        with self.stats.tee("verify"):
+            self._check_attn_out(layer, pos, T, sent.float(), y)
+        return y
+
+    def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._usable()
+        sent = h.to(self.wire)
+        gate, up = super().gate_up(layer, sent)
+        with self.stats.tee("verify"):
+            keys, x = self.keys.layers[layer], sent.float()
+            proj, x_norm = times(x, keys.mlp_proj), _row_norm(x)
+            self._check_linear("gate_up (gate)", layer, gate, proj[:, :VECTORS], x_norm, keys.gate)
+            self._check_linear("gate_up (up)", layer, up, proj[:, VECTORS:], x_norm, keys.up)
+        return gate, up
+
+    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        self._usable()
+        sent = a.to(self.wire)
+        y = super().down(layer, sent)
+        with self.stats.tee("verify"):
+            keys, x = self.keys.layers[layer], sent.float()
+            self._check_linear("down", layer, y, times(x, keys.down.w), _row_norm(x), keys.down)
+        return y
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        self._usable()
+        sent = x.to(self.wire)
+        y = super().lm_head(sent)
+        with self.stats.tee("verify"):
+            head, x = self.keys.head, sent.float()
+            self._check_linear("lm_head", None, y, times(x, head.w), _row_norm(x), head)
+        return y
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    @property
+    def bounded_norms(self) -> bool:
+        """Bound result row norms from the TEE's side instead of measuring them (a pass over each result).
+
+        The row norm scales the output-rounding term of a tolerance. In float32 that term is of the order
+        of the accumulation term, so a looser bound costs little precision: ||Y|| <= ||X|| ||W||_F + ||b||,
+        ||S_row|| <= ||q|| ||K|| / sqrt(hd) (Cauchy-Schwarz). In bfloat16 and float16 it dominates: measured.
+        """
+        return self.wire == torch.float32
+
+    def _check_linear(
+        self, op: str, layer: int | None, y: torch.Tensor, xw: torch.Tensor, x_norm: torch.Tensor, key: LinearKey
+    ) -> None:
+        """y (T, out) against xw = x w (T, K); x_norm (T, 1)."""
+        out_dim, in_dim = y.shape[1], key.w.shape[0]
+        u = UNIT_ROUNDOFF[self.wire]
+        y_norm = x_norm * key.frobenius + key.bias_norm if self.bounded_norms else _row_norm(y)
+        tolerance = (u + U32 * math.sqrt(out_dim)) * S_MAX * y_norm + U32 * (
+            math.sqrt(in_dim) + math.sqrt(out_dim)
+        ) * key.omega * x_norm
+        self._check(op, layer, times(y, key.s), xw + key.bias_s, tolerance)
+
+    def _check_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, packed: torch.Tensor) -> None:
+        """q (T, heads, hd), k (T, kv, hd) as sent; packed scores by query tiles."""
+        c, state = self.config, self._session_state()
+        if pos == 0:
+            state.kr[layer].zero_()
+            state.k_sq[layer].zero_()
+        elif pos != state.k_filled[layer]:
+            raise TsqpError(
+                f"verified mode: scores of layer {layer} at position {pos} must append to the "
+                f"{state.k_filled[layer]} cached keys (or restart at 0)"
+            )
+        T, heads, kv, group, hd = q.shape[0], c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
+        u, scale, r = UNIT_ROUNDOFF[self.wire], 1.0 / math.sqrt(hd), state.r
+        tiles, _ = query_tiles(T, pos, heads, self.tile)
+        lhs, s_norm = torch.empty(heads, T, VECTORS), torch.empty(heads, T, 1)
+        for t in tiles:  # S r over each tile's keys
+            block = packed[t.offset : t.offset + heads * t.rows * t.keys].view(heads * t.rows, t.keys)
+            lhs[:, t.row : t.row + t.rows] = times(block, r[: t.keys]).view(heads, t.rows, VECTORS)
+            if not self.bounded_norms:
+                s_norm[:, t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(block, dim=1).view(heads, t.rows)
+        # K^T r and sum ||k_j||^2 over each tile's keys: the totals of earlier calls plus this call's keys
+        # up to the tile's last row, as one product with a (tiles, T) lower-triangular mask
+        ends = torch.tensor([t.row + t.rows for t in tiles])
+        upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T)
+        weighted = upto[:, None, :] * r[pos : pos + T].T[None]  # (tiles, K, T)
+        kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + state.kr[layer]
+        k_sq_call = k.square().sum(2)  # (T, kv)
+        k_sq_tiles = upto @ k_sq_call + state.k_sq[layer]  # (tiles, kv)
+        tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
+        kr, k_sq = kr_tiles[tile_of_row], k_sq_tiles[tile_of_row]  # (T, K, kv, hd), (T, kv)
+        keys = torch.tensor([float(t.keys) for t in tiles])[tile_of_row].view(T, 1, 1, 1)
+        rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr).mul_(scale)  # (T, kv, group, K)
+        q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group, 1)
+        qk_norm = scale * q_norm * k_sq.sqrt().view(T, kv, 1, 1)  # (T, kv, group, 1)
+        row_norm = qk_norm if self.bounded_norms else s_norm.view(kv, group, T, 1).permute(2, 0, 1, 3)
+        tolerance = (2 * u + U32 * keys.sqrt()) * S_MAX * row_norm + U32 * (
+            math.sqrt(hd) + 2 * keys.sqrt()
+        ) * S_MAX * qk_norm
+        self._check("scores", layer, lhs.view(kv, group, T, VECTORS).permute(2, 0, 1, 3), rhs, tolerance)
+        state.kr[layer] = kr_tiles[-1].clone()
+        state.k_sq[layer] = k_sq_tiles[-1].clone()
+        state.k_filled[layer] = pos + T
+
+    def _check_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor, y: torch.Tensor) -> None:
+        c, keys, state = self.config, self.keys.layers[layer], self._session_state()
+        if state.c_filled[layer] < pos + T:
+            raise TsqpError(f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first")
+        u, heads, hidden = UNIT_ROUNDOFF[self.wire], c.num_heads, c.hidden_size
+        cache = state.c[layer]  # (heads, K + 1, capacity)
+        rhs, magnitude, o_norm = torch.empty(T, VECTORS), torch.empty(T, 1), torch.empty(T, 1)
+        for t in query_tiles(T, pos, heads, self.tile)[0]:
+            block = probs[t.offset : t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
+            weighted = torch.bmm(cache[:, :, : t.keys], block.transpose(1, 2))  # (heads, K + 1, rows), as in times()
+            rhs[t.row : t.row + t.rows] = weighted[:, :VECTORS].sum(0).T
+            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
+            # the o_proj omega bounds: V and P @ V rounded (u each) and the float32 sums of v_proj, P @ V,
+            # c and o_proj. Heads round independently: root of the sum of squares over heads.
+            gain = keys.o.omega * (
+                2 * u + U32 * (2 * math.sqrt(t.keys) + 2 * math.sqrt(hidden * c.head_dim) + math.sqrt(c.q_dim))
+            )
+            o_norm[t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(weighted[:, VECTORS], dim=0)  # >= ||O_row||
+            magnitude[t.row : t.row + t.rows] = gain * o_norm[t.row : t.row + t.rows]
+        y_norm = o_norm * keys.o.frobenius + keys.o.bias_norm if self.bounded_norms else _row_norm(y)
+        tolerance = (u + U32 * math.sqrt(hidden)) * S_MAX * y_norm + magnitude
+        self._check("attn_out", layer, times(y, keys.o.s), rhs + keys.o.bias_s, tolerance)
+
+    def _check(self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor) -> None:
+        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too)."""
+        deviation, tolerance = (lhs - rhs).abs(), LAMBDA * bound
+        ratio = deviation / tolerance
+        self.checks[op.split(" ")[0]] += 1
+        self.comparisons += lhs.numel()
+        bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
+        if not bad.any():
+            self.margin[op] = max(self.margin.get(op, 0.0), float(ratio.nan_to_num(0.0).max()))
+            return
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = f"{op} of layer {layer}" if layer is not None else op
+        self.failure = (
+            f"integrity check failed: the server's {where} result is wrong (Freivalds check at index "
+            f"{list(index)}: off by {float(deviation[index]):.3g}, tolerance "
+            f"{float(tolerance.expand_as(deviation)[index]):.3g}); stop using this server"
+        )
+        raise IntegrityError(self.failure)
+
+    def _usable(self) -> None:
+        if self.failure is not None:
+            raise IntegrityError(f"an earlier {self.failure}")
+        if self.keys_dtype != self.wire:  # first call after init(): the server's dtype is known now
+            start = time.perf_counter()
+            self.keys = build_keys(self.checkpoint, self.wire, self.generator)
+            self.keys_dtype = self.wire
+            self.setup_s = time.perf_counter() - start
+
+    def _session_state(self) -> AttentionState:
+        if self.state is None:
+            raise TsqpError("verified mode: open a session before the per-layer calls")
+        return self.state
+
+
+def _row_norm(x: torch.Tensor) -> torch.Tensor:
+    """(T, n) -> (T, 1) Euclidean norms."""
+    return torch.linalg.vector_norm(x, dim=1, keepdim=True)
