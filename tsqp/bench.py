@@ -136,6 +136,7 @@ def reference_runs(options: RunOptions, dtype: str, tokens: int, warmup: int, de
             seed=0,
             threads=torch.get_num_threads(),
             decode=decode if attn == "sdpa" else 0,
+            device=options.device,
         )
         for attn in ("sdpa", "eager")
     }

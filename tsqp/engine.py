@@ -149,6 +149,8 @@ class Engine:
             reply_args, tensors = {}, handler(args, *inputs)
         if alloc is None:
             tensors = [t.to("cpu") for t in tensors]  # with an arena the server copies into it directly
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them, not their launch
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
 
     def _session(self, peer: bytes, session_id) -> Session:

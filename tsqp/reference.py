@@ -20,9 +20,17 @@ from tsqp.errors import TsqpError
 
 
 def time_reference(
-    model_dir: Path, dtype: str, attn: str, tokens: int, warmup: int, seed: int, threads: int, decode: int = 0
+    model_dir: Path,
+    dtype: str,
+    attn: str,
+    tokens: int,
+    warmup: int,
+    seed: int,
+    threads: int,
+    decode: int = 0,
+    device: str = "cpu",
 ) -> dict:
-    """{"prefill_s": ...} (and decode figures when decode > 0) from a subprocess."""
+    """{"prefill_s": ...} (and decode figures when decode > 0) from a subprocess, the model on `device`."""
     env = dict(os.environ)
     if os.environ.get("TSQP_USER_OMP_WAIT_POLICY") is None:
         env.pop("OMP_WAIT_POLICY", None)
@@ -38,6 +46,7 @@ def time_reference(
         str(seed),
         str(threads),
         str(decode),
+        device,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -47,7 +56,7 @@ def time_reference(
 
 
 def _measure(
-    model_dir: str, dtype: str, attn: str, tokens: int, warmup: int, seed: int, threads: int, decode: int
+    model_dir: str, dtype: str, attn: str, tokens: int, warmup: int, seed: int, threads: int, decode: int, device: str
 ) -> dict:
     import torch
 
@@ -58,13 +67,17 @@ def _measure(
     from tsqp.bench import token_ids
 
     torch.set_num_threads(threads)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
-    ids = token_ids(tokens, model.config.vocab_size, seed)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
+    model = model.eval().to(device)
+    ids = token_ids(tokens, model.config.vocab_size, seed).to(device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     result = {}
     with torch.inference_mode():
         model(ids[None, :warmup])
+        sync()
         start = time.perf_counter()
         model(ids[None])
+        sync()
         result["prefill_s"] = time.perf_counter() - start
         if decode:  # greedy, exactly `decode` tokens (min_new_tokens holds eos off), with transformers' KV cache
             clock = _TokenClock()
@@ -78,6 +91,7 @@ def _measure(
                 pad_token_id=0,
                 streamer=clock,
             )
+            sync()
             result["generate_s"] = time.perf_counter() - start
             result["generated"] = out.shape[1] - tokens
             result["generated_ids"] = out[0, tokens:].tolist()
@@ -107,9 +121,10 @@ if __name__ == "__main__":
         parser.add_argument(name)
     for name in ("tokens", "warmup", "seed", "threads", "decode"):
         parser.add_argument(name, type=int)
+    parser.add_argument("device")
     a = parser.parse_args()
     try:
-        print(json.dumps(_measure(a.model_dir, a.dtype, a.attn, a.tokens, a.warmup, a.seed, a.threads, a.decode)))
+        print(json.dumps(_measure(a.model_dir, a.dtype, a.attn, a.tokens, a.warmup, a.seed, a.threads, a.decode, a.device)))
     except TsqpError as exc:
         print(f"tsqp: error: {exc}", file=sys.stderr)
         sys.exit(1)
