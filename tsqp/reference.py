@@ -124,7 +124,11 @@ if __name__ == "__main__":
     parser.add_argument("device")
     a = parser.parse_args()
     try:
-        print(json.dumps(_measure(a.model_dir, a.dtype, a.attn, a.tokens, a.warmup, a.seed, a.threads, a.decode, a.device)))
+        print(
+            json.dumps(
+                _measure(a.model_dir, a.dtype, a.attn, a.tokens, a.warmup, a.seed, a.threads, a.decode, a.device)
+            )
+        )
     except TsqpError as exc:
         print(f"tsqp: error: {exc}", file=sys.stderr)
         sys.exit(1)
