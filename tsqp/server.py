@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import msgpack
 import torch
@@ -147,21 +148,35 @@ def _request_id(frame) -> int:
             return 0
 
 
+@contextmanager
+def loading_progress(label: str):
+    """A progress callback (done, total): a live bar on a terminal, else a line per tenth after the first
+    second (a private server's stderr is a pipe the client relays to the user)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(label, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    shown, started = [-1], time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown[0] and time.perf_counter() - started > 1.0:  # quiet for a model that loads at once
+            shown[0] = tenth
+            print(f"{label}: {10 * tenth}% of {total} tensors", file=sys.stderr, flush=True)
+
+    yield report
+
+
 def run_server(
     model_dir: str, endpoint: str, device: str, dtype: str, curve: CurveKeys | None = None, **engine_options
 ) -> None:
-    from rich.progress import Progress
-
     started = time.perf_counter()
-    with Progress(transient=True, console=None) as progress:
-        task = progress.add_task("loading weights", total=None)
-        engine = Engine(
-            model_dir,
-            device=device,
-            dtype=dtype,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-            **engine_options,
-        )
+    with loading_progress(f"tsqp server: loading {model_dir}") as progress:
+        engine = Engine(model_dir, device=device, dtype=dtype, progress=progress, **engine_options)
     server = Server(engine, endpoint, curve=curve)
     print(
         f"tsqp server: {model_dir} on {device} ({dtype}), loaded in {time.perf_counter() - started:.1f} s, "
