@@ -13,8 +13,7 @@ lm_head), the part of a fused result (q or k of qkv, gate or up of gate_up), and
 
 and `CacheTamper(kind, past)` corrupts what the server caches instead of what it returns: a different k
 (kind "k") or v ("v") than the TEE sent or the server computed, at the current call's first position or,
-with past=True, during a later call: the key at position 0, or the values of one kv head at every
-earlier position. Only layer 1 is tampered with (layer ops), so a
+with past=True, during a later call: the key or the value of one kv head at position 0. Only layer 1 is tampered with (layer ops), so a
 stale replay of layer 0 exists. Scores are tampered within key column 0, which no query row masks.
 """
 
@@ -145,7 +144,7 @@ class LyingEngine(Engine):
         if isinstance(plan, CacheTamper) and plan.kind == "v" and args.get("layer") == TAMPER_LAYER:
             pos = args["pos"]
             if not plan.past or pos > 0:
-                values = session.values[TAMPER_LAYER, 0, :pos] if plan.past else session.values[TAMPER_LAYER, 0, pos]
+                values = session.values[TAMPER_LAYER, 0, 0 if plan.past else pos]
                 values += values.abs().max() + 1
                 self.tampered += 1
         return results

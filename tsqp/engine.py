@@ -27,14 +27,24 @@ MAX_BATCH = 8
 
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
+# The value path (v_proj, the V cache, P @ V, o_proj) runs in float32 whatever the server dtype: the
+# TEE never sees V or P @ V, so their rounding is what verification must tolerate in attn_out; in
+# bfloat16 that bound was loose enough to let a single-element lie through. It costs one float32
+# copy of v_proj and o_proj, and a float32 V cache.
+VALUE_DTYPE = torch.float32
+
+
+def _value_path(weight: torch.Tensor | None) -> torch.Tensor | None:
+    return None if weight is None else weight.to(VALUE_DTYPE)
+
 
 @dataclass
 class Layer:
     qk: torch.Tensor  # (q_dim + kv_dim, hidden): q and k projections fused, their result goes to the TEE
     qk_bias: torch.Tensor | None
-    v: torch.Tensor  # (kv_dim, hidden): its result stays in the KV cache
+    v: torch.Tensor  # (kv_dim, hidden), float32: its result stays in the KV cache
     v_bias: torch.Tensor | None
-    o: torch.Tensor  # (hidden, q_dim)
+    o: torch.Tensor  # (hidden, q_dim), float32
     o_bias: torch.Tensor | None
     gate_up: torch.Tensor  # (2 intermediate, hidden)
     gate_up_bias: torch.Tensor | None
@@ -112,10 +122,10 @@ class Engine:
         return Layer(
             qk=cat("self_attn", ["q_proj", "k_proj"], "weight"),
             qk_bias=cat("self_attn", ["q_proj", "k_proj"], "bias"),
-            v=w.pop(f"{p}self_attn.v_proj.weight"),
-            v_bias=w.pop(f"{p}self_attn.v_proj.bias", None),
-            o=w.pop(f"{p}self_attn.o_proj.weight"),
-            o_bias=w.pop(f"{p}self_attn.o_proj.bias", None),
+            v=_value_path(w.pop(f"{p}self_attn.v_proj.weight")),
+            v_bias=_value_path(w.pop(f"{p}self_attn.v_proj.bias", None)),
+            o=_value_path(w.pop(f"{p}self_attn.o_proj.weight")),
+            o_bias=_value_path(w.pop(f"{p}self_attn.o_proj.bias", None)),
             gate_up=cat("mlp", ["gate_proj", "up_proj"], "weight"),
             gate_up_bias=cat("mlp", ["gate_proj", "up_proj"], "bias"),
             down=w.pop(f"{p}mlp.down_proj.weight"),
@@ -206,7 +216,7 @@ class Engine:
     def op_open_session(self, peer, session_id, args):
         c = self.config
         capacity = _int_arg(args, "capacity", 1, c.max_position_embeddings)
-        nbytes = 2 * c.num_layers * c.kv_dim * capacity * self.dtype.itemsize
+        nbytes = c.num_layers * c.kv_dim * capacity * (self.dtype.itemsize + VALUE_DTYPE.itemsize)
         self._make_room(nbytes)
         in_use = sum(s.nbytes for s in self.sessions.values())
         if in_use + nbytes > self.max_cache_bytes:
@@ -220,7 +230,7 @@ class Engine:
         session = Session(
             owner=peer,
             keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
-            values=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            values=torch.zeros(shape, dtype=VALUE_DTYPE, device=self.device),
             filled=[0] * c.num_layers,
         )
         session_id = secrets.token_bytes(16)
@@ -280,7 +290,8 @@ class Engine:
         if name not in fused:
             raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(fused)}")
         weight, bias, start, rows = fused[name]
-        return weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
+        weight, bias = weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
+        return weight.to(self.dtype), None if bias is None else bias.to(self.dtype)  # v, o are kept in float32
 
     # -- fused per-layer calls -----------------------------------------------------------------
 
@@ -292,7 +303,7 @@ class Engine:
         T = x.shape[0]
         self._check_room(session, pos, T)
         weights = self.layers[layer]
-        v = F.linear(x, weights.v, weights.v_bias)  # (T, kv_dim)
+        v = F.linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (T, kv_dim)
         session.values[layer, :, pos : pos + T] = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
         return [self._linear(x, weights.qk, weights.qk_bias)]
 
@@ -336,9 +347,9 @@ class Engine:
         tiles, total = query_tiles(T, pos, c.num_heads, tile)
         if T <= 0 or tuple(probs.shape) != (total,):
             raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
-        probs = self._float(probs)
+        probs = self._float(probs).to(VALUE_DTYPE)
         values = session.values[layer]  # (kv, capacity, hd)
-        out = torch.empty(c.num_kv_heads, c.group_size, T, c.head_dim, dtype=self.dtype, device=self.device)
+        out = torch.empty(c.num_kv_heads, c.group_size, T, c.head_dim, dtype=VALUE_DTYPE, device=self.device)
         for t in tiles:
             p = probs[t.offset : t.offset + c.num_heads * t.rows * t.keys].view(
                 c.num_kv_heads, c.group_size * t.rows, t.keys
@@ -347,7 +358,9 @@ class Engine:
             out[:, :, t.row : t.row + t.rows] = o.view(c.num_kv_heads, c.group_size, t.rows, c.head_dim)
         out = out.permute(2, 0, 1, 3).reshape(T, c.q_dim)  # (T, heads*hd), head-major like q_proj
         weights = self.layers[layer]
-        return [self._linear(out, weights.o, weights.o_bias)]
+        if self.dtype == VALUE_DTYPE:
+            return [self._linear(out, weights.o, weights.o_bias)]
+        return [self._out((T, c.hidden_size)).copy_(F.linear(out, weights.o, weights.o_bias))]
 
     def op_gate_up(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)

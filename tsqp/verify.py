@@ -280,10 +280,11 @@ class VerifiedOps(RemoteOps):
             weighted = torch.bmm(cache[:, :, : t.keys], block.transpose(1, 2))  # (heads, K + 1, rows), as in times()
             rhs[t.row : t.row + t.rows] = weighted[:, :VECTORS].sum(0).T
             # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
-            # the o_proj omega bounds: V and P @ V rounded (u each) and the float32 sums of v_proj, P @ V,
-            # c and o_proj. Heads round independently: root of the sum of squares over heads.
+            # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
+            # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
+            # round independently: root of the sum of squares over heads.
             gain = keys.o.omega * (
-                2 * u + U32 * (2 * math.sqrt(t.keys) + 2 * math.sqrt(hidden * c.head_dim) + math.sqrt(c.q_dim))
+                2 * U32 + U32 * (2 * math.sqrt(t.keys) + 2 * math.sqrt(hidden * c.head_dim) + math.sqrt(c.q_dim))
             )
             o_norm[t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(weighted[:, VECTORS], dim=0)  # >= ||O_row||
             magnitude[t.row : t.row + t.rows] = gain * o_norm[t.row : t.row + t.rows]
