@@ -84,6 +84,18 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids[None]).logits[0].float()
 
 
+def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a fresh session over ids, through `call` (a Client or an InProcess engine)."""
+    from tsqp.model import TeeModel
+
+    tee = TeeModel(model_dir, call)
+    tee.attach()
+    tee.ops.open_session(ids.shape[0])
+    logits = tee.forward(ids)
+    tee.ops.close_session()
+    return logits
+
+
 def token_ids(n: int, vocab: int = BASE_CONFIG["vocab_size"], seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 

@@ -13,8 +13,9 @@ lm_head), the part of a fused result (q or k of qkv, gate or up of gate_up), and
 
 and `CacheTamper(kind, past)` corrupts what the server caches instead of what it returns: a different k
 (kind "k") or v ("v") than the TEE sent or the server computed, at the current call's first position or,
-with past=True, during a later call: the key or the value of one kv head at position 0. Only layer 1 is tampered with (layer ops), so a
-stale replay of layer 0 exists. Scores are tampered within key column 0, which no query row masks.
+with past=True, during a later call: the key or the value of one kv head at position 0. Only layer 1
+is tampered with (layer ops), so a stale replay of layer 0 exists. Scores are tampered within key
+column 0, which no query row masks.
 """
 
 from __future__ import annotations

@@ -19,14 +19,13 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from conftest import assert_one_line_error, free_port, reference_logits, run_tsqp, token_ids
+from conftest import assert_one_line_error, free_port, reference_logits, run_tsqp, split_logits, token_ids
 
 from tsqp.checkpoint import Checkpoint
 from tsqp.curve import CurveKeys, client_keys, generate, server_keys
 from tsqp.engine import Engine
 from tsqp.errors import LinkRefused
 from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
 from tsqp.server import Server
 from tsqp.transport import Client
 
@@ -119,15 +118,6 @@ class Relay:
     def close(self) -> None:
         self.stop.set()
         self.listener.close()
-
-
-def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
-    tee = TeeModel(model_dir, call)
-    tee.attach()
-    tee.ops.open_session(ids.shape[0])
-    logits = tee.forward(ids)
-    tee.ops.close_session()
-    return logits
 
 
 def port_of(endpoint: str) -> int:

@@ -23,7 +23,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import free_port, kill_process, reference_logits, token_ids, wait_for
+from conftest import free_port, kill_process, reference_logits, split_logits, token_ids, wait_for
 
 from tsqp.engine import EVICT_IDLE_S, Engine
 from tsqp.errors import ConnectionLost, ProtocolError, ServerError, TsqpError
@@ -47,15 +47,6 @@ def short_dir():
 
 def endpoint_for(transport: str, folder: Path) -> str:
     return f"ipc://{folder}/h.sock" if transport == "ipc" else f"tcp://127.0.0.1:{free_port()}"
-
-
-def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
-    tee = TeeModel(model_dir, call)
-    tee.attach()
-    tee.ops.open_session(ids.shape[0])
-    logits = tee.forward(ids)
-    tee.ops.close_session()
-    return logits
 
 
 # -- a fake, lying server -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from conftest import assert_one_line_error, free_port, kill_process, reference_logits, run_tsqp, token_ids
+from conftest import assert_one_line_error, free_port, kill_process, reference_logits, run_tsqp, split_logits, token_ids
 
 from tsqp.errors import ConnectionLost, TsqpError
 from tsqp.launcher import ServerProcess
@@ -26,15 +26,6 @@ from tsqp.transport import Client
 ATOL = 1e-4
 REPLY_TIMEOUT_MS = 10_000
 START_TIMEOUT_S = 60.0
-
-
-def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
-    tee = TeeModel(model_dir, call)
-    tee.attach()
-    tee.ops.open_session(ids.shape[0])
-    logits = tee.forward(ids)
-    tee.ops.close_session()
-    return logits
 
 
 def assert_serves_correct_logits(endpoint: str, model_dir, reference, n: int = 29, alive=None) -> None:
