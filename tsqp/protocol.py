@@ -140,11 +140,15 @@ def nbytes_of(dtype_name: str, shape: list[int]) -> int:
     return math.prod(shape) * DTYPES[dtype_name].itemsize
 
 
-def unpack(frames: list, arena: Arena | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Frames -> validated Message; tensors are views of the frames or of the arena (no copy)."""
+def unpack(
+    frames: list, arena: Arena | None = None, max_bytes: int = MAX_MESSAGE_BYTES, header: dict | None = None
+) -> Message:
+    """Frames -> validated Message; tensors are views of the frames or of the arena (no copy).
+    header: frame 0 already parsed by `parse_header` (the server reads the id first)."""
     if not frames:
         raise ProtocolError("empty message")
-    header = parse_header(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
+    if header is None:
+        header = parse_header(bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]))
     descriptors = header["tensors"]
     framed = sum(len(desc) == 2 for desc in descriptors)
     if len(frames) - 1 != framed:

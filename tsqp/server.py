@@ -67,10 +67,16 @@ class Server:
             return  # nothing to answer to: a ROUTER message always starts with the peer identity
         peer, body = frames[0].bytes, frames[1:]
         self.requests += 1
-        request_id = _request_id(body[0])
         arena = self.arenas.get(peer)
         try:
-            request = unpack(body, arena)
+            header = parse_header(bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]))
+        except Exception as exc:  # ProtocolError, or anything a hostile header provokes
+            error = str(exc) if isinstance(exc, TsqpError) else f"malformed header ({type(exc).__name__})"
+            self.sock.send_multipart([peer] + pack({"id": _lenient_id(body[0]), "ok": False, "error": error}))
+            return
+        request_id = header["id"]
+        try:
+            request = unpack(body, arena, header=header)
             if request.header.get("method") == "attach_arena":
                 args, tensors = self.attach_arena(peer, request.args), []
             else:
@@ -135,17 +141,14 @@ class ReplySlots:
         return self(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
-def _request_id(frame) -> int:
-    """The id to echo, even from a header that fails validation (0 when it cannot be read)."""
+def _lenient_id(frame) -> int:
+    """The id to echo from a header that failed validation: a lenient read of its first bytes, else 0."""
     try:
-        return parse_header(bytes(frame.buffer[: MAX_HEADER_BYTES + 1]))["id"]
-    except Exception:  # any hostile header: fall back to a lenient read of its first bytes
-        try:
-            header = msgpack.unpackb(bytes(frame.buffer[:4096]), raw=False)
-            value = header.get("id") if isinstance(header, dict) else None
-            return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 0
-        except Exception:
-            return 0
+        header = msgpack.unpackb(bytes(frame.buffer[:4096]), raw=False)
+        value = header.get("id") if isinstance(header, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 0
+    except Exception:  # any hostile bytes
+        return 0
 
 
 @contextmanager
