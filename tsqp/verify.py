@@ -242,7 +242,9 @@ class VerifiedOps(RemoteOps):
         lhs, s_norm = torch.empty(heads, T, VECTORS), torch.empty(heads, T, 1)
         for t in tiles:  # S r over each tile's keys
             block = packed[t.offset : t.offset + heads * t.rows * t.keys].view(heads * t.rows, t.keys)
-            lhs[:, t.row : t.row + t.rows] = times(block, r[: t.keys]).view(heads, t.rows, VECTORS)
+            # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
+            # (6.7 against 10.6 ms a layer at the 1.1B shape, 1024 tokens, 2 threads)
+            lhs[:, t.row : t.row + t.rows] = (block @ r[: t.keys]).view(heads, t.rows, VECTORS)
             if not self.bounded_norms:
                 s_norm[:, t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(block, dim=1).view(heads, t.rows)
         # K^T r and sum ||k_j||^2 over each tile's keys: the totals of earlier calls plus this call's keys
@@ -277,8 +279,8 @@ class VerifiedOps(RemoteOps):
         rhs, magnitude, o_norm = torch.empty(T, VECTORS), torch.empty(T, 1), torch.empty(T, 1)
         for t in query_tiles(T, pos, heads, self.tile)[0]:
             block = probs[t.offset : t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
-            weighted = torch.bmm(cache[:, :, : t.keys], block.transpose(1, 2))  # (heads, K + 1, rows), as in times()
-            rhs[t.row : t.row + t.rows] = weighted[:, :VECTORS].sum(0).T
+            weighted = torch.bmm(block, cache[:, :, : t.keys].transpose(1, 2))  # (heads, rows, K + 1)
+            rhs[t.row : t.row + t.rows] = weighted[:, :, :VECTORS].sum(0)
             # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
             # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
             # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
@@ -286,7 +288,7 @@ class VerifiedOps(RemoteOps):
             gain = keys.o.omega * (
                 2 * U32 + U32 * (2 * math.sqrt(t.keys) + 2 * math.sqrt(hidden * c.head_dim) + math.sqrt(c.q_dim))
             )
-            o_norm[t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(weighted[:, VECTORS], dim=0)  # >= ||O_row||
+            o_norm[t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
             magnitude[t.row : t.row + t.rows] = gain * o_norm[t.row : t.row + t.rows]
         y_norm = o_norm * keys.o.frobenius + keys.o.bias_norm if self.bounded_norms else _row_norm(y)
         tolerance = (u + U32 * math.sqrt(hidden)) * S_MAX * y_norm + magnitude
