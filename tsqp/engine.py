@@ -188,10 +188,6 @@ class Engine:
                 return
             del self.sessions[sid]
 
-    def drop_peer(self, peer: bytes) -> None:
-        for sid in [s for s, sess in self.sessions.items() if sess.owner == peer]:
-            del self.sessions[sid]
-
     # -- control -------------------------------------------------------------------------------
 
     def op_ping(self, peer, session_id, args):

@@ -80,7 +80,7 @@ class RemoteOps:
         reply = self.call(
             method,
             args,
-            [t.to(self.wire) for t in inputs],
+            [t.to(self.wire) if t.is_floating_point() else t for t in inputs],  # token ids stay int64
             session=self.session if session else None,
             reply_bytes=reply_bytes,
         )
@@ -89,11 +89,7 @@ class RemoteOps:
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) int64 -> (T, hidden)."""
-        reply = self.call(
-            "embedding", {}, [ids], reply_bytes=ids.shape[0] * self.config.hidden_size * self.wire.itemsize
-        )
-        expect(reply.tensors, [(self.wire, (ids.shape[0], self.config.hidden_size))], "embedding")
-        return reply.tensors[0].to(torch.float32, copy=True)
+        return self._run("embedding", {}, [ids], [(ids.shape[0], self.config.hidden_size)], session=False)[0]
 
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v."""

@@ -289,11 +289,7 @@ class Client:
             )
             self.arena_attached = False
         if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
-            self.use_shm = False  # the attach call itself carries no tensors
-            try:
-                self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})
-            finally:
-                self.use_shm = True
+            self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})  # no tensors: no recursion
             self.arena_attached = True
         placed, offset = [], 0
         for tensor, size in zip(tensors, sizes, strict=True):
