@@ -283,7 +283,7 @@ class Engine:
             "o_proj": (w.o, w.o_bias, 0, c.hidden_size),
             "down_proj": (w.down, w.down_bias, 0, c.hidden_size),
         }
-        if name not in fused:
+        if not isinstance(name, str) or name not in fused:
             raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(fused)}")
         weight, bias, start, rows = fused[name]
         weight, bias = weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
