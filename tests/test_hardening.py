@@ -400,3 +400,17 @@ def test_sessions_of_a_vanished_client_give_way_under_memory_pressure(tiny_model
     engine.sessions[old].last_used -= EVICT_IDLE_S
     newcomer("open_session", {"capacity": big})
     assert old not in engine.sessions
+
+
+@pytest.mark.parametrize("name", [["q_proj"], {"q": 1}, 3, None, "w_proj"])
+def test_seed_linear_refuses_a_bad_weight_name(tiny_model, name):
+    """A weight name that is not one of the seed's names (a list, a map, ...) is a plain refusal."""
+    engine = Engine(str(tiny_model))
+    call = InProcess(engine)
+    x = torch.zeros(2, engine.config.hidden_size)
+    with pytest.raises(ServerError, match="unknown weight"):
+        call("linear", {"layer": 0, "name": name}, [x])
+    with pytest.raises(ServerError, match="unknown weight"):
+        call("batch_linear", {"layer": 0, "names": ["q_proj", name]}, [x])
+    (q,) = call("linear", {"layer": 0, "name": "q_proj"}, [x]).tensors
+    assert q.shape == (2, engine.config.q_dim)
