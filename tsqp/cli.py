@@ -22,7 +22,6 @@ from tsqp.presets import PRESETS, preset_path
 from tsqp.protocol import FLOAT_DTYPES
 from tsqp.runner import RunOptions
 from tsqp.transport import endpoint_from_env
-from tsqp.tuning import keep_freed_memory
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -401,7 +400,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()
     try:
         COMMANDS[args.command](args)
     except TsqpError as exc:

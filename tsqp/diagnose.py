@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from tsqp.runner import RunOptions, open_client
+from tsqp.tuning import keep_freed_memory
 
 
 def run_diagnose(options: RunOptions, sizes_mb: list[int], rounds: int, console: Console | None = None) -> dict:
     console = console or Console()
     result: dict = {"bandwidth": {}}
     with open_client(options) as client:
+        keep_freed_memory()
         result["endpoint"] = client.endpoint
         result["transport"] = "shm" if client.use_shm else "zmq"
         for _ in range(50):  # warm-up: connection, arena

@@ -13,6 +13,7 @@ from tsqp.launcher import ServerProcess
 from tsqp.model import TeeModel
 from tsqp.stats import Stats
 from tsqp.transport import Client, use_shm
+from tsqp.tuning import keep_freed_memory
 
 
 @dataclass
@@ -69,5 +70,6 @@ def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeM
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
     with open_client(options, stats) as client:
         tee = TeeModel(options.model_dir, client.call, stats, verify=options.verify)
-        tee.attach()
+        tee.attach()  # computes the verification keys: the start-up allocations are over
+        keep_freed_memory()
         yield tee

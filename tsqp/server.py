@@ -22,6 +22,7 @@ from tsqp.engine import Engine
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack, parse_header, unpack
 from tsqp.transport import bind_server, ipc_path
+from tsqp.tuning import keep_freed_memory
 
 POLL_MS = 200
 
@@ -180,6 +181,7 @@ def run_server(
     started = time.perf_counter()
     with loading_progress(f"tsqp server: loading {model_dir}") as progress:
         engine = Engine(model_dir, device=device, dtype=dtype, progress=progress, **engine_options)
+    keep_freed_memory()  # after loading: the weights' transient copies are not kept
     server = Server(engine, endpoint, curve=curve)
     print(
         f"tsqp server: {model_dir} on {device} ({dtype}), loaded in {time.perf_counter() - started:.1f} s, "

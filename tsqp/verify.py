@@ -116,6 +116,12 @@ class VerifiedOps(RemoteOps):
 
     # -- control -------------------------------------------------------------------------------
 
+    def init(self) -> dict:
+        """The server's dtype is known now: the keys are computed here, at start, not on the first call."""
+        info = super().init()
+        self._usable()
+        return info
+
     def open_session(self, capacity: int) -> None:
         super().open_session(capacity)
         self.state = AttentionState(self.config, capacity, self.generator)
