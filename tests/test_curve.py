@@ -99,6 +99,8 @@ class Relay:
                 downstream, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by close() while waiting
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
 

@@ -343,7 +343,7 @@ def test_kill9_of_client_stops_its_private_server(tiny_model):
         import sys, time
         from tsqp.runner import RunOptions, open_model
         with open_model(RunOptions(model_dir={str(tiny_model)!r}, start_timeout_s=60)) as tee:
-            print(tee.ops.call.__self__.endpoint, flush=True)
+            print(tee.ops.link.endpoint, flush=True)
             time.sleep(120)
     """)
     client = subprocess.Popen(

@@ -32,13 +32,15 @@ def server(gqa_model):
         yield process
 
 
-def run_split(model_dir, endpoint, shm: bool, ids, tile: int, chunks: list[int], verify: bool = True):
+def run_split(
+    model_dir, endpoint, shm: bool, ids, tile: int, chunks: list[int], verify: bool = True, pipeline: str = "off"
+):
     """Logits of ids fed in the given chunk lengths, and the client's counters."""
     stats = Stats()
     with Client(endpoint, stats=stats, shm=shm) as client:
-        tee = TeeModel(model_dir, client.call, stats, verify=verify)
+        tee = TeeModel(model_dir, client, stats, verify=verify, pipeline=pipeline)
         tee.attach()
-        tee.ops.tile = tile
+        tee.ops.tile, tee.ops.min_chunk_scores = tile, 0
         tee.ops.open_session(ids.shape[0])
         logits, pos = [], 0
         for length in chunks:
@@ -49,12 +51,13 @@ def run_split(model_dir, endpoint, shm: bool, ids, tile: int, chunks: list[int],
     return torch.cat(logits), stats, arena_path
 
 
+@pytest.mark.parametrize("pipeline", ["off", "on"])
 @pytest.mark.parametrize("tile, chunks", [(64, [300]), (7, [300]), (16, [100, 1, 199]), (512, [37])])
-def test_shm_equals_zmq_and_transformers(checkpoints, gqa_model, server, tile, chunks):
+def test_shm_equals_zmq_and_transformers(checkpoints, gqa_model, server, tile, chunks, pipeline):
     ids = token_ids(sum(chunks), seed=tile)
     expected = reference_logits(checkpoints.reference("shm-gqa"), ids)
-    over_shm, shm_stats, arena_path = run_split(gqa_model, server.endpoint, True, ids, tile, chunks)
-    over_zmq, zmq_stats, _ = run_split(gqa_model, server.endpoint, False, ids, tile, chunks)
+    over_shm, shm_stats, arena_path = run_split(gqa_model, server.endpoint, True, ids, tile, chunks, pipeline=pipeline)
+    over_zmq, zmq_stats, _ = run_split(gqa_model, server.endpoint, False, ids, tile, chunks, pipeline=pipeline)
     torch.testing.assert_close(over_shm, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(over_shm, over_zmq, atol=1e-5, rtol=0)  # BLAS may block differently by alignment
     # The same tensors cross either way; only the carrier differs.

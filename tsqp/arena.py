@@ -2,9 +2,11 @@
 
 Bulk tensors travel through it; ZeroMQ carries only the small headers that say where they lie. The
 TEE creates the file and sizes it with ftruncate (the only calls Gramine's `untrusted_shm` mount
-allows besides mmap), and grows it when a call needs more room. A request's inputs lie from offset 0,
-its results from the request's `reply_at` offset on, each aligned to ALIGN bytes; one request is in
-flight per client, so every call reuses the whole arena.
+allows besides mmap), and grows it when a call needs more room. Each request in flight owns a region
+(`Regions`, first fit): its inputs from the region's start, its results from the request's `reply_at`
+offset on, each aligned to ALIGN bytes. A region is free again once its reply has been read; with
+nothing in flight, the next request starts at offset 0, so only the pages of the busiest moment are
+ever touched.
 
 The arena is untrusted memory: the server may write there at any time. The TEE copies each result
 out before it checks or uses it (remote.RemoteOps does), and never reads a value twice from here.
@@ -86,10 +88,9 @@ class Arena:
         return offset if 0 <= offset < self.size and tensor.is_contiguous() else None
 
     def grown(self, needed: int) -> Arena:
-        """The TEE side: the same file, resized to hold `needed` bytes (at least doubling)."""
-        size = max(needed, 2 * self.size)
-        self.release()
-        return Arena(self.name, align(size), create=True)
+        """The TEE side: the same file, resized to hold `needed` bytes (at least doubling), mapped anew.
+        This mapping stays valid (and the bytes it holds stay in the file) until it is released."""
+        return Arena(self.name, align(max(needed, 2 * self.size)), create=True)
 
     def pin(self) -> bool:
         """Page-locks the mapping for CUDA (cudaHostRegister), so device-to-host copies land in it by DMA."""
@@ -100,7 +101,8 @@ class Arena:
         return self.pinned
 
     def release(self) -> None:
-        """Drops this mapping (views still held elsewhere keep it alive until they go)."""
+        """Unmaps it: a tensor viewing it must not be used afterwards (torch.frombuffer does not keep
+        the mapping alive; reading such a tensor faults)."""
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.base)
             self.pinned = False
@@ -108,11 +110,37 @@ class Arena:
         try:
             self.map.close()
         except BufferError:
-            pass  # a tensor still looks at it; the mapping goes with that tensor
+            pass  # a memoryview still exports it; the mapping goes with that view
 
     def unlink(self) -> None:
         self.release()
         self.path.unlink(missing_ok=True)
+
+
+class Regions:
+    """The arena's regions in use, one per request in flight: [start, end) by request id."""
+
+    def __init__(self):
+        self.live: dict[int, tuple[int, int]] = {}
+
+    def allocate(self, key: int, nbytes: int, size: int) -> int | None:
+        """The start of the first free gap of nbytes (aligned) in an arena of `size` bytes, else None."""
+        nbytes, start = align(nbytes), 0
+        for begin, end in sorted(self.live.values()):
+            if begin - start >= nbytes:
+                break
+            start = max(start, end)
+        if start + nbytes > size:
+            return None
+        self.live[key] = (start, start + nbytes)
+        return start
+
+    def end(self) -> int:
+        """Where the last region in use ends: a grown arena must keep [0, end) as it is."""
+        return max((end for _, end in self.live.values()), default=0)
+
+    def free(self, key: int) -> None:
+        self.live.pop(key, None)
 
 
 def sweep_stale() -> None:

@@ -71,6 +71,7 @@ def run_bench(
         others = [timed_prefill(tee, stats, ids[:length]) for length in sweep]
         dtype = tee.ops.wire_name
         verify_setup_s = tee.ops.setup_s if options.verify else None  # computing the Freivalds keys
+        pipelined = tee.ops.pipelined
         generation = generate(tee, ids[:tokens].tolist(), decode) if decode else None
     prefill_s, timed = main.seconds, main.stats
     summary = timed.summary()
@@ -84,6 +85,7 @@ def run_bench(
         "dtype": dtype,
         "device": options.device,
         "transport": options.transport,
+        "pipelined": pipelined,
         "tee_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
         "verify": options.verify,
@@ -93,7 +95,8 @@ def run_bench(
     }
     console.print(
         f"[bold]prefill[/bold] {tokens} tokens in {prefill_s:.3f} s ({tokens / prefill_s:.1f} tokens/s), "
-        f"{config.num_layers} layers, {dtype} on {options.device}"
+        f"{config.num_layers} layers, {dtype} on {options.device}, attention "
+        + ("pipelined by query chunks" if pipelined else "in one chunk per layer")
     )
     if options.verify:
         console.print(

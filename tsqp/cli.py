@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         curve_flag(p, "client (client.key_secret, server.key)")
         p.add_argument(
+            "--pipeline",
+            choices=("auto", "on", "off"),
+            default=env("TSQP_PIPELINE", "auto"),
+            help="attention by query chunks, the TEE's softmax overlapping the server's next chunk; "
+            "auto: on when the server computes on a GPU (a CPU server on this host shares the TEE's cores)",
+        )
+        p.add_argument(
             "--verify",
             action=argparse.BooleanOptionalAction,
             default=True,
@@ -204,6 +211,7 @@ def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
         arena_name=args.arena_name,
         curve_keys=Path(args.curve_keys) if args.curve_keys else None,
         verify=args.verify,
+        pipeline=args.pipeline,
     )
 
 

@@ -335,13 +335,18 @@ class Engine:
         return [packed]
 
     def op_attn_out(self, session: Session, args, probs):
-        """probs packed like scores -> o_proj(probs @ V) (T, hidden); V is the session's cache."""
+        """probs packed like scores -> o_proj(probs @ V) (T, hidden); V is the session's cache.
+
+        T: args.tokens, the queries from pos on (scores of later queries may be cached already, a
+        pipelined client's next chunks); by default every cached position from pos on.
+        """
         c = self.config
         layer, pos = self._layer_pos(session, args)
         tile = _int_arg(args, "tile", 1, MAX_QUERY_TILE)
-        T = session.filled[layer] - pos
+        cached = session.filled[layer] - pos
+        T = _int_arg(args, "tokens", 1, max(cached, 1)) if "tokens" in args else cached
         tiles, total = query_tiles(T, pos, c.num_heads, tile)
-        if T <= 0 or tuple(probs.shape) != (total,):
+        if not 0 < T <= cached or tuple(probs.shape) != (total,):
             raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
         probs = self._float(probs).to(VALUE_DTYPE)
         values = session.values[layer]  # (kv, capacity, hd)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tsqp.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.errors import TsqpError
-from tsqp.protocol import Tile, query_tiles
+from tsqp.protocol import Tile
 from tsqp.remote import Call, RemoteOps
 from tsqp.rope import Rotary
 from tsqp.stats import Stats
@@ -22,10 +22,13 @@ from tsqp.verify import VerifiedOps
 
 
 class TeeModel:
-    def __init__(self, model_dir: str | Path, call: Call, stats: Stats | None = None, verify: bool = True):
-        """call: how requests reach the server (`transport.Client.call` or `remote.InProcess`).
+    def __init__(
+        self, model_dir: str | Path, call: Call, stats: Stats | None = None, verify: bool = True, pipeline: str = "auto"
+    ):
+        """call: how requests reach the server (a `transport.Client`, a `remote.InProcess`, a call function).
 
         verify: check every result with `verify.VerifiedOps` (Freivalds); off only for measurements.
+        pipeline: on, off, or auto (on when the server reports a GPU device): see `remote.RemoteOps.attention`.
         """
         checkpoint = Checkpoint(model_dir)
         self.config = c = checkpoint.config
@@ -33,7 +36,11 @@ class TeeModel:
         self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
         self.rotary = Rotary(c)
         self.stats = stats or Stats()
-        self.ops = VerifiedOps(call, c, checkpoint, self.stats) if verify else RemoteOps(call, c)
+        self.ops = (
+            VerifiedOps(call, c, checkpoint, self.stats, pipeline=pipeline)
+            if verify
+            else RemoteOps(call, c, pipeline=pipeline)
+        )
 
     def attach(self) -> dict:
         """Checks the server runs this very model (same fingerprint) before anything is sent."""
@@ -57,7 +64,6 @@ class TeeModel:
         self.check_ids(ids)
         T = ids.shape[0]
         x = ops.embedding(ids)  # (T, hidden)
-        tiles, _ = query_tiles(T, pos, c.num_heads, ops.tile)
         with stats.tee("rope"):
             cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))
         for layer in range(c.num_layers):
@@ -68,10 +74,7 @@ class TeeModel:
             with stats.tee("rope"):
                 q = self.rotary.apply(q.view(T, c.num_heads, c.head_dim), cos, sin)
                 k = self.rotary.apply(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
-            scores = ops.scores(layer, pos, q, k)  # packed query tiles, scaled by 1/sqrt(hd)
-            with stats.tee("softmax"):
-                probs = causal_softmax_(scores, tiles, c.num_heads)
-            attn = ops.attn_out(layer, pos, T, probs)  # (T, hidden)
+            attn = ops.attention(layer, pos, q, k, self.softmax_)  # o_proj(softmax(q k^T) V) (T, hidden)
             with stats.tee("residual"):
                 x = x + attn
             h = self.rms_norm(x, p + "post_attention_layernorm.weight")
@@ -86,6 +89,11 @@ class TeeModel:
             x = x[-1:]
         x = self.rms_norm(x, "model.norm.weight")
         return ops.lm_head(x)  # (T or 1, vocab)
+
+    def softmax_(self, scores: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
+        """Runs in the TEE between the server's two attention products, on one chunk's packed scores."""
+        with self.stats.tee("softmax"):
+            return causal_softmax_(scores, tiles, self.config.num_heads)
 
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.numel() == 0:

@@ -1,23 +1,78 @@
 """The TEE side's typed view of the server: one method per call, each reply checked before it is used.
 
 `RemoteOps` is the seam between the forward pass and whatever carries the calls: a socket client
-(`transport.Client.call`) or the in-process twin (`InProcess`) that tests use. Every reply must hold
-exactly the dtype and shape that was asked for; results are converted to float32 copies owned by the
-TEE before any math touches them.
+(`transport.Client`, which can keep several requests in flight), the in-process twin (`InProcess`)
+that tests use, or any call function (wrapped in `Synchronous`). Every reply must hold exactly the
+dtype and shape that was asked for; results are converted to float32 copies owned by the TEE before
+any math touches them.
+
+Attention is pipelined by query chunks (`RemoteOps.attention`): the server scores the next chunks
+while the TEE runs the softmax of this one, and each chunk's attn_out queues behind them, so neither
+side waits for the other while there is work. A chunk is a run of whole query tiles, so the bytes
+are those of one call.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from tsqp.config import LlamaConfig
 from tsqp.errors import ServerError, TsqpError
-from tsqp.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, expect, query_tiles
+from tsqp.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
 
-Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None) -> reply Message
+Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
+Softmax = Callable[[torch.Tensor, list[Tile]], torch.Tensor]  # (packed scores, their tiles) -> probs, in place
+
+PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split
+MIN_CHUNK_SCORES = 1 << 20  # packed scores per chunk at least: a smaller call is one chunk (a decode step)
+LOOKAHEAD = 2  # score chunks in flight ahead of the one the TEE works on
+PIPELINE_MODES = ("auto", "on", "off")
+
+
+class Synchronous:
+    """A link over a plain call function: each request runs when it is submitted, one at a time in
+    order, as the server answers them; its reply (or error) is handed out by `wait`."""
+
+    def __init__(self, call: Call):
+        self.call = call
+        self.ids = itertools.count(1)
+        self.replies: dict[int, Message | Exception] = {}
+
+    def submit(self, method: str, args=None, tensors=(), session=None, reply_bytes: int = 0) -> int:
+        request_id = next(self.ids)
+        try:
+            self.replies[request_id] = self.call(method, args, tensors, session=session, reply_bytes=reply_bytes)
+        except Exception as exc:  # raised when the request is waited for, like a server's refusal
+            self.replies[request_id] = exc
+        return request_id
+
+    def wait(self, request_id: int) -> Message:
+        reply = self.replies.pop(request_id)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def discard(self, request_id: int) -> None:
+        self.replies.pop(request_id, None)
+
+
+@dataclass
+class Request:
+    """A request in flight, with what its reply must hold and what was sent (verification needs it)."""
+
+    id: int
+    method: str
+    shapes: list[tuple[int, ...]]
+    sent: list[torch.Tensor]
+    layer: int | None = None
+    pos: int = 0
+    collected: bool = field(default=False)
 
 
 class InProcess:
@@ -39,9 +94,26 @@ class InProcess:
 
 
 class RemoteOps:
-    def __init__(self, call: Call, config: LlamaConfig, wire_dtype: str = "float32", tile: int = DEFAULT_QUERY_TILE):
-        self.call = call
+    def __init__(
+        self,
+        call,
+        config: LlamaConfig,
+        wire_dtype: str = "float32",
+        tile: int = DEFAULT_QUERY_TILE,
+        pipeline: str = "auto",
+    ):
+        """call: a `transport.Client`, an `InProcess`, or a call function.
+
+        pipeline: on, off, or auto: on when the server reports a device other than the CPU (a CPU server
+        on the TEE's host computes on the TEE's cores, where overlapping the two only makes them compete).
+        """
+        if pipeline not in PIPELINE_MODES:
+            raise TsqpError(f"pipeline must be one of {', '.join(PIPELINE_MODES)}, not {pipeline!r}")
+        self.link = call if hasattr(call, "submit") else Synchronous(call)
         self.tile = tile  # query rows per packed score tile
+        self.pipeline = pipeline
+        self.pipelined = pipeline == "on"
+        self.min_chunk_scores = MIN_CHUNK_SCORES
         self.config = config
         self.wire = DTYPES[wire_dtype]
         self.session: bytes | None = None
@@ -54,14 +126,16 @@ class RemoteOps:
 
     def init(self) -> dict:
         """The server's description of itself; its dtype becomes the wire dtype."""
-        info = self.call("init").args
+        info = self._control("init").args
         if info.get("dtype") not in FLOAT_DTYPES:
             raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
         self.wire = DTYPES[info["dtype"]]
+        if self.pipeline == "auto":
+            self.pipelined = info.get("device", "cpu") != "cpu"
         return info
 
     def open_session(self, capacity: int) -> None:
-        session = self.call("open_session", {"capacity": capacity}).args.get("session")
+        session = self._control("open_session", {"capacity": capacity}).args.get("session")
         if not isinstance(session, bytes):
             raise ServerError("server returned no session id")
         self.session = session
@@ -69,23 +143,41 @@ class RemoteOps:
     def close_session(self) -> None:
         if self.session is not None:
             session, self.session = self.session, None
-            self.call("close_session", session=session)
+            self._control("close_session", session=session)
+
+    def _control(self, method: str, args: dict | None = None, session: bytes | None = None) -> Message:
+        return self.link.wait(self.link.submit(method, args, session=session))
 
     # -- calls ---------------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        method: str,
+        args: dict,
+        inputs: list[torch.Tensor],
+        shapes: list[tuple[int, ...]],
+        session: bool = True,
+    ) -> Request:
+        sent = [t.to(self.wire) if t.is_floating_point() else t for t in inputs]  # token ids stay int64
+        request_id = self.link.submit(
+            method,
+            args,
+            sent,
+            session=self.session if session else None,
+            reply_bytes=sum(math.prod(shape) for shape in shapes) * self.wire.itemsize,
+        )
+        return Request(request_id, method, shapes, sent, args.get("layer"), args.get("pos", 0))
+
+    def _collect(self, request: Request) -> list[torch.Tensor]:
+        request.collected = True
+        reply = self.link.wait(request.id)
+        expect(reply.tensors, [(self.wire, shape) for shape in request.shapes], request.method)
+        return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
 
     def _run(
         self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
     ) -> list[torch.Tensor]:
-        reply_bytes = sum(math.prod(shape) for shape in shapes) * self.wire.itemsize
-        reply = self.call(
-            method,
-            args,
-            [t.to(self.wire) if t.is_floating_point() else t for t in inputs],  # token ids stay int64
-            session=self.session if session else None,
-            reply_bytes=reply_bytes,
-        )
-        expect(reply.tensors, [(self.wire, shape) for shape in shapes], method)
-        return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
+        return self._collect(self._submit(method, args, inputs, shapes, session))
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) int64 -> (T, hidden)."""
@@ -98,16 +190,67 @@ class RemoteOps:
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         return q, k
 
-    def scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
+        """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE
+        at positions [pos, pos+T); softmax_ runs on the TEE, in place on each chunk's packed scores.
+
+        Two round trips per query chunk, pipelined: LOOKAHEAD chunks are scored ahead of the one whose
+        softmax runs, and each chunk's attn_out is submitted as soon as its probabilities are ready.
+        """
+        chunks = self.chunks(q.shape[0], pos)
+        upcoming = iter(chunks)
+        scoring: deque[Request] = deque()
+        outputs: list[Request] = []
+
+        def score_next() -> None:
+            for start, end in itertools.islice(upcoming, 1):
+                scoring.append(self.submit_scores(layer, pos + start, q[start:end], k[start:end]))
+
+        try:
+            for _ in range(LOOKAHEAD):
+                score_next()
+            for start, end in chunks:
+                scores = self.collect_scores(scoring.popleft())  # packed, scaled by 1/sqrt(hd)
+                score_next()
+                tiles, _ = query_tiles(end - start, pos + start, self.config.num_heads, self.tile)
+                probs = softmax_(scores, tiles)
+                outputs.append(self.submit_attn_out(layer, pos + start, end - start, probs))
+            return torch.cat([self.collect_attn_out(request) for request in outputs])
+        except BaseException:
+            for request in (*scoring, *outputs):
+                if not request.collected:
+                    self.link.discard(request.id)
+            raise
+
+    def chunks(self, T: int, pos: int) -> list[tuple[int, int]]:
+        """Query rows [start, end) per chunk: runs of whole tiles of about equal packed size."""
+        if not self.pipelined:
+            return [(0, T)]
+        tiles, total = query_tiles(T, pos, self.config.num_heads, self.tile)
+        budget = max(total / PIPELINE_CHUNKS, self.min_chunk_scores)
+        chunks, start, size = [], 0, 0
+        for t in tiles:
+            size += self.config.num_heads * t.rows * t.keys
+            if size >= budget or t is tiles[-1]:
+                chunks.append((start, t.row + t.rows))
+                start, size = t.row + t.rows, 0
+        return chunks
+
+    def submit_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> Request:
         """q (T, heads, hd), k (T, kv_heads, hd) -> scores packed by query tiles (protocol.query_tiles)."""
         _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile)
-        return self._run("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])[0]
+        return self._submit("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])
 
-    def attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> torch.Tensor:
-        """probs packed like scores -> o_proj(probs @ V) (T, hidden)."""
-        return self._run(
-            "attn_out", {"layer": layer, "pos": pos, "tile": self.tile}, [probs], [(T, self.config.hidden_size)]
-        )[0]
+    def collect_scores(self, request: Request) -> torch.Tensor:
+        return self._collect(request)[0]
+
+    def submit_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> Request:
+        """probs packed like scores -> o_proj(probs @ V) (T, hidden) for the T queries from pos on."""
+        args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
+        return self._submit("attn_out", args, [probs], [(T, self.config.hidden_size)])
+
+    def collect_attn_out(self, request: Request) -> torch.Tensor:
+        return self._collect(request)[0]
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T, inter = h.shape[0], self.config.intermediate_size

@@ -28,6 +28,7 @@ class RunOptions:
     arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
     curve_keys: Path | None = None  # CurveZMQ key folder (tsqp keys DIR); the private server gets it too
     verify: bool = True  # Freivalds-check every server result (verify.VerifiedOps)
+    pipeline: str = "auto"  # on | off | auto: attention chunks overlap TEE and server when the server is a GPU
 
 
 @contextmanager
@@ -69,7 +70,7 @@ def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeM
     stats = stats or Stats()
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
     with open_client(options, stats) as client:
-        tee = TeeModel(options.model_dir, client.call, stats, verify=options.verify)
+        tee = TeeModel(options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline)
         tee.attach()  # computes the verification keys: the start-up allocations are over
         keep_freed_memory()
         yield tee

@@ -29,12 +29,16 @@ class Stats:
     server_ops: dict[str, OpTotal] = field(default_factory=lambda: defaultdict(OpTotal))
     tee_ops: dict[str, OpTotal] = field(default_factory=lambda: defaultdict(OpTotal))
     rpc_calls: int = 0
-    rpc_s: float = 0.0
+    rpc_s: float = 0.0  # TEE time inside round trips: sending, and waiting for replies
     serialize_s: float = 0.0
     deserialize_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    tee_spans: list[tuple[float, float]] = field(default_factory=list)  # the TEE in a round trip
+    server_spans: list[tuple[float, float]] = field(default_factory=list)  # the server computing
+    unclocked_server_s: float = 0.0  # server compute on another clock (another host): not placed in time
     trace: list[dict] | None = None  # Chrome trace events (perf_counter clock, shared by both processes)
+    lanes: list[float] = field(default_factory=list)  # per round-trip lane of the trace: when its last call ended
     layer: int | None = None  # the layer the TEE is in, for trace annotations
 
     def rpc(
@@ -43,24 +47,49 @@ class Stats:
         *,
         sent: int,
         received: int,
-        total_s: float,
         serialize_s: float,
         deserialize_s: float,
         server_s: float,
-        start: float | None = None,
+        start: float,
+        sent_at: float,
+        waiting: float,
+        done: float,
         server_start: float | None = None,
     ) -> None:
-        """start: perf_counter when the call began; server_start: the server's perf_counter when it began
-        computing (CLOCK_MONOTONIC, the same clock in both processes on one host)."""
-        if self.trace is not None and start is not None:
-            self._trace_rpc(method, start, total_s, server_start, server_s, sent + received)
+        """One request, on the TEE's perf_counter: submitted at start, out at sent_at, waited for from
+        `waiting` (later than sent_at when the TEE worked meanwhile, a pipelined call) until done.
+        server_start: the server's perf_counter when it began computing (CLOCK_MONOTONIC, the same clock
+        in both processes on one host)."""
+        clocked = server_start is not None and start <= server_start <= done
+        if self.trace is not None:
+            self._trace_rpc(method, start, done, server_start if clocked else None, server_s, sent + received, waiting)
         self.rpc_calls += 1
-        self.rpc_s += total_s
+        self.rpc_s += (sent_at - start) + (done - waiting)
+        self.tee_spans += [(start, sent_at), (waiting, done)]
+        if clocked:
+            self.server_spans.append((server_start, server_start + server_s))
+        else:
+            self.unclocked_server_s += server_s
         self.serialize_s += serialize_s
         self.deserialize_s += deserialize_s
         self.bytes_sent += sent
         self.bytes_received += received
         self.server_ops[method].add(server_s)
+
+    @property
+    def waited_on_server_s(self) -> float:
+        """Server compute during the TEE's round trips (the TEE had nothing else to do)."""
+        return _intersection(sorted(self.tee_spans), sorted(self.server_spans)) + self.unclocked_server_s
+
+    @property
+    def communication_s(self) -> float:
+        """TEE time in round trips not covered by server compute: transfers, copies, queueing, (de)serialization."""
+        return max(self.rpc_s - self.waited_on_server_s, 0.0)
+
+    @property
+    def hidden_s(self) -> float:
+        """Server compute while the TEE worked on something else (the overlap of pipelined calls)."""
+        return max(self.server_s - self.waited_on_server_s, 0.0)
 
     @contextmanager
     def tee(self, op: str):
@@ -100,19 +129,31 @@ class Stats:
         )
 
     def _trace_rpc(
-        self, method: str, start: float, total_s: float, server_start: float | None, server_s: float, nbytes: int
+        self,
+        method: str,
+        start: float,
+        done: float,
+        server_start: float | None,
+        server_s: float,
+        nbytes: int,
+        waiting: float,
     ) -> None:
-        self._event(f"rpc {method}", TEE_PID, 2, start, total_s, bytes=nbytes)
-        if server_start is None or not start <= server_start <= start + total_s:
+        """A round trip on the first lane free at its start (pipelined calls overlap), the server's work
+        on its own lane, and the transfers: request out, and reply back once the TEE waits for it."""
+        lane = next((i for i, busy_until in enumerate(self.lanes) if busy_until <= start), len(self.lanes))
+        self.lanes[lane : lane + 1] = [done]
+        self._event(f"rpc {method}", TEE_PID, 2 + 2 * lane, start, done - start, bytes=nbytes)
+        if server_start is None:
             return  # another host's clock, or a server that gives none: no server lane
         self._event(method, SERVER_PID, 1, server_start, server_s)
-        self._event("request transfer", TEE_PID, 3, start, server_start - start)
-        self._event("reply transfer", TEE_PID, 3, server_start + server_s, start + total_s - server_start - server_s)
+        self._event("request transfer", TEE_PID, 3 + 2 * lane, start, server_start - start)
+        reply_from = max(server_start + server_s, waiting)
+        self._event("reply transfer", TEE_PID, 3 + 2 * lane, reply_from, done - reply_from)
 
     def write_trace(self, path: str) -> None:
         """A Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev): TEE and server on one clock."""
         names = [
-            (TEE_PID, "TEE (trusted)", {1: "TEE ops", 2: "round trips", 3: "transfers"}),
+            (TEE_PID, "TEE (trusted)", {1: "TEE ops", **self._lane_names()}),
             (SERVER_PID, "server (untrusted)", {1: "server ops"}),
         ]
         meta = []
@@ -125,14 +166,16 @@ class Stats:
         with open(path, "w") as handle:
             json.dump({"traceEvents": meta + (self.trace or []), "displayTimeUnit": "ms"}, handle)
 
+    def _lane_names(self) -> dict[int, str]:
+        names = {}
+        for lane in range(max(len(self.lanes), 1)):
+            suffix = f" {lane + 1}" if lane else ""
+            names[2 + 2 * lane], names[3 + 2 * lane] = f"round trips{suffix}", f"transfers{suffix}"
+        return names
+
     @property
     def server_s(self) -> float:
         return sum(op.seconds for op in self.server_ops.values())
-
-    @property
-    def communication_s(self) -> float:
-        """RPC time not spent computing on the server: transfer, queueing and (de)serialization."""
-        return max(self.rpc_s - self.server_s, 0.0)
 
     def summary(self) -> dict:
         return {
@@ -142,6 +185,7 @@ class Stats:
             "rpc_s": self.rpc_s,
             "server_compute_s": self.server_s,
             "communication_s": self.communication_s,
+            "server_hidden_s": self.hidden_s,
             "serialize_s": self.serialize_s,
             "deserialize_s": self.deserialize_s,
             "tee_ops": {k: v.seconds for k, v in self.tee_ops.items()},
@@ -169,9 +213,10 @@ class Stats:
         wire.add_column("value", justify="right")
         rows = [
             ("RPC calls", f"{self.rpc_calls}"),
-            ("RPC time (round trips, incl. server compute)", f"{self.rpc_s:.3f} s"),
+            ("RPC time (the TEE sending and waiting, incl. server compute)", f"{self.rpc_s:.3f} s"),
             ("server compute", f"{self.server_s:.3f} s"),
-            ("communication (RPC time minus server compute)", f"{self.communication_s:.3f} s"),
+            ("  of it while the TEE worked (overlap)", f"{self.hidden_s:.3f} s"),
+            ("communication (RPC time not covered by server compute)", f"{self.communication_s:.3f} s"),
             ("  serialize", f"{self.serialize_s:.3f} s"),
             ("  deserialize", f"{self.deserialize_s:.3f} s"),
             ("bytes sent", _bytes(self.bytes_sent)),
@@ -181,6 +226,19 @@ class Stats:
         for row in rows:
             wire.add_row(*row)
         console.print(wire)
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the overlap of two lists of disjoint intervals, each sorted."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        low, high = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(high - low, 0.0)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def _bytes(n: int) -> str:

@@ -1,8 +1,10 @@
 """Endpoints and sockets: the one place that makes ZeroMQ sockets, and the TEE side's RPC client.
 
 The client is a DEALER socket (not REQ: a lost reply cannot lock it up, and a restarted server is
-reconnected to by ZeroMQ itself). Each request carries an id; replies with another id are stale and
-dropped. A call fails with a one-line error when the server disconnects, dies, or misses its deadline;
+reconnected to by ZeroMQ itself). Each request carries an id. `submit` sends without waiting, so
+several requests can be in flight (the TEE works while the server computes); `wait` returns one
+request's reply and keeps replies to the others for their turn; replies to no request in flight are
+stale and dropped. A call fails with a one-line error when the server disconnects, dies, or misses its deadline;
 the next call goes to whatever server listens on the endpoint then (a restarted one is reconnected to).
 Replies are hostile input: protocol.unpack validates them before anything reads a tensor byte.
 Every message part is bounded by zmq.MAXMSGSIZE; a peer that sends a larger one is disconnected.
@@ -17,13 +19,14 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tsqp.arena import SHM_DIR, Arena, align, shm_available
+from tsqp.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
 from tsqp.curve import CurveKeys, apply_curve
 from tsqp.errors import ConnectionLost, LinkRefused, ServerError
 from tsqp.protocol import MAX_MESSAGE_BYTES, Message, pack, unpack
@@ -134,8 +137,18 @@ def _listening(path: Path) -> bool:
     return True
 
 
+@dataclass
+class InFlight:
+    method: str
+    start: float  # perf_counter when submit began
+    serialize_s: float
+    sent: int  # bytes
+    sent_at: float  # perf_counter when the request was out
+    discarded: bool = False
+
+
 class Client:
-    """Sends requests to one server and waits for the matching reply, with a deadline."""
+    """Sends requests to one server and waits for the matching replies, with a deadline."""
 
     def __init__(
         self,
@@ -173,6 +186,10 @@ class Client:
         self.arena_name = arena_name
         self.arena: Arena | None = None
         self.arena_attached = False  # the server behind the current connection maps self.arena
+        self.regions = Regions()  # the arena's regions of requests in flight
+        self.retired: list[Arena] = []  # mappings before the arena grew, kept while replies may view them
+        self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
+        self.replies: dict[int, tuple[Message, int, float]] = {}  # replies that came before their wait
 
     def call(
         self,
@@ -184,36 +201,87 @@ class Client:
         reply_bytes: int = 0,
     ) -> Message:
         """One round trip. reply_bytes: room the results need in the arena (the caller knows their shapes)."""
+        return self.wait(self.submit(method, args, tensors, session, reply_bytes), timeout_s)
+
+    __call__ = call
+
+    def submit(
+        self,
+        method: str,
+        args: dict | None = None,
+        tensors: list[torch.Tensor] = (),
+        session: bytes | None = None,
+        reply_bytes: int = 0,
+    ) -> int:
+        """Sends a request without waiting for its reply; returns its id for `wait`. Several may be in
+        flight: the server answers them in order, each into its own arena region."""
         start = time.perf_counter()
         self._check_link(method)
+        if not self.in_flight:  # no reply can view an old mapping any more
+            for arena in self.retired:
+                arena.release()
+            self.retired.clear()
         args = dict(args or {})
-        if self.use_shm and (tensors or reply_bytes):
-            tensors = self._place(list(tensors), reply_bytes, args)
         request_id = next(self.ids)
+        placed = self.use_shm and bool(tensors or reply_bytes)
+        if placed:
+            tensors = self._place(request_id, list(tensors), reply_bytes, args)
         frames = pack({"id": request_id, "method": method, "session": session, "args": args}, list(tensors), self.arena)
         packed = time.perf_counter()
         self.sock.send_multipart(frames, copy=False)
         sent = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
-        reply, received_bytes, received = self._wait(request_id, method, timeout_s or self.timeout_s)
+        if placed:
+            sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
+        self.in_flight[request_id] = InFlight(method, start, packed - start, sent, time.perf_counter())
+        return request_id
+
+    def wait(self, request_id: int, timeout_s: float | None = None) -> Message:
+        """The reply to a submitted request (replies to other requests in flight are kept for their turn)."""
+        request = self.in_flight[request_id]
+        waiting = time.perf_counter()
+        try:
+            reply, received_bytes, unpack_s = self._receive(request_id, request.method, timeout_s or self.timeout_s)
+        except BaseException:
+            self._forget_in_flight()  # the link is in doubt: no reply in flight is waited for any more
+            raise
+        del self.in_flight[request_id]
+        self.regions.free(request_id)
         if self.arena is not None:
             received_bytes += sum(t.nbytes for t in reply.tensors if self.arena.offset_of(t) is not None)
-            sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
         done = time.perf_counter()
-        if method != "attach_arena":  # setup, not part of the computation's round trips
+        if request.method != "attach_arena":  # setup, not part of the computation's round trips
             self.stats.rpc(
-                method,
-                sent=sent,
+                request.method,
+                sent=request.sent,
                 received=received_bytes,
-                total_s=done - start,
-                serialize_s=packed - start,
-                deserialize_s=done - received,
+                serialize_s=request.serialize_s,
+                deserialize_s=unpack_s,
                 server_s=_seconds(reply.args.get("compute_s")),
-                start=start,
+                start=request.start,
+                sent_at=request.sent_at,
+                waiting=waiting,
+                done=done,
                 server_start=_seconds(reply.args.get("compute_start")),
             )
         if reply.header.get("ok") is not True:
-            raise ServerError(f"server refused {method}: {_one_line(reply.header.get('error', 'no reason given'))}")
+            raise ServerError(
+                f"server refused {request.method}: {_one_line(reply.header.get('error', 'no reason given'))}"
+            )
         return reply
+
+    def discard(self, request_id: int) -> None:
+        """Gives up on a request in flight (a failed pipeline): its reply is dropped when it comes, and
+        only then is its arena region reused (the server may still write there until it answers)."""
+        if request_id in self.replies:
+            del self.replies[request_id], self.in_flight[request_id]
+            self.regions.free(request_id)
+        elif request_id in self.in_flight:
+            self.in_flight[request_id].discarded = True
+
+    def _forget_in_flight(self) -> None:
+        self.in_flight.clear()
+        self.replies.clear()
+        self.regions = Regions()
 
     def _check_link(self, method: str) -> None:
         """Catches up on connection events that came between calls. After a disconnect the server gets
@@ -260,8 +328,11 @@ class Client:
                 if in_flight:
                     raise lost if isinstance(lost, LinkRefused) else ConnectionLost(f"{lost} during {method}")
 
-    def _wait(self, request_id: int, method: str, timeout_s: float) -> tuple[Message, int, float]:
-        """(reply, bytes received, time it arrived); replies to earlier requests are dropped."""
+    def _receive(self, request_id: int, method: str, timeout_s: float) -> tuple[Message, int, float]:
+        """(reply, bytes received in frames, seconds to unpack it). Replies to other requests in flight are
+        kept; replies to discarded requests free their region; anything else is stale and dropped."""
+        if request_id in self.replies:
+            return self.replies.pop(request_id)
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -270,28 +341,41 @@ class Client:
             events = dict(self.poller.poll(min(POLL_MS, remaining * 1000)))
             if self.sock in events:  # a reply that made it wins over the disconnect that may follow it
                 frames = self.sock.recv_multipart(copy=False)
-                arrived = time.perf_counter()
+                start = time.perf_counter()
                 reply = unpack(frames, self.arena)
-                if reply.header.get("id") == request_id:
-                    return reply, sum(f.buffer.nbytes for f in frames), arrived
+                received = (reply, sum(f.buffer.nbytes for f in frames), time.perf_counter() - start)
+                reply_id = reply.header.get("id")
+                if reply_id == request_id:
+                    return received
+                if reply_id in self.in_flight and not isinstance(reply_id, bool):
+                    if self.in_flight[reply_id].discarded:
+                        del self.in_flight[reply_id]
+                        self.regions.free(reply_id)
+                    else:
+                        self.replies[reply_id] = received
+                continue
             if self.monitor in events:
                 self._link_events(method, in_flight=True)
             if self.alive is not None and (reason := self.alive()):
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
-    def _place(self, tensors: list[torch.Tensor], reply_bytes: int, args: dict) -> list[torch.Tensor]:
-        """Copies request tensors into the arena (from offset 0) and reserves room for the results."""
+    def _place(self, request_id: int, tensors: list[torch.Tensor], reply_bytes: int, args: dict) -> list[torch.Tensor]:
+        """Copies request tensors into a region of the arena and reserves room there for the results."""
         sizes = [align(t.nbytes) for t in tensors]
         needed = sum(sizes) + align(reply_bytes)
-        if self.arena is None or self.arena.size < needed:
-            self.arena = (
-                Arena.create(self.arena_name, align(needed)) if self.arena is None else self.arena.grown(needed)
-            )
+        start = None if self.arena is None else self.regions.allocate(request_id, needed, self.arena.size)
+        if start is None:  # the same file, grown: regions of requests in flight keep their bytes
+            if self.arena is None:
+                self.arena = Arena.create(self.arena_name, max(align(needed), INITIAL_BYTES))
+            else:  # replies already unpacked view the old mapping: it stays until nothing is in flight
+                self.retired.append(self.arena)
+                self.arena = self.arena.grown(self.regions.end() + needed)
             self.arena_attached = False
+            start = self.regions.allocate(request_id, needed, self.arena.size)
         if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
             self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})  # no tensors: no recursion
             self.arena_attached = True
-        placed, offset = [], 0
+        placed, offset = [], start
         for tensor, size in zip(tensors, sizes, strict=True):
             view = self.arena.view(tensor.dtype, tensor.shape, offset)
             view.copy_(tensor)
@@ -301,6 +385,8 @@ class Client:
         return placed
 
     def close(self) -> None:
+        for arena in self.retired:
+            arena.release()
         if self.arena is not None:
             self.arena.unlink()
             self.arena = None

@@ -66,7 +66,7 @@ from tsqp.config import LlamaConfig
 from tsqp.errors import IntegrityError, TsqpError
 from tsqp.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
 from tsqp.protocol import query_tiles
-from tsqp.remote import Call, RemoteOps
+from tsqp.remote import Call, RemoteOps, Request
 from tsqp.stats import Stats
 
 LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
@@ -162,20 +162,25 @@ class VerifiedOps(RemoteOps):
             state.c_filled[layer] = pos + T
         return q, k
 
-    def scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def submit_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> Request:
         self._usable()
-        q_sent, k_sent = q.to(self.wire), k.to(self.wire)
-        packed = super().scores(layer, pos, q_sent, k_sent)
+        return super().submit_scores(layer, pos, q, k)
+
+    def collect_scores(self, request: Request) -> torch.Tensor:
+        packed = super().collect_scores(request)
         with self.stats.tee("verify"):
-            self._check_scores(layer, pos, q_sent.float(), k_sent.float(), packed)
+            q, k = (t.float() for t in request.sent)
+            self._check_scores(request.layer, request.pos, q, k, packed)
         return packed
 
-    def attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> torch.Tensor:
+    def submit_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> Request:
         self._usable()
-        sent = probs.to(self.wire)
-        y = super().attn_out(layer, pos, T, sent)
+        return super().submit_attn_out(layer, pos, T, probs)
+
+    def collect_attn_out(self, request: Request) -> torch.Tensor:
+        y = super().collect_attn_out(request)
         with self.stats.tee("verify"):
-            self._check_attn_out(layer, pos, T, sent.float(), y)
+            self._check_attn_out(request.layer, request.pos, y.shape[0], request.sent[0].float(), y)
         return y
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
