@@ -198,7 +198,7 @@ def test_attn_out_refuses_more_tokens_than_scored(model):
 
 
 def test_regions_first_fit_reuse_and_end():
-    regions = Regions()
+    regions = Regions(base=0)
     size = 16 * ALIGN
     assert regions.allocate(1, 4 * ALIGN, size) == 0
     assert regions.allocate(2, 3 * ALIGN + 1, size) == 4 * ALIGN  # rounded up to 4 aligned units
@@ -211,6 +211,7 @@ def test_regions_first_fit_reuse_and_end():
     for key in (2, 3, 5):
         regions.free(key)
     assert regions.live == {} and regions.end() == 0
+    assert Regions(base=3 * ALIGN).allocate(1, ALIGN, size) == 3 * ALIGN
     assert regions.allocate(7, 16 * ALIGN, size) == 0
 
 

@@ -2,11 +2,12 @@
 
 Bulk tensors travel through it; ZeroMQ carries only the small headers that say where they lie. The
 TEE creates the file and sizes it with ftruncate (the only calls Gramine's `untrusted_shm` mount
-allows besides mmap), and grows it when a call needs more room. Each request in flight owns a region
+allows besides mmap), and grows it when a call needs more room. Its first CONTROL_BYTES are the
+doorbell (doorbell.py), which carries lone small requests without ZeroMQ. Each request in flight owns a region
 (`Regions`, first fit): its inputs from the region's start, its results from the request's `reply_at`
 offset on, each aligned to ALIGN bytes. A region is free again once its reply has been read; with
-nothing in flight, the next request starts at offset 0, so only the pages of the busiest moment are
-ever touched.
+nothing in flight, the next request starts right after the doorbell, so only the pages of the busiest
+moment are ever touched.
 
 The arena is untrusted memory: the server may write there at any time. The TEE copies each result
 out before it checks or uses it (remote.RemoteOps does), and never reads a value twice from here.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tsqp.doorbell import CONTROL_BYTES
 from tsqp.errors import ProtocolError, TsqpError
 
 SHM_DIR = Path("/dev/shm")
@@ -118,14 +120,16 @@ class Arena:
 
 
 class Regions:
-    """The arena's regions in use, one per request in flight: [start, end) by request id."""
+    """The arena's regions in use, one per request in flight: [start, end) by request id, from `base` on
+    (the bytes before it hold the doorbell)."""
 
-    def __init__(self):
+    def __init__(self, base: int = CONTROL_BYTES):
+        self.base = align(base)
         self.live: dict[int, tuple[int, int]] = {}
 
     def allocate(self, key: int, nbytes: int, size: int) -> int | None:
         """The start of the first free gap of nbytes (aligned) in an arena of `size` bytes, else None."""
-        nbytes, start = align(nbytes), 0
+        nbytes, start = align(nbytes), self.base
         for begin, end in sorted(self.live.values()):
             if begin - start >= nbytes:
                 break
@@ -137,7 +141,7 @@ class Regions:
 
     def end(self) -> int:
         """Where the last region in use ends: a grown arena must keep [0, end) as it is."""
-        return max((end for _, end in self.live.values()), default=0)
+        return max((end for _, end in self.live.values()), default=self.base)
 
     def free(self, key: int) -> None:
         self.live.pop(key, None)

@@ -26,13 +26,14 @@ def run_diagnose(options: RunOptions, sizes_mb: list[int], rounds: int, console:
         result["transport"] = "shm" if client.use_shm else "zmq"
         for _ in range(50):  # warm-up: connection, arena
             client.call("ping")
-        latencies = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            client.call("ping")
-            latencies.append(time.perf_counter() - start)
-        result["ping_median_us"] = 1e6 * statistics.median(latencies)
-        result["ping_p99_us"] = 1e6 * sorted(latencies)[int(0.99 * (len(latencies) - 1))]
+        doorbell = client.doorbell
+        result["ping_by_doorbell"] = doorbell is not None
+        result["ping_median_us"], result["ping_p99_us"], rung = _round_trips(client, rounds)
+        result["doorbell_share"] = rung / rounds
+        if doorbell is not None:  # the same pings by ZeroMQ alone, for comparison
+            client.doorbell = None
+            result["zmq_ping_median_us"], result["zmq_ping_p99_us"], _ = _round_trips(client, rounds)
+            client.doorbell = doorbell
         for size in sizes_mb:
             payload = torch.rand(size * (1 << 20) // 4)
             times = []
@@ -48,11 +49,27 @@ def run_diagnose(options: RunOptions, sizes_mb: list[int], rounds: int, console:
     table = Table(title=f"Transport: {result['transport']} ({result['endpoint']})", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row(f"small round trip, median of {rounds}", f"{result['ping_median_us']:.1f} us")
+    path = f"doorbell, {100 * result['doorbell_share']:.0f}% rung" if result["ping_by_doorbell"] else "ZeroMQ"
+    table.add_row(f"small round trip ({path}), median of {rounds}", f"{result['ping_median_us']:.1f} us")
     table.add_row("small round trip, p99", f"{result['ping_p99_us']:.1f} us")
+    if "zmq_ping_median_us" in result:
+        table.add_row("small round trip by ZeroMQ alone, median", f"{result['zmq_ping_median_us']:.1f} us")
+        table.add_row("small round trip by ZeroMQ alone, p99", f"{result['zmq_ping_p99_us']:.1f} us")
     for size, figures in result["bandwidth"].items():
         table.add_row(
             f"{size} MB there and back", f"{figures['gb_per_s']:.2f} GB/s ({1e3 * figures['round_trip_s']:.1f} ms)"
         )
     console.print(table)
     return result
+
+
+def _round_trips(client, rounds: int) -> tuple[float, float, int]:
+    """(median us, p99 us, how many went by the doorbell) of `rounds` pings."""
+    latencies, rung = [], client.doorbell_requests
+    for _ in range(rounds):
+        start = time.perf_counter()
+        client.call("ping")
+        latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    p99 = latencies[int(0.99 * (rounds - 1))]
+    return 1e6 * statistics.median(latencies), 1e6 * p99, client.doorbell_requests - rung

@@ -39,6 +39,10 @@ CONTROL_BYTES = REPLY_AT + SLOT_BYTES  # the arena's first bytes; its regions st
 _LENGTH = struct.Struct("<I")
 
 
+def fits(header: bytes) -> bool:
+    return len(header) <= SLOT_BYTES
+
+
 def supported() -> bool:
     """x86-64 keeps stores in order for other cores (TSO); Python has no fences to do it elsewhere."""
     return platform.machine().lower() in ("x86_64", "amd64")
@@ -56,6 +60,7 @@ class Doorbell:
     def ring(self, header: bytes) -> int:
         """Writes a request header, then its flag; returns the flag its reply will carry."""
         flag = self.last % 255 + 1  # 1..255: a change the server can see, never 0
+        self.buffer[REPLY_FLAG] = 0  # no reply of 255 requests ago can pass for this one's
         self.buffer[REQUEST_AT : REQUEST_AT + len(header)] = header
         _LENGTH.pack_into(self.buffer, REQUEST_LENGTH, len(header))
         self.buffer[REQUEST_FLAG] = self.last = flag

@@ -16,6 +16,10 @@ A request is one ZeroMQ multipart message from the client's DEALER socket:
 The server's ROUTER socket sees the peer identity in front of these frames and replies in the same
 layout with header keys v, id, ok, error (when not ok), args and tensors.
 
+With an arena, a lone request whose tensors all lie in the arena is one frame, its header; it may go
+through the arena's doorbell instead of the socket (doorbell.py), and so may its reply. The bytes are
+the same header either way.
+
 Every header is validated before any tensor byte is touched: types, version, frame count, dtype
 names, shape rank and size, and that each frame's length equals its declared shape times item size.
 """

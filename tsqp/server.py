@@ -18,6 +18,8 @@ import zmq
 
 from tsqp.arena import Arena, align
 from tsqp.curve import CurveKeys, start_authenticator
+from tsqp.doorbell import CONTROL_BYTES, SPIN_S, Doorbell, fits
+from tsqp.doorbell import supported as doorbell_supported
 from tsqp.engine import Engine
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack, parse_header, unpack
@@ -25,6 +27,7 @@ from tsqp.transport import bind_server, ipc_path
 from tsqp.tuning import keep_freed_memory
 
 POLL_MS = 200
+DOORBELL_POLL_MS = 5  # with doorbells: how often they are looked at while the server sleeps on the socket
 
 
 class Server:
@@ -43,16 +46,30 @@ class Server:
                 self.authenticator.stop()
             raise
         self.stopping = False
+        self.polling = False  # the doorbells' "server awake" flag, as last written
         self.requests = 0
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
+        self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
 
     def serve_forever(self) -> None:
+        """Serves requests from the socket and the doorbells. After each one the loop polls for
+        SPIN_S (a client's next small request is usually that close), then sleeps on the socket."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        last = time.perf_counter()
         try:
             while not self.stopping:
-                if self.sock.poll(POLL_MS):
+                if self.serve_doorbells():
+                    last = time.perf_counter()
+                    continue
+                spinning = bool(self.doorbells) and time.perf_counter() - last < SPIN_S
+                self._awake(spinning)
+                if not spinning and self.serve_doorbells():  # rung as the flag went down
+                    last = time.perf_counter()
+                    continue
+                if self.sock.poll(0 if spinning else (DOORBELL_POLL_MS if self.doorbells else POLL_MS)):
                     self.serve_one()
-                else:
+                    last = time.perf_counter()
+                elif not spinning:
                     self.engine.expire_idle()
         finally:
             for sig, handler in previous.items():
@@ -62,19 +79,46 @@ class Server:
     def _stop(self, signum, frame) -> None:
         self.stopping = True
 
+    def _awake(self, on: bool) -> None:
+        if on != self.polling:
+            self.polling = on
+            for bell in self.doorbells.values():
+                bell.awake(on)
+
     def serve_one(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
         if len(frames) < 2:
             return  # nothing to answer to: a ROUTER message always starts with the peer identity
         peer, body = frames[0].bytes, frames[1:]
+        reply = self.answer(peer, bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]), body)
+        self.sock.send_multipart([peer] + reply, copy=False)
+
+    def serve_doorbells(self) -> bool:
+        """Serves one rung request per doorbell; a reply goes back there while its client polls for it
+        (and is all header), else by ZeroMQ."""
+        served = False
+        for peer, bell in list(self.doorbells.items()):
+            rung = bell.take()
+            if rung is None:
+                continue
+            flag, header = rung
+            reply = self.answer(peer, header, [header])
+            if len(reply) == 1 and fits(reply[0]) and bell.client_waiting():
+                bell.answer(flag, reply[0])
+            else:
+                self.sock.send_multipart([peer] + reply, copy=False)
+            served = True
+        return served
+
+    def answer(self, peer: bytes, raw_header: bytes, body: list) -> list:
+        """The reply frames to one request: body is its frames (header first), raw_header its header bytes."""
         self.requests += 1
         arena = self.arenas.get(peer)
         try:
-            header = parse_header(bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]))
+            header = parse_header(raw_header)
         except Exception as exc:  # ProtocolError, or anything a hostile header provokes
             error = str(exc) if isinstance(exc, TsqpError) else f"malformed header ({type(exc).__name__})"
-            self.sock.send_multipart([peer] + pack({"id": _lenient_id(body[0]), "ok": False, "error": error}))
-            return
+            return pack({"id": _lenient_id(raw_header), "ok": False, "error": error})
         request_id = header["id"]
         try:
             request = unpack(body, arena, header=header)
@@ -85,24 +129,28 @@ class Server:
                 args, tensors = self.engine.handle(peer, request, slots)
                 if slots is not None:
                     tensors = [slots.place(t) for t in tensors]
-            reply = pack({"id": request_id, "ok": True, "args": args}, tensors, arena)
+            return pack({"id": request_id, "ok": True, "args": args}, tensors, arena)
         except TsqpError as exc:
-            reply = pack({"id": request_id, "ok": False, "error": str(exc)})
+            return pack({"id": request_id, "ok": False, "error": str(exc)})
         except Exception as exc:  # a bug or a hostile input we did not foresee: answer, keep serving
-            reply = pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
-        self.sock.send_multipart([peer] + reply, copy=False)
+            return pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def attach_arena(self, peer: bytes, args: dict) -> dict:
         name, size = args.get("name"), args.get("size")
         if not isinstance(name, str) or not isinstance(size, int) or not 0 < size <= MAX_MESSAGE_BYTES * 2:
             raise ProtocolError("attach_arena needs a name and a size within bounds")
         old = self.arenas.pop(peer, None)
+        self.doorbells.pop(peer, None)
         if old is not None:
             old.release()
         arena = self.arenas[peer] = Arena(name, size, create=False)
         if self.engine.device.type == "cuda":
             arena.pin()
-        return {}
+        if not doorbell_supported() or size < CONTROL_BYTES:
+            return {}
+        bell = self.doorbells[peer] = Doorbell(arena.map)
+        bell.awake(self.polling)
+        return {"doorbell": True}
 
     def close(self) -> None:
         for arena in self.arenas.values():
@@ -142,10 +190,10 @@ class ReplySlots:
         return self(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
-def _lenient_id(frame) -> int:
+def _lenient_id(raw: bytes) -> int:
     """The id to echo from a header that failed validation: a lenient read of its first bytes, else 0."""
     try:
-        header = msgpack.unpackb(bytes(frame.buffer[:4096]), raw=False)
+        header = msgpack.unpackb(raw[:4096], raw=False)
         value = header.get("id") if isinstance(header, dict) else None
         return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 0
     except Exception:  # any hostile bytes

@@ -28,11 +28,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tsqp.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
 from tsqp.curve import CurveKeys, apply_curve
-from tsqp.errors import ConnectionLost, LinkRefused, ServerError
+from tsqp.doorbell import SPIN_S, Doorbell, fits
+from tsqp.doorbell import supported as doorbell_supported
+from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
 from tsqp.protocol import MAX_MESSAGE_BYTES, Message, pack, unpack
 from tsqp.stats import Stats
 
 POLL_MS = 100
+DOORBELL_POLL_MS = 5  # waiting for a doorbell reply: how often the slot is looked at between ZeroMQ polls
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 PROBE_TIMEOUT_S = 0.5
 RECONNECT_GRACE_S = 1.0  # a call after a disconnect waits this long for the server to come back
@@ -144,6 +147,7 @@ class InFlight:
     serialize_s: float
     sent: int  # bytes
     sent_at: float  # perf_counter when the request was out
+    doorbell: int = 0  # the doorbell flag its reply will carry, when it was rung there (0: by ZeroMQ)
     discarded: bool = False
 
 
@@ -186,8 +190,10 @@ class Client:
         self.arena_name = arena_name
         self.arena: Arena | None = None
         self.arena_attached = False  # the server behind the current connection maps self.arena
-        self.regions = Regions()  # the arena's regions of requests in flight
+        self.regions = Regions()  # the arena's regions of requests in flight (after the doorbell)
         self.retired: list[Arena] = []  # mappings before the arena grew, kept while replies may view them
+        self.doorbell: Doorbell | None = None  # the arena's control block, when the server polls it
+        self.doorbell_requests = 0  # requests that went by the doorbell
         self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
         self.replies: dict[int, tuple[Message, int, float]] = {}  # replies that came before their wait
 
@@ -226,13 +232,22 @@ class Client:
         placed = self.use_shm and bool(tensors or reply_bytes)
         if placed:
             tensors = self._place(request_id, list(tensors), reply_bytes, args)
+        elif self.use_shm and method != "attach_arena":
+            self._arena_for(0)  # the doorbell lives in the arena: a control call may use it too
         frames = pack({"id": request_id, "method": method, "session": session, "args": args}, list(tensors), self.arena)
         packed = time.perf_counter()
-        self.sock.send_multipart(frames, copy=False)
+        bell, flag = self.doorbell, 0
+        # The doorbell takes a lone request (so requests stay in order) whose header is all of it,
+        # while the server polls for one.
+        if bell is not None and not self.in_flight and len(frames) == 1 and fits(frames[0]) and bell.server_awake():
+            flag = bell.ring(frames[0])
+        else:
+            self.sock.send_multipart(frames, copy=False)
         sent = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         if placed:
             sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
-        self.in_flight[request_id] = InFlight(method, start, packed - start, sent, time.perf_counter())
+        self.in_flight[request_id] = InFlight(method, start, packed - start, sent, time.perf_counter(), flag)
+        self.doorbell_requests += bool(flag)
         return request_id
 
     def wait(self, request_id: int, timeout_s: float | None = None) -> Message:
@@ -324,7 +339,7 @@ class Client:
                 self.up = False
                 lost = ConnectionLost(f"server at {self.endpoint} closed the connection")
             if lost is not None:
-                self.down, self.arena_attached = lost, False
+                self.down, self.arena_attached, self.doorbell = lost, False, None
                 if in_flight:
                     raise lost if isinstance(lost, LinkRefused) else ConnectionLost(f"{lost} during {method}")
 
@@ -333,12 +348,17 @@ class Client:
         kept; replies to discarded requests free their region; anything else is stale and dropped."""
         if request_id in self.replies:
             return self.replies.pop(request_id)
+        flag = self.in_flight[request_id].doorbell
+        if flag and (reply := self._spin_for_reply(request_id, flag)) is not None:
+            return reply
         deadline = time.monotonic() + timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:g} s")
-            events = dict(self.poller.poll(min(POLL_MS, remaining * 1000)))
+            events = dict(self.poller.poll(min(DOORBELL_POLL_MS if flag else POLL_MS, remaining * 1000)))
+            if flag and (reply := self._doorbell_reply(request_id, flag)) is not None:
+                return reply
             if self.sock in events:  # a reply that made it wins over the disconnect that may follow it
                 frames = self.sock.recv_multipart(copy=False)
                 start = time.perf_counter()
@@ -359,22 +379,56 @@ class Client:
             if self.alive is not None and (reason := self.alive()):
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
+    def _spin_for_reply(self, request_id: int, flag: int) -> tuple[Message, int, float] | None:
+        """Polls the doorbell for SPIN_S, saying so in the control block (the server answers there then)."""
+        self.doorbell.waiting(True)
+        try:
+            until = time.perf_counter() + SPIN_S
+            while time.perf_counter() < until:
+                if (reply := self._doorbell_reply(request_id, flag)) is not None:
+                    return reply
+        finally:
+            self.doorbell.waiting(False)
+        return self._doorbell_reply(request_id, flag)  # one that came as the flag went down
+
+    def _doorbell_reply(self, request_id: int, flag: int) -> tuple[Message, int, float] | None:
+        raw = self.doorbell.reply(flag)  # a copy: the slot is untrusted memory
+        if raw is None:
+            return None
+        start = time.perf_counter()
+        reply = unpack([raw], self.arena)
+        if reply.header.get("id") != request_id:
+            raise ProtocolError(f"the doorbell's reply answers request {reply.header.get('id')!r}, not {request_id}")
+        return reply, len(raw), time.perf_counter() - start
+
+    def _arena_for(self, needed: int, request_id: int | None = None) -> int | None:
+        """An arena the server has attached, with a region of `needed` bytes for the request (its start)
+        when a request id is given."""
+        start = None
+        if self.arena is not None and request_id is not None:
+            start = self.regions.allocate(request_id, needed, self.arena.size)
+        if self.arena is None or (request_id is not None and start is None):
+            if self.arena is None:
+                self.arena = Arena.create(self.arena_name, max(align(self.regions.base + needed), INITIAL_BYTES))
+            else:  # the same file, grown: regions in flight keep their bytes; replies already unpacked
+                self.retired.append(self.arena)  # view the old mapping, kept until nothing is in flight
+                self.arena = self.arena.grown(self.regions.end() + needed)
+            self.arena_attached = False
+            if request_id is not None:
+                start = self.regions.allocate(request_id, needed, self.arena.size)
+        if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
+            self.doorbell = None
+            reply = self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})  # no recursion
+            if reply.args.get("doorbell") is True and doorbell_supported():
+                self.doorbell = Doorbell(self.arena.map)
+            self.arena_attached = True
+        return start
+
     def _place(self, request_id: int, tensors: list[torch.Tensor], reply_bytes: int, args: dict) -> list[torch.Tensor]:
         """Copies request tensors into a region of the arena and reserves room there for the results."""
         sizes = [align(t.nbytes) for t in tensors]
         needed = sum(sizes) + align(reply_bytes)
-        start = None if self.arena is None else self.regions.allocate(request_id, needed, self.arena.size)
-        if start is None:  # the same file, grown: regions of requests in flight keep their bytes
-            if self.arena is None:
-                self.arena = Arena.create(self.arena_name, max(align(needed), INITIAL_BYTES))
-            else:  # replies already unpacked view the old mapping: it stays until nothing is in flight
-                self.retired.append(self.arena)
-                self.arena = self.arena.grown(self.regions.end() + needed)
-            self.arena_attached = False
-            start = self.regions.allocate(request_id, needed, self.arena.size)
-        if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
-            self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})  # no tensors: no recursion
-            self.arena_attached = True
+        start = self._arena_for(needed, request_id)
         placed, offset = [], start
         for tensor, size in zip(tensors, sizes, strict=True):
             view = self.arena.view(tensor.dtype, tensor.shape, offset)

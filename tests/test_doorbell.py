@@ -1,0 +1,184 @@
+"""The arena's doorbell: lone small requests and their replies through shared memory instead of ZeroMQ.
+
+The slot protocol on its own, then a real server: calls go by the doorbell and give the same results,
+a reply goes by ZeroMQ when the client has stopped polling, and hostile bytes on either side are
+refused without taking the other down.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import msgpack
+import pytest
+import torch
+from conftest import reference_logits, token_ids, wait_for
+
+import tsqp.transport
+from tsqp import doorbell
+from tsqp.arena import SHM_DIR
+from tsqp.doorbell import CONTROL_BYTES, REPLY_LENGTH, REQUEST_LENGTH, SLOT_BYTES, Doorbell
+from tsqp.errors import ProtocolError
+from tsqp.launcher import ServerProcess
+from tsqp.model import TeeModel
+from tsqp.transport import Client, private_endpoint
+
+pytestmark = pytest.mark.skipif(
+    not (SHM_DIR.is_dir() and doorbell.supported()), reason="needs /dev/shm and an x86-64 processor"
+)
+
+
+@pytest.fixture
+def block():
+    with mmap.mmap(-1, CONTROL_BYTES) as buffer:
+        yield buffer
+
+
+def test_a_rung_request_is_taken_once_and_answered_with_its_flag(block):
+    client, server = Doorbell(block), Doorbell(block)
+    assert server.take() is None
+    flag = client.ring(b"request header")
+    assert server.take() == (flag, b"request header")
+    assert server.take() is None, "a request is new once"
+    assert client.reply(flag) is None
+    server.answer(flag, b"reply header")
+    assert client.reply(flag) == b"reply header"
+    assert client.reply(flag % 255 + 1) is None
+
+
+def test_flags_cycle_without_zero_and_a_ring_clears_the_old_reply(block):
+    client, server = Doorbell(block), Doorbell(block)
+    seen = []
+    for i in range(600):
+        flag = client.ring(b"r%d" % i)
+        taken = server.take()
+        assert taken == (flag, b"r%d" % i)
+        seen.append(flag)
+        server.answer(flag, b"a%d" % i)
+    assert set(seen) == set(range(1, 256))
+    client.ring(b"next")
+    assert client.reply(seen[-1]) is None, "the previous reply cannot pass for the next one's"
+
+
+def test_a_new_mapping_does_not_replay_the_last_request(block):
+    Doorbell(block).ring(b"old")
+    assert Doorbell(block).take() is None  # e.g. the server attaching the grown arena
+
+
+def test_hostile_lengths_are_bounded(block):
+    client, server = Doorbell(block), Doorbell(block)
+    flag = client.ring(b"x")
+    struct.pack_into("<I", block, REQUEST_LENGTH, 2**32 - 1)
+    assert len(server.take()[1]) == SLOT_BYTES
+    server.answer(flag, b"y")
+    struct.pack_into("<I", block, REPLY_LENGTH, 2**31)
+    assert len(client.reply(flag)) == SLOT_BYTES
+
+
+# -- through a real server ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints("doorbell-gqa", seed=11, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with ServerProcess(str(model)) as process:
+        yield process
+
+
+def rung_within(client: Client, pings: int) -> bool:
+    for _ in range(pings):
+        assert client.call("ping").header["ok"] is True
+        if client.doorbell_requests:
+            return True
+    return False
+
+
+def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, server):
+    ids = token_ids(40, seed=8)
+    with Client(server.endpoint, shm=True) as client:
+        assert client.call("ping").header["ok"] is True
+        assert client.doorbell is not None
+        # the server polls for SPIN_S after each request: a ping right after another finds it awake
+        # (on a loaded machine not every time, so a few tries)
+        assert rung_within(client, 2000), "no ping went by the doorbell"
+        tee = TeeModel(model, client)
+        tee.attach()
+        tee.ops.open_session(40)
+        logits = tee.forward(ids)
+    torch.testing.assert_close(logits, reference_logits(checkpoints.reference("doorbell-gqa"), ids), atol=1e-4, rtol=0)
+
+
+def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
+    monkeypatch.setattr(tsqp.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
+    with Client(server.endpoint, shm=True) as client:
+        assert rung_within(client, 2000)
+        for _ in range(100):
+            assert client.call("ping").header["ok"] is True
+
+
+def test_a_zmq_client_never_rings(server):
+    with Client(server.endpoint, shm=False) as client:
+        for _ in range(10):
+            client.call("ping")
+        assert client.doorbell is None and client.doorbell_requests == 0
+
+
+def test_garbage_rung_into_the_doorbell_gets_an_error_and_the_server_serves_on(server):
+    with Client(server.endpoint, shm=True) as client:
+        client.call("ping")
+        bell = client.doorbell
+        hostile = {"v": 1, "id": 10**9, "method": "echo", "tensors": [["float32", [4], 10**12]]}
+        for junk in (b"\xc1\xc1\xc1", msgpack.packb(hostile), b""):
+            bell.ring(junk)  # taken at the server's next look, awake or not
+            time.sleep(0.05)  # the error reply comes by ZeroMQ (nobody polls the slot): a stale id, dropped
+            assert client.call("ping").header["ok"] is True
+        assert server.process.poll() is None
+
+
+LIAR = """
+import sys
+from tsqp import server as module
+from tsqp.doorbell import Doorbell
+from tsqp.engine import Engine
+import msgpack
+
+class Liar(Doorbell):
+    def answer(self, flag, header):
+        if MODE == "garbage":
+            header = b"\\xc1 not msgpack"
+        else:
+            fields = msgpack.unpackb(header)
+            fields["id"] += 1
+            header = msgpack.packb(fields)
+        super().answer(flag, header)
+
+MODE = sys.argv[3]
+module.Doorbell = Liar
+module.Server(Engine(sys.argv[1]), sys.argv[2]).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("mode, message", [("garbage", "not valid msgpack"), ("other-id", "answers request")])
+def test_a_lying_doorbell_reply_is_refused(model, mode, message):
+    endpoint = private_endpoint()
+    liar = subprocess.Popen([sys.executable, "-c", textwrap.dedent(LIAR), str(model), endpoint, mode])
+    try:
+        path = endpoint[len("ipc://") :]
+        assert wait_for(lambda: os.path.exists(path), timeout=60)
+        with Client(endpoint, shm=True, timeout_s=10) as client:
+            with pytest.raises(ProtocolError, match=message):
+                for _ in range(2000):  # the first calls go by ZeroMQ, until the server polls its doorbell
+                    client.call("ping")
+    finally:
+        liar.terminate()
+        liar.wait(timeout=10)
