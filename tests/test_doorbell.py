@@ -7,18 +7,18 @@ refused without taking the other down.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import struct
 import subprocess
 import sys
 import textwrap
-import time
 
 import msgpack
 import pytest
 import torch
-from conftest import reference_logits, token_ids, wait_for
+from conftest import reference_logits, run_tsqp, token_ids, wait_for
 
 import tsqp.transport
 from tsqp import doorbell
@@ -105,7 +105,7 @@ def rung_within(client: Client, pings: int) -> bool:
 
 def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, server):
     ids = token_ids(40, seed=8)
-    with Client(server.endpoint, shm=True) as client:
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert client.call("ping").header["ok"] is True
         assert client.doorbell is not None
         # the server polls for SPIN_S after each request: a ping right after another finds it awake
@@ -120,27 +120,33 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
 
 def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
     monkeypatch.setattr(tsqp.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
-    with Client(server.endpoint, shm=True) as client:
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert rung_within(client, 2000)
         for _ in range(100):
             assert client.call("ping").header["ok"] is True
+        assert client.doorbell_requests > client.doorbell_replies, "no rung request was answered by ZeroMQ"
 
 
 def test_a_zmq_client_never_rings(server):
-    with Client(server.endpoint, shm=False) as client:
+    with Client(server.endpoint, shm=False, timeout_s=30) as client:
         for _ in range(10):
             client.call("ping")
         assert client.doorbell is None and client.doorbell_requests == 0
 
 
 def test_garbage_rung_into_the_doorbell_gets_an_error_and_the_server_serves_on(server):
-    with Client(server.endpoint, shm=True) as client:
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
         client.call("ping")
         bell = client.doorbell
         hostile = {"v": 1, "id": 10**9, "method": "echo", "tensors": [["float32", [4], 10**12]]}
-        for junk in (b"\xc1\xc1\xc1", msgpack.packb(hostile), b""):
-            bell.ring(junk)  # taken at the server's next look, awake or not
-            time.sleep(0.05)  # the error reply comes by ZeroMQ (nobody polls the slot): a stale id, dropped
+        attach = {"v": 1, "id": 10**9, "method": "attach_arena", "args": {"name": "tsqp-x", "size": 1}, "tensors": []}
+        for junk in (b"\xc1\xc1\xc1", msgpack.packb(hostile), msgpack.packb(attach), b""):
+            bell.waiting(True)  # so the server answers in the slot, where the test reads it
+            flag = bell.ring(junk)  # taken at the server's next look, awake or not
+            assert wait_for(lambda flag=flag: bell.reply(flag) is not None, timeout=10), junk
+            bell.waiting(False)
+            error = msgpack.unpackb(bell.reply(flag))
+            assert error["ok"] is False and error["error"], error
             assert client.call("ping").header["ok"] is True
         assert server.process.poll() is None
 
@@ -182,3 +188,15 @@ def test_a_lying_doorbell_reply_is_refused(model, mode, message):
     finally:
         liar.terminate()
         liar.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flag, rung", [("--doorbell", True), ("--no-doorbell", False)])
+def test_diagnose_reports_the_doorbell_and_zeromq_round_trips(tmp_path, flag, rung):
+    report = tmp_path / "diagnose.json"
+    result = run_tsqp("diagnose", flag, "--rounds", "200", "--sizes", "1", "--json", report)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(report.read_text())
+    assert figures["transport"] == "shm" and figures["ping_by_doorbell"] is rung
+    assert figures["ping_median_us"] > 0
+    assert ("zmq_ping_median_us" in figures) is rung
+    assert ("doorbell" in result.stdout) is rung

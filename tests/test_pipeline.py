@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_logits, token_ids
+from conftest import reference_logits, split_logits, token_ids
 
 from tsqp.arena import ALIGN, Regions
 from tsqp.engine import Engine
@@ -115,8 +115,8 @@ def test_server_scores_the_next_chunk_before_the_tee_softmaxes_this_one(model):
     for i, at in enumerate(softmaxes):
         submitted = [pos for method, pos in layer0[:at] if method == "scores"]
         assert len(submitted) >= min(i + 2, len(scores)), layer0
-        # and chunk i's attn_out goes out right after its softmax, before the TEE waits for chunk i+1
-        assert layer0[at + 1][0] in ("attn_out", "scores"), layer0
+        # and chunk i's attn_out goes out right after its softmax
+        assert layer0[at + 1] == ("attn_out", outputs[i]), layer0
 
 
 def test_a_lie_in_a_later_chunk_is_caught(model):
@@ -142,7 +142,6 @@ def test_a_lie_in_a_later_chunk_is_caught(model):
         tee.ops.open_session(64)
         with pytest.raises(IntegrityError, match=f"{target} of layer 1"):
             tee.forward(token_ids(64, seed=4))
-        assert calls[target] >= 3  # the lookahead may have sent the next chunk already
 
 
 def test_a_failed_chunk_leaves_no_request_behind(model):
@@ -224,7 +223,7 @@ def server(model):
 @pytest.mark.parametrize("shm", [True, False])
 def test_replies_waited_out_of_order_each_match_their_request(server, shm):
     """4 to 16 MB each, there and back: the arena grows while requests are in flight."""
-    with Client(server.endpoint, shm=shm) as client:
+    with Client(server.endpoint, shm=shm, timeout_s=30) as client:
         payloads = [torch.full(((i + 1) << 20,), float(i)) for i in range(4)]
         ids = [client.submit("echo", {}, [p], reply_bytes=p.nbytes) for p in payloads]
         if shm:
@@ -238,7 +237,7 @@ def test_replies_waited_out_of_order_each_match_their_request(server, shm):
 
 
 def test_a_discarded_request_keeps_its_region_until_its_reply(server):
-    with Client(server.endpoint, shm=True) as client:
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
         first = torch.ones(4096)
         dropped = client.submit("echo", {}, [first], reply_bytes=first.nbytes)
         assert dropped in client.regions.live
@@ -254,7 +253,7 @@ def test_a_discarded_request_keeps_its_region_until_its_reply(server):
 def test_pipelined_through_a_server_equals_transformers(model, reference, server, shm):
     ids = token_ids(90, seed=6)
     stats = Stats()
-    with Client(server.endpoint, stats=stats, shm=shm) as client:
+    with Client(server.endpoint, stats=stats, shm=shm, timeout_s=30) as client:
         tee = pipelined(TeeModel(model, client, stats), True, tile=8)
         tee.attach()
         logits = prefill(tee, ids, [70, 20])
@@ -262,6 +261,35 @@ def test_pipelined_through_a_server_equals_transformers(model, reference, server
     torch.testing.assert_close(logits, reference_logits(reference, ids), atol=ATOL, rtol=0)
     layers = tee.config.num_layers
     assert stats.rpc_calls > 5 * layers * 2 + 2  # more than two round trips of attention per layer and step
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_a_pipeline_failing_halfway_leaves_the_client_usable(model, server, shm):
+    """The TEE fails on the third chunk: requests still in flight are discarded, their replies drained
+    as they come, and the next forward pass gives the right logits."""
+    with Client(server.endpoint, shm=shm, timeout_s=30) as client:
+        tee = pipelined(TeeModel(model, client, verify=True), True, tile=8)
+        tee.attach()
+        softmax, chunks = tee.softmax_, []
+
+        def failing(scores, tiles):
+            chunks.append(len(tiles))
+            if len(chunks) == 3:
+                raise RuntimeError("the TEE failed")
+            return softmax(scores, tiles)
+
+        tee.softmax_ = failing
+        tee.ops.open_session(64)
+        with pytest.raises(RuntimeError, match="the TEE failed"):
+            tee.forward(token_ids(64, seed=3))
+        assert any(r.discarded for r in client.in_flight.values()), "requests were in flight"
+        tee.ops.close_session()  # waits behind the discarded ones, whose replies are drained meanwhile
+        assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
+        tee.softmax_ = softmax
+        ids = token_ids(50, seed=12)
+        tee.ops.open_session(50)
+        logits = tee.forward(ids)
+    torch.testing.assert_close(logits, split_logits(model, InProcess(Engine(str(model))), ids), atol=ATOL, rtol=0)
 
 
 def test_statistics_count_server_compute_behind_tee_work():

@@ -95,9 +95,9 @@ def run_bench(
     }
     console.print(
         f"[bold]prefill[/bold] {tokens} tokens in {prefill_s:.3f} s ({tokens / prefill_s:.1f} tokens/s), "
-        f"{config.num_layers} layers, {dtype} on {options.device}, attention "
-        + ("pipelined by query chunks" if pipelined else "in one chunk per layer")
+        f"{config.num_layers} layers, {dtype} on {options.device}"
     )
+    console.print("attention: " + ("pipelined by query chunks" if pipelined else "one chunk per layer, not pipelined"))
     if options.verify:
         console.print(
             f"verification {result['verify_s']:.3f} s ({100 * result['verify_s'] / prefill_s:.1f}% of the "

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         curve_flag(p, "client (client.key_secret, server.key)")
         p.add_argument(
+            "--doorbell",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="lone small requests through the arena's doorbell, polled for 0.5 ms (default); "
+            "--no-doorbell: always ZeroMQ",
+        )
+        p.add_argument(
             "--pipeline",
             choices=("auto", "on", "off"),
             default=env("TSQP_PIPELINE", "auto"),
@@ -212,6 +219,7 @@ def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
         curve_keys=Path(args.curve_keys) if args.curve_keys else None,
         verify=args.verify,
         pipeline=args.pipeline,
+        doorbell=args.doorbell,
     )
 
 

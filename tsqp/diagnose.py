@@ -30,10 +30,10 @@ def run_diagnose(options: RunOptions, sizes_mb: list[int], rounds: int, console:
         result["ping_by_doorbell"] = doorbell is not None
         result["ping_median_us"], result["ping_p99_us"], rung = _round_trips(client, rounds)
         result["doorbell_share"] = rung / rounds
-        if doorbell is not None:  # the same pings by ZeroMQ alone, for comparison
-            client.doorbell = None
+        if doorbell is not None:  # the same pings by ZeroMQ alone (a server that sleeps on its socket)
+            client.ring_doorbell(False)
             result["zmq_ping_median_us"], result["zmq_ping_p99_us"], _ = _round_trips(client, rounds)
-            client.doorbell = doorbell
+            client.ring_doorbell(True)
         for size in sizes_mb:
             payload = torch.rand(size * (1 << 20) // 4)
             times = []

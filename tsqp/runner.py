@@ -28,6 +28,7 @@ class RunOptions:
     arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
     curve_keys: Path | None = None  # CurveZMQ key folder (tsqp keys DIR); the private server gets it too
     verify: bool = True  # Freivalds-check every server result (verify.VerifiedOps)
+    doorbell: bool = True  # lone small requests through the arena's doorbell instead of ZeroMQ (shm only)
     pipeline: str = "auto"  # on | off | auto: attention chunks overlap TEE and server when the server is a GPU
 
 
@@ -59,6 +60,7 @@ def open_client(options: RunOptions, stats: Stats | None = None) -> Iterator[Cli
                 shm=use_shm(options.transport, endpoint),
                 arena_name=options.arena_name,
                 curve=curve,
+                doorbell=options.doorbell,
             )
         )
         yield client

@@ -47,28 +47,26 @@ class Server:
             raise
         self.stopping = False
         self.polling = False  # the doorbells' "server awake" flag, as last written
+        self.spin_until = 0.0  # perf_counter until which the loop polls instead of sleeping
         self.requests = 0
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
         self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
 
     def serve_forever(self) -> None:
-        """Serves requests from the socket and the doorbells. After each one the loop polls for
-        SPIN_S (a client's next small request is usually that close), then sleeps on the socket."""
+        """Serves requests from the socket and the doorbells. After a request from a client with a
+        doorbell the loop polls for SPIN_S (its next small request is usually that close), then sleeps
+        on the socket, looking at the doorbells every DOORBELL_POLL_MS."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        last = time.perf_counter()
         try:
             while not self.stopping:
                 if self.serve_doorbells():
-                    last = time.perf_counter()
                     continue
-                spinning = bool(self.doorbells) and time.perf_counter() - last < SPIN_S
+                spinning = time.perf_counter() < self.spin_until
                 self._awake(spinning)
                 if not spinning and self.serve_doorbells():  # rung as the flag went down
-                    last = time.perf_counter()
                     continue
                 if self.sock.poll(0 if spinning else (DOORBELL_POLL_MS if self.doorbells else POLL_MS)):
                     self.serve_one()
-                    last = time.perf_counter()
                 elif not spinning:
                     self.engine.expire_idle()
         finally:
@@ -85,33 +83,46 @@ class Server:
             for bell in self.doorbells.values():
                 bell.awake(on)
 
+    def _served(self, peer: bytes) -> None:
+        if peer in self.doorbells:
+            self.spin_until = time.perf_counter() + SPIN_S
+
     def serve_one(self) -> None:
         frames = self.sock.recv_multipart(copy=False)
         if len(frames) < 2:
             return  # nothing to answer to: a ROUTER message always starts with the peer identity
         peer, body = frames[0].bytes, frames[1:]
+        # A client rings only with nothing in flight, so a request it rang came before this one.
+        self.serve_doorbell(peer)
         reply = self.answer(peer, bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]), body)
         self.sock.send_multipart([peer] + reply, copy=False)
+        self._served(peer)
 
     def serve_doorbells(self) -> bool:
-        """Serves one rung request per doorbell; a reply goes back there while its client polls for it
-        (and is all header), else by ZeroMQ."""
         served = False
-        for peer, bell in list(self.doorbells.items()):
-            rung = bell.take()
-            if rung is None:
-                continue
-            flag, header = rung
-            reply = self.answer(peer, header, [header])
-            if len(reply) == 1 and fits(reply[0]) and bell.client_waiting():
-                bell.answer(flag, reply[0])
-            else:
-                self.sock.send_multipart([peer] + reply, copy=False)
-            served = True
+        for peer in list(self.doorbells):
+            served |= self.serve_doorbell(peer)
         return served
 
-    def answer(self, peer: bytes, raw_header: bytes, body: list) -> list:
-        """The reply frames to one request: body is its frames (header first), raw_header its header bytes."""
+    def serve_doorbell(self, peer: bytes) -> bool:
+        """Serves the request rung on a client's doorbell, if any. The reply goes back there while the
+        client polls for it (and is all header), else by ZeroMQ."""
+        bell = self.doorbells.get(peer)
+        rung = bell.take() if bell is not None else None
+        if rung is None:
+            return False
+        flag, header = rung
+        reply = self.answer(peer, header, [header], rung=True)
+        if self.doorbells.get(peer) is bell and len(reply) == 1 and fits(reply[0]) and bell.client_waiting():
+            bell.answer(flag, reply[0])
+        else:
+            self.sock.send_multipart([peer] + reply, copy=False)
+        self._served(peer)
+        return True
+
+    def answer(self, peer: bytes, raw_header: bytes, body: list, rung: bool = False) -> list:
+        """The reply frames to one request: body is its frames (header first), raw_header its header
+        bytes; rung: it came by the doorbell."""
         self.requests += 1
         arena = self.arenas.get(peer)
         try:
@@ -123,6 +134,8 @@ class Server:
         try:
             request = unpack(body, arena, header=header)
             if request.header.get("method") == "attach_arena":
+                if rung:  # it would unmap the doorbell it came by
+                    raise ProtocolError("attach_arena must come by the socket, not the doorbell")
                 args, tensors = self.attach_arena(peer, request.args), []
             else:
                 slots = ReplySlots(arena, request) if arena and "reply_at" in request.args else None
@@ -139,14 +152,15 @@ class Server:
         name, size = args.get("name"), args.get("size")
         if not isinstance(name, str) or not isinstance(size, int) or not 0 < size <= MAX_MESSAGE_BYTES * 2:
             raise ProtocolError("attach_arena needs a name and a size within bounds")
-        old = self.arenas.pop(peer, None)
-        self.doorbells.pop(peer, None)
-        if old is not None:
-            old.release()
+        # This peer's earlier arena, and the same file attached by an earlier connection (a client that
+        # reconnected, a fixed --arena-name): two doorbells on one file would both take its requests.
+        for other in [p for p, a in self.arenas.items() if p == peer or a.name == name]:
+            self.doorbells.pop(other, None)
+            self.arenas.pop(other).release()
         arena = self.arenas[peer] = Arena(name, size, create=False)
         if self.engine.device.type == "cuda":
             arena.pin()
-        if not doorbell_supported() or size < CONTROL_BYTES:
+        if args.get("doorbell") is not True or not doorbell_supported() or size < CONTROL_BYTES:
             return {}
         bell = self.doorbells[peer] = Doorbell(arena.map)
         bell.awake(self.polling)

@@ -31,7 +31,7 @@ from tsqp.curve import CurveKeys, apply_curve
 from tsqp.doorbell import SPIN_S, Doorbell, fits
 from tsqp.doorbell import supported as doorbell_supported
 from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
-from tsqp.protocol import MAX_MESSAGE_BYTES, Message, pack, unpack
+from tsqp.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 from tsqp.stats import Stats
 
 POLL_MS = 100
@@ -147,8 +147,10 @@ class InFlight:
     serialize_s: float
     sent: int  # bytes
     sent_at: float  # perf_counter when the request was out
-    doorbell: int = 0  # the doorbell flag its reply will carry, when it was rung there (0: by ZeroMQ)
-    discarded: bool = False
+    flag: int = 0  # the doorbell flag its reply will carry, when it was rung there (0: by ZeroMQ)
+    bell: Doorbell | None = None  # the doorbell it was rung on
+    discarded: bool = False  # given up on: its reply is dropped when it comes, then its region is free
+    lost: str | None = None  # sent on a connection that went down: no reply will come
 
 
 class Client:
@@ -165,8 +167,10 @@ class Client:
         shm: bool = False,
         arena_name: str | None = None,
         curve: CurveKeys | None = None,
+        doorbell: bool = True,
     ):
-        """curve: client keys (tsqp.curve.client_keys) for a server started with --curve-keys."""
+        """curve: client keys (tsqp.curve.client_keys) for a server started with --curve-keys.
+        doorbell: ring the arena's doorbell for lone small requests when the server polls it (shm only)."""
         check_endpoint(endpoint)
         path = ipc_path(endpoint)
         if path is not None and not path.exists():
@@ -192,8 +196,10 @@ class Client:
         self.arena_attached = False  # the server behind the current connection maps self.arena
         self.regions = Regions()  # the arena's regions of requests in flight (after the doorbell)
         self.retired: list[Arena] = []  # mappings before the arena grew, kept while replies may view them
+        self.use_doorbell = doorbell
         self.doorbell: Doorbell | None = None  # the arena's control block, when the server polls it
         self.doorbell_requests = 0  # requests that went by the doorbell
+        self.doorbell_replies = 0  # replies that came by it
         self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
         self.replies: dict[int, tuple[Message, int, float]] = {}  # replies that came before their wait
 
@@ -230,23 +236,30 @@ class Client:
         args = dict(args or {})
         request_id = next(self.ids)
         placed = self.use_shm and bool(tensors or reply_bytes)
-        if placed:
-            tensors = self._place(request_id, list(tensors), reply_bytes, args)
-        elif self.use_shm and method != "attach_arena":
-            self._arena_for(0)  # the doorbell lives in the arena: a control call may use it too
-        frames = pack({"id": request_id, "method": method, "session": session, "args": args}, list(tensors), self.arena)
-        packed = time.perf_counter()
-        bell, flag = self.doorbell, 0
-        # The doorbell takes a lone request (so requests stay in order) whose header is all of it,
-        # while the server polls for one.
-        if bell is not None and not self.in_flight and len(frames) == 1 and fits(frames[0]) and bell.server_awake():
-            flag = bell.ring(frames[0])
-        else:
-            self.sock.send_multipart(frames, copy=False)
+        try:
+            if placed:
+                tensors = self._place(request_id, list(tensors), reply_bytes, args)
+            elif self.use_shm and method != "attach_arena":
+                self._arena_for(0)  # the doorbell lives in the arena: a control call may use it too
+            header = {"id": request_id, "method": method, "session": session, "args": args}
+            frames = pack(header, list(tensors), self.arena)
+            packed = time.perf_counter()
+            bell, flag = self.doorbell, 0
+            # The doorbell takes a lone request whose header is all of it, while the server polls for one.
+            # Lone: the server serves a rung request before any later one of this client's by ZeroMQ.
+            if bell and not self.in_flight and len(frames) == 1 and fits(frames[0]) and bell.server_awake():
+                flag = bell.ring(frames[0])
+            else:
+                self.sock.send_multipart(frames, copy=False)
+        except BaseException:
+            self.regions.free(request_id)  # nothing was sent: nobody writes there
+            raise
         sent = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         if placed:
             sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
-        self.in_flight[request_id] = InFlight(method, start, packed - start, sent, time.perf_counter(), flag)
+        self.in_flight[request_id] = InFlight(
+            method, start, packed - start, sent, time.perf_counter(), flag, bell if flag else None
+        )
         self.doorbell_requests += bool(flag)
         return request_id
 
@@ -255,14 +268,15 @@ class Client:
         request = self.in_flight[request_id]
         waiting = time.perf_counter()
         try:
-            reply, received_bytes, unpack_s = self._receive(request_id, request.method, timeout_s or self.timeout_s)
+            if request.lost is not None:
+                raise ConnectionLost(f"{request.lost} ({request.method} was in flight)")
+            reply, received_bytes, unpack_s = self._receive(request_id, request, timeout_s or self.timeout_s)
         except BaseException:
             self._forget_in_flight()  # the link is in doubt: no reply in flight is waited for any more
             raise
         del self.in_flight[request_id]
         self.regions.free(request_id)
-        if self.arena is not None:
-            received_bytes += sum(t.nbytes for t in reply.tensors if self.arena.offset_of(t) is not None)
+        received_bytes += sum(nbytes_of(d[0], d[1]) for d in reply.header["tensors"] if len(d) == 3)  # in the arena
         done = time.perf_counter()
         if request.method != "attach_arena":  # setup, not part of the computation's round trips
             self.stats.rpc(
@@ -284,6 +298,11 @@ class Client:
             )
         return reply
 
+    def ring_doorbell(self, on: bool) -> None:
+        """Turns the doorbell on or off; the server hears of it with the next request (the arena is
+        attached again), and polls no more for this client when it is off."""
+        self.use_doorbell, self.arena_attached, self.doorbell = on, False, None
+
     def discard(self, request_id: int) -> None:
         """Gives up on a request in flight (a failed pipeline): its reply is dropped when it comes, and
         only then is its arena region reused (the server may still write there until it answers)."""
@@ -294,9 +313,23 @@ class Client:
             self.in_flight[request_id].discarded = True
 
     def _forget_in_flight(self) -> None:
-        self.in_flight.clear()
-        self.replies.clear()
-        self.regions = Regions()
+        """After a failed wait: every request in flight is given up on. Their regions stay taken until
+        their replies come (the server may still be writing there), or their connection is gone."""
+        for request_id in list(self.in_flight):
+            self.discard(request_id)
+
+    def _lose_in_flight(self, reason: str) -> None:
+        """The connection went down: no reply to what was sent on it will come."""
+        for request in self.in_flight.values():
+            request.lost = reason
+
+    def _drop_lost(self) -> None:
+        """A new connection is up: requests lost with the old one are gone (their server no longer answers
+        on this link; if it still lives, its late writes meet a verified client's checks)."""
+        for request_id in [i for i, r in self.in_flight.items() if r.lost is not None]:
+            del self.in_flight[request_id]
+            self.replies.pop(request_id, None)
+            self.regions.free(request_id)
 
     def _check_link(self, method: str) -> None:
         """Catches up on connection events that came between calls. After a disconnect the server gets
@@ -321,6 +354,7 @@ class Client:
             kind, lost = event["event"], None
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.up, self.down = True, None
+                self._drop_lost()
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 lost = LinkRefused(
                     f"server at {self.endpoint} refused this client's CURVE key (ZAP status "
@@ -340,16 +374,17 @@ class Client:
                 lost = ConnectionLost(f"server at {self.endpoint} closed the connection")
             if lost is not None:
                 self.down, self.arena_attached, self.doorbell = lost, False, None
+                self._lose_in_flight(str(lost))
                 if in_flight:
                     raise lost if isinstance(lost, LinkRefused) else ConnectionLost(f"{lost} during {method}")
 
-    def _receive(self, request_id: int, method: str, timeout_s: float) -> tuple[Message, int, float]:
+    def _receive(self, request_id: int, request: InFlight, timeout_s: float) -> tuple[Message, int, float]:
         """(reply, bytes received in frames, seconds to unpack it). Replies to other requests in flight are
         kept; replies to discarded requests free their region; anything else is stale and dropped."""
         if request_id in self.replies:
             return self.replies.pop(request_id)
-        flag = self.in_flight[request_id].doorbell
-        if flag and (reply := self._spin_for_reply(request_id, flag)) is not None:
+        method, flag, bell = request.method, request.flag, request.bell
+        if flag and (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
             return reply
         deadline = time.monotonic() + timeout_s
         while True:
@@ -357,7 +392,7 @@ class Client:
             if remaining <= 0:
                 raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:g} s")
             events = dict(self.poller.poll(min(DOORBELL_POLL_MS if flag else POLL_MS, remaining * 1000)))
-            if flag and (reply := self._doorbell_reply(request_id, flag)) is not None:
+            if flag and (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
                 return reply
             if self.sock in events:  # a reply that made it wins over the disconnect that may follow it
                 frames = self.sock.recv_multipart(copy=False)
@@ -379,26 +414,27 @@ class Client:
             if self.alive is not None and (reason := self.alive()):
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
-    def _spin_for_reply(self, request_id: int, flag: int) -> tuple[Message, int, float] | None:
+    def _spin_for_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
         """Polls the doorbell for SPIN_S, saying so in the control block (the server answers there then)."""
-        self.doorbell.waiting(True)
+        bell.waiting(True)
         try:
             until = time.perf_counter() + SPIN_S
             while time.perf_counter() < until:
-                if (reply := self._doorbell_reply(request_id, flag)) is not None:
+                if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
                     return reply
         finally:
-            self.doorbell.waiting(False)
-        return self._doorbell_reply(request_id, flag)  # one that came as the flag went down
+            bell.waiting(False)
+        return self._doorbell_reply(request_id, bell, flag)  # one that came as the flag went down
 
-    def _doorbell_reply(self, request_id: int, flag: int) -> tuple[Message, int, float] | None:
-        raw = self.doorbell.reply(flag)  # a copy: the slot is untrusted memory
+    def _doorbell_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
+        raw = bell.reply(flag)  # a copy: the slot is untrusted memory
         if raw is None:
             return None
         start = time.perf_counter()
         reply = unpack([raw], self.arena)
         if reply.header.get("id") != request_id:
             raise ProtocolError(f"the doorbell's reply answers request {reply.header.get('id')!r}, not {request_id}")
+        self.doorbell_replies += 1
         return reply, len(raw), time.perf_counter() - start
 
     def _arena_for(self, needed: int, request_id: int | None = None) -> int | None:
@@ -418,8 +454,10 @@ class Client:
                 start = self.regions.allocate(request_id, needed, self.arena.size)
         if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
             self.doorbell = None
-            reply = self.call("attach_arena", {"name": self.arena.name, "size": self.arena.size})  # no recursion
-            if reply.args.get("doorbell") is True and doorbell_supported():
+            ring = self.use_doorbell and doorbell_supported()
+            args = {"name": self.arena.name, "size": self.arena.size, "doorbell": ring}
+            reply = self.call("attach_arena", args)  # no tensors: no recursion
+            if ring and reply.args.get("doorbell") is True:
                 self.doorbell = Doorbell(self.arena.map)
             self.arena_attached = True
         return start
