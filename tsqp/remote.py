@@ -18,7 +18,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -72,7 +72,7 @@ class Request:
     sent: list[torch.Tensor]
     layer: int | None = None
     pos: int = 0
-    collected: bool = field(default=False)
+    collected: bool = False
 
 
 class InProcess:
@@ -131,7 +131,7 @@ class RemoteOps:
             raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
         self.wire = DTYPES[info["dtype"]]
         if self.pipeline == "auto":
-            self.pipelined = info.get("device", "cpu") != "cpu"
+            self.pipelined = not str(info.get("device", "cpu")).startswith("cpu")
         return info
 
     def open_session(self, capacity: int) -> None:
