@@ -200,3 +200,25 @@ def test_diagnose_reports_the_doorbell_and_zeromq_round_trips(tmp_path, flag, ru
     assert figures["ping_median_us"] > 0
     assert ("zmq_ping_median_us" in figures) is rung
     assert ("doorbell" in result.stdout) is rung
+
+
+def test_a_discarded_request_answered_in_the_slot_is_dropped_at_the_next_submit(server):
+    """An interrupted wait leaves a rung request whose reply lands in the slot, where no ZeroMQ reply will
+    come to free it: the next submit drops it, so the client is back to nothing in flight."""
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        assert rung_within(client, 2000)
+        for _ in range(2000):
+            client.doorbell.waiting(True)  # as if the client were polling when it was interrupted
+            request_id = client.submit("ping")
+            request = client.in_flight[request_id]
+            if request.flag:
+                break
+            client.doorbell.waiting(False)
+            client.wait(request_id)
+        assert request.flag, "no ping was rung"
+        assert wait_for(lambda: request.bell.reply(request.flag) is not None, timeout=10)
+        request.bell.waiting(False)
+        client.discard(request_id)
+        assert request_id in client.in_flight, "its reply is in the slot: nothing by ZeroMQ will free it"
+        assert client.call("ping").header["ok"] is True
+        assert client.in_flight == {} and client.regions.live == {}

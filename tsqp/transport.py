@@ -229,6 +229,7 @@ class Client:
         flight: the server answers them in order, each into its own arena region."""
         start = time.perf_counter()
         self._check_link(method)
+        self._drop_answered_in_slot()
         if not self.in_flight:  # no reply can view an old mapping any more
             for arena in self.retired:
                 arena.release()
@@ -317,6 +318,14 @@ class Client:
         their replies come (the server may still be writing there), or their connection is gone."""
         for request_id in list(self.in_flight):
             self.discard(request_id)
+
+    def _drop_answered_in_slot(self) -> None:
+        """A rung request given up on (an interrupted wait) may have its reply in the doorbell's slot, where
+        no ZeroMQ reply will come to free it: drop it once its reply is there."""
+        for request_id, request in list(self.in_flight.items()):
+            if request.discarded and request.flag and request.bell.reply(request.flag) is not None:
+                del self.in_flight[request_id]
+                self.regions.free(request_id)
 
     def _lose_in_flight(self, reason: str) -> None:
         """The connection went down: no reply to what was sent on it will come."""
@@ -440,18 +449,17 @@ class Client:
     def _arena_for(self, needed: int, request_id: int | None = None) -> int | None:
         """An arena the server has attached, with a region of `needed` bytes for the request (its start)
         when a request id is given."""
-        start = None
-        if self.arena is not None and request_id is not None:
-            start = self.regions.allocate(request_id, needed, self.arena.size)
-        if self.arena is None or (request_id is not None and start is None):
-            if self.arena is None:
-                self.arena = Arena.create(self.arena_name, max(align(self.regions.base + needed), INITIAL_BYTES))
-            else:  # the same file, grown: regions in flight keep their bytes; replies already unpacked
-                self.retired.append(self.arena)  # view the old mapping, kept until nothing is in flight
-                self.arena = self.arena.grown(self.regions.end() + needed)
+        region = request_id is not None
+        start = self.regions.allocate(request_id, needed, self.arena.size) if region and self.arena else None
+        if self.arena is None:
+            self.arena = Arena.create(self.arena_name, max(align(self.regions.base + needed), INITIAL_BYTES))
             self.arena_attached = False
-            if request_id is not None:
-                start = self.regions.allocate(request_id, needed, self.arena.size)
+        elif region and start is None:  # the same file, grown: regions in flight keep their bytes; replies
+            self.retired.append(self.arena)  # already unpacked view the old mapping, kept until none is in flight
+            self.arena = self.arena.grown(self.regions.end() + needed)
+            self.arena_attached = False
+        if region and start is None:
+            start = self.regions.allocate(request_id, needed, self.arena.size)
         if not self.arena_attached:  # a new arena, or a new connection (a restarted server)
             self.doorbell = None
             ring = self.use_doorbell and doorbell_supported()
