@@ -86,7 +86,7 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits of a fresh session over ids, through `call` (a Client or an InProcess engine)."""
-    from tsqp.model import TeeModel
+    from tsqp.tee.forward import TeeModel
 
     tee = TeeModel(model_dir, call)
     tee.attach()

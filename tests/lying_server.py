@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tsqp.engine import Engine
-from tsqp.protocol import query_tiles
+from tsqp.server.engine import Engine
+from tsqp.wire.protocol import query_tiles
 
 TAMPER_LAYER = 1
 OPS = [

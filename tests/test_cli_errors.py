@@ -19,7 +19,7 @@ from conftest import (
     token_ids,
 )
 
-from tsqp.launcher import ServerProcess
+from tsqp.tee.launcher import ServerProcess
 
 REQUIRED_BENCH_KEYS = {"tokens", "prefill_s", "tokens_per_s", "rpc_calls", "bytes_sent", "bytes_received"}
 

@@ -1,4 +1,4 @@
-"""tsqp.config.LlamaConfig.from_dict (both transformers spellings, refusals) and tsqp.rope against transformers."""
+"""LlamaConfig.from_dict (both transformers spellings, refusals) and the rotary embedding against transformers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import BASE_CONFIG, build_checkpoint
 
-from tsqp.config import LlamaConfig
 from tsqp.errors import ModelError, TsqpError
-from tsqp.rope import inverse_frequencies
+from tsqp.model.config import LlamaConfig
+from tsqp.tee.rope import inverse_frequencies
 
 LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 

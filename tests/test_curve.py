@@ -21,13 +21,13 @@ import torch
 import zmq
 from conftest import assert_one_line_error, free_port, reference_logits, run_tsqp, split_logits, token_ids
 
-from tsqp.checkpoint import Checkpoint
-from tsqp.curve import CurveKeys, client_keys, generate, server_keys
-from tsqp.engine import Engine
 from tsqp.errors import LinkRefused
-from tsqp.launcher import ServerProcess
-from tsqp.server import Server
-from tsqp.transport import Client
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.server.engine import Engine
+from tsqp.server.loop import Server
+from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.curve import CurveKeys, client_keys, generate, server_keys
+from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 REFUSAL_S = 3.0  # a refused client must hear so well before any reply deadline

@@ -20,14 +20,14 @@ import pytest
 import torch
 from conftest import reference_logits, run_tsqp, token_ids, wait_for
 
-import tsqp.transport
-from tsqp import doorbell
-from tsqp.arena import SHM_DIR
-from tsqp.doorbell import CONTROL_BYTES, REPLY_LENGTH, REQUEST_LENGTH, SLOT_BYTES, Doorbell
+import tsqp.wire.transport
 from tsqp.errors import ProtocolError
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.transport import Client, private_endpoint
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
+from tsqp.wire import doorbell
+from tsqp.wire.arena import SHM_DIR
+from tsqp.wire.doorbell import CONTROL_BYTES, REPLY_LENGTH, REQUEST_LENGTH, SLOT_BYTES, Doorbell
+from tsqp.wire.transport import Client, private_endpoint
 
 pytestmark = pytest.mark.skipif(
     not (SHM_DIR.is_dir() and doorbell.supported()), reason="needs /dev/shm and an x86-64 processor"
@@ -119,7 +119,7 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
 
 
 def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
-    monkeypatch.setattr(tsqp.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
+    monkeypatch.setattr(tsqp.wire.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert rung_within(client, 2000)
         for _ in range(100):
@@ -153,9 +153,9 @@ def test_garbage_rung_into_the_doorbell_gets_an_error_and_the_server_serves_on(s
 
 LIAR = """
 import sys
-from tsqp import server as module
-from tsqp.doorbell import Doorbell
-from tsqp.engine import Engine
+from tsqp.server import loop as module
+from tsqp.wire.doorbell import Doorbell
+from tsqp.server.engine import Engine
 import msgpack
 
 class Liar(Doorbell):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import BASE_CONFIG, build_checkpoint, load_reference, reference_logits, rewrite_config, token_ids
 
-from tsqp.engine import Engine
-from tsqp.model import TeeModel
-from tsqp.remote import InProcess
+from tsqp.server.engine import Engine
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.remote import InProcess
 
 ATOL = 1e-4
 

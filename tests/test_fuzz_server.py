@@ -27,13 +27,22 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tsqp.arena import ALIGN, Arena, shm_available
-from tsqp.engine import Engine
-from tsqp.model import TeeModel
-from tsqp.protocol import DTYPES, MAX_NDIM, MAX_QUERY_TILE, MAX_TENSORS, METHODS, PROTOCOL_VERSION, query_tiles, unpack
-from tsqp.remote import InProcess
-from tsqp.server import Server
-from tsqp.transport import Client, make_socket
+from tsqp.server.engine import Engine
+from tsqp.server.loop import Server
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.remote import InProcess
+from tsqp.wire.arena import ALIGN, Arena, shm_available
+from tsqp.wire.protocol import (
+    DTYPES,
+    MAX_NDIM,
+    MAX_QUERY_TILE,
+    MAX_TENSORS,
+    METHODS,
+    PROTOCOL_VERSION,
+    query_tiles,
+    unpack,
+)
+from tsqp.wire.transport import Client, make_socket
 
 ARENA_BYTES = 1 << 20
 MAX_SERVE_S = 2.0  # one hostile message may not keep the server busy longer than this

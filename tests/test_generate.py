@@ -14,14 +14,14 @@ import torch
 from conftest import build_checkpoint, load_reference, run_tsqp, token_ids
 from test_equivalence import FEATURES
 
-from tsqp.engine import Engine
 from tsqp.errors import ModelError, TsqpError
-from tsqp.generate import generate
-from tsqp.model import TeeModel
-from tsqp.presets import CHAT_TEMPLATE, preset_path, write_tokenizer
-from tsqp.remote import InProcess
-from tsqp.sampling import SamplingOptions
-from tsqp.tokenizer import TextTokenizer, eos_token_ids
+from tsqp.model.presets import CHAT_TEMPLATE, preset_path, write_tokenizer
+from tsqp.server.engine import Engine
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.generate import generate
+from tsqp.tee.remote import InProcess
+from tsqp.tee.sampling import SamplingOptions
+from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
 
 NEW_TOKENS = 32
 GREEDY_FEATURES = ["gqa", "mqa", "head_dim", "rope_llama3", "tied", "attention_bias", "mlp_bias"]

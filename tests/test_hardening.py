@@ -25,13 +25,13 @@ import torch
 import zmq
 from conftest import free_port, kill_process, reference_logits, split_logits, token_ids, wait_for
 
-from tsqp.engine import EVICT_IDLE_S, Engine
 from tsqp.errors import ConnectionLost, ProtocolError, ServerError, TsqpError
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack
-from tsqp.remote import InProcess, RemoteOps
-from tsqp.transport import Client, bind_server, make_socket
+from tsqp.server.engine import EVICT_IDLE_S, Engine
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.remote import InProcess, RemoteOps
+from tsqp.wire.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack
+from tsqp.wire.transport import Client, bind_server, make_socket
 
 START_TIMEOUT_S = 60.0
 ATOL = 1e-4
@@ -341,7 +341,7 @@ def test_kill9_of_client_stops_its_private_server(tiny_model):
     """A client killed with -9 takes its private server with it (PR_SET_PDEATHSIG): no orphan holds the GPU."""
     script = textwrap.dedent(f"""
         import sys, time
-        from tsqp.runner import RunOptions, open_model
+        from tsqp.tee.runner import RunOptions, open_model
         with open_model(RunOptions(model_dir={str(tiny_model)!r}, start_timeout_s=60)) as tee:
             print(tee.ops.link.endpoint, flush=True)
             time.sleep(120)

@@ -20,8 +20,8 @@ from conftest import assert_one_line_error, run_tsqp, wait_for
 from lying_server import KINDS, OPS, TAMPER_LAYER, CacheTamper, LyingEngine, Tamper
 
 from tsqp.errors import IntegrityError
-from tsqp.model import TeeModel
-from tsqp.remote import InProcess
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.remote import InProcess
 
 DTYPES = ["float32", "bfloat16", "float16"]
 PLANS = [Tamper(op, part, kind) for op, part in OPS for kind in KINDS] + [
@@ -115,7 +115,7 @@ LYING_SERVER = """
 import sys
 sys.path.insert(0, {tests!r})
 from lying_server import LyingEngine, Tamper
-from tsqp.server import Server
+from tsqp.server.loop import Server
 engine = LyingEngine({model!r}, "float32", Tamper("attn_out", None, "scale"))
 print("ready", flush=True)
 Server(engine, {endpoint!r}).serve_forever()

@@ -11,15 +11,15 @@ import pytest
 import torch
 from conftest import reference_logits, split_logits, token_ids
 
-from tsqp.arena import ALIGN, Regions
-from tsqp.engine import Engine
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.protocol import Message
-from tsqp.remote import InProcess, RemoteOps
+from tsqp.server.engine import Engine
 from tsqp.stats import Stats
-from tsqp.transport import Client
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.remote import InProcess, RemoteOps
+from tsqp.wire.arena import ALIGN, Regions
+from tsqp.wire.protocol import Message
+from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 

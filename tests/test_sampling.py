@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tsqp.errors import TsqpError
-from tsqp.sampling import SamplingOptions, sample, top_k_filter, top_p_filter
+from tsqp.tee.sampling import SamplingOptions, sample, top_k_filter, top_p_filter
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()

@@ -18,10 +18,10 @@ import zmq
 from conftest import assert_one_line_error, free_port, kill_process, reference_logits, run_tsqp, split_logits, token_ids
 
 from tsqp.errors import ConnectionLost, TsqpError
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.protocol import PROTOCOL_VERSION, pack, unpack
-from tsqp.transport import Client
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.protocol import PROTOCOL_VERSION, pack, unpack
+from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 REPLY_TIMEOUT_MS = 10_000
@@ -236,7 +236,7 @@ SMALL_MAX_MESSAGE = 1 << 20
 # `tsqp serve` with its sockets' ZMQ_MAXMSGSIZE lowered to 1 MiB (the real bound, 4 GiB, is too large to
 # exceed in a test): the same CLI entry point, only transport.make_socket's default is changed.
 SMALL_LIMIT_SERVE = (
-    "import sys, tsqp.transport as t; make = t.make_socket; "
+    "import sys, tsqp.wire.transport as t; make = t.make_socket; "
     f"t.make_socket = lambda context, kind, limit={SMALL_MAX_MESSAGE}, **kw: make(context, kind, limit, **kw); "
     "from tsqp.cli import main; sys.exit(main(sys.argv[1:]))"
 )

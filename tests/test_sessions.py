@@ -16,11 +16,11 @@ import torch
 from conftest import token_ids
 
 from tsqp.errors import ServerError
-from tsqp.generate import generate
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.sampling import SamplingOptions
-from tsqp.transport import Client
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.generate import generate
+from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.sampling import SamplingOptions
+from tsqp.wire.transport import Client
 
 NEW_TOKENS = 24
 UNKNOWN = "unknown or expired session"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import reference_logits, token_ids, wait_for
 
-from tsqp.arena import SHM_DIR, Arena, sweep_stale
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
-from tsqp.protocol import query_tiles
 from tsqp.stats import Stats
-from tsqp.transport import Client
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.arena import SHM_DIR, Arena, sweep_stale
+from tsqp.wire.protocol import query_tiles
+from tsqp.wire.transport import Client
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 

@@ -15,10 +15,10 @@ import torch
 from conftest import reference_logits, run_tsqp, token_ids
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.freivalds import VECTORS
-from tsqp.model import TeeModel
-from tsqp.remote import InProcess
-from tsqp.verify import VerifiedOps
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.freivalds import VECTORS
+from tsqp.tee.remote import InProcess
+from tsqp.tee.verify import VerifiedOps
 
 SHAPES = {
     "mha": dict(),
@@ -40,7 +40,7 @@ def models(checkpoints):
 
 
 def tee_for(model, dtype: str = "float32", tile: int | None = None) -> TeeModel:
-    from tsqp.engine import Engine
+    from tsqp.server.engine import Engine
 
     tee = TeeModel(model, InProcess(Engine(str(model), dtype=dtype)))
     if tile:
@@ -114,7 +114,7 @@ def test_honest_server_passes_thousands_of_checks(models):
 
 def test_keys_hold_the_products_of_the_checkpoint_weights(models):
     """w = W^T s, e = E s, and c_h = x . z_h + beta_h = v_g(h)(x) . (W_o[:, h]^T s_o) for any x."""
-    from tsqp.checkpoint import Checkpoint
+    from tsqp.model.checkpoint import Checkpoint
 
     model = models["gqa-bias"]
     tee = tee_for(model)
@@ -140,7 +140,7 @@ def test_keys_hold_the_products_of_the_checkpoint_weights(models):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_results_fail(models, value):
-    from tsqp.engine import Engine
+    from tsqp.server.engine import Engine
 
     model = models["gqa"]
     server = InProcess(Engine(str(model)))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tsqp import __version__
 from tsqp.errors import TsqpError
-from tsqp.presets import PRESETS, preset_path
-from tsqp.protocol import FLOAT_DTYPES
-from tsqp.runner import RunOptions
-from tsqp.transport import endpoint_from_env
+from tsqp.model.presets import PRESETS, preset_path
+from tsqp.tee.runner import RunOptions
+from tsqp.wire.protocol import FLOAT_DTYPES
+from tsqp.wire.transport import endpoint_from_env
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -238,9 +238,9 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tsqp.curve import server_keys
-    from tsqp.server import run_server
-    from tsqp.transport import default_endpoint
+    from tsqp.server.loop import run_server
+    from tsqp.wire.curve import server_keys
+    from tsqp.wire.transport import default_endpoint
 
     if args.device.startswith("cuda"):
         import torch
@@ -263,8 +263,8 @@ def cmd_logits(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from tsqp.generate import kv_session
-    from tsqp.runner import open_model
+    from tsqp.tee.generate import kv_session
+    from tsqp.tee.runner import open_model
 
     ids = torch.tensor(parse_token_ids(args.token_ids), dtype=torch.int64)
     with open_model(run_options(args, resolve_model(args))) as tee:
@@ -276,7 +276,7 @@ def cmd_logits(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from tsqp.bench import run_bench
+    from tsqp.measure.bench import run_bench
 
     if args.tokens < 1:
         raise TsqpError("--tokens must be at least 1")
@@ -299,11 +299,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import json
 
-    from tsqp.config import LlamaConfig
-    from tsqp.generate import generate, session_capacity
-    from tsqp.runner import open_model
-    from tsqp.sampling import SamplingOptions
-    from tsqp.tokenizer import TOKENIZER_FILE, TextTokenizer, eos_token_ids
+    from tsqp.model.config import LlamaConfig
+    from tsqp.tee.generate import generate, session_capacity
+    from tsqp.tee.runner import open_model
+    from tsqp.tee.sampling import SamplingOptions
+    from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer, eos_token_ids
 
     model_dir = resolve_model(args)
     sampling = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -377,7 +377,7 @@ class TextStream:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     import json
 
-    from tsqp.diagnose import run_diagnose
+    from tsqp.measure.diagnose import run_diagnose
 
     sizes = parse_int_list(args.sizes, "--sizes")
     if args.rounds < 1 or not sizes or min(sizes) < 1:
@@ -392,7 +392,7 @@ def cmd_preset(args: argparse.Namespace) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
-    from tsqp.curve import generate
+    from tsqp.wire.curve import generate
 
     for path in generate(args.folder):
         print(path)

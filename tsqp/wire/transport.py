@@ -26,13 +26,13 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tsqp.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
-from tsqp.curve import CurveKeys, apply_curve
-from tsqp.doorbell import SPIN_S, Doorbell, fits
-from tsqp.doorbell import supported as doorbell_supported
 from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
-from tsqp.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 from tsqp.stats import Stats
+from tsqp.wire.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
+from tsqp.wire.curve import CurveKeys, apply_curve
+from tsqp.wire.doorbell import SPIN_S, Doorbell, fits
+from tsqp.wire.doorbell import supported as doorbell_supported
+from tsqp.wire.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 
 POLL_MS = 100
 DOORBELL_POLL_MS = 5  # waiting for a doorbell reply: how often the slot is looked at between ZeroMQ polls
@@ -96,7 +96,7 @@ def use_shm(transport: str, endpoint: str) -> bool:
 def make_socket(
     context: zmq.Context, kind: int, max_message_bytes: int = MAX_MESSAGE_BYTES, curve: CurveKeys | None = None
 ) -> zmq.Socket:
-    """curve: CURVE keys (tsqp.curve), server mode when they carry an allow-list."""
+    """curve: CURVE keys (tsqp.wire.curve), server mode when they carry an allow-list."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -169,7 +169,7 @@ class Client:
         curve: CurveKeys | None = None,
         doorbell: bool = True,
     ):
-        """curve: client keys (tsqp.curve.client_keys) for a server started with --curve-keys.
+        """curve: client keys (tsqp.wire.curve.client_keys) for a server started with --curve-keys.
         doorbell: ring the arena's doorbell for lone small requests when the server polls it (shm only)."""
         check_endpoint(endpoint)
         path = ipc_path(endpoint)

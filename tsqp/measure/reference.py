@@ -1,6 +1,6 @@
 """transformers' monolithic model on the same checkpoint: the baseline the split is measured against.
 
-Each timing runs in a fresh subprocess (`python -m tsqp.reference ...`) with the thread count of the
+Each timing runs in a fresh subprocess (`python -m tsqp.measure.reference ...`) with the thread count of the
 split run and OpenMP's default wait policy (TSQP sets a passive one for itself; a monolithic run is
 better off spinning), so the baseline is what a user gets by running the model in one process.
 transformers is an optional extra (`pip install tsqp[bench]`); the TEE runtime never imports it.
@@ -37,7 +37,7 @@ def time_reference(
     command = [
         sys.executable,
         "-m",
-        "tsqp.reference",
+        "tsqp.measure.reference",
         str(model_dir),
         dtype,
         attn,
@@ -64,7 +64,7 @@ def _measure(
         from transformers import LlamaForCausalLM
     except ImportError:
         raise TsqpError("the comparison needs transformers: pip install 'tsqp[bench]'") from None
-    from tsqp.bench import token_ids
+    from tsqp.measure.bench import token_ids
 
     torch.set_num_threads(threads)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
@@ -116,7 +116,7 @@ class _TokenClock:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tsqp.reference")
+    parser = argparse.ArgumentParser(prog="python -m tsqp.measure.reference")
     for name in ("model_dir", "dtype", "attn"):
         parser.add_argument(name)
     for name in ("tokens", "warmup", "seed", "threads", "decode"):

@@ -15,9 +15,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tsqp.generate import Generation, generate
-from tsqp.runner import RunOptions, open_model
 from tsqp.stats import Stats
+from tsqp.tee.generate import Generation, generate
+from tsqp.tee.runner import RunOptions, open_model
 
 WARMUP_TOKENS = 16
 
@@ -127,7 +127,7 @@ def run_bench(
 
 def reference_runs(options: RunOptions, dtype: str, tokens: int, warmup: int, decode: int = 0) -> dict:
     """transformers sdpa and eager on the same checkpoint, dtype, device and thread count."""
-    from tsqp.reference import time_reference
+    from tsqp.measure.reference import time_reference
 
     return {
         attn: time_reference(

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tsqp.config import LlamaConfig
 from tsqp.errors import ConnectionLost, TsqpError
-from tsqp.model import TeeModel
-from tsqp.sampling import SamplingOptions, sample
+from tsqp.model.config import LlamaConfig
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.sampling import SamplingOptions, sample
 
 GREEDY = SamplingOptions()
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from tsqp.doorbell import CONTROL_BYTES
 from tsqp.errors import ProtocolError, TsqpError
+from tsqp.wire.doorbell import CONTROL_BYTES
 
 SHM_DIR = Path("/dev/shm")
 ALIGN = 256

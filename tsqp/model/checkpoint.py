@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from tsqp.config import LlamaConfig, read_json
 from tsqp.errors import ModelError
+from tsqp.model.config import LlamaConfig, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

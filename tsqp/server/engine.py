@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tsqp.checkpoint import Checkpoint, layer_prefix
-from tsqp.config import LlamaConfig
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.protocol import CONTROL_METHODS, DTYPES, MAX_QUERY_TILE, METHODS, SESSION_METHODS, Message, query_tiles
+from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.config import LlamaConfig
+from tsqp.wire.protocol import CONTROL_METHODS, DTYPES, MAX_QUERY_TILE, METHODS, SESSION_METHODS, Message, query_tiles
 
 DEFAULT_MAX_CACHE_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 600.0

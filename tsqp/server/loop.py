@@ -16,15 +16,23 @@ import msgpack
 import torch
 import zmq
 
-from tsqp.arena import Arena, align
-from tsqp.curve import CurveKeys, start_authenticator
-from tsqp.doorbell import CONTROL_BYTES, SPIN_S, Doorbell, fits
-from tsqp.doorbell import supported as doorbell_supported
-from tsqp.engine import Engine
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.protocol import MAX_HEADER_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack, parse_header, unpack
-from tsqp.transport import bind_server, ipc_path
+from tsqp.server.engine import Engine
 from tsqp.tuning import keep_freed_memory
+from tsqp.wire.arena import Arena, align
+from tsqp.wire.curve import CurveKeys, start_authenticator
+from tsqp.wire.doorbell import CONTROL_BYTES, SPIN_S, Doorbell, fits
+from tsqp.wire.doorbell import supported as doorbell_supported
+from tsqp.wire.protocol import (
+    MAX_HEADER_BYTES,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Message,
+    pack,
+    parse_header,
+    unpack,
+)
+from tsqp.wire.transport import bind_server, ipc_path
 
 POLL_MS = 200
 DOORBELL_POLL_MS = 5  # with doorbells: how often they are looked at while the server sleeps on the socket
@@ -34,7 +42,7 @@ class Server:
     def __init__(
         self, engine: Engine, endpoint: str, context: zmq.Context | None = None, curve: CurveKeys | None = None
     ):
-        """curve: server keys (tsqp.curve.server_keys): only clients in the allow-list connect, encrypted."""
+        """curve: server keys (tsqp.wire.curve.server_keys): only clients in the allow-list connect, encrypted."""
         self.engine = engine
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tsqp.config import LlamaConfig
 from tsqp.errors import ServerError, TsqpError
-from tsqp.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
+from tsqp.model.config import LlamaConfig
+from tsqp.wire.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
 
 Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
 Softmax = Callable[[torch.Tensor, list[Tile]], torch.Tensor]  # (packed scores, their tiles) -> probs, in place
@@ -78,7 +78,7 @@ class Request:
 class InProcess:
     """Calls an Engine directly, as the socket server would (same validation, no sockets)."""
 
-    def __init__(self, engine, peer: bytes = b"in-process"):  # engine: a tsqp.engine.Engine
+    def __init__(self, engine, peer: bytes = b"in-process"):  # engine: a tsqp.server.engine.Engine
         self.engine = engine
         self.peer = peer
 

@@ -61,13 +61,13 @@ from collections import Counter
 
 import torch
 
-from tsqp.checkpoint import Checkpoint
-from tsqp.config import LlamaConfig
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
-from tsqp.protocol import query_tiles
-from tsqp.remote import Call, RemoteOps, Request
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
+from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
+from tsqp.tee.remote import Call, RemoteOps, Request
+from tsqp.wire.protocol import query_tiles
 
 LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
 U32 = 2.0**-24

@@ -34,8 +34,8 @@ from typing import Any
 import msgpack
 import torch
 
-from tsqp.arena import Arena
 from tsqp.errors import ProtocolError
+from tsqp.wire.arena import Arena
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024

@@ -14,9 +14,9 @@ from collections import deque
 from pathlib import Path
 from threading import Thread
 
-from tsqp.curve import client_keys
 from tsqp.errors import ConnectionLost, LinkRefused
-from tsqp.transport import Client, ipc_path, private_endpoint
+from tsqp.wire.curve import client_keys
+from tsqp.wire.transport import Client, ipc_path, private_endpoint
 
 DEFAULT_START_TIMEOUT_S = 600.0
 PR_SET_PDEATHSIG = 1

@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tsqp.config import LlamaConfig, read_json
 from tsqp.errors import ModelError, TsqpError
+from tsqp.model.config import LlamaConfig, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

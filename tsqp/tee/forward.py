@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tsqp.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.errors import TsqpError
-from tsqp.protocol import Tile
-from tsqp.remote import Call, RemoteOps
-from tsqp.rope import Rotary
+from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.stats import Stats
-from tsqp.verify import VerifiedOps
+from tsqp.tee.remote import Call, RemoteOps
+from tsqp.tee.rope import Rotary
+from tsqp.tee.verify import VerifiedOps
+from tsqp.wire.protocol import Tile
 
 
 class TeeModel:

@@ -7,13 +7,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tsqp.checkpoint import Checkpoint
-from tsqp.curve import client_keys
-from tsqp.launcher import ServerProcess
-from tsqp.model import TeeModel
+from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
-from tsqp.transport import Client, use_shm
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.launcher import ServerProcess
 from tsqp.tuning import keep_freed_memory
+from tsqp.wire.curve import client_keys
+from tsqp.wire.transport import Client, use_shm
 
 
 @dataclass

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tsqp.config import LlamaConfig
+from tsqp.model.config import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:

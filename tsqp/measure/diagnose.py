@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tsqp.runner import RunOptions, open_client
+from tsqp.tee.runner import RunOptions, open_client
 from tsqp.tuning import keep_freed_memory
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tsqp.checkpoint import Checkpoint, layer_prefix
-from tsqp.config import LlamaConfig
+from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.config import LlamaConfig
 
 VECTORS = 2  # independent secret vectors per check (K): one pass over the data checks all of them
 S_MAX = 2.0  # secret entries are +-[1, 2)

@@ -1,0 +1,2 @@
+"""The untrusted side: the engine that holds the weights, sessions and KV caches, and its socket loop.
+It imports nothing from `tsqp.tee`."""
