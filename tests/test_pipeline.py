@@ -98,9 +98,9 @@ def test_server_scores_the_next_chunk_before_the_tee_softmaxes_this_one(model):
     tee.attach()
     softmax = tee.softmax_
 
-    def recorded_softmax(scores, tiles):
+    def recorded_softmax(block):
         recorder.events.append(("softmax", -1))
-        return softmax(scores, tiles)
+        return softmax(block)
 
     tee.softmax_ = recorded_softmax
     tee.ops.open_session(64)
@@ -110,13 +110,17 @@ def test_server_scores_the_next_chunk_before_the_tee_softmaxes_this_one(model):
     scores = [pos for method, pos in layer0 if method == "scores"]
     outputs = [pos for method, pos in layer0 if method == "attn_out"]
     assert len(scores) > 2 and scores == outputs == sorted(scores), layer0
-    # Before the first softmax, two chunks are already being scored; before the i-th softmax, chunk i+1.
-    softmaxes = [i for i, (method, _) in enumerate(layer0) if method == "softmax"]
-    for i, at in enumerate(softmaxes):
+    # The softmaxes come in runs, one run (a softmax per query tile) per chunk.
+    runs = [i for i, (method, _) in enumerate(layer0) if method == "softmax" and layer0[i - 1][0] != "softmax"]
+    assert len(runs) == len(scores), layer0
+    for i, at in enumerate(runs):
+        # Before chunk i's first softmax, the next chunk is already being scored (two ahead at the start).
         submitted = [pos for method, pos in layer0[:at] if method == "scores"]
         assert len(submitted) >= min(i + 2, len(scores)), layer0
-        # and chunk i's attn_out goes out right after its softmax
-        assert layer0[at + 1] == ("attn_out", outputs[i]), layer0
+        # and chunk i's attn_out goes out right after its last softmax
+        end = next(j for j in range(at, len(layer0)) if layer0[j][0] != "softmax")
+        assert layer0[end] == ("attn_out", outputs[i]), layer0
+    assert sum(method == "softmax" for method, _ in layer0) > len(runs)  # a softmax per tile, not per chunk
 
 
 def test_a_lie_in_a_later_chunk_is_caught(model):
@@ -250,6 +254,53 @@ def test_a_discarded_request_keeps_its_region_until_its_reply(server):
 
 
 @pytest.mark.parametrize("shm", [True, False])
+def test_a_draft_is_filled_in_place_and_sent(server, shm):
+    """attn_out's inputs are written where they are sent from: in the arena when there is one."""
+    with Client(server.endpoint, shm=shm, timeout_s=30) as client:
+        pair = client.draft([(torch.bfloat16, (3, 5)), (torch.float32, (7,))], reply_bytes=64)
+        if shm:  # each in its own aligned place, the reply's room after them
+            assert pair.offsets[0] % ALIGN == 0 and pair.offsets[1] == pair.offsets[0] + ALIGN
+            assert pair.reply_at == pair.offsets[1] + ALIGN
+        client.drop(pair)
+        draft = client.draft([(torch.float32, (4096,))], reply_bytes=4096 * 4)
+        in_arena = client.arena is not None and client.arena.offset_of(draft.tensors[0]) is not None
+        assert in_arena == shm
+        draft.tensors[0].copy_(torch.arange(4096.0))
+        reply = client.wait(client.submit("echo", {}, draft=draft))
+        torch.testing.assert_close(reply.tensors[0].clone(), torch.arange(4096.0), atol=0, rtol=0)
+        assert client.drafts == set() and client.regions.live == {}
+        with pytest.raises(ValueError, match="submitted or dropped already"):
+            client.submit("echo", {}, draft=draft)
+
+
+def test_a_draft_outlives_the_arena_growing_under_it(server):
+    """A later request grows the arena while a draft is being filled: the draft's old mapping stays
+    until it is sent, and what was written there reaches the server (the same file)."""
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        draft = client.draft([(torch.float32, (1024,))], reply_bytes=4096)
+        big = torch.full((8 << 20,), 3.0)  # 32 MB: more than the arena holds
+        waited = client.submit("echo", {}, [big], reply_bytes=big.nbytes)
+        assert client.retired, "the arena grew"
+        client.wait(waited)
+        client.call("ping")  # nothing in flight: only the draft keeps the old mapping
+        assert client.retired
+        draft.tensors[0].copy_(torch.arange(1024.0))  # through the retired mapping, still mapped
+        reply = client.wait(client.submit("echo", {}, draft=draft))
+        torch.testing.assert_close(reply.tensors[0].clone(), torch.arange(1024.0), atol=0, rtol=0)
+        client.call("ping")
+        assert client.retired == [] and client.regions.live == {}
+
+
+def test_a_dropped_draft_frees_its_region(server):
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        draft = client.draft([(torch.float32, (1024,))])
+        assert draft.id in client.regions.live
+        client.drop(draft)
+        assert client.regions.live == {} and client.drafts == set()
+        client.drop(draft)  # twice is harmless
+
+
+@pytest.mark.parametrize("shm", [True, False])
 def test_pipelined_through_a_server_equals_transformers(model, reference, server, shm):
     ids = token_ids(90, seed=6)
     stats = Stats()
@@ -270,19 +321,20 @@ def test_a_pipeline_failing_halfway_leaves_the_client_usable(model, server, shm)
     with Client(server.endpoint, shm=shm, timeout_s=30) as client:
         tee = pipelined(TeeModel(model, client, verify=True), True, tile=8)
         tee.attach()
-        softmax, chunks = tee.softmax_, []
+        softmax, tiles = tee.softmax_, []
 
-        def failing(scores, tiles):
-            chunks.append(len(tiles))
-            if len(chunks) == 3:
+        def failing(block):
+            tiles.append(block.shape)
+            if len(tiles) == 5:  # chunks in: its attn_out drafted, the next chunks' scores in flight
                 raise RuntimeError("the TEE failed")
-            return softmax(scores, tiles)
+            return softmax(block)
 
         tee.softmax_ = failing
         tee.ops.open_session(64)
         with pytest.raises(RuntimeError, match="the TEE failed"):
             tee.forward(token_ids(64, seed=3))
         assert any(r.discarded for r in client.in_flight.values()), "requests were in flight"
+        assert client.drafts == set()  # the failed chunk's attn_out inputs were given up, never sent
         tee.ops.close_session()  # waits behind the discarded ones, whose replies are drained meanwhile
         assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
         tee.softmax_ = softmax

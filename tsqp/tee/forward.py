@@ -18,7 +18,6 @@ from tsqp.stats import Stats
 from tsqp.tee.remote import Call, RemoteOps
 from tsqp.tee.rope import Rotary
 from tsqp.tee.verify import VerifiedOps
-from tsqp.wire.protocol import Tile
 
 
 class TeeModel:
@@ -39,7 +38,7 @@ class TeeModel:
         self.ops = (
             VerifiedOps(call, c, checkpoint, self.stats, pipeline=pipeline)
             if verify
-            else RemoteOps(call, c, pipeline=pipeline)
+            else RemoteOps(call, c, pipeline=pipeline, stats=self.stats)
         )
 
     def attach(self) -> dict:
@@ -90,10 +89,10 @@ class TeeModel:
         x = self.rms_norm(x, "model.norm.weight")
         return ops.lm_head(x)  # (T or 1, vocab)
 
-    def softmax_(self, scores: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
-        """Runs in the TEE between the server's two attention products, on one chunk's packed scores."""
+    def softmax_(self, block: torch.Tensor) -> torch.Tensor:
+        """Runs in the TEE between the server's two attention products, on one query tile of scores."""
         with self.stats.tee("softmax"):
-            return causal_softmax_(scores, tiles, self.config.num_heads)
+            return causal_softmax_(block)
 
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.numel() == 0:
@@ -104,15 +103,14 @@ class TeeModel:
             raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
 
 
-def causal_softmax_(packed: torch.Tensor, tiles: list[Tile], heads: int) -> torch.Tensor:
-    """Softmax over keys with the causal mask, in place on packed query tiles (the TEE owns this copy).
+def causal_softmax_(block: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys with the causal mask, in place on a query tile's scores (heads, rows, keys)
+    (the TEE owns this copy).
 
-    Within a tile only the last `rows` key columns can lie in the future of a row: that diagonal
-    block gets -inf above its diagonal; every earlier key is visible to every row of the tile.
+    Only the last `rows` key columns can lie in the future of a row of the tile: that diagonal block
+    gets -inf above its diagonal; every earlier key is visible to every row of the tile.
     """
-    for t in tiles:
-        block = packed[t.offset : t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
-        future = torch.ones(t.rows, t.rows, dtype=torch.bool).triu_(1)
-        block[:, :, t.keys - t.rows :].masked_fill_(future, float("-inf"))
-        torch.softmax(block, dim=-1, out=block)
-    return packed
+    rows, keys = block.shape[1], block.shape[2]
+    future = torch.ones(rows, rows, dtype=torch.bool).triu_(1)
+    block[:, :, keys - rows :].masked_fill_(future, float("-inf"))
+    return torch.softmax(block, dim=-1, out=block)

@@ -24,10 +24,12 @@ import torch
 
 from tsqp.errors import ServerError, TsqpError
 from tsqp.model.config import LlamaConfig
+from tsqp.stats import Stats
 from tsqp.wire.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
+from tsqp.wire.transport import Draft
 
 Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
-Softmax = Callable[[torch.Tensor, list[Tile]], torch.Tensor]  # (packed scores, their tiles) -> probs, in place
+Softmax = Callable[[torch.Tensor], torch.Tensor]  # a tile's scores (heads, rows, keys) -> probs, in place
 
 PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split
 MIN_CHUNK_SCORES = 1 << 20  # packed scores per chunk at least: a smaller call is one chunk (a decode step)
@@ -44,13 +46,23 @@ class Synchronous:
         self.ids = itertools.count(1)
         self.replies: dict[int, Message | Exception] = {}
 
-    def submit(self, method: str, args=None, tensors=(), session=None, reply_bytes: int = 0) -> int:
+    def submit(
+        self, method: str, args=None, tensors=(), session=None, reply_bytes: int = 0, draft: Draft | None = None
+    ) -> int:
         request_id = next(self.ids)
+        if draft is not None:
+            tensors = draft.tensors
         try:
             self.replies[request_id] = self.call(method, args, tensors, session=session, reply_bytes=reply_bytes)
         except Exception as exc:  # raised when the request is waited for, like a server's refusal
             self.replies[request_id] = exc
         return request_id
+
+    def draft(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], reply_bytes: int = 0) -> Draft:
+        return Draft(0, [torch.empty(shape, dtype=dtype) for dtype, shape in specs])
+
+    def drop(self, draft: Draft) -> None:
+        pass
 
     def wait(self, request_id: int) -> Message:
         reply = self.replies.pop(request_id)
@@ -73,6 +85,24 @@ class Request:
     layer: int | None = None
     pos: int = 0
     collected: bool = False
+    check: ChunkCheck | None = None  # attn_out: what its result must match (verified mode)
+
+
+class ChunkCheck:
+    """Checks one attention chunk tile by tile, while each tile is in cache (verify.AttentionCheck);
+    this one, for unverified mode, checks nothing."""
+
+    def scores(self, tile: Tile, block: torch.Tensor) -> None:
+        """block (heads, rows, keys): a tile of scores as the server sent it, before it is used."""
+
+    def probs(self, tile: Tile, block: torch.Tensor) -> None:
+        """block (heads, rows, keys): the tile's probabilities exactly as sent to the server."""
+
+    def scores_done(self) -> None:
+        """Every tile of the chunk's scores passed."""
+
+    def attn_out(self, y: torch.Tensor) -> None:
+        """y (T, hidden): the server's o_proj(P V) for the chunk."""
 
 
 class InProcess:
@@ -101,6 +131,7 @@ class RemoteOps:
         wire_dtype: str = "float32",
         tile: int = DEFAULT_QUERY_TILE,
         pipeline: str = "auto",
+        stats: Stats | None = None,
     ):
         """call: a `transport.Client`, an `InProcess`, or a call function.
 
@@ -117,6 +148,7 @@ class RemoteOps:
         self.config = config
         self.wire = DTYPES[wire_dtype]
         self.session: bytes | None = None
+        self.stats = stats or Stats()
 
     @property
     def wire_name(self) -> str:
@@ -172,7 +204,8 @@ class RemoteOps:
         request.collected = True
         reply = self.link.wait(request.id)
         expect(reply.tensors, [(self.wire, shape) for shape in request.shapes], request.method)
-        return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
+        with self.stats.tee("copy"):
+            return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
 
     def _run(
         self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
@@ -192,10 +225,10 @@ class RemoteOps:
 
     def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
         """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE
-        at positions [pos, pos+T); softmax_ runs on the TEE, in place on each chunk's packed scores.
+        at positions [pos, pos+T); softmax_ runs on the TEE, in place on each query tile of scores.
 
-        Two round trips per query chunk, pipelined: LOOKAHEAD chunks are scored ahead of the one whose
-        softmax runs, and each chunk's attn_out is submitted as soon as its probabilities are ready.
+        Two round trips per query chunk, pipelined: LOOKAHEAD chunks are scored ahead of the one the TEE
+        works on, and each chunk's attn_out is submitted as soon as its probabilities are ready.
         """
         chunks = self.chunks(q.shape[0], pos)
         upcoming = iter(chunks)
@@ -210,17 +243,58 @@ class RemoteOps:
             for _ in range(LOOKAHEAD):
                 score_next()
             for start, end in chunks:
-                scores = self.collect_scores(scoring.popleft())  # packed, scaled by 1/sqrt(hd)
-                score_next()
-                tiles, _ = query_tiles(end - start, pos + start, self.config.num_heads, self.tile)
-                probs = softmax_(scores, tiles)
-                outputs.append(self.submit_attn_out(layer, pos + start, end - start, probs))
+                outputs.append(self.attend(scoring.popleft(), end - start, softmax_))
+                score_next()  # after the chunk's attn_out: the scores reply was read in place until then
             return torch.cat([self.collect_attn_out(request) for request in outputs])
         except BaseException:
             for request in (*scoring, *outputs):
                 if not request.collected:
                     self.link.discard(request.id)
             raise
+
+    def attend(self, scores: Request, T: int, softmax_: Softmax) -> Request:
+        """A chunk's scores in, its probabilities out: the attn_out request, submitted.
+
+        One pass per query tile while it is in cache: the tile is copied out of the reply (the arena is
+        untrusted; never read twice), checked, softmaxed in place, written into the attn_out request's
+        inputs (in the arena, drafted before the scores are read) and folded into the attn_out check.
+        """
+        layer, pos, heads, wire = scores.layer, scores.pos, self.config.num_heads, self.wire
+        tiles, total = query_tiles(T, pos, heads, self.tile)
+        draft = self.link.draft([(wire, (total,))], reply_bytes=T * self.config.hidden_size * wire.itemsize)
+        try:
+            scores.collected = True
+            reply = self.link.wait(scores.id)
+            expect(reply.tensors, [(wire, (total,))], "scores")
+            check = self.chunk_check(scores, T)
+            (received,), (probs,) = reply.tensors, draft.tensors
+            buffer = torch.empty(max(heads * t.rows * t.keys for t in tiles))
+            for t in tiles:
+                span = slice(t.offset, t.offset + heads * t.rows * t.keys)
+                block = buffer[: span.stop - span.start].view(heads, t.rows, t.keys)
+                with self.stats.tee("copy"):
+                    block.view(-1).copy_(received[span])  # scaled by 1/sqrt(hd), packed
+                check.scores(t, block)
+                softmax_(block)
+                with self.stats.tee("copy"):
+                    if wire == torch.float32:
+                        probs[span].copy_(block.view(-1))
+                    else:  # round once, privately: the check must see what the server gets
+                        rounded = block.to(wire)
+                        probs[span].copy_(rounded.view(-1))
+                        block.copy_(rounded)
+                check.probs(t, block)
+            check.scores_done()
+            args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
+            request_id = self.link.submit("attn_out", args, session=self.session, draft=draft)
+        except BaseException:
+            self.link.drop(draft)
+            raise
+        return Request(request_id, "attn_out", [(T, self.config.hidden_size)], [], layer, pos, check=check)
+
+    def chunk_check(self, scores: Request, T: int) -> ChunkCheck:
+        """What the tiles of a chunk are checked against (nothing, unless verified)."""
+        return ChunkCheck()
 
     def chunks(self, T: int, pos: int) -> list[tuple[int, int]]:
         """Query rows [start, end) per chunk: runs of whole tiles of about equal packed size."""
@@ -241,16 +315,10 @@ class RemoteOps:
         _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile)
         return self._submit("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])
 
-    def collect_scores(self, request: Request) -> torch.Tensor:
-        return self._collect(request)[0]
-
-    def submit_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> Request:
-        """probs packed like scores -> o_proj(probs @ V) (T, hidden) for the T queries from pos on."""
-        args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
-        return self._submit("attn_out", args, [probs], [(T, self.config.hidden_size)])
-
     def collect_attn_out(self, request: Request) -> torch.Tensor:
-        return self._collect(request)[0]
+        (y,) = self._collect(request)
+        request.check.attn_out(y)
+        return y
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T, inter = h.shape[0], self.config.intermediate_size

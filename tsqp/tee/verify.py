@@ -66,8 +66,8 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
-from tsqp.tee.remote import Call, RemoteOps, Request
-from tsqp.wire.protocol import query_tiles
+from tsqp.tee.remote import Call, ChunkCheck, RemoteOps, Request
+from tsqp.wire.protocol import Tile, query_tiles
 
 LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
 U32 = 2.0**-24
@@ -101,9 +101,8 @@ class VerifiedOps(RemoteOps):
         **kwargs,
     ):
         """seed: for tests only; by default 63 secret bits the server cannot know."""
-        super().__init__(call, config, **kwargs)
+        super().__init__(call, config, stats=stats, **kwargs)
         self.checkpoint = checkpoint
-        self.stats = stats or Stats()
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         self.keys: ModelKeys | None = None
         self.keys_dtype: torch.dtype | None = None
@@ -166,22 +165,9 @@ class VerifiedOps(RemoteOps):
         self._usable()
         return super().submit_scores(layer, pos, q, k)
 
-    def collect_scores(self, request: Request) -> torch.Tensor:
-        packed = super().collect_scores(request)
-        with self.stats.tee("verify"):
-            q, k = (t.float() for t in request.sent)
-            self._check_scores(request.layer, request.pos, q, k, packed)
-        return packed
-
-    def submit_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor) -> Request:
+    def chunk_check(self, scores: Request, T: int) -> AttentionCheck:
         self._usable()
-        return super().submit_attn_out(layer, pos, T, probs)
-
-    def collect_attn_out(self, request: Request) -> torch.Tensor:
-        y = super().collect_attn_out(request)
-        with self.stats.tee("verify"):
-            self._check_attn_out(request.layer, request.pos, y.shape[0], request.sent[0].float(), y)
-        return y
+        return AttentionCheck(self, scores, T)
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._usable()
@@ -236,80 +222,14 @@ class VerifiedOps(RemoteOps):
         ) * key.omega * x_norm
         self._check(op, layer, times(y, key.s), xw + key.bias_s, tolerance)
 
-    def _check_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, packed: torch.Tensor) -> None:
-        """q (T, heads, hd), k (T, kv, hd) as sent; packed scores by query tiles."""
-        c, state = self.config, self._session_state()
-        if pos == 0:
-            state.kr[layer].zero_()
-            state.k_sq[layer].zero_()
-        elif pos != state.k_filled[layer]:
-            raise TsqpError(
-                f"verified mode: scores of layer {layer} at position {pos} must append to the "
-                f"{state.k_filled[layer]} cached keys (or restart at 0)"
-            )
-        T, heads, kv, group, hd = q.shape[0], c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-        u, scale, r = UNIT_ROUNDOFF[self.wire], 1.0 / math.sqrt(hd), state.r
-        tiles, _ = query_tiles(T, pos, heads, self.tile)
-        lhs, s_norm = torch.empty(heads, T, VECTORS), torch.empty(heads, T, 1)
-        for t in tiles:  # S r over each tile's keys
-            block = packed[t.offset : t.offset + heads * t.rows * t.keys].view(heads * t.rows, t.keys)
-            # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
-            # (6.7 against 10.6 ms a layer at the 1.1B shape, 1024 tokens, 2 threads)
-            lhs[:, t.row : t.row + t.rows] = (block @ r[: t.keys]).view(heads, t.rows, VECTORS)
-            if not self.bounded_norms:
-                s_norm[:, t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(block, dim=1).view(heads, t.rows)
-        # K^T r and sum ||k_j||^2 over each tile's keys: the totals of earlier calls plus this call's keys
-        # up to the tile's last row, as one product with a (tiles, T) lower-triangular mask
-        ends = torch.tensor([t.row + t.rows for t in tiles])
-        upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T)
-        weighted = upto[:, None, :] * r[pos : pos + T].T[None]  # (tiles, K, T)
-        kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + state.kr[layer]
-        k_sq_call = k.square().sum(2)  # (T, kv)
-        k_sq_tiles = upto @ k_sq_call + state.k_sq[layer]  # (tiles, kv)
-        tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
-        kr, k_sq = kr_tiles[tile_of_row], k_sq_tiles[tile_of_row]  # (T, K, kv, hd), (T, kv)
-        keys = torch.tensor([float(t.keys) for t in tiles])[tile_of_row].view(T, 1, 1, 1)
-        rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr).mul_(scale)  # (T, kv, group, K)
-        q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group, 1)
-        qk_norm = scale * q_norm * k_sq.sqrt().view(T, kv, 1, 1)  # (T, kv, group, 1)
-        row_norm = qk_norm if self.bounded_norms else s_norm.view(kv, group, T, 1).permute(2, 0, 1, 3)
-        tolerance = (2 * u + U32 * keys.sqrt()) * S_MAX * row_norm + U32 * (
-            math.sqrt(hd) + 2 * keys.sqrt()
-        ) * S_MAX * qk_norm
-        self._check("scores", layer, lhs.view(kv, group, T, VECTORS).permute(2, 0, 1, 3), rhs, tolerance)
-        state.kr[layer] = kr_tiles[-1].clone()
-        state.k_sq[layer] = k_sq_tiles[-1].clone()
-        state.k_filled[layer] = pos + T
-
-    def _check_attn_out(self, layer: int, pos: int, T: int, probs: torch.Tensor, y: torch.Tensor) -> None:
-        c, keys, state = self.config, self.keys.layers[layer], self._session_state()
-        if state.c_filled[layer] < pos + T:
-            raise TsqpError(f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first")
-        u, heads, hidden = UNIT_ROUNDOFF[self.wire], c.num_heads, c.hidden_size
-        cache = state.c[layer]  # (heads, K + 1, capacity)
-        rhs, magnitude, o_norm = torch.empty(T, VECTORS), torch.empty(T, 1), torch.empty(T, 1)
-        for t in query_tiles(T, pos, heads, self.tile)[0]:
-            block = probs[t.offset : t.offset + heads * t.rows * t.keys].view(heads, t.rows, t.keys)
-            weighted = torch.bmm(block, cache[:, :, : t.keys].transpose(1, 2))  # (heads, rows, K + 1)
-            rhs[t.row : t.row + t.rows] = weighted[:, :, :VECTORS].sum(0)
-            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
-            # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
-            # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
-            # round independently: root of the sum of squares over heads.
-            gain = keys.o.omega * (
-                2 * U32 + U32 * (2 * math.sqrt(t.keys) + 2 * math.sqrt(hidden * c.head_dim) + math.sqrt(c.q_dim))
-            )
-            o_norm[t.row : t.row + t.rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
-            magnitude[t.row : t.row + t.rows] = gain * o_norm[t.row : t.row + t.rows]
-        y_norm = o_norm * keys.o.frobenius + keys.o.bias_norm if self.bounded_norms else _row_norm(y)
-        tolerance = (u + U32 * math.sqrt(hidden)) * S_MAX * y_norm + magnitude
-        self._check("attn_out", layer, times(y, keys.o.s), rhs + keys.o.bias_s, tolerance)
-
-    def _check(self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor) -> None:
-        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too)."""
+    def _check(
+        self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
+    ) -> None:
+        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too).
+        count: this is a whole result (not one tile of it) for `checks`."""
         deviation, tolerance = (lhs - rhs).abs(), LAMBDA * bound
         ratio = deviation / tolerance
-        self.checks[op.split(" ")[0]] += 1
+        self.checks[op.split(" ")[0]] += count
         self.comparisons += lhs.numel()
         bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
         if not bad.any():
@@ -342,3 +262,100 @@ class VerifiedOps(RemoteOps):
 def _row_norm(x: torch.Tensor) -> torch.Tensor:
     """(T, n) -> (T, 1) Euclidean norms."""
     return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+
+
+class AttentionCheck(ChunkCheck):
+    """One attention chunk's checks, fed tile by tile (`remote.RemoteOps.attend`).
+
+    scores: S r over each tile's keys must equal q (K^T r) / sqrt(hd), where K^T r and sum ||k_j||^2
+    are the totals of earlier calls plus this chunk's keys up to the tile's last row; that side is
+    computed here, before any tile arrives. attn_out: sum_h P_h c_h per row, folded in per tile from
+    the probabilities as sent; compared with y s_o when the server's result comes.
+    """
+
+    def __init__(self, ops: VerifiedOps, scores: Request, T: int):
+        self.ops, self.layer, self.pos = ops, scores.layer, scores.pos
+        c, state, layer, pos = ops.config, ops._session_state(), scores.layer, scores.pos
+        with ops.stats.tee("verify"):
+            if pos == 0:
+                state.kr[layer].zero_()
+                state.k_sq[layer].zero_()
+            elif pos != state.k_filled[layer]:
+                raise TsqpError(
+                    f"verified mode: scores of layer {layer} at position {pos} must append to the "
+                    f"{state.k_filled[layer]} cached keys (or restart at 0)"
+                )
+            if state.c_filled[layer] < pos + T:
+                raise TsqpError(
+                    f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first"
+                )
+            q, k = (t.float() for t in scores.sent)  # (T, heads, hd), (T, kv, hd) as sent
+            heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
+            u, r = UNIT_ROUNDOFF[ops.wire], state.r
+            tiles, _ = query_tiles(T, pos, heads, ops.tile)
+            ends = torch.tensor([t.row + t.rows for t in tiles])
+            upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T): a lower-triangular mask
+            weighted = upto[:, None, :] * r[pos : pos + T].T[None]  # (tiles, K, T)
+            kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + state.kr[layer]
+            k_sq_tiles = upto @ k.square().sum(2) + state.k_sq[layer]  # (tiles, kv)
+            tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
+            kr, k_sq = kr_tiles[tile_of_row], k_sq_tiles[tile_of_row]  # (T, K, kv, hd), (T, kv)
+            keys = torch.tensor([float(t.keys) for t in tiles])[tile_of_row].view(T, 1, 1, 1)
+            scale = 1.0 / math.sqrt(hd)
+            rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr).mul_(scale)  # (T, kv, group, K)
+            q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group, 1)
+            qk_norm = scale * q_norm * k_sq.sqrt().view(T, kv, 1, 1)  # (T, kv, group, 1)
+
+            def by_head(x: torch.Tensor) -> torch.Tensor:  # (T, kv, group, n) -> (heads, T, n), tiles' layout
+                return x.expand(T, kv, group, -1).permute(1, 2, 0, 3).reshape(heads, T, -1)
+
+            self.rhs, self.qk_norm = by_head(rhs), by_head(qk_norm)
+            self.row_gain = by_head((2 * u + U32 * keys.sqrt()) * S_MAX)  # times the row norm of S
+            self.floor = by_head(U32 * (math.sqrt(hd) + 2 * keys.sqrt()) * S_MAX * qk_norm)
+            self.kr_total, self.k_sq_total = kr_tiles[-1].clone(), k_sq_tiles[-1].clone()
+            self.out_rhs, self.o_norm = torch.empty(T, VECTORS), torch.empty(T, 1)
+            self.magnitude = torch.empty(T, 1)
+        self.T, self.tiles_seen = T, 0
+
+    def scores(self, tile: Tile, block: torch.Tensor) -> None:
+        ops, rows = self.ops, slice(tile.row, tile.row + tile.rows)
+        with ops.stats.tee("verify"):
+            heads, r = block.shape[0], ops._session_state().r
+            # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
+            lhs = (block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]).view(heads, tile.rows, VECTORS)
+            row_norm = (
+                self.qk_norm[:, rows] if ops.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
+            )
+            tolerance = self.row_gain[:, rows] * row_norm + self.floor[:, rows]
+            ops._check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
+            self.tiles_seen += 1
+
+    def scores_done(self) -> None:
+        ops, state = self.ops, self.ops._session_state()
+        ops.checks["scores"] += 1
+        state.kr[self.layer], state.k_sq[self.layer] = self.kr_total, self.k_sq_total
+        state.k_filled[self.layer] = self.pos + self.T
+
+    def probs(self, tile: Tile, block: torch.Tensor) -> None:
+        ops, rows = self.ops, slice(tile.row, tile.row + tile.rows)
+        with ops.stats.tee("verify"):
+            c, o = ops.config, ops.keys.layers[self.layer].o
+            cache = ops._session_state().c[self.layer]  # (heads, K + 1, capacity)
+            weighted = torch.bmm(block, cache[:, :, : tile.keys].transpose(1, 2))  # (heads, rows, K + 1)
+            self.out_rhs[rows] = weighted[:, :, :VECTORS].sum(0)
+            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
+            # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
+            # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
+            # round independently: root of the sum of squares over heads.
+            sums = 2 * math.sqrt(tile.keys) + 2 * math.sqrt(c.hidden_size * c.head_dim) + math.sqrt(c.q_dim)
+            gain = o.omega * (2 * U32 + U32 * sums)
+            self.o_norm[rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
+            self.magnitude[rows] = gain * self.o_norm[rows]
+
+    def attn_out(self, y: torch.Tensor) -> None:
+        ops = self.ops
+        with ops.stats.tee("verify"):
+            o, hidden = ops.keys.layers[self.layer].o, ops.config.hidden_size
+            y_norm = self.o_norm * o.frobenius + o.bias_norm if ops.bounded_norms else _row_norm(y)
+            tolerance = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(hidden)) * S_MAX * y_norm + self.magnitude
+            ops._check("attn_out", self.layer, times(y, o.s), self.out_rhs + o.bias_s, tolerance)

@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -153,8 +153,23 @@ class InFlight:
     lost: str | None = None  # sent on a connection that went down: no reply will come
 
 
+@dataclass
+class Draft:
+    """A request's input tensors, made before they are filled: in the arena when the client has one
+    (filled in place, nothing copied when it is sent), private tensors otherwise. `Client.submit(...,
+    draft=)` sends it; `Client.drop` gives it up."""
+
+    id: int
+    tensors: list[torch.Tensor]
+    offsets: list[int] = field(default_factory=list)  # where the tensors lie in the arena
+    reply_at: int | None = None  # where the results go in the arena (None: not in the arena)
+
+
 class Client:
-    """Sends requests to one server and waits for the matching replies, with a deadline."""
+    """Sends requests to one server and waits for the matching replies, with a deadline.
+
+    A reply's tensors may view the arena: they stay valid until the next `submit` or `draft`, so copy
+    them out (or finish with them) first."""
 
     def __init__(
         self,
@@ -202,6 +217,7 @@ class Client:
         self.doorbell_replies = 0  # replies that came by it
         self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
         self.replies: dict[int, tuple[Message, int, float]] = {}  # replies that came before their wait
+        self.drafts: set[int] = set()  # drafts made and neither submitted nor dropped
 
     def call(
         self,
@@ -224,24 +240,30 @@ class Client:
         tensors: list[torch.Tensor] = (),
         session: bytes | None = None,
         reply_bytes: int = 0,
+        draft: Draft | None = None,
     ) -> int:
         """Sends a request without waiting for its reply; returns its id for `wait`. Several may be in
-        flight: the server answers them in order, each into its own arena region."""
+        flight: the server answers them in order, each into its own arena region.
+
+        draft: inputs made by `draft` and filled since (instead of `tensors` and `reply_bytes`)."""
         start = time.perf_counter()
         self._check_link(method)
         self._drop_answered_in_slot()
-        if not self.in_flight:  # no reply can view an old mapping any more
-            for arena in self.retired:
-                arena.release()
-            self.retired.clear()
+        self._release_retired()
         args = dict(args or {})
-        request_id = next(self.ids)
-        placed = self.use_shm and bool(tensors or reply_bytes)
+        if draft is not None:
+            if draft.id not in self.drafts:
+                raise ValueError(f"draft {draft.id} was submitted or dropped already")
+            request_id, placed = draft.id, draft.reply_at is not None
+        else:
+            request_id, placed = next(self.ids), self.use_shm and bool(tensors or reply_bytes)
         try:
-            if placed:
+            if draft is None and placed:
                 tensors = self._place(request_id, list(tensors), reply_bytes, args)
             elif self.use_shm and method != "attach_arena":
                 self._arena_for(0)  # the doorbell lives in the arena: a control call may use it too
+            if draft is not None:
+                tensors = self._drafted(draft, args)
             header = {"id": request_id, "method": method, "session": session, "args": args}
             frames = pack(header, list(tensors), self.arena)
             packed = time.perf_counter()
@@ -254,7 +276,9 @@ class Client:
                 self.sock.send_multipart(frames, copy=False)
         except BaseException:
             self.regions.free(request_id)  # nothing was sent: nobody writes there
+            self.drafts.discard(request_id)
             raise
+        self.drafts.discard(request_id)
         sent = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         if placed:
             sent += sum(t.nbytes for t in tensors if self.arena.offset_of(t) is not None)
@@ -263,6 +287,48 @@ class Client:
         )
         self.doorbell_requests += bool(flag)
         return request_id
+
+    def draft(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], reply_bytes: int = 0) -> Draft:
+        """Input tensors (dtype, shape) for a request to fill before `submit(..., draft=)`: views of a
+        region of the arena reserved for it (with room for reply_bytes of results), or private tensors."""
+        self._release_retired()
+        request_id = next(self.ids)
+        if not self.use_shm:
+            draft = Draft(request_id, [torch.empty(shape, dtype=dtype) for dtype, shape in specs])
+        else:
+            sizes = [align(math.prod(shape) * dtype.itemsize) for dtype, shape in specs]
+            offset = self._arena_for(sum(sizes) + align(reply_bytes), request_id)
+            tensors, offsets = [], []
+            for (dtype, shape), size in zip(specs, sizes, strict=True):
+                tensors.append(self.arena.view(dtype, shape, offset))
+                offsets.append(offset)
+                offset += size
+            draft = Draft(request_id, tensors, offsets, reply_at=offset)
+        self.drafts.add(request_id)
+        return draft
+
+    def _drafted(self, draft: Draft, args: dict) -> list[torch.Tensor]:
+        """A draft's tensors to send: in the arena, views of the current mapping at the draft's offsets
+        (the arena may have grown since; the bytes are the same file's)."""
+        if draft.reply_at is None:
+            return list(draft.tensors)
+        args["reply_at"] = draft.reply_at
+        placed = zip(draft.tensors, draft.offsets, strict=True)
+        return [self.arena.view(t.dtype, t.shape, offset) for t, offset in placed]
+
+    def drop(self, draft: Draft) -> None:
+        """Gives up on a draft that was not submitted: its region is free again (nobody writes there)."""
+        if draft.id in self.drafts:
+            self.drafts.discard(draft.id)
+            self.regions.free(draft.id)
+
+    def _release_retired(self) -> None:
+        """Unmaps the arena's mappings from before it grew once nothing can view them: no reply in flight,
+        no draft being filled (a reply already waited for is done with by the rules of `Client`)."""
+        if not self.in_flight and not self.drafts:
+            for arena in self.retired:
+                arena.release()
+            self.retired.clear()
 
     def wait(self, request_id: int, timeout_s: float | None = None) -> Message:
         """The reply to a submitted request (replies to other requests in flight are kept for their turn)."""
