@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import reference_logits, split_logits, token_ids
 
-from tsqp.errors import IntegrityError, TsqpError
+from tsqp.errors import ConnectionLost, IntegrityError, TsqpError
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
 from tsqp.tee.forward import TeeModel
@@ -298,6 +298,18 @@ def test_a_dropped_draft_frees_its_region(server):
         client.drop(draft)
         assert client.regions.live == {} and client.drafts == set()
         client.drop(draft)  # twice is harmless
+
+
+def test_a_draft_that_cannot_attach_its_arena_leaves_no_region(server):
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+
+        def gone(*args, **kwargs):
+            raise ConnectionLost("the server went away")
+
+        client.call = gone  # the arena's attach_arena round trip fails
+        with pytest.raises(ConnectionLost, match="went away"):
+            client.draft([(torch.float32, (16,))])
+        assert client.regions.live == {} and client.drafts == set()
 
 
 @pytest.mark.parametrize("shm", [True, False])

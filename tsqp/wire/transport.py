@@ -297,7 +297,11 @@ class Client:
             draft = Draft(request_id, [torch.empty(shape, dtype=dtype) for dtype, shape in specs])
         else:
             sizes = [align(math.prod(shape) * dtype.itemsize) for dtype, shape in specs]
-            offset = self._arena_for(sum(sizes) + align(reply_bytes), request_id)
+            try:
+                offset = self._arena_for(sum(sizes) + align(reply_bytes), request_id)
+            except BaseException:  # attaching a new or grown arena failed (the link is down)
+                self.regions.free(request_id)
+                raise
             tensors, offsets = [], []
             for (dtype, shape), size in zip(specs, sizes, strict=True):
                 tensors.append(self.arena.view(dtype, shape, offset))
