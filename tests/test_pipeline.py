@@ -356,6 +356,53 @@ def test_a_pipeline_failing_halfway_leaves_the_client_usable(model, server, shm)
     torch.testing.assert_close(logits, split_logits(model, InProcess(Engine(str(model))), ids), atol=ATOL, rtol=0)
 
 
+def test_a_failing_draft_leaves_no_request_behind(model, server):
+    """Making a chunk's attn_out draft fails (the arena cannot grow, Ctrl-C): the chunk's scores request,
+    already in flight, is given up on too; nothing stays in flight or keeps its region."""
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        tee = pipelined(TeeModel(model, client, verify=True), True, tile=8)
+        tee.attach()
+        draft, drafts = client.draft, []
+
+        def failing(*args, **kwargs):
+            drafts.append(1)
+            if len(drafts) == 2:
+                raise KeyboardInterrupt
+            return draft(*args, **kwargs)
+
+        client.draft = failing
+        tee.ops.open_session(64)
+        with pytest.raises(KeyboardInterrupt):
+            tee.forward(token_ids(64, seed=4))
+        client.draft = draft
+        tee.ops.close_session()
+        assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
+        ids = token_ids(40, seed=13)
+        tee.ops.open_session(40)
+        logits = tee.forward(ids)
+    torch.testing.assert_close(logits, split_logits(model, InProcess(Engine(str(model))), ids), atol=ATOL, rtol=0)
+
+
+def test_a_failed_restart_keeps_the_running_key_sums(model):
+    """A prefill restarted at position 0 fails before its scores pass: the TEE's running sums over the
+    cached keys (what later appends are checked against) must be those of the earlier prefill."""
+    tee = pipelined(TeeModel(model, InProcess(Engine(str(model))), verify=True), True, tile=8)
+    tee.attach()
+    tee.ops.open_session(64)
+    tee.forward(token_ids(32, seed=5))
+    state = tee.ops.state
+    kr, k_sq = state.kr[0].clone(), state.k_sq[0].clone()
+
+    def failing(block):
+        raise RuntimeError("the TEE failed")
+
+    tee.softmax_ = failing
+    with pytest.raises(RuntimeError):
+        tee.forward(token_ids(8, seed=6), pos=0)
+    assert state.k_filled[0] == 32
+    assert torch.equal(state.kr[0], kr) and torch.equal(state.k_sq[0], k_sq)
+
+
 def test_statistics_count_server_compute_behind_tee_work():
     stats = Stats()
     # A plain call: the TEE waits through the server's whole compute.

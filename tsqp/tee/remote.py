@@ -33,7 +33,7 @@ Softmax = Callable[[torch.Tensor], torch.Tensor]  # a tile's scores (heads, rows
 
 PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split
 MIN_CHUNK_SCORES = 1 << 20  # packed scores per chunk at least: a smaller call is one chunk (a decode step)
-LOOKAHEAD = 2  # score chunks in flight ahead of the one the TEE works on
+LOOKAHEAD = 3  # score chunks submitted ahead: two in flight while the TEE works on one
 PIPELINE_MODES = ("auto", "on", "off")
 
 
@@ -227,8 +227,9 @@ class RemoteOps:
         """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE
         at positions [pos, pos+T); softmax_ runs on the TEE, in place on each query tile of scores.
 
-        Two round trips per query chunk, pipelined: LOOKAHEAD chunks are scored ahead of the one the TEE
-        works on, and each chunk's attn_out is submitted as soon as its probabilities are ready.
+        Two round trips per query chunk, pipelined: while the TEE works on one chunk the server has the
+        next two chunks' scores to compute (LOOKAHEAD), and each chunk's attn_out is submitted as soon as
+        its probabilities are ready.
         """
         chunks = self.chunks(q.shape[0], pos)
         upcoming = iter(chunks)
@@ -261,12 +262,13 @@ class RemoteOps:
         """
         layer, pos, heads, wire = scores.layer, scores.pos, self.config.num_heads, self.wire
         tiles, total = query_tiles(T, pos, heads, self.tile)
-        draft = self.link.draft([(wire, (total,))], reply_bytes=T * self.config.hidden_size * wire.itemsize)
+        draft = None
         try:
+            draft = self.link.draft([(wire, (total,))], reply_bytes=T * self.config.hidden_size * wire.itemsize)
+            check = self.chunk_check(scores, T)  # from the TEE's own q, k: while the server computes
             scores.collected = True
             reply = self.link.wait(scores.id)
             expect(reply.tensors, [(wire, (total,))], "scores")
-            check = self.chunk_check(scores, T)
             (received,), (probs,) = reply.tensors, draft.tensors
             buffer = torch.empty(max(heads * t.rows * t.keys for t in tiles))
             for t in tiles:
@@ -288,7 +290,10 @@ class RemoteOps:
             args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
             request_id = self.link.submit("attn_out", args, session=self.session, draft=draft)
         except BaseException:
-            self.link.drop(draft)
+            if draft is not None:
+                self.link.drop(draft)
+            if not scores.collected:
+                self.link.discard(scores.id)
             raise
         return Request(request_id, "attn_out", [(T, self.config.hidden_size)], [], layer, pos, check=check)
 

@@ -277,10 +277,7 @@ class AttentionCheck(ChunkCheck):
         self.ops, self.layer, self.pos = ops, scores.layer, scores.pos
         c, state, layer, pos = ops.config, ops._session_state(), scores.layer, scores.pos
         with ops.stats.tee("verify"):
-            if pos == 0:
-                state.kr[layer].zero_()
-                state.k_sq[layer].zero_()
-            elif pos != state.k_filled[layer]:
+            if pos != 0 and pos != state.k_filled[layer]:
                 raise TsqpError(
                     f"verified mode: scores of layer {layer} at position {pos} must append to the "
                     f"{state.k_filled[layer]} cached keys (or restart at 0)"
@@ -296,8 +293,9 @@ class AttentionCheck(ChunkCheck):
             ends = torch.tensor([t.row + t.rows for t in tiles])
             upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T): a lower-triangular mask
             weighted = upto[:, None, :] * r[pos : pos + T].T[None]  # (tiles, K, T)
-            kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + state.kr[layer]
-            k_sq_tiles = upto @ k.square().sum(2) + state.k_sq[layer]  # (tiles, kv)
+            kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
+            kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + kr_before
+            k_sq_tiles = upto @ k.square().sum(2) + k_sq_before  # (tiles, kv)
             tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
             kr, k_sq = kr_tiles[tile_of_row], k_sq_tiles[tile_of_row]  # (T, K, kv, hd), (T, kv)
             keys = torch.tensor([float(t.keys) for t in tiles])[tile_of_row].view(T, 1, 1, 1)
