@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tsqp.errors import ModelError
 from tsqp.model.config import LlamaConfig, read_json
@@ -21,6 +21,18 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _FINGERPRINT_SAMPLES = 64  # strided 4 KiB samples per file: different weights of one shape differ here
 _SAMPLE_BYTES = 4096
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class Checkpoint:
@@ -31,9 +43,12 @@ class Checkpoint:
         self.config = LlamaConfig.from_model_dir(self.dir)
         self.files = self._weight_files()
         self.where: dict[str, Path] = {}
+        self.entries: dict[str, tuple[int, dict]] = {}  # name -> (where the file's data starts, header entry)
         for path in self.files:
-            for name in _header(path):
+            data_start, header = _header(path)
+            for name, entry in header.items():
                 self.where[name] = path
+                self.entries[name] = (data_start, entry)
 
     def _weight_files(self) -> list[Path]:
         index = self.dir / INDEX_FILE
@@ -55,11 +70,13 @@ class Checkpoint:
         return name in self.where
 
     def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields (name, tensor) one at a time, in file order; a missing name is a ModelError.
+        """Yields (name, tensor) one at a time, grouped by file in the order asked; a missing name is a
+        ModelError.
 
-        Each tensor is read through its own opening of the file: safetensors maps the whole file, and
-        every page read stays in the process's resident set while the mapping lives (the TEE's peak RSS
-        held a whole 1 GB shard while the verification keys were computed)."""
+        Each tensor's bytes are read from the file at the offsets its header gives, nothing mapped: a
+        safetensors mapping of the whole file kept every page read resident (the TEE's peak RSS held a
+        1 GB shard while it computed the verification keys), and in an SGX enclave mapping a trusted file
+        copies all of it into enclave memory, where a read brings in only the bytes asked for."""
         names = list(names)
         for name in names:
             if name not in self.where:
@@ -69,12 +86,11 @@ class Checkpoint:
             by_file.setdefault(self.where[name], []).append(name)
         for path, group in by_file.items():
             try:
-                for name in group:
-                    with safe_open(path, framework="pt") as handle:
-                        tensor = handle.get_tensor(name)
-                    yield name, tensor
-            except (SafetensorError, OSError) as exc:
-                raise ModelError(f"cannot read {path}: {exc}") from None
+                with path.open("rb") as handle:
+                    for name in group:
+                        yield name, _read_tensor(handle, path, name, self.entries[name])
+            except OSError as exc:
+                raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def tensor(self, name: str) -> torch.Tensor:
         return next(self.tensors([name]))[1]
@@ -100,7 +116,8 @@ class Checkpoint:
         return digest.hexdigest()
 
 
-def _header(path: Path) -> dict:
+def _header(path: Path) -> tuple[int, dict]:
+    """(where the tensor data starts, the header's entries by name) of a safetensors file."""
     try:
         with path.open("rb") as handle:
             raw_len = handle.read(8)
@@ -110,10 +127,34 @@ def _header(path: Path) -> dict:
             if header_len > 100_000_000:
                 raise ValueError("header length is implausible")
             header = json.loads(handle.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not a valid safetensors file ({exc})") from None
     header.pop("__metadata__", None)
-    return header
+    return 8 + header_len, header
+
+
+def _read_tensor(handle, path: Path, name: str, entry: tuple[int, dict]) -> torch.Tensor:
+    """One tensor read from an open safetensors file, its header entry checked against the file."""
+    data_start, info = entry
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+    shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+    well_formed = (
+        dtype is not None
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+    )
+    if not well_formed or offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+        raise ModelError(f"{path}: the header entry of {name!r} is malformed: {info!r:.200}")
+    raw = torch.empty(offsets[1] - offsets[0], dtype=torch.uint8)
+    handle.seek(data_start + offsets[0])
+    if handle.readinto(raw.numpy()) != raw.numel():
+        raise ModelError(f"{path} is truncated: {name!r} ends past the end of the file")
+    return raw.view(dtype).view(shape)
 
 
 def layer_prefix(layer: int) -> str:
