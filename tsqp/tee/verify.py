@@ -313,7 +313,7 @@ class AttentionCheck(ChunkCheck):
             self.kr_total, self.k_sq_total = kr_tiles[-1].clone(), k_sq_tiles[-1].clone()
             self.out_rhs, self.o_norm = torch.empty(T, VECTORS), torch.empty(T, 1)
             self.magnitude = torch.empty(T, 1)
-        self.T, self.tiles_seen = T, 0
+        self.T = T
 
     def scores(self, tile: Tile, block: torch.Tensor) -> None:
         ops, rows = self.ops, slice(tile.row, tile.row + tile.rows)
@@ -326,7 +326,6 @@ class AttentionCheck(ChunkCheck):
             )
             tolerance = self.row_gain[:, rows] * row_norm + self.floor[:, rows]
             ops._check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
-            self.tiles_seen += 1
 
     def scores_done(self) -> None:
         ops, state = self.ops, self.ops._session_state()
