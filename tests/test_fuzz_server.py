@@ -204,7 +204,7 @@ values = st.recursive(
     max_leaves=12,
 )
 dtype_names = st.one_of(
-    st.sampled_from(list(DTYPES)), st.sampled_from(["float64", "int32", "bool", "", "FLOAT32"]), values
+    st.sampled_from(list(DTYPES)), st.sampled_from(["float128", "int32", "bool", "", "FLOAT32"]), values
 )
 methods = st.one_of(st.sampled_from(list(METHODS)), st.text(max_size=16), values)
 # dimensions the model uses (so shapes are often nearly right) and hostile ones

@@ -5,6 +5,7 @@ tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
 tsqp generate [--model DIR | --preset NAME] (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-new-tokens N]
               [--temperature T] [--top-k K] [--top-p P] [--seed S] [--connect ENDPOINT] [--json]
 tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--json FILE]
+tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
 tsqp preset   NAME            (writes the preset checkpoint and prints its folder)
 tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
 """
@@ -115,7 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
             default=True,
             help="check every server result with Freivalds' test (default); --no-verify to measure without",
         )
+        p.add_argument(
+            "--private",
+            action="store_true",
+            default=env("TSQP_PRIVATE") in ("1", "true", "yes"),
+            help="private mode: embedding and attention in the TEE, every linear input masked with a fresh "
+            "one-time pad; the server never sees the prompt, the activations or the logits (default: $TSQP_PRIVATE)",
+        )
+        p.add_argument(
+            "--helper",
+            default=env("TSQP_HELPER"),
+            metavar="ENDPOINT",
+            help="private mode: a second `tsqp serve`, run by another party, computes the pads from their seeds "
+            "(the two servers must not collude); default: pads precomputed in the TEE (`tsqp pads`)",
+        )
+        p.add_argument(
+            "--helper-curve-keys",
+            default=env("TSQP_HELPER_CURVE_KEYS"),
+            metavar="DIR",
+            help="CurveZMQ keys for the helper link (client.key_secret and the helper's server.key); "
+            "required for a tcp:// helper",
+        )
+        pads_flag(p)
         server_flags(p)
+
+    def pads_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--pads-dir",
+            default=env("TSQP_PADS_DIR"),
+            metavar="DIR",
+            help="private mode's pad pools and their key (default: $TSQP_PADS_DIR or $TSQP_CACHE/pads)",
+        )
 
     serve = commands.add_parser("serve", help="run the untrusted GPU server")
     model_flags(serve)
@@ -188,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--rounds", type=int, default=1000, help="small round trips to time (default 1000)")
     diagnose.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
 
+    pads = commands.add_parser("pads", help="precompute private mode's one-time pads in the TEE, into a pool file")
+    model_flags(pads, presets=True)
+    server_flags(pads)
+    pads_flag(pads)
+    pads.add_argument("--tokens", type=int, required=True, help="pads for this many tokens of every linear")
+
     preset = commands.add_parser("preset", help="write a preset checkpoint (if needed) and print its folder")
     preset.add_argument("name", choices=sorted(PRESETS))
 
@@ -207,6 +244,7 @@ def resolve_model(args: argparse.Namespace, default_preset: str | None = None) -
 
 
 def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
+    """Every client command's options; --helper implies --private."""
     return RunOptions(
         model_dir=model_dir,
         connect=args.connect,
@@ -220,6 +258,10 @@ def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
         verify=args.verify,
         pipeline=args.pipeline,
         doorbell=args.doorbell,
+        private=args.private or bool(args.helper),
+        pads_dir=Path(args.pads_dir) if args.pads_dir else None,
+        helper=args.helper,
+        helper_curve_keys=Path(args.helper_curve_keys) if args.helper_curve_keys else None,
     )
 
 
@@ -387,6 +429,26 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
 
 
+def cmd_pads(args: argparse.Namespace) -> None:
+    from tsqp.model.checkpoint import Checkpoint
+    from tsqp.model.presets import cache_dir
+    from tsqp.tee.pad_pool import fill
+    from tsqp.wire.protocol import DTYPES
+
+    if args.tokens < 1:
+        raise TsqpError("--tokens must be at least 1")
+    checkpoint = Checkpoint(resolve_model(args))
+    folder = Path(args.pads_dir) if args.pads_dir else cache_dir() / "pads"
+    path, seconds = fill(checkpoint, checkpoint.fingerprint(), DTYPES[args.dtype], args.tokens, folder)
+    size = path.stat().st_size
+    print(path)
+    print(
+        f"pads for {args.tokens} tokens ({args.dtype} server) in {seconds:.2f} s, {size / 1e6:.1f} MB "
+        f"({size / args.tokens / 1e6:.2f} MB a token)",
+        file=sys.stderr,
+    )
+
+
 def cmd_preset(args: argparse.Namespace) -> None:
     print(preset_path(args.name))
 
@@ -409,6 +471,7 @@ COMMANDS = {
     "logits": cmd_logits,
     "generate": cmd_generate,
     "bench": cmd_bench,
+    "pads": cmd_pads,
     "preset": cmd_preset,
     "keys": cmd_keys,
 }

@@ -8,7 +8,7 @@ import copy
 import json
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,15 @@ class Prefill:
     tokens: int
     seconds: float
     stats: Stats  # the timed run's counters alone
+    offline_s: float = 0.0  # private mode: computing the pads this prefill lacked, before it started
 
 
 def timed_prefill(tee, stats: Stats, ids: torch.Tensor, trace: bool = False) -> Prefill:
     """One prefill of ids in a fresh session, its counters separated from everything else."""
-    tee.ops.open_session(ids.shape[0])
+    pads = getattr(tee.ops, "pads", None)
+    offline_before = pads.offline_s if pads else 0.0
+    tee.ops.open_session(ids.shape[0])  # private mode: missing pads are computed here, untimed
+    offline_s = (pads.offline_s if pads else 0.0) - offline_before
     stats.reset()
     if trace:
         stats.start_trace()
@@ -45,7 +49,7 @@ def timed_prefill(tee, stats: Stats, ids: torch.Tensor, trace: bool = False) -> 
     timed = copy.deepcopy(stats)
     stats.trace = None
     tee.ops.close_session()
-    return Prefill(ids.shape[0], seconds, timed)
+    return Prefill(ids.shape[0], seconds, timed, offline_s)
 
 
 def run_bench(
@@ -73,6 +77,7 @@ def run_bench(
         verify_setup_s = tee.ops.setup_s if options.verify else None  # computing the Freivalds keys
         pipelined = tee.ops.pipelined
         generation = generate(tee, ids[:tokens].tolist(), decode) if decode else None
+        private = private_figures(tee, main) if options.private else None
     prefill_s, timed = main.seconds, main.stats
     summary = timed.summary()
     result = {
@@ -91,13 +96,21 @@ def run_bench(
         "verify": options.verify,
         "verify_s": summary["tee_ops"].get("verify", 0.0),
         "verify_setup_s": verify_setup_s,
+        "private": options.private,
         "detail": summary,
     }
+    mode = "private mode (masked products in float64)" if options.private else "plain mode"
     console.print(
         f"[bold]prefill[/bold] {tokens} tokens in {prefill_s:.3f} s ({tokens / prefill_s:.1f} tokens/s), "
-        f"{config.num_layers} layers, {dtype} on {options.device}"
+        f"{config.num_layers} layers, {dtype} on {options.device}, {mode}"
     )
-    console.print("attention: " + ("pipelined by query chunks" if pipelined else "one chunk per layer, not pipelined"))
+    if private:
+        result.update(private)
+        print_private(private, console)
+    else:
+        console.print(
+            "attention: " + ("pipelined by query chunks" if pipelined else "one chunk per layer, not pipelined")
+        )
     if options.verify:
         console.print(
             f"verification {result['verify_s']:.3f} s ({100 * result['verify_s'] / prefill_s:.1f}% of the "
@@ -108,6 +121,26 @@ def run_bench(
         timed.write_trace(trace_path)
         console.print(f"timeline written to {trace_path} (open it in ui.perfetto.dev or chrome://tracing)")
     runs = {}
+    if compare and options.private:
+        result["plain"] = plain_prefill(options, ids[:tokens], warmup)
+        result["ratio_plain"] = prefill_s / result["plain"]["prefill_s"]
+        console.print(
+            f"plain split, same run: {result['plain']['prefill_s']:.3f} s, {result['plain']['bytes'] / 1e9:.2f} GB "
+            f"moved: private / plain [bold]{result['ratio_plain']:.2f}[/bold]"
+        )
+        if private["offline_s"]:
+            from tsqp.measure.reference import time_reference
+
+            pads_reference = time_reference(
+                options.model_dir, "float64", "sdpa", tokens, warmup.shape[0], seed=0,
+                threads=torch.get_num_threads(), device=options.device,
+            )  # fmt: skip
+            result["reference_float64_s"] = pads_reference["prefill_s"]
+            result["ratio_pads_float64"] = private["offline_s"] / pads_reference["prefill_s"]
+            console.print(
+                f"pads for {tokens} tokens: {private['offline_s']:.3f} s against transformers' float64 prefill "
+                f"{pads_reference['prefill_s']:.3f} s: [bold]{result['ratio_pads_float64']:.2f}[/bold]"
+            )
     if compare:
         runs = reference_runs(options, dtype, tokens, warmup.shape[0], decode)
         sdpa, eager = runs["sdpa"]["prefill_s"], runs["eager"]["prefill_s"]
@@ -123,6 +156,49 @@ def run_bench(
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result
+
+
+def private_figures(tee, main: Prefill) -> dict:
+    """Private mode's own figures: the pads' cost and the leakage bound of what was masked."""
+    ops = tee.ops
+    return {
+        "offline_s": main.offline_s,
+        "offline_total_s": ops.pads.offline_s,
+        "pads_computed_tokens": ops.pads.computed_tokens,
+        "pads_claimed_tokens": ops.pads.claimed_tokens,
+        "pad_bytes_per_token": ops.pads.bytes_per_token,
+        "pad_source": "helper" if ops.options.helper is not None else "pool",
+        "pad_bits": ops.options.pad_bits,
+        "leak_bound_bits_per_coordinate": ops.leak_bound_bits(),
+        "calibration_s": ops.calibration_s,
+        "checks": ops.checked.checks if ops.checked else 0,
+        "check_margin": max(ops.checked.margin.values(), default=0.0) if ops.checked else None,
+    }
+
+
+def print_private(figures: dict, console: Console) -> None:
+    if figures["pad_source"] == "helper":
+        console.print("pads: from the helper server (nothing precomputed, no offline time)")
+    else:
+        console.print(
+            f"pads: {figures['offline_s']:.3f} s offline for this prefill (computed in the TEE; "
+            f"{figures['pads_claimed_tokens']} tokens' pads taken from pools made ahead), "
+            f"{figures['pad_bytes_per_token'] / 1e6:.2f} MB a token"
+        )
+    console.print(
+        f"leakage bound: at most {figures['leak_bound_bits_per_coordinate']:.2e} bits per masked coordinate "
+        f"(Gaussian pads 2^{figures['pad_bits']} times the calibrated inputs); "
+        f"calibration {figures['calibration_s']:.2f} s"
+    )
+
+
+def plain_prefill(options: RunOptions, ids: torch.Tensor, warmup: torch.Tensor) -> dict:
+    """The plain split on the same prompt, in the same run (its own server)."""
+    stats = Stats()
+    with open_model(replace(options, private=False, helper=None), stats) as tee:
+        timed_prefill(tee, stats, warmup)
+        run = timed_prefill(tee, stats, ids)
+    return {"prefill_s": run.seconds, "bytes": run.stats.bytes_sent + run.stats.bytes_received}
 
 
 def reference_runs(options: RunOptions, dtype: str, tokens: int, warmup: int, decode: int = 0) -> dict:

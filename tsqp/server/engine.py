@@ -18,7 +18,18 @@ import torch.nn.functional as F
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
 from tsqp.model.config import LlamaConfig
-from tsqp.wire.protocol import CONTROL_METHODS, DTYPES, MAX_QUERY_TILE, METHODS, SESSION_METHODS, Message, query_tiles
+from tsqp.wire.pad_seeds import SEED_BYTES, expand
+from tsqp.wire.protocol import (
+    CONTROL_METHODS,
+    DTYPES,
+    MASKED_DTYPE,
+    MASKED_LINEARS,
+    MAX_QUERY_TILE,
+    METHODS,
+    SESSION_METHODS,
+    Message,
+    query_tiles,
+)
 
 DEFAULT_MAX_CACHE_BYTES = 8 << 30
 DEFAULT_IDLE_TIMEOUT_S = 600.0
@@ -85,6 +96,7 @@ class Engine:
         self.sessions: dict[bytes, Session] = {}
         self.fingerprint = self.checkpoint.fingerprint()
         self._alloc: Alloc | None = None
+        self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
         self._load(progress)
 
     # -- loading -------------------------------------------------------------------------------
@@ -199,6 +211,9 @@ class Engine:
 
     def op_init(self, peer, session_id, args):
         c = self.config
+        if args.get("private") is True:  # the float64 weights of private mode, made now rather than mid-prefill
+            for op, layer in self._masked_ops():
+                self._masked_weight(op, layer)
         info = {
             "fingerprint": self.fingerprint,
             "dtype": self.dtype_name,
@@ -373,6 +388,66 @@ class Engine:
         weights = self.layers[layer]
         return [self._linear(self._activation(x, self.config.intermediate_size), weights.down, weights.down_bias)]
 
+    # -- private mode ------------------------------------------------------------------------
+
+    def op_masked_linear(self, args, x):
+        """x (T, in) float64, a masked activation x + r -> (x + r) W^T + b (T, out) in float64.
+
+        Float64 because the pad is 2^k times larger than x: the product's rounding must stay far below x W^T
+        (docs/threat-model.md, numerics). The server never sees x; it needs no session."""
+        weight, bias = self._masked_weight(*self._masked_op(args))
+        if x.dtype != MASKED_DTYPE:
+            raise ProtocolError(f"masked_linear takes a float64 activation, not {x.dtype}")
+        x = self._shape(x, weight.shape[1])
+        out = self._out((x.shape[0], weight.shape[0]), MASKED_DTYPE)
+        if bias is None:
+            return [torch.matmul(x, weight.t(), out=out)]
+        return [torch.addmm(bias, x, weight.t(), out=out)]
+
+    def op_pad(self, args):
+        """A helper server's call: z W^T (rows, out) float64 for the pad z = pad_seeds.expand(seed, rows, in).
+
+        The TEE sends the seed (over CurveZMQ) to this server, which must not be the one that computes on
+        x + z s: two servers that do not collude (docs/threat-model.md)."""
+        weight, _ = self._masked_weight(*self._masked_op(args))
+        seed = args.get("seed")
+        if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+            raise ProtocolError(f"pad needs a {SEED_BYTES}-byte seed")
+        rows = _int_arg(args, "rows", 1, self.config.max_position_embeddings)
+        pad = expand(seed, rows, weight.shape[1]).to(self.device)  # the TEE's r, before its scale
+        return [torch.matmul(pad, weight.t(), out=self._out((rows, weight.shape[0]), MASKED_DTYPE))]
+
+    def _masked_ops(self) -> list[tuple[str, int]]:
+        layers = [(op, layer) for layer in range(self.config.num_layers) for op in MASKED_LINEARS[:-1]]
+        return layers + [("lm_head", 0)]
+
+    def _masked_op(self, args) -> tuple[str, int]:
+        op = args.get("op")
+        if not isinstance(op, str) or op not in MASKED_LINEARS:
+            raise ProtocolError(f"unknown masked linear {op!r}: one of {', '.join(MASKED_LINEARS)}")
+        return op, 0 if op == "lm_head" else _int_arg(args, "layer", 0, self.config.num_layers - 1)
+
+    def _masked_weight(self, op: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of a private-mode linear as the server holds them, upcast once to float64."""
+        key = (op, layer)
+        if key not in self._masked:
+            if op == "lm_head":
+                parts = [(self.head, None)]
+            else:
+                w = self.layers[layer]
+                parts = {
+                    "qkv": [(w.qk, w.qk_bias), (w.v, w.v_bias)],
+                    "o_proj": [(w.o, w.o_bias)],
+                    "gate_up": [(w.gate_up, w.gate_up_bias)],
+                    "down": [(w.down, w.down_bias)],
+                }[op]
+            # the value path is kept in float32; in private mode v and o are rounded like every weight
+            weight = torch.cat([p.to(self.dtype).to(MASKED_DTYPE) for p, _ in parts])
+            biases = [b for _, b in parts if b is not None]
+            bias = torch.cat([b.to(self.dtype).to(MASKED_DTYPE) for b in biases]) if biases else None
+            self._masked[key] = (weight, bias)
+        return self._masked[key]
+
     # -- outputs -------------------------------------------------------------------------------
 
     def _out(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -407,10 +482,13 @@ class Engine:
         return x
 
     def _activation(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        return self._float(self._shape(x, width))
+
+    def _shape(self, x: torch.Tensor, width: int) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != width or x.shape[0] == 0:
             raise ProtocolError(f"expected a (T, {width}) activation, got {list(x.shape)}")
         self._check_tokens(x.shape[0])
-        return self._float(x)
+        return x
 
     def _check_tokens(self, T: int) -> None:
         """No call concerns more tokens than the model has positions; this bounds every result's size

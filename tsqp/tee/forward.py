@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.stats import Stats
+from tsqp.tee.private import PrivateOps, PrivateOptions
 from tsqp.tee.remote import Call, RemoteOps
 from tsqp.tee.rope import Rotary
 from tsqp.tee.verify import VerifiedOps
@@ -22,12 +23,20 @@ from tsqp.tee.verify import VerifiedOps
 
 class TeeModel:
     def __init__(
-        self, model_dir: str | Path, call: Call, stats: Stats | None = None, verify: bool = True, pipeline: str = "auto"
+        self,
+        model_dir: str | Path,
+        call: Call,
+        stats: Stats | None = None,
+        verify: bool = True,
+        pipeline: str = "auto",
+        private: PrivateOptions | None = None,
     ):
         """call: how requests reach the server (a `transport.Client`, a `remote.InProcess`, a call function).
 
         verify: check every result with `verify.VerifiedOps` (Freivalds); off only for measurements.
         pipeline: on, off, or auto (on when the server reports a GPU device): see `remote.RemoteOps.attention`.
+        private: private mode (`private.PrivateOps`): embedding and attention in the TEE, every linear input
+        masked with a fresh pad; None: the plain split.
         """
         checkpoint = Checkpoint(model_dir)
         self.config = c = checkpoint.config
@@ -35,11 +44,13 @@ class TeeModel:
         self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
         self.rotary = Rotary(c)
         self.stats = stats or Stats()
-        self.ops = (
-            VerifiedOps(call, c, checkpoint, self.stats, pipeline=pipeline)
-            if verify
-            else RemoteOps(call, c, pipeline=pipeline, stats=self.stats)
-        )
+        self.private = private is not None
+        if private is not None:
+            self.ops = PrivateOps(call, c, checkpoint, self.fingerprint, private, self.stats, verify=verify)
+        elif verify:
+            self.ops = VerifiedOps(call, c, checkpoint, self.stats, pipeline=pipeline)
+        else:
+            self.ops = RemoteOps(call, c, pipeline=pipeline, stats=self.stats)
 
     def attach(self) -> dict:
         """Checks the server runs this very model (same fingerprint) before anything is sent."""
@@ -49,6 +60,8 @@ class TeeModel:
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
+        if self.private:
+            self.ops.calibrate(self)  # the pad scales, from the TEE's own weights: nothing is sent
         return info
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -7,13 +7,16 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
+from tsqp.model.presets import cache_dir
 from tsqp.stats import Stats
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.private import PrivateOptions
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.curve import client_keys
-from tsqp.wire.transport import Client, use_shm
+from tsqp.wire.transport import Client, check_endpoint, use_shm
 
 
 @dataclass
@@ -30,6 +33,10 @@ class RunOptions:
     verify: bool = True  # Freivalds-check every server result (verify.VerifiedOps)
     doorbell: bool = True  # lone small requests through the arena's doorbell instead of ZeroMQ (shm only)
     pipeline: str = "auto"  # on | off | auto: attention chunks overlap TEE and server when the server is a GPU
+    private: bool = False  # private mode (tee/private.py): the server sees only masked activations
+    pads_dir: Path | None = None  # pad pools and their key (default: $TSQP_CACHE/pads)
+    helper: str | None = None  # a helper server computing the pads from their seeds (private mode)
+    helper_curve_keys: Path | None = None  # CurveZMQ keys for the helper link (required over tcp)
 
 
 @contextmanager
@@ -71,8 +78,33 @@ def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeM
     """A TeeModel attached to a server that runs the same model (its fingerprint is checked)."""
     stats = stats or Stats()
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
-    with open_client(options, stats) as client:
-        tee = TeeModel(options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline)
+    with ExitStack() as stack:
+        private = stack.enter_context(private_options(options, stats)) if options.private else None
+        client = stack.enter_context(open_client(options, stats))
+        tee = TeeModel(
+            options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline, private=private
+        )
+        if private is not None:
+            stack.callback(tee.ops.close)
         tee.attach()  # computes the verification keys: the start-up allocations are over
         keep_freed_memory()
         yield tee
+
+
+@contextmanager
+def private_options(options: RunOptions, stats: Stats) -> Iterator[PrivateOptions]:
+    """Private mode's options, with the link to the helper server when one is named."""
+    pads_dir = options.pads_dir or cache_dir() / "pads"
+    if options.helper is None:
+        yield PrivateOptions(pads_dir=pads_dir)
+        return
+    check_endpoint(options.helper)
+    if options.helper.startswith("tcp://") and options.helper_curve_keys is None:
+        raise TsqpError(
+            "a helper on tcp:// receives the pad seeds: give --helper-curve-keys DIR (its server.key and your "
+            "client keys, from `tsqp keys`) so the link is encrypted and the helper authenticated"
+        )
+    curve = client_keys(options.helper_curve_keys) if options.helper_curve_keys else None
+    with Client(options.helper, timeout_s=options.timeout_s, stats=stats, curve=curve) as helper:
+        helper.call("ping")  # a helper that is not there is reported now, not in the first layer
+        yield PrivateOptions(pads_dir=pads_dir, helper=helper)

@@ -47,6 +47,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "float64": torch.float64,  # private mode's masked products
     "int64": torch.int64,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -72,9 +73,14 @@ METHODS: dict[str, int] = {
     "attn_out": 1,
     "gate_up": 1,
     "down": 1,  # fused, per layer, need a session
+    "masked_linear": 1,  # private mode: (x + r) W^T + b in float64, no session
+    "pad": 0,  # private mode, helper server: z W^T for the pad z expanded from a seed (pad_seeds.py)
 }
 CONTROL_METHODS = ("init", "ping", "open_session", "close_session", "attach_arena")
 SESSION_METHODS = ("qkv", "scores", "attn_out", "gate_up", "down")
+# The linears of private mode (args op, and layer for all but lm_head): qkv is q, k and v fused.
+MASKED_LINEARS = ("qkv", "o_proj", "gate_up", "down", "lm_head")
+MASKED_DTYPE = torch.float64
 
 # Scores and probabilities travel packed by query tiles: tile i holds rows [row, row+rows) of every
 # head against keys [0, pos+row+rows) only, so the future half of the causal square never crosses.

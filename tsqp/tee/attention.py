@@ -1,0 +1,50 @@
+"""Attention inside the TEE (private mode): the session's KV cache and the causal softmax(q k^T) v.
+
+q k^T multiplies two secrets, so an additive pad on one side does not survive it cheaply; kept here it
+costs about 4% of a prefill's linear work (DESIGN.md section 6). No score, probability, key or value
+leaves the TEE. The cache holds post-RoPE keys and values, float32, like the server's in plain mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tsqp.errors import TsqpError
+from tsqp.model.config import LlamaConfig
+
+
+class KVCache:
+    """Post-RoPE keys and values of one session, per layer: (kv_heads, capacity, head_dim) each."""
+
+    def __init__(self, config: LlamaConfig, capacity: int):
+        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
+        self.keys = torch.zeros(shape)
+        self.values = torch.zeros(shape)
+        self.filled = [0] * config.num_layers  # positions holding values, per layer
+        self.capacity = capacity
+
+    def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
+        """v (T, kv_heads, head_dim) at positions [pos, pos + T)."""
+        T = v.shape[0]
+        if pos > self.filled[layer] or pos + T > self.capacity:
+            raise TsqpError(f"{T} tokens at position {pos} do not fit a session of {self.capacity} positions")
+        self.values[layer, :, pos : pos + T] = v.transpose(0, 1)
+        self.filled[layer] = pos + T
+
+    def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> softmax(q K^T / sqrt(hd)) V
+        over keys [0, pos + T), causal, as (T, heads * hd) head-major like o_proj's input."""
+        T, heads, hd = q.shape
+        end = pos + T
+        if end > self.filled[layer]:
+            raise TsqpError(f"attention of layer {layer} at positions up to {end} before their values")
+        self.keys[layer, :, pos:end] = k.transpose(0, 1)
+        keys, values = self.keys[layer, :, :end], self.values[layer, :, :end]  # (kv, end, hd)
+        queries = q.transpose(0, 1)  # (heads, T, hd)
+        if T == 1 or pos == 0:  # no mask (one query sees every key) or the square causal mask
+            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=T > 1, enable_gqa=True)
+        else:  # an append: query i sees keys [0, pos + i]
+            visible = torch.arange(end)[None, :] <= torch.arange(pos, end)[:, None]
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
+        return out.transpose(0, 1).reshape(T, heads * hd)

@@ -1,0 +1,259 @@
+"""Private mode's linear seam: one call, `linear(op, x) -> x W^T + b`, through small layers that each own
+one thing, the way tinygrad hands its model the linear layer:
+
+    Masked(pads, scales, Checked(keys, Remote(link)))   the default: pad, send, check, unpad
+    Recording(Local(checkpoint))                        the TEE alone (calibrating the pad scales)
+
+`Op` names one linear of the model: qkv (q, k and v fused), o_proj, gate_up, down (each with its layer)
+and lm_head. `Remote` sends an op to the server as `masked_linear`; the server computes in float64 and
+never sees an unmasked activation. `Checked` runs a Freivalds check on every product, masked or not
+(the TEE knows the x + r it sent), with float64 keys (`freivalds.build_masked_keys`) and a float64
+tolerance. `Masked` adds the pad r = s z and removes s (z W^T) from the result: (x + r) W^T + b - r W^T.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tsqp.errors import IntegrityError, TsqpError
+from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.config import LlamaConfig
+from tsqp.stats import Stats
+from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, by_columns, project_parts, secret_matrix, times
+from tsqp.wire.protocol import MASKED_DTYPE, expect
+
+U64 = 2.0**-53  # float64 unit roundoff: the server's masked products and the TEE's checks
+LAMBDA = 4.0  # tolerance multiplier, as in verify.py
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str  # one of protocol.MASKED_LINEARS
+    layer: int = 0  # 0 for lm_head
+
+    @property
+    def args(self) -> dict:
+        return {"op": self.name, "layer": self.layer}
+
+    def __str__(self) -> str:
+        return self.name if self.name == "lm_head" else f"{self.name} of layer {self.layer}"
+
+
+def op_dims(config: LlamaConfig, op: Op) -> tuple[int, int]:
+    """(in, out) of an op's weight."""
+    c = config
+    return {
+        "qkv": (c.hidden_size, c.q_dim + 2 * c.kv_dim),
+        "o_proj": (c.q_dim, c.hidden_size),
+        "gate_up": (c.hidden_size, 2 * c.intermediate_size),
+        "down": (c.intermediate_size, c.hidden_size),
+        "lm_head": (c.hidden_size, c.vocab_size),
+    }[op.name]
+
+
+def model_ops(config: LlamaConfig) -> list[Op]:
+    """Every linear of a forward pass, in the order it runs."""
+    ops = [Op(name, layer) for layer in range(config.num_layers) for name in ("qkv", "o_proj", "gate_up", "down")]
+    return ops + [Op("lm_head")]
+
+
+def weight_names(checkpoint: Checkpoint, op: Op) -> list[tuple[str, str | None]]:
+    """(weight, bias or None) names of an op's parts, stacked in this order along the output."""
+    c, p = checkpoint.config, layer_prefix(op.layer)
+    if op.name == "lm_head":
+        return [("lm_head.weight" if checkpoint.has("lm_head.weight") else "model.embed_tokens.weight", None)]
+    part, projs, bias = {
+        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj"), c.attention_bias),
+        "o_proj": ("self_attn", ("o_proj",), c.attention_bias),
+        "gate_up": ("mlp", ("gate_proj", "up_proj"), c.mlp_bias),
+        "down": ("mlp", ("down_proj",), c.mlp_bias),
+    }[op.name]
+    return [(f"{p}{part}.{proj}.weight", f"{p}{part}.{proj}.bias" if bias else None) for proj in projs]
+
+
+def load_weight(
+    checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An op's fused weight (out, in) and bias, rounded to the server's dtype (as it holds them), in dtype."""
+    parts = weight_names(checkpoint, op)
+    names = [w for w, _ in parts] + [b for _, b in parts if b is not None]
+    tensors = dict(checkpoint.tensors(names))
+    weight = torch.cat([tensors[w].to(wire).to(dtype) for w, _ in parts])
+    biases = [tensors[b].to(wire).to(dtype) for _, b in parts if b is not None]
+    return weight, torch.cat(biases) if biases else None
+
+
+Linear = Callable[[Op, torch.Tensor], torch.Tensor]  # (op, x (T, in)) -> x W^T + b (T, out)
+
+
+class Remote:
+    """The server computes the product (`masked_linear`, float64): it sees only what it is given."""
+
+    def __init__(self, link, config: LlamaConfig, stats: Stats):
+        self.link, self.config, self.stats = link, config, stats
+
+    def submit(self, op: Op, x: torch.Tensor) -> int:
+        rows, out = x.shape[0], op_dims(self.config, op)[1]
+        return self.link.submit("masked_linear", op.args, [x], reply_bytes=rows * out * MASKED_DTYPE.itemsize)
+
+    def collect(self, op: Op, request_id: int, rows: int) -> torch.Tensor:
+        reply = self.link.wait(request_id)
+        expect(reply.tensors, [(MASKED_DTYPE, (rows, op_dims(self.config, op)[1]))], "masked_linear")
+        with self.stats.tee("copy"):
+            return reply.tensors[0].clone()  # copy out of the arena, then check and use
+
+    def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        return self.collect(op, self.submit(op, x), x.shape[0])
+
+
+@dataclass
+class MaskedKeys:
+    """Float64 Freivalds keys of every op, secret vectors drawn from the TEE's generator."""
+
+    keys: dict[Op, LinearKey]
+
+    @classmethod
+    def build(cls, checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> MaskedKeys:
+        """Streams each weight once from the TEE's checkpoint (a few rows at a time in float64)."""
+        keys = {}
+        for op in model_ops(checkpoint.config):
+            parts = weight_names(checkpoint, op)
+            w, col_sq, secrets, bias_s, bias_sq = 0.0, 0.0, [], torch.zeros(VECTORS, dtype=MASKED_DTYPE), 0.0
+            for weight_name, bias_name in parts:
+                weight = checkpoint.tensor(weight_name)
+                s = secret_matrix(generator, weight.shape[0]).to(MASKED_DTYPE)
+                part_w, part_sq = project_parts(weight, s, wire, MASKED_DTYPE)
+                w, col_sq = w + part_w, col_sq + part_sq
+                secrets.append(s)
+                if bias_name is not None:
+                    bias = checkpoint.tensor(bias_name).to(wire).to(MASKED_DTYPE)
+                    bias_s, bias_sq = bias_s + bias @ s, bias_sq + float(bias.square().sum())
+                del weight
+            keys[op] = LinearKey(
+                by_columns(torch.cat(secrets)),
+                by_columns(w.T),
+                S_MAX * col_sq.max().sqrt().item(),
+                col_sq.sum().sqrt().item(),
+                bias_s,
+                math.sqrt(bias_sq),
+            )
+        return cls(keys)
+
+
+class Checked:
+    """Every product passes a float64 Freivalds check before it is used: y s == x w + b s.
+
+    Tolerance per row and vector, as in verify.py with float64 rounding throughout (the server's
+    product and the TEE's check): LAMBDA [(u + U64 sqrt(out)) S_MAX ||y|| + U64 (sqrt(in) + sqrt(out))
+    omega ||x||], ||y|| bounded by ||x|| ||W||_F + ||b||. For a masked product x is x + r, so what the
+    check lets through is of the size of the float64 rounding of the masked product: about 2^-53 sqrt(in)
+    times |r| |W|, 2^(k-53) sqrt(in) of the unmasked result for pads 2^k larger than x.
+    """
+
+    def __init__(self, inner: Linear, keys: MaskedKeys, stats: Stats):
+        self.inner, self.keys, self.stats = inner, keys, stats
+        self.checks = 0
+        self.margin: dict[str, float] = {}  # op name -> largest |lhs - rhs| / tolerance seen
+        self.failure: str | None = None
+
+    def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        self.usable()
+        y = self.inner(op, x)
+        self.check(op, x, y, bias=True)
+        return y
+
+    def usable(self) -> None:
+        if self.failure is not None:
+            raise IntegrityError(f"an earlier {self.failure}")
+
+    def check(self, op: Op, x: torch.Tensor, y: torch.Tensor, bias: bool, who: str = "server") -> None:
+        """y (T, out) against x (T, in), both float64; bias: y includes the op's bias (a pad does not)."""
+        with self.stats.tee("verify"):
+            key = self.keys.keys[op]
+            out_dim, in_dim = y.shape[1], x.shape[1]
+            x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            y_norm = x_norm * key.frobenius + (key.bias_norm if bias else 0.0)
+            tolerance = LAMBDA * (
+                (U64 + U64 * math.sqrt(out_dim)) * S_MAX * y_norm
+                + U64 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega * x_norm
+            )
+            lhs = times(y, key.s)
+            rhs = times(x, key.w) + (key.bias_s if bias else 0.0)
+            deviation = (lhs - rhs).abs()
+            self.checks += 1
+            bad = ~(deviation <= tolerance)
+            if not bad.any():
+                ratio = float((deviation / tolerance).nan_to_num(0.0).max())
+                self.margin[op.name] = max(self.margin.get(op.name, 0.0), ratio)
+                return
+            index = [int(i) for i in bad.nonzero()[0]]
+            self.failure = (
+                f"integrity check failed: the {who}'s {'pad for ' if who == 'helper' else ''}{op} result is wrong "
+                f"(Freivalds check at index {index}: off by {float(deviation[tuple(index)]):.3g}, tolerance "
+                f"{float(tolerance.expand_as(deviation)[tuple(index)]):.3g}); stop using this {who}"
+            )
+            raise IntegrityError(self.failure)
+
+
+class Local:
+    """The product computed in the TEE from its own checkpoint, one op's weight at a time (the last one
+    kept: a forward pass asks for each op several times in a row only in tests). Calibration uses it."""
+
+    def __init__(self, checkpoint: Checkpoint, wire: torch.dtype = torch.float32):
+        self.checkpoint, self.wire = checkpoint, wire
+        self.loaded: tuple[Op, torch.Tensor, torch.Tensor | None] | None = None
+
+    def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        if self.loaded is None or self.loaded[0] != op:
+            self.loaded = (op, *load_weight(self.checkpoint, op, self.wire, x.dtype))
+        _, weight, bias = self.loaded
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+class Recording:
+    """Passes every call through, keeping the largest |x| each op saw."""
+
+    def __init__(self, inner: Linear):
+        self.inner = inner
+        self.largest: dict[Op, float] = {}
+
+    def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        self.largest[op] = max(self.largest.get(op, 0.0), float(x.abs().max()))
+        return self.inner(op, x)
+
+
+class Masked:
+    """x leaves the TEE as x + r, r = s z a fresh pad (never used twice); the result is unpadded here.
+
+    scales: the pad scale s per op (a power of two: s z and s (z W^T) are exact). The largest |x| / s of
+    every call is kept: the leakage bound 1/2 log2(1 + (max|x| / s)^2) bits a coordinate follows from it."""
+
+    def __init__(self, inner: Linear, pads, scales: dict[Op, float], stats: Stats):
+        self.inner, self.pads, self.scales, self.stats = inner, pads, scales, stats
+        self.ratio = 0.0  # largest max|x| / s over every masked input so far
+
+    def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise TsqpError(f"private mode: the input of {op} is not finite")
+        scale = self.scales[op]
+        pending = self.pads.start(op, x.shape[0])  # a helper computes its part while the server computes
+        with self.stats.tee("mask"):
+            z = pending.z
+            masked = z.mul(scale).add_(x)  # x + r, float64
+            self.ratio = max(self.ratio, float(x.abs().max()) / scale)
+        y = self.inner(op, masked)
+        zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)
+        with self.stats.tee("mask"):
+            y.sub_(zw.mul_(scale))
+            for t in (masked, z, zw):
+                t.zero_()  # the pad is erased once used
+        return y
+
+
+def leak_bits(ratio: float) -> float:
+    """Gaussian pads of scale s on inputs with |x| <= ratio s: at most 1/2 log2(1 + ratio^2) bits a coordinate."""
+    return 0.5 * math.log2(1.0 + ratio * ratio)

@@ -1,0 +1,255 @@
+"""A pool of precomputed pads in a file outside the TEE's memory: encrypted, authenticated, used once.
+
+Slalom's way: the TEE computes z W^T for fresh pads z ahead of time, from its own copy of the weights
+(rounded to the server's dtype, as the server holds them), so that online it only adds and subtracts.
+Only the seed of each pad and z W^T are stored; z is expanded again from its seed when it is used
+(`wire.pad_seeds.expand`).
+
+File layout (every integer little-endian):
+
+    MAGIC (8 bytes) | header length (u32) | nonce (12) | AES-256-GCM(header JSON), AAD = MAGIC
+    then, per stream (one linear op of the model, in forward order) and per block of BLOCK_ROWS rows:
+        nonce (12) | AES-256-GCM(seed (32) | z W^T (rows, out) float64), AAD = file id | stream | block
+
+The header holds the model fingerprint and the server dtype the pads were made for, the token count,
+the block size and every stream's op and shape, so the file's exact size is known once the header is
+authenticated: a file of another model, a truncated one and an altered header are refused at open,
+before any pad is used, and an altered block is refused when its turn comes, before any of its bytes
+are used (its tag fails). The AAD binds each block to its place: blocks cannot be swapped or moved.
+
+A pool is used by one TEE process: `PoolReader` unlinks the file as it opens it (the open descriptor
+keeps the data readable), so no later process can be handed the same pads by name. A host that copied
+the file can hand it back (rollback); docs/threat-model.md says what that costs and how to avoid it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tsqp.errors import TsqpError
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.tee.linear import Op, load_weight, model_ops, op_dims
+from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
+from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
+
+MAGIC = b"TSQPPAD1"
+BLOCK_ROWS = 32  # rows per encrypted block: a decode step opens one block per op, not a whole pool
+NONCE = 12
+TAG = 16
+KEY_FILE = "pool.key"
+SUFFIX = ".pads"
+
+
+class PoolError(TsqpError):
+    """A pad pool file that cannot be used: altered, truncated, or made for another model."""
+
+
+def pool_key(folder: Path) -> bytes:
+    """The 32-byte pool key of a pad folder, made on first use (mode 0600). In an enclave it belongs in
+    a Gramine encrypted mount sealed to the enclave (docs/sgx.md), so only the enclave can read it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / KEY_FILE
+    if not path.exists():
+        key = AESGCM.generate_key(bit_length=256)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key)
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise PoolError(f"{path} is not a 32-byte pool key: remove it and the pools made with it")
+    return key
+
+
+@dataclass(frozen=True)
+class Stream:
+    op: Op
+    width: int  # in
+    out: int
+
+    def block_rows(self, tokens: int, block: int) -> int:
+        return min(BLOCK_ROWS, tokens - block * BLOCK_ROWS)
+
+    def blocks(self, tokens: int) -> int:
+        return -(-tokens // BLOCK_ROWS)
+
+    def block_bytes(self, rows: int) -> int:
+        return NONCE + SEED_BYTES + rows * self.out * MASKED_DTYPE.itemsize + TAG
+
+
+def streams(checkpoint: Checkpoint) -> list[Stream]:
+    return [Stream(op, *op_dims(checkpoint.config, op)) for op in model_ops(checkpoint.config)]
+
+
+def _aad(file_id: bytes, stream: int, block: int) -> bytes:
+    return file_id + struct.pack("<II", stream, block)
+
+
+def fill(
+    checkpoint: Checkpoint, fingerprint: str, wire: torch.dtype, tokens: int, folder: Path, progress=None
+) -> tuple[Path, float]:
+    """Computes pads for `tokens` rows of every op (the LM head's too) into a new pool file in folder.
+
+    One weight at a time is held (float64); each op's pads are one product. Written to a temporary name
+    and renamed when complete: an interrupted fill leaves no pool behind. Returns (path, seconds)."""
+    if tokens < 1:
+        raise TsqpError("a pad pool holds at least one token")
+    start = time.perf_counter()
+    key, file_id = pool_key(folder), secrets.token_bytes(16)
+    aead = AESGCM(key)
+    layout = streams(checkpoint)
+    header = {
+        "v": 1,
+        "fingerprint": fingerprint,
+        "dtype": DTYPE_NAMES[wire],
+        "tokens": tokens,
+        "block_rows": BLOCK_ROWS,
+        "file_id": file_id.hex(),
+        "streams": [[s.op.name, s.op.layer, s.width, s.out] for s in layout],
+    }
+    nonce = secrets.token_bytes(NONCE)
+    sealed = aead.encrypt(nonce, json.dumps(header).encode(), MAGIC)
+    name = f"{fingerprint[:16]}-{DTYPE_NAMES[wire]}-{time.strftime('%Y%m%d%H%M%S')}-{file_id.hex()[:8]}{SUFFIX}"
+    path, partial = folder / name, folder / (name + ".partial")
+    try:
+        with partial.open("wb") as handle:
+            handle.write(MAGIC + struct.pack("<I", len(sealed)) + nonce + sealed)
+            for index, stream in enumerate(layout):
+                weight, _ = load_weight(checkpoint, stream.op, wire, MASKED_DTYPE)
+                for block in range(stream.blocks(tokens)):
+                    rows = stream.block_rows(tokens, block)
+                    seed = new_seed()
+                    zw = expand(seed, rows, stream.width) @ weight.T  # (rows, out) float64
+                    payload = seed + zw.numpy().tobytes()
+                    block_nonce = secrets.token_bytes(NONCE)
+                    handle.write(block_nonce + aead.encrypt(block_nonce, payload, _aad(file_id, index, block)))
+                del weight
+                if progress:
+                    progress(index + 1, len(layout))
+        partial.rename(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path, time.perf_counter() - start
+
+
+class PoolReader:
+    """One claimed pool file: its streams read block by block, each row handed out once."""
+
+    def __init__(self, path: Path, key: bytes, fingerprint: str, wire: torch.dtype, layout: list[Stream]):
+        self.path = path
+        self.aead = AESGCM(key)
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise PoolError(f"pad pool {path.name}: cannot open it ({exc.strerror})") from None
+        try:
+            os.unlink(path)  # claimed: this process alone uses these pads
+            self._open(fingerprint, wire, layout)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _open(self, fingerprint: str, wire: torch.dtype, layout: list[Stream]) -> None:
+        name = self.path.name
+        size = os.fstat(self.fd).st_size
+        fixed = os.pread(self.fd, len(MAGIC) + 4 + NONCE, 0)
+        if len(fixed) < len(MAGIC) + 4 + NONCE or fixed[: len(MAGIC)] != MAGIC:
+            raise PoolError(f"pad pool {name} is not a TSQP pad pool (or is truncated): refused, nothing used")
+        (length,) = struct.unpack("<I", fixed[len(MAGIC) : len(MAGIC) + 4])
+        if length > 1 << 20:
+            raise PoolError(f"pad pool {name} has an implausible header: refused, nothing used")
+        sealed = os.pread(self.fd, length, len(fixed))
+        try:
+            header = json.loads(self.aead.decrypt(fixed[-NONCE:], sealed, MAGIC))
+        except (InvalidTag, ValueError):
+            raise PoolError(
+                f"pad pool {name} failed authentication (altered, truncated, or made with another pool key): "
+                "refused, nothing used"
+            ) from None
+        if header.get("fingerprint") != fingerprint:
+            raise PoolError(f"pad pool {name} was made for another model (fingerprint differs): refused, nothing used")
+        if header.get("dtype") != DTYPE_NAMES[wire]:
+            raise PoolError(
+                f"pad pool {name} was made for a {header.get('dtype')} server, this one is {DTYPE_NAMES[wire]}: "
+                "refused, nothing used"
+            )
+        expected = [[s.op.name, s.op.layer, s.width, s.out] for s in layout]
+        if header.get("streams") != expected or header.get("block_rows") != BLOCK_ROWS:
+            raise PoolError(f"pad pool {name} does not match this model's layout: refused, nothing used")
+        self.tokens, self.file_id = int(header["tokens"]), bytes.fromhex(header["file_id"])
+        self.layout = layout
+        self.offsets: list[int] = []  # each stream's first block
+        offset = len(fixed) + length
+        for stream in layout:
+            self.offsets.append(offset)
+            blocks = range(stream.blocks(self.tokens))
+            offset += sum(stream.block_bytes(stream.block_rows(self.tokens, b)) for b in blocks)
+        if size != offset:
+            raise PoolError(f"pad pool {name} is {size} bytes, its header says {offset}: truncated or padded, refused")
+        self.used = [0] * len(layout)  # rows handed out, per stream
+        self.open_block: dict[int, tuple[int, bytes, torch.Tensor]] = {}  # stream -> (block, seed, z W^T)
+
+    def left(self, stream: int) -> int:
+        return self.tokens - self.used[stream]
+
+    def take(self, stream: int, rows: int) -> tuple[list[tuple[bytes, int, int]], torch.Tensor]:
+        """The next `rows` rows of a stream: [(seed, first row in its block, rows)], z W^T (rows, out)."""
+        if rows > self.left(stream):
+            raise TsqpError(f"pad pool {self.path.name}: stream {stream} has {self.left(stream)} rows left")
+        spec = self.layout[stream]
+        zw = torch.empty(rows, spec.out, dtype=MASKED_DTYPE)
+        seeds, done = [], 0
+        while done < rows:
+            block, first = divmod(self.used[stream], BLOCK_ROWS)
+            _, seed, block_zw = self._block(stream, block)
+            n = min(rows - done, block_zw.shape[0] - first)
+            zw[done : done + n] = block_zw[first : first + n]
+            block_zw[first : first + n].zero_()  # erased: no row is handed out twice
+            seeds.append((seed, first, n))
+            done += n
+            self.used[stream] += n
+            if first + n == block_zw.shape[0]:
+                del self.open_block[stream]
+        return seeds, zw
+
+    def _block(self, stream: int, block: int) -> tuple[int, bytes, torch.Tensor]:
+        held = self.open_block.get(stream)
+        if held is not None and held[0] == block:
+            return held
+        spec = self.layout[stream]
+        offset = self.offsets[stream] + block * spec.block_bytes(BLOCK_ROWS)
+        rows = spec.block_rows(self.tokens, block)
+        raw = os.pread(self.fd, spec.block_bytes(rows), offset)
+        try:
+            payload = self.aead.decrypt(raw[:NONCE], raw[NONCE:], _aad(self.file_id, stream, block))
+        except (InvalidTag, ValueError):
+            raise PoolError(
+                f"pad pool {self.path.name}: block {block} of {spec.op} failed authentication (altered or "
+                "truncated): refused, none of its pads used"
+            ) from None
+        zw = torch.frombuffer(bytearray(payload[SEED_BYTES:]), dtype=MASKED_DTYPE).view(rows, spec.out)
+        self.open_block[stream] = (block, payload[:SEED_BYTES], zw)
+        return self.open_block[stream]
+
+    def close(self) -> None:
+        for _, _, zw in self.open_block.values():
+            zw.zero_()
+        self.open_block.clear()
+        os.close(self.fd)
+
+
+def pool_files(folder: Path, fingerprint: str, wire: torch.dtype) -> list[Path]:
+    """Complete pools of this model and server dtype in folder, oldest first (by name)."""
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob(f"{fingerprint[:16]}-{DTYPE_NAMES[wire]}-*{SUFFIX}"))

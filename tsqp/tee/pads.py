@@ -1,0 +1,160 @@
+"""Where a pad's z W^T comes from: the seam between private mode's masking and its two pad sources.
+
+A pad source hands out, per linear op and number of rows, a `Pad`: a fresh z (rows, in) of standard
+Gaussians and, once asked, z W^T (rows, out). `linear.Masked` scales both by the op's pad scale.
+
+    PoolPads    Slalom's way: precomputed in the TEE into encrypted pool files (pad_pool.py); a client
+                with too few pads computes what it lacks first, and reports it as offline time
+    HelperPads  a second, non-colluding server computes z W^T from the pad's seed (sent over CurveZMQ)
+                while the primary computes (x + s z) W^T; nothing is precomputed
+
+Every pad is handed out once: a pool's rows are erased as they are taken, a helper's seed is new for
+each call, and a Pad's result can be taken only once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tsqp.errors import TsqpError
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.stats import Stats
+from tsqp.tee.linear import Checked, Op, op_dims
+from tsqp.tee.pad_pool import PoolReader, fill, pool_files, pool_key, streams
+from tsqp.wire.pad_seeds import expand, new_seed
+from tsqp.wire.protocol import MASKED_DTYPE, expect
+
+
+class PadReuse(TsqpError):
+    """A pad was asked for a second time."""
+
+
+class Pad:
+    """z (rows, in) now; z W^T once, from `finish`."""
+
+    def __init__(self, op: Op, z: torch.Tensor, finish: Callable[[], torch.Tensor]):
+        self.op, self.z, self._finish = op, z, finish
+        self.used = False
+
+    def result(self) -> torch.Tensor:
+        if self.used:
+            raise PadReuse(f"the pad of {self.op} was already used: a pad is used once")
+        self.used = True
+        return self._finish()
+
+
+class PoolPads:
+    def __init__(self, checkpoint: Checkpoint, fingerprint: str, wire: torch.dtype, folder: Path, stats: Stats):
+        self.checkpoint, self.fingerprint, self.wire, self.folder, self.stats = (
+            checkpoint,
+            fingerprint,
+            wire,
+            folder,
+            stats,
+        )
+        self.layout = streams(checkpoint)
+        self.index = {s.op: i for i, s in enumerate(self.layout)}
+        self.readers: list[PoolReader] = []
+        self.offline_s = 0.0  # computing pads this client lacked
+        self.computed_tokens = 0
+        self.claimed_tokens = 0  # pads made ahead of time (`tsqp pads`) that this client took
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Pool bytes a token's pads take (z W^T of every op, LM head included; seeds are per block)."""
+        return sum(s.out for s in self.layout) * MASKED_DTYPE.itemsize
+
+    def left(self) -> int:
+        """Rows every stream has left, over the claimed pools."""
+        return min(sum(r.left(i) for r in self.readers) for i in range(len(self.layout)))
+
+    def reserve(self, tokens: int) -> None:
+        """Makes sure every op has pads for `tokens` rows: claims pools made ahead of time, then computes
+        what is still missing (offline work, timed apart)."""
+        key = None
+        for path in pool_files(self.folder, self.fingerprint, self.wire):
+            if self.left() >= tokens:
+                return
+            key = key or pool_key(self.folder)
+            reader = PoolReader(path, key, self.fingerprint, self.wire, self.layout)
+            self.readers.append(reader)
+            self.claimed_tokens += reader.tokens
+        missing = tokens - self.left()
+        if missing > 0:
+            path, seconds = fill(self.checkpoint, self.fingerprint, self.wire, missing, self.folder)
+            self.offline_s += seconds
+            self.computed_tokens += missing
+            self.readers.append(PoolReader(path, pool_key(self.folder), self.fingerprint, self.wire, self.layout))
+
+    def start(self, op: Op, rows: int) -> Pad:
+        stream = self.index[op]
+        if sum(r.left(stream) for r in self.readers) < rows:
+            self.reserve(rows)  # a forward pass outside a reserved session
+        with self.stats.tee("pads"):
+            width = self.layout[stream].width
+            zs, zws, done = [], [], 0
+            for reader in self.readers:
+                take = min(rows - done, reader.left(stream))
+                if take <= 0:
+                    continue
+                seeds, zw = reader.take(stream, take)
+                zs += [expand(seed, n, width, start_row=first) for seed, first, n in seeds]
+                zws.append(zw)
+                done += take
+                if done == rows:
+                    break
+            self.readers = [r for r in self.readers if _keep(r)]
+            z = torch.cat(zs) if len(zs) > 1 else zs[0]
+            zw = torch.cat(zws) if len(zws) > 1 else zws[0]
+        return Pad(op, z, lambda: zw)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.readers = []
+
+
+def _keep(reader: PoolReader) -> bool:
+    if any(reader.left(i) for i in range(len(reader.layout))):
+        return True
+    reader.close()
+    return False
+
+
+class HelperPads:
+    """z W^T from a helper server (`tsqp serve` run by another party), checked like any product."""
+
+    def __init__(self, link, config, checked: Checked | None, stats: Stats):
+        self.link, self.config, self.checked, self.stats = link, config, checked, stats
+        self.offline_s = 0.0
+        self.computed_tokens = self.claimed_tokens = 0
+        self.bytes_per_token = 0  # nothing is stored
+
+    def reserve(self, tokens: int) -> None:
+        pass
+
+    def start(self, op: Op, rows: int) -> Pad:
+        width, out = op_dims(self.config, op)
+        seed = new_seed()
+        request = self.link.submit(
+            "pad", {**op.args, "seed": seed, "rows": rows}, reply_bytes=rows * out * MASKED_DTYPE.itemsize
+        )
+        with self.stats.tee("pads"):
+            z = expand(seed, rows, width)  # while the helper computes
+
+        def finish() -> torch.Tensor:
+            reply = self.link.wait(request)
+            expect(reply.tensors, [(MASKED_DTYPE, (rows, out))], "pad")
+            with self.stats.tee("copy"):
+                zw = reply.tensors[0].clone()
+            if self.checked is not None:
+                self.checked.check(op, z, zw, bias=False, who="helper")
+            return zw
+
+        return Pad(op, z, finish)
+
+    def close(self) -> None:
+        pass

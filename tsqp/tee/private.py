@@ -1,0 +1,199 @@
+"""Private mode: the ops of the forward pass with nothing of the prompt leaving the TEE unmasked.
+
+    embedding   in the TEE, from the whole table loaded at start (reading rows on demand would show the
+                host, through the file offsets, which tokens the prompt holds); token ids never leave
+    linears     qkv (v too), o_proj, gate_up, down, lm_head: x + r out, r a fresh pad (linear.Masked)
+    attention   in the TEE over its own KV cache (attention.py): no q, k, v, score or probability crosses
+
+What the server still learns: how many tokens each call carries, the order and timing of calls
+(docs/threat-model.md). The linear seam is built in `init` from small layers (linear.py): masking, the
+Freivalds check on every masked product, the remote call; the pads come from a pool computed in the
+TEE or from a helper server (pads.py).
+
+Pad scales: one per linear, fixed for the process, 2^PAD_BITS times the largest input that linear saw
+on a public calibration text run through the model in the TEE itself (`calibrate`, from the TEE's own
+weights, one op at a time). A scale never depends on the values of the row it masks.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tsqp.errors import ServerError, TsqpError
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.model.config import LlamaConfig
+from tsqp.stats import Stats
+from tsqp.tee.attention import KVCache
+from tsqp.tee.linear import Checked, Linear, Local, Masked, MaskedKeys, Op, Recording, Remote, leak_bits, model_ops
+from tsqp.tee.pads import HelperPads, PoolPads
+from tsqp.tee.remote import Synchronous
+from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
+from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, MASKED_DTYPE
+
+PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table
+CALIBRATION_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed the ocean blue; "
+    "what is the capital of France? Paris! Numbers like 3.14159, 42 and 1,000,000 appear too."
+)
+CALIBRATION_TOKENS = 64
+
+
+@dataclass
+class PrivateOptions:
+    pads_dir: Path  # pool files and the pool key
+    helper: object | None = None  # a link (transport.Client) to a helper server: pads from it, none stored
+    pad_bits: int = PAD_BITS
+    seed: int | None = None  # the Freivalds generator's seed, for tests only
+
+
+class PrivateOps:
+    """The forward pass's ops (as remote.RemoteOps has them) for private mode."""
+
+    pipelined = False
+
+    def __init__(
+        self,
+        call,
+        config: LlamaConfig,
+        checkpoint: Checkpoint,
+        fingerprint: str,
+        options: PrivateOptions,
+        stats: Stats,
+        verify: bool = True,
+    ):
+        self.link = call if hasattr(call, "submit") else Synchronous(call)
+        self.config, self.checkpoint, self.fingerprint = config, checkpoint, fingerprint
+        self.options, self.stats, self.verify = options, stats, verify
+        self.wire = torch.float32  # the server's dtype, known after init: the pads' weights are rounded to it
+        self.embed: torch.Tensor | None = None
+        self.cache: KVCache | None = None
+        self.linear: Linear | None = None
+        self.masked: Masked | None = None
+        self.checked: Checked | None = None
+        self.pads = None
+        self.scales: dict[Op, float] = {}
+        self.setup_s = 0.0  # keys, embedding table and calibration, at start
+        self.calibration_s = 0.0
+
+    @property
+    def wire_name(self) -> str:
+        return str(self.wire).removeprefix("torch.")
+
+    # -- control -------------------------------------------------------------------------------
+
+    def init(self) -> dict:
+        info = self.link.wait(self.link.submit("init", {"private": True})).args
+        if info.get("dtype") not in FLOAT_DTYPES:
+            raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
+        start = time.perf_counter()
+        self.wire = DTYPES[info["dtype"]]
+        self.embed = self.checkpoint.tensor("model.embed_tokens.weight")  # whole: no offsets name the tokens
+        remote: Linear = Remote(self.link, self.config, self.stats)
+        if self.verify:
+            seed = secrets.randbits(63) if self.options.seed is None else self.options.seed
+            keys = MaskedKeys.build(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
+            self.checked = Checked(remote, keys, self.stats)
+        inner = self.checked or remote
+        if self.options.helper is not None:
+            self.pads = HelperPads(self.options.helper, self.config, self.checked, self.stats)
+        else:
+            self.pads = PoolPads(self.checkpoint, self.fingerprint, self.wire, self.options.pads_dir, self.stats)
+        self.linear = None  # calibrate() masks it: nothing is sent before the pad scales are known
+        self.unmasked = inner
+        self.setup_s = time.perf_counter() - start
+        return info
+
+    def calibrate(self, tee) -> None:
+        """Pad scales from the largest input of each linear on CALIBRATION_TEXT, computed in the TEE alone."""
+        start = time.perf_counter()
+        recording = Recording(Local(self.checkpoint, self.wire))
+        self.linear = recording
+        ids = calibration_ids(self.checkpoint.dir, self.config)
+        try:
+            self.cache = KVCache(self.config, ids.shape[0])
+            tee.forward(ids)
+        finally:
+            self.cache = None
+        bits = self.options.pad_bits
+        self.scales = {
+            op: 2.0 ** (bits + math.ceil(math.log2(max(recording.largest.get(op, 1.0), 2.0**-30))))
+            for op in model_ops(self.config)
+        }
+        self.masked = Masked(self.unmasked, self.pads, self.scales, self.stats)
+        self.linear = self.masked
+        seconds = time.perf_counter() - start
+        self.calibration_s = seconds
+        self.setup_s += seconds
+
+    def open_session(self, capacity: int) -> None:
+        if capacity < 1 or capacity > self.config.max_position_embeddings:
+            raise TsqpError(f"a session holds 1 to {self.config.max_position_embeddings} positions, not {capacity}")
+        self.cache = KVCache(self.config, capacity)
+        self.pads.reserve(capacity)  # computing missing pads now is offline work, not the prefill's
+
+    def close_session(self) -> None:
+        self.cache = None
+
+    def close(self) -> None:
+        if self.pads is not None:
+            self.pads.close()
+
+    # -- the forward pass's ops ----------------------------------------------------------------
+
+    def _run(self, op: Op, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is None:
+            raise TsqpError("private mode: attach the model first (init and calibrate)")
+        if self.cache is None and op.name != "lm_head":
+            raise TsqpError("private mode: open a session before the per-layer calls")
+        y = self.linear(op, x.to(MASKED_DTYPE))
+        return y.to(torch.float32)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.stats.tee("embedding"):
+            return self.embed[ids].to(torch.float32)
+
+    def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        q, k, v = self._run(Op("qkv", layer), h).split([c.q_dim, c.kv_dim, c.kv_dim], dim=1)
+        self.cache.put_values(layer, pos, v.reshape(-1, c.num_kv_heads, c.head_dim))
+        return q, k
+
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
+        with self.stats.tee("attention"):
+            out = self.cache.attend(layer, pos, q, k)  # (T, q_dim)
+        return self._run(Op("o_proj", layer), out)
+
+    def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inter = self.config.intermediate_size
+        gate, up = self._run(Op("gate_up", layer), h).split([inter, inter], dim=1)
+        return gate, up
+
+    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        return self._run(Op("down", layer), a)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(Op("lm_head"), x)
+
+    # -- figures -------------------------------------------------------------------------------
+
+    def leak_bound_bits(self) -> float:
+        """The bound on what one masked coordinate revealed, over every input masked so far."""
+        return leak_bits(self.masked.ratio) if self.masked else 0.0
+
+
+def calibration_ids(model_dir: Path, config: LlamaConfig) -> torch.Tensor:
+    """The public calibration prompt: CALIBRATION_TEXT through the model's tokenizer when it has one,
+    else a fixed spread of ids (the first one bos when the config names it)."""
+    if (Path(model_dir) / TOKENIZER_FILE).is_file():
+        ids = TextTokenizer(model_dir).encode(CALIBRATION_TEXT)[:CALIBRATION_TOKENS]
+    else:
+        ids = [(i * 7919 + 11) % config.vocab_size for i in range(CALIBRATION_TOKENS)]
+        if config.bos_token_id is not None and 0 <= config.bos_token_id < config.vocab_size:
+            ids[0] = config.bos_token_id
+    return torch.tensor(ids[: config.max_position_embeddings], dtype=torch.int64)
