@@ -202,6 +202,7 @@ class PoolReader:
     def left(self, stream: int) -> int:
         return self.tokens - self.used[stream]
 
+    @torch.inference_mode()  # the blocks are made and erased in inference mode, whoever calls
     def take(self, stream: int, rows: int) -> tuple[list[tuple[bytes, int, int]], torch.Tensor]:
         """The next `rows` rows of a stream: [(seed, first row in its block, rows)], z W^T (rows, out)."""
         if rows > self.left(stream):
@@ -241,6 +242,7 @@ class PoolReader:
         self.open_block[stream] = (block, payload[:SEED_BYTES], zw)
         return self.open_block[stream]
 
+    @torch.inference_mode()
     def close(self) -> None:
         for _, _, zw in self.open_block.values():
             zw.zero_()
