@@ -27,6 +27,9 @@ TEMPLATE = GRAMINE_DIR / "tsqp-tee.manifest.template"
 MAKEFILE = GRAMINE_DIR / "Makefile"
 
 RUNTIME_DIR = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
+# The pool key's file name, from the client's source (importing it would import torch).
+POOL_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "tsqp" / "tee" / "pad_pool.py"
+KEY_FILE = re.search(r'^KEY_FILE = "([^"]+)"', POOL_SOURCE.read_text(), re.MULTILINE).group(1)
 
 # What gramine-manifest would get from gramine/Makefile for a venv install (all strings, as -D gives).
 SAMPLE = {
@@ -50,6 +53,8 @@ SAMPLE = {
     "edmm": "0",
     "sgx_debug": "false",
     "remote_attestation": "none",
+    "private": "0",
+    "pads_dir": "/var/lib/tsqp/pads",
 }
 REQUIRED = ("arch_libdir", "entrypoint", "model_dir", "tsqp_dir")
 
@@ -274,8 +279,9 @@ with open(args[0]) as f:
 """
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
+def run_make(tmp_path: pathlib.Path, *make_args: str) -> tuple[dict, pathlib.Path, pathlib.Path]:
+    """gramine/Makefile run on a fake model folder and tsqp package with the test's gramine-manifest:
+    the parsed manifest, the model folder, the package folder."""
     build = tmp_path / "gramine"
     build.mkdir()
     shutil.copy(TEMPLATE, build)
@@ -302,22 +308,19 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
         "PYTHONPATH": str(tmp_path / "site"),
     }
     result = subprocess.run(
-        [
-            "make",
-            "-C",
-            str(build),
-            f"MODEL={model}",
-            f"PYTHON={sys.executable}",
-            "SERVER=tcp://192.0.2.1:7000",
-            "ARENA=arena-one,arena-two",
-        ],
+        ["make", "-C", str(build), f"MODEL={model}", f"PYTHON={sys.executable}", *make_args],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    m = tomllib.loads((build / "tsqp-tee.manifest").read_text())
+    return tomllib.loads((build / "tsqp-tee.manifest").read_text()), model, fake_pkg
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
+    m, model, fake_pkg = run_make(tmp_path, "SERVER=tcp://192.0.2.1:7000", "ARENA=arena-one,arena-two")
 
     argv = m["loader"]["argv"]
     assert argv[1:3] == ["-m", "tsqp"]
@@ -329,6 +332,25 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
     assert from_model == {f"file:{model}/{name}" for name in ("config.json", "tokenizer.json", "model.safetensors")}
     assert f"file:{fake_pkg.resolve()}/" in m["sgx"]["trusted_files"]
     assert m["sgx"]["debug"] is False
+    # Private mode is off unless asked for.
+    assert "--private" not in argv and "--pads-dir" not in argv
+    assert not [mount for mount in m["fs"]["mounts"] if mount.get("type") == "encrypted"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_makefile_private_mode(tmp_path):
+    pads = "/srv/tsqp/pads"  # not under tmp_path: the template refuses a pads folder inside /tmp
+    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}")
+    argv = m["loader"]["argv"]
+    assert "--private" in argv
+    assert flag(argv, "--pads-dir") == pads
+    assert f"file:{pads}/" in m["sgx"]["allowed_files"]
+    assert {
+        "type": "encrypted",
+        "path": f"{pads}/{KEY_FILE}",
+        "uri": f"file:{pads}/{KEY_FILE}",
+        "key_name": "_sgx_mrenclave",
+    } in m["fs"]["mounts"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
@@ -349,5 +371,118 @@ def test_docs_cover_the_sgx_workflow():
         "gramine-direct",
         "untrusted_shm",
         "tcp://",
+    ):
+        assert needle in doc, needle
+
+
+# -- private mode -----------------------------------------------------------------------------------
+
+PADS = "/srv/tsqp/pads"
+
+
+def private_manifest(**overrides: str) -> dict:
+    return manifest(**{"private": "1", "pads_dir": PADS, **overrides})
+
+
+def test_private_off_renders_exactly_as_without_the_variables():
+    without = {k: v for k, v in SAMPLE.items() if k not in ("private", "pads_dir")}
+    reference = make_env().from_string(TEMPLATE.read_text()).render(**without)
+    assert render() == reference
+    for off in ("0", "false", "no", "off", ""):
+        # pads_dir means nothing while private mode is off, even one the template would refuse.
+        assert render(private=off, pads_dir="relative/pads") == reference, off
+    m = manifest()
+    assert "--private" not in m["loader"]["argv"] and "--pads-dir" not in m["loader"]["argv"]
+    assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/tsqp-enclave-arena"]
+    assert not [mount for mount in m["fs"]["mounts"] if mount.get("type") == "encrypted"]
+    assert not any("pads" in s or KEY_FILE in s for s in strings(m))
+
+
+@pytest.mark.parametrize("on", ["1", "true", "yes", "on", "True", "ON"])
+def test_private_mode_fixes_the_private_flags_in_argv(on):
+    m = private_manifest(private=on)
+    argv = m["loader"]["argv"]
+    assert argv.count("--private") == 1
+    assert flag(argv, "--pads-dir") == PADS
+    # Everything else stays as without private mode, in the same order.
+    assert [a for a in argv if a not in ("--private", "--pads-dir", PADS)] == manifest()["loader"]["argv"]
+
+
+def test_private_mode_mounts_the_pads_folder_and_seals_the_pool_key():
+    mounts = private_manifest()["fs"]["mounts"]
+    paths = [mount["path"] for mount in mounts]
+    assert len(paths) == len(set(paths))
+    folder = [mount for mount in mounts if mount["path"] == PADS]
+    assert folder == [{"path": PADS, "uri": f"file:{PADS}"}]  # a plain host mount (chroot)
+    encrypted = [mount for mount in mounts if mount.get("type") == "encrypted"]
+    assert encrypted == [
+        {
+            "type": "encrypted",
+            "path": f"{PADS}/{KEY_FILE}",
+            "uri": f"file:{PADS}/{KEY_FILE}",
+            "key_name": "_sgx_mrenclave",
+        }
+    ]
+    # After the folder's mount, which would hide it otherwise.
+    assert paths.index(f"{PADS}/{KEY_FILE}") > paths.index(PADS)
+    # No key in the manifest: the sealing key comes from the CPU, bound to MRENCLAVE.
+    assert "insecure__keys" not in private_manifest()["fs"]
+
+
+def test_private_mode_allows_the_pools_and_trusts_nothing_there():
+    sgx = private_manifest()["sgx"]
+    assert sgx["allowed_files"] == ["dev:/dev/shm/tsqp-enclave-arena", f"file:{PADS}/"]
+    assert not [uri for uri in sgx["trusted_files"] if uri.startswith(f"file:{PADS}")]
+    # The rest of the enclave is as without private mode.
+    assert sgx["trusted_files"] == manifest()["sgx"]["trusted_files"]
+
+
+def test_private_mode_default_pads_dir_and_trailing_slash():
+    variables = {k: v for k, v in SAMPLE.items() if k != "pads_dir"}
+    m = tomllib.loads(make_env().from_string(TEMPLATE.read_text()).render(**{**variables, "private": "true"}))
+    assert flag(m["loader"]["argv"], "--pads-dir") == "/var/lib/tsqp/pads"
+    assert "file:/var/lib/tsqp/pads/" in m["sgx"]["allowed_files"]
+    m = private_manifest(pads_dir=PADS + "/")
+    assert flag(m["loader"]["argv"], "--pads-dir") == PADS
+    assert f"file:{PADS}/" in m["sgx"]["allowed_files"]
+    assert f"{PADS}/{KEY_FILE}" in [mount["path"] for mount in m["fs"]["mounts"]]
+
+
+@pytest.mark.parametrize(
+    "pads_dir",
+    [
+        "pads",  # relative
+        "",
+        "/",
+        "/tmp",  # the in-enclave tmpfs
+        "/tmp/pads",
+        "/usr/local/tsqp/pads",  # inside a trusted, mounted folder
+        "/models",  # around the model folder: its other files would become allowed
+        "/models/tinyllama",
+        "/models/tinyllama/pads",
+        "/opt/tsqp-venv/lib/python3.11/site-packages/pads",
+        "/opt",  # around site-packages
+        "/dev/shm/pads",
+        "/etc/tsqp",
+    ],
+)
+def test_private_mode_refuses_a_pads_dir_that_is_not_a_folder_of_its_own(pads_dir):
+    with pytest.raises(jinja2.UndefinedError, match="pads_dir_must_be_a_separate_absolute_folder"):
+        render(private="1", pads_dir=pads_dir)
+
+
+def test_docs_cover_private_mode():
+    doc = (GRAMINE_DIR.parent / "docs" / "sgx.md").read_text()
+    for needle in (
+        "PRIVATE=1",
+        "PADS_DIR",
+        KEY_FILE,
+        'type = "encrypted"',
+        'key_name = "_sgx_mrenclave"',
+        "sgx.allowed_files",
+        "Rollback",
+        "--helper-curve-keys",
+        "client.key_secret",
+        "server.key",
     ):
         assert needle in doc, needle

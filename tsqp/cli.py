@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="CurveZMQ keys for the helper link (client.key_secret and the helper's server.key); "
             "required for a tcp:// helper",
         )
+        p.add_argument(
+            "--pad-bits",
+            type=int,
+            default=20,
+            help="private mode: pads 2^BITS times each linear's calibrated largest input (default 20; "
+            "docs/threat-model.md has the error and leakage table)",
+        )
         pads_flag(p)
         server_flags(p)
 
@@ -261,6 +268,7 @@ def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
         private=args.private or bool(args.helper),
         pads_dir=Path(args.pads_dir) if args.pads_dir else None,
         helper=args.helper,
+        pad_bits=args.pad_bits,
         helper_curve_keys=Path(args.helper_curve_keys) if args.helper_curve_keys else None,
     )
 

@@ -201,17 +201,18 @@ class Checked:
 
 class Local:
     """The product computed in the TEE from its own checkpoint, one op's weight at a time (the last one
-    kept: a forward pass asks for each op several times in a row only in tests). Calibration uses it."""
+    kept), in `dtype`. Calibration uses it (float32: it only needs the inputs' magnitudes)."""
 
-    def __init__(self, checkpoint: Checkpoint, wire: torch.dtype = torch.float32):
-        self.checkpoint, self.wire = checkpoint, wire
+    def __init__(self, checkpoint: Checkpoint, wire: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
+        self.checkpoint, self.wire, self.dtype = checkpoint, wire, dtype
         self.loaded: tuple[Op, torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         if self.loaded is None or self.loaded[0] != op:
-            self.loaded = (op, *load_weight(self.checkpoint, op, self.wire, x.dtype))
+            self.loaded = None  # the previous weight is released before the next one is read
+            self.loaded = (op, *load_weight(self.checkpoint, op, self.wire, self.dtype))
         _, weight, bias = self.loaded
-        return torch.nn.functional.linear(x, weight, bias)
+        return torch.nn.functional.linear(x.to(self.dtype), weight, bias).to(x.dtype)
 
 
 class Recording:

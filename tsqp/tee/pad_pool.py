@@ -54,17 +54,31 @@ class PoolError(TsqpError):
     """A pad pool file that cannot be used: altered, truncated, or made for another model."""
 
 
+class PoolClaimed(PoolError):
+    """Another process claimed the pool first (it listed the same folder): not an error, take another."""
+
+
+_CLAIMED: set[bytes] = set()  # file ids this process has claimed: a copy handed back is refused
+
+
 def pool_key(folder: Path) -> bytes:
     """The 32-byte pool key of a pad folder, made on first use (mode 0600). In an enclave it belongs in
     a Gramine encrypted mount sealed to the enclave (docs/sgx.md), so only the enclave can read it."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / KEY_FILE
-    if not path.exists():
-        key = AESGCM.generate_key(bit_length=256)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key)
-    key = path.read_bytes()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(AESGCM.generate_key(bit_length=256))
+        key = path.read_bytes()
+    except FileExistsError:  # another process made it first
+        key = path.read_bytes()
+    except OSError as exc:
+        raise PoolError(
+            f"cannot read or make the pool key {path} ({exc.strerror or exc}); a key sealed to another enclave "
+            "cannot be read: remove it and the pools made with it"
+        ) from None
     if len(key) != 32:
         raise PoolError(f"{path} is not a 32-byte pool key: remove it and the pools made with it")
     return key
@@ -150,10 +164,15 @@ class PoolReader:
         self.aead = AESGCM(key)
         try:
             self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise PoolClaimed(f"pad pool {path.name} was claimed by another process") from None
         except OSError as exc:
             raise PoolError(f"pad pool {path.name}: cannot open it ({exc.strerror})") from None
         try:
-            os.unlink(path)  # claimed: this process alone uses these pads
+            try:
+                os.unlink(path)  # claimed: this process alone uses these pads
+            except FileNotFoundError:
+                raise PoolClaimed(f"pad pool {path.name} was claimed by another process") from None
             self._open(fingerprint, wire, layout)
         except BaseException:
             os.close(self.fd)
@@ -187,6 +206,9 @@ class PoolReader:
         if header.get("streams") != expected or header.get("block_rows") != BLOCK_ROWS:
             raise PoolError(f"pad pool {name} does not match this model's layout: refused, nothing used")
         self.tokens, self.file_id = int(header["tokens"]), bytes.fromhex(header["file_id"])
+        if self.file_id in _CLAIMED:
+            raise PoolError(f"pad pool {name} was already used by this process (a copy handed back): refused")
+        _CLAIMED.add(self.file_id)
         self.layout = layout
         self.offsets: list[int] = []  # each stream's first block
         offset = len(fixed) + length
@@ -201,6 +223,10 @@ class PoolReader:
 
     def left(self, stream: int) -> int:
         return self.tokens - self.used[stream]
+
+    def spent(self) -> bool:
+        """Every layer's pads are used (the LM head's may be left: a generation takes one row a step)."""
+        return all(self.left(i) == 0 for i, s in enumerate(self.layout) if s.op.name != "lm_head")
 
     @torch.inference_mode()  # the blocks are made and erased in inference mode, whoever calls
     def take(self, stream: int, rows: int) -> tuple[list[tuple[bytes, int, int]], torch.Tensor]:
@@ -238,6 +264,7 @@ class PoolReader:
                 f"pad pool {self.path.name}: block {block} of {spec.op} failed authentication (altered or "
                 "truncated): refused, none of its pads used"
             ) from None
+        # the tensor is erased as its rows are taken; the decrypted bytes object itself cannot be zeroed
         zw = torch.frombuffer(bytearray(payload[SEED_BYTES:]), dtype=MASKED_DTYPE).view(rows, spec.out)
         self.open_block[stream] = (block, payload[:SEED_BYTES], zw)
         return self.open_block[stream]
@@ -251,7 +278,13 @@ class PoolReader:
 
 
 def pool_files(folder: Path, fingerprint: str, wire: torch.dtype) -> list[Path]:
-    """Complete pools of this model and server dtype in folder, oldest first (by name)."""
+    """Complete pools of this model and server dtype in folder, oldest first."""
     if not folder.is_dir():
         return []
-    return sorted(folder.glob(f"{fingerprint[:16]}-{DTYPE_NAMES[wire]}-*{SUFFIX}"))
+    found = []
+    for path in folder.glob(f"{fingerprint[:16]}-{DTYPE_NAMES[wire]}-*{SUFFIX}"):
+        try:
+            found.append((path.stat().st_mtime_ns, path.name, path))
+        except FileNotFoundError:  # claimed meanwhile
+            continue
+    return [path for _, _, path in sorted(found)]

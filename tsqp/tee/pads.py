@@ -23,7 +23,7 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
 from tsqp.tee.linear import Checked, Op, op_dims
-from tsqp.tee.pad_pool import PoolReader, fill, pool_files, pool_key, streams
+from tsqp.tee.pad_pool import PoolClaimed, PoolReader, fill, pool_files, pool_key, streams
 from tsqp.wire.pad_seeds import expand, new_seed
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
@@ -74,12 +74,18 @@ class PoolPads:
     def reserve(self, tokens: int) -> None:
         """Makes sure every op has pads for `tokens` rows: claims pools made ahead of time, then computes
         what is still missing (offline work, timed apart)."""
+        for reader in [r for r in self.readers if r.spent()]:  # a generation's leftover LM head rows
+            reader.close()
+            self.readers.remove(reader)
         key = None
         for path in pool_files(self.folder, self.fingerprint, self.wire):
             if self.left() >= tokens:
                 return
             key = key or pool_key(self.folder)
-            reader = PoolReader(path, key, self.fingerprint, self.wire, self.layout)
+            try:
+                reader = PoolReader(path, key, self.fingerprint, self.wire, self.layout)
+            except PoolClaimed:
+                continue
             self.readers.append(reader)
             self.claimed_tokens += reader.tokens
         missing = tokens - self.left()
@@ -106,7 +112,7 @@ class PoolPads:
                 done += take
                 if done == rows:
                     break
-            self.readers = [r for r in self.readers if _keep(r)]
+            self.readers = [r for r in self.readers if _keep(r)]  # used up: closed now
             z = torch.cat(zs) if len(zs) > 1 else zs[0]
             zw = torch.cat(zws) if len(zws) > 1 else zws[0]
         return Pad(op, z, lambda: zw)

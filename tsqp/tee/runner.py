@@ -13,7 +13,7 @@ from tsqp.model.presets import cache_dir
 from tsqp.stats import Stats
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.private import PrivateOptions
+from tsqp.tee.private import PAD_BITS, PrivateOptions
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.curve import client_keys
 from tsqp.wire.transport import Client, check_endpoint, use_shm
@@ -37,6 +37,7 @@ class RunOptions:
     pads_dir: Path | None = None  # pad pools and their key (default: $TSQP_CACHE/pads)
     helper: str | None = None  # a helper server computing the pads from their seeds (private mode)
     helper_curve_keys: Path | None = None  # CurveZMQ keys for the helper link (required over tcp)
+    pad_bits: int = PAD_BITS  # pads 2^pad_bits times each linear's calibrated largest input
 
 
 @contextmanager
@@ -96,7 +97,7 @@ def private_options(options: RunOptions, stats: Stats) -> Iterator[PrivateOption
     """Private mode's options, with the link to the helper server when one is named."""
     pads_dir = options.pads_dir or cache_dir() / "pads"
     if options.helper is None:
-        yield PrivateOptions(pads_dir=pads_dir)
+        yield PrivateOptions(pads_dir=pads_dir, pad_bits=options.pad_bits)
         return
     check_endpoint(options.helper)
     if options.helper.startswith("tcp://") and options.helper_curve_keys is None:
@@ -107,4 +108,4 @@ def private_options(options: RunOptions, stats: Stats) -> Iterator[PrivateOption
     curve = client_keys(options.helper_curve_keys) if options.helper_curve_keys else None
     with Client(options.helper, timeout_s=options.timeout_s, stats=stats, curve=curve) as helper:
         helper.call("ping")  # a helper that is not there is reported now, not in the first layer
-        yield PrivateOptions(pads_dir=pads_dir, helper=helper)
+        yield PrivateOptions(pads_dir=pads_dir, helper=helper, pad_bits=options.pad_bits)
