@@ -24,7 +24,7 @@ from tsqp.stats import Stats
 from tsqp.tee import pad_pool
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.linear import load_weight, model_ops
+from tsqp.tee.linear import load_weight, model_ops, product
 from tsqp.tee.pad_pool import BLOCK_ROWS, MAGIC, NONCE, PoolError, PoolReader, fill, pool_key, streams
 from tsqp.tee.pads import PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
@@ -78,11 +78,11 @@ def ids_arg(ids) -> str:
 
 
 def reference_expand(seed: bytes, rows: int, width: int) -> np.ndarray:
-    """The documented contract, written out: AES-256-CTR keystream from counter 0, 53-bit uniforms,
+    """The documented contract, written out: AES-256-CTR keystream from counter 0, 52-bit uniforms,
     Box-Muller per row (first half radii, second half angles; r sin first, then r cos)."""
     even = width + width % 2
     stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(rows * even * 8))
-    u = (np.frombuffer(stream, "<u8").reshape(rows, even) & ((1 << 53) - 1)).astype(np.float64) * 2.0**-53
+    u = (np.frombuffer(stream, "<u8").reshape(rows, even) & ((1 << 52) - 1)).astype(np.float64) * 2.0**-52
     radius, angle = np.sqrt(-2.0 * np.log(1.0 - u[:, : even // 2])), 2 * math.pi * u[:, even // 2 :]
     return np.concatenate([radius * np.sin(angle), radius * np.cos(angle)], axis=1)[:, :width]
 
@@ -266,14 +266,14 @@ def test_pools_are_claimed_oldest_first_and_topped_up(ckpt, tmp_path):
 def test_interrupted_fill_leaves_no_file(ckpt, tmp_path, monkeypatch):
     calls = []
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         calls.append(args)
         if len(calls) == 3:
             assert list(tmp_path.glob("*.partial")), "fill writes a partial file as it goes"
             raise RuntimeError("interrupted")
-        return load_weight(*args)
+        return product(*args, **kwargs)
 
-    monkeypatch.setattr(pad_pool, "load_weight", failing)
+    monkeypatch.setattr(pad_pool, "product", failing)
     with pytest.raises(RuntimeError, match="interrupted"):
         make_pool(ckpt, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.key"]

@@ -14,7 +14,7 @@ tolerance. `Masked` adds the pad r = s z and removes s (z W^T) from the result: 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
-from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, by_columns, project_parts, secret_matrix, times
+from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, by_columns, secret_matrix, times
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
 U64 = 2.0**-53  # float64 unit roundoff: the server's masked products and the TEE's checks
@@ -87,6 +87,52 @@ def load_weight(
     return weight, torch.cat(biases) if biases else None
 
 
+CHUNK_ROWS = 1024  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
+
+
+def weight_rows(
+    checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype, bias: bool = True
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(first output row, W rows in dtype, their bias or None) over an op's fused weight, CHUNK_ROWS at a time.
+
+    Each weight is read once as stored; its rows are rounded to the server's dtype and converted into one
+    buffer that every chunk reuses (allocating a fresh float64 copy of every weight cost more than the
+    products here: the pages are new each time)."""
+    buffer, row = None, 0
+    for weight_name, bias_name in weight_names(checkpoint, op):
+        weight = checkpoint.tensor(weight_name)
+        b = checkpoint.tensor(bias_name).to(wire).to(dtype) if bias and bias_name is not None else None
+        if buffer is None:
+            buffer = torch.empty(CHUNK_ROWS, weight.shape[1], dtype=dtype)
+        for start in range(0, weight.shape[0], CHUNK_ROWS):
+            rows = weight[start : start + CHUNK_ROWS]
+            chunk = buffer[: rows.shape[0]]
+            chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
+            yield row + start, chunk, None if b is None else b[start : start + rows.shape[0]]
+        row += weight.shape[0]
+        del weight
+
+
+def product(
+    checkpoint: Checkpoint,
+    op: Op,
+    x: torch.Tensor,
+    wire: torch.dtype,
+    bias: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x W^T (+ b) (T, out) in x's dtype, the weight streamed from the checkpoint (`weight_rows`)."""
+    out = torch.empty(x.shape[0], op_dims(checkpoint.config, op)[1], dtype=x.dtype) if out is None else out
+    part = None
+    for start, rows, b in weight_rows(checkpoint, op, wire, x.dtype, bias):
+        n = rows.shape[0]
+        if part is None or part.shape[1] < n:
+            part = torch.empty(x.shape[0], n, dtype=x.dtype)
+        torch.mm(x, rows.T, out=part[:, :n])
+        out[:, start : start + n] = part[:, :n] if b is None else part[:, :n] + b
+    return out
+
+
 Linear = Callable[[Op, torch.Tensor], torch.Tensor]  # (op, x (T, in)) -> x W^T + b (T, out)
 
 
@@ -118,23 +164,22 @@ class MaskedKeys:
 
     @classmethod
     def build(cls, checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> MaskedKeys:
-        """Streams each weight once from the TEE's checkpoint (a few rows at a time in float64)."""
+        """Streams each weight once from the TEE's checkpoint (`weight_rows`, float64 chunks)."""
         keys = {}
         for op in model_ops(checkpoint.config):
-            parts = weight_names(checkpoint, op)
-            w, col_sq, secrets, bias_s, bias_sq = 0.0, 0.0, [], torch.zeros(VECTORS, dtype=MASKED_DTYPE), 0.0
-            for weight_name, bias_name in parts:
-                weight = checkpoint.tensor(weight_name)
-                s = secret_matrix(generator, weight.shape[0]).to(MASKED_DTYPE)
-                part_w, part_sq = project_parts(weight, s, wire, MASKED_DTYPE)
-                w, col_sq = w + part_w, col_sq + part_sq
-                secrets.append(s)
-                if bias_name is not None:
-                    bias = checkpoint.tensor(bias_name).to(wire).to(MASKED_DTYPE)
-                    bias_s, bias_sq = bias_s + bias @ s, bias_sq + float(bias.square().sum())
-                del weight
+            in_dim, out_dim = op_dims(checkpoint.config, op)
+            s = secret_matrix(generator, out_dim).to(MASKED_DTYPE)  # (out, K)
+            w = torch.zeros(VECTORS, in_dim, dtype=MASKED_DTYPE)
+            col_sq = torch.zeros(in_dim, dtype=MASKED_DTYPE)
+            bias_s, bias_sq = torch.zeros(VECTORS, dtype=MASKED_DTYPE), 0.0
+            for start, rows, bias in weight_rows(checkpoint, op, wire, MASKED_DTYPE):
+                part = s[start : start + rows.shape[0]]
+                w.addmm_(part.T, rows)
+                col_sq.add_(rows.square_().sum(0))  # in place: the chunk's buffer is refilled next
+                if bias is not None:
+                    bias_s, bias_sq = bias_s + bias @ part, bias_sq + float(bias.square().sum())
             keys[op] = LinearKey(
-                by_columns(torch.cat(secrets)),
+                by_columns(s),
                 by_columns(w.T),
                 S_MAX * col_sq.max().sqrt().item(),
                 col_sq.sum().sqrt().item(),
@@ -200,19 +245,14 @@ class Checked:
 
 
 class Local:
-    """The product computed in the TEE from its own checkpoint, one op's weight at a time (the last one
-    kept), in `dtype`. Calibration uses it (float32: it only needs the inputs' magnitudes)."""
+    """The product computed in the TEE from its own checkpoint, the weight streamed (`product`), in `dtype`.
+    Calibration uses it (in float32: it only needs the inputs' magnitudes)."""
 
     def __init__(self, checkpoint: Checkpoint, wire: torch.dtype = torch.float32, dtype: torch.dtype = torch.float32):
         self.checkpoint, self.wire, self.dtype = checkpoint, wire, dtype
-        self.loaded: tuple[Op, torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        if self.loaded is None or self.loaded[0] != op:
-            self.loaded = None  # the previous weight is released before the next one is read
-            self.loaded = (op, *load_weight(self.checkpoint, op, self.wire, self.dtype))
-        _, weight, bias = self.loaded
-        return torch.nn.functional.linear(x.to(self.dtype), weight, bias).to(x.dtype)
+        return product(self.checkpoint, op, x.to(self.dtype), self.wire).to(x.dtype)
 
 
 class Recording:

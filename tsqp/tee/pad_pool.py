@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.tee.linear import Op, load_weight, model_ops, op_dims
+from tsqp.tee.linear import Op, model_ops, op_dims, product
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
 
@@ -138,15 +138,17 @@ def fill(
         with partial.open("wb") as handle:
             handle.write(MAGIC + struct.pack("<I", len(sealed)) + nonce + sealed)
             for index, stream in enumerate(layout):
-                weight, _ = load_weight(checkpoint, stream.op, wire, MASKED_DTYPE)
-                for block in range(stream.blocks(tokens)):
-                    rows = stream.block_rows(tokens, block)
-                    seed = new_seed()
-                    zw = expand(seed, rows, stream.width) @ weight.T  # (rows, out) float64
-                    payload = seed + zw.numpy().tobytes()
+                seeds = [new_seed() for _ in range(stream.blocks(tokens))]
+                z = torch.cat(
+                    [expand(seed, stream.block_rows(tokens, b), stream.width) for b, seed in enumerate(seeds)]
+                )
+                zw = product(checkpoint, stream.op, z, wire, bias=False)  # (tokens, out) float64, one pass
+                for block, seed in enumerate(seeds):
+                    rows = zw[block * BLOCK_ROWS : block * BLOCK_ROWS + stream.block_rows(tokens, block)]
                     block_nonce = secrets.token_bytes(NONCE)
-                    handle.write(block_nonce + aead.encrypt(block_nonce, payload, _aad(file_id, index, block)))
-                del weight
+                    sealed = aead.encrypt(block_nonce, seed + rows.numpy().tobytes(), _aad(file_id, index, block))
+                    handle.write(block_nonce + sealed)
+                del z, zw
                 if progress:
                     progress(index + 1, len(layout))
         partial.rename(path)
@@ -220,6 +222,7 @@ class PoolReader:
             raise PoolError(f"pad pool {name} is {size} bytes, its header says {offset}: truncated or padded, refused")
         self.used = [0] * len(layout)  # rows handed out, per stream
         self.open_block: dict[int, tuple[int, bytes, torch.Tensor]] = {}  # stream -> (block, seed, z W^T)
+        self.buffers: dict[int, bytearray] = {}  # stream -> its decrypted block
 
     def left(self, stream: int) -> int:
         return self.tokens - self.used[stream]
@@ -257,23 +260,25 @@ class PoolReader:
         offset = self.offsets[stream] + block * spec.block_bytes(BLOCK_ROWS)
         rows = spec.block_rows(self.tokens, block)
         raw = os.pread(self.fd, spec.block_bytes(rows), offset)
+        if stream not in self.buffers:  # one per stream, reused block after block: no fresh pages each time
+            self.buffers[stream] = bytearray(SEED_BYTES + BLOCK_ROWS * spec.out * MASKED_DTYPE.itemsize)
+        payload = memoryview(self.buffers[stream])[: len(raw) - NONCE - TAG]
         try:
-            payload = self.aead.decrypt(raw[:NONCE], raw[NONCE:], _aad(self.file_id, stream, block))
+            self.aead.decrypt_into(raw[:NONCE], raw[NONCE:], _aad(self.file_id, stream, block), payload)
         except (InvalidTag, ValueError):
             raise PoolError(
                 f"pad pool {self.path.name}: block {block} of {spec.op} failed authentication (altered or "
                 "truncated): refused, none of its pads used"
             ) from None
-        # the tensor is erased as its rows are taken; the decrypted bytes object itself cannot be zeroed
-        zw = torch.frombuffer(bytearray(payload[SEED_BYTES:]), dtype=MASKED_DTYPE).view(rows, spec.out)
-        self.open_block[stream] = (block, payload[:SEED_BYTES], zw)
+        zw = torch.frombuffer(payload, dtype=MASKED_DTYPE, offset=SEED_BYTES).view(rows, spec.out)
+        self.open_block[stream] = (block, bytes(payload[:SEED_BYTES]), zw)  # erased as its rows are taken
         return self.open_block[stream]
 
-    @torch.inference_mode()
     def close(self) -> None:
-        for _, _, zw in self.open_block.values():
-            zw.zero_()
+        for buffer in self.buffers.values():
+            buffer[:] = bytes(len(buffer))  # erased: nothing of the pads outlives the reader
         self.open_block.clear()
+        self.buffers.clear()
         os.close(self.fd)
 
 

@@ -2,8 +2,10 @@
 
 A pad seed is 32 secret bytes. `expand(seed, rows, width)` turns it into a (rows, width) float64 matrix
 of independent standard Gaussians: the AES-256-CTR keystream under the seed (a cryptographic generator:
-without the seed the pad cannot be told from true randomness), read as 53-bit uniforms, through the
-Box-Muller transform, row by row. Row i uses only its own stretch of the keystream, so any run of rows
+without the seed the pad cannot be told from true randomness), read as 52-bit uniforms, through the
+Box-Muller transform, row by row (in each row the first half of the uniforms
+gives the radii, the second the angles; the row is r sin, then r cos). Row i uses only its own stretch
+of the keystream, so any run of rows
 can be expanded alone (`start_row`): the counter is seeked, nothing before it is computed.
 
 The TEE scales the result by the linear's pad scale (a power of two, so the product is exact) and sends
@@ -19,7 +21,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 32
-_MANTISSA = (1 << 53) - 1
+_MANTISSA = (1 << 52) - 1
+_ONE = 0x3FF0000000000000  # the bits of 1.0
 _AES_BLOCK = 16
 
 
@@ -36,12 +39,14 @@ def expand(seed: bytes, rows: int, width: int, start_row: int = 0) -> torch.Tens
     raw = words.numpy().reshape(-1).view("uint8")
     counter = (start_row * even * 8 // _AES_BLOCK).to_bytes(_AES_BLOCK, "big")
     Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update_into(_zeros(raw.nbytes), raw)
-    torch.bitwise_and(words, _MANTISSA, out=words)
-    uniform = words.to(torch.float64).mul_(2.0**-53)  # [0, 1), 53 random bits each
+    # 52 random mantissa bits under the exponent of 1.0: a float64 uniform in [1, 2), in place (no
+    # integer-to-float conversion, which cost more than the rest)
+    words.bitwise_and_(_MANTISSA).bitwise_or_(_ONE)
+    uniform = words.view(torch.float64)
     half = even // 2
     radius, angle = uniform[:, :half], uniform[:, half:]
-    radius.neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # from 1 - u in (0, 1]: the logarithm is finite
-    angle.mul_(2 * math.pi)
+    radius.neg_().add_(2.0).log_().mul_(-2.0).sqrt_()  # from 2 - u in (0, 1]: the logarithm is finite
+    angle.sub_(1.0).mul_(2 * math.pi)
     sine = torch.sin(angle)
     torch.cos(angle, out=angle)
     angle.mul_(radius)
