@@ -40,11 +40,13 @@ class KVCache:
         if end > self.filled[layer]:
             raise TsqpError(f"attention of layer {layer} at positions up to {end} before their values")
         self.keys[layer, :, pos:end] = k.transpose(0, 1)
-        keys, values = self.keys[layer, :, :end], self.values[layer, :, :end]  # (kv, end, hd)
-        queries = q.transpose(0, 1)  # (heads, T, hd)
+        # 4-d (batch 1): with 3-d inputs torch's CPU attention falls back to its unfused path, 4.6 times
+        # slower here (1024 tokens, 32 heads: 740 against 160 ms)
+        keys, values = self.keys[None, layer, :, :end], self.values[None, layer, :, :end]  # (1, kv, end, hd)
+        queries = q.transpose(0, 1)[None]  # (1, heads, T, hd)
         if T == 1 or pos == 0:  # no mask (one query sees every key) or the square causal mask
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=T > 1, enable_gqa=True)
         else:  # an append: query i sees keys [0, pos + i]
             visible = torch.arange(end)[None, :] <= torch.arange(pos, end)[:, None]
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
-        return out.transpose(0, 1).reshape(T, heads * hd)
+        return out[0].transpose(0, 1).reshape(T, heads * hd)

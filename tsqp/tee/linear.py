@@ -278,20 +278,20 @@ class Masked:
         self.ratio = 0.0  # largest max|x| / s over every masked input so far
 
     def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(x).all():
+        largest = float(x.abs().max())  # NaN or infinity too
+        if not math.isfinite(largest):
             raise TsqpError(f"private mode: the input of {op} is not finite")
         scale = self.scales[op]
         pending = self.pads.start(op, x.shape[0])  # a helper computes its part while the server computes
         with self.stats.tee("mask"):
-            z = pending.z
-            masked = z.mul(scale).add_(x)  # x + r, float64
-            self.ratio = max(self.ratio, float(x.abs().max()) / scale)
+            masked = torch.add(x, pending.z, alpha=scale)  # x + s z, float64 (s a power of two: s z exact)
+            self.ratio = max(self.ratio, largest / scale)
         y = self.inner(op, masked)
         zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)
         with self.stats.tee("mask"):
-            y.sub_(zw.mul_(scale))
-            for t in (masked, z, zw):
-                t.zero_()  # the pad is erased once used
+            y.sub_(zw, alpha=scale)
+            pending.z.zero_()  # the pad is erased once used (x + r is what the server saw: no secret)
+            zw.zero_()
         return y
 
 

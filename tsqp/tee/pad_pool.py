@@ -44,6 +44,7 @@ from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
 
 MAGIC = b"TSQPPAD1"
 BLOCK_ROWS = 32  # rows per encrypted block: a decode step opens one block per op, not a whole pool
+FILL_BYTES = 128 << 20  # z W^T computed at a time while filling (the TEE's peak memory, not its speed)
 NONCE = 12
 TAG = 16
 KEY_FILE = "pool.key"
@@ -138,17 +139,21 @@ def fill(
         with partial.open("wb") as handle:
             handle.write(MAGIC + struct.pack("<I", len(sealed)) + nonce + sealed)
             for index, stream in enumerate(layout):
-                seeds = [new_seed() for _ in range(stream.blocks(tokens))]
-                z = torch.cat(
-                    [expand(seed, stream.block_rows(tokens, b), stream.width) for b, seed in enumerate(seeds)]
-                )
-                zw = product(checkpoint, stream.op, z, wire, bias=False)  # (tokens, out) float64, one pass
-                for block, seed in enumerate(seeds):
-                    rows = zw[block * BLOCK_ROWS : block * BLOCK_ROWS + stream.block_rows(tokens, block)]
-                    block_nonce = secrets.token_bytes(NONCE)
-                    sealed = aead.encrypt(block_nonce, seed + rows.numpy().tobytes(), _aad(file_id, index, block))
-                    handle.write(block_nonce + sealed)
-                del z, zw
+                # blocks in groups of at most FILL_BYTES of z W^T: one pass over the weight per group
+                group = max(1, FILL_BYTES // (BLOCK_ROWS * stream.out * MASKED_DTYPE.itemsize))
+                for first in range(0, stream.blocks(tokens), group):
+                    seeds = {b: new_seed() for b in range(first, min(first + group, stream.blocks(tokens)))}
+                    z = torch.cat(
+                        [expand(seed, stream.block_rows(tokens, b), stream.width) for b, seed in seeds.items()]
+                    )
+                    zw = product(checkpoint, stream.op, z, wire, bias=False)  # (rows, out) float64
+                    for block, seed in seeds.items():
+                        at = (block - first) * BLOCK_ROWS
+                        rows = zw[at : at + stream.block_rows(tokens, block)]
+                        block_nonce = secrets.token_bytes(NONCE)
+                        plain = seed + rows.numpy().tobytes()
+                        handle.write(block_nonce + aead.encrypt(block_nonce, plain, _aad(file_id, index, block)))
+                    del z, zw
                 if progress:
                     progress(index + 1, len(layout))
         partial.rename(path)
@@ -223,6 +228,7 @@ class PoolReader:
         self.used = [0] * len(layout)  # rows handed out, per stream
         self.open_block: dict[int, tuple[int, bytes, torch.Tensor]] = {}  # stream -> (block, seed, z W^T)
         self.buffers: dict[int, bytearray] = {}  # stream -> its decrypted block
+        self.sealed = bytearray()  # the block being read, before it is authenticated and decrypted
 
     def left(self, stream: int) -> int:
         return self.tokens - self.used[stream]
@@ -259,12 +265,17 @@ class PoolReader:
         spec = self.layout[stream]
         offset = self.offsets[stream] + block * spec.block_bytes(BLOCK_ROWS)
         rows = spec.block_rows(self.tokens, block)
-        raw = os.pread(self.fd, spec.block_bytes(rows), offset)
+        size = spec.block_bytes(rows)
+        if len(self.sealed) < size:
+            self.sealed = bytearray(size)
+        raw = memoryview(self.sealed)[:size]
+        if os.preadv(self.fd, [raw], offset) != size:
+            raise PoolError(f"pad pool {self.path.name}: block {block} of {spec.op} is cut short: refused")
         if stream not in self.buffers:  # one per stream, reused block after block: no fresh pages each time
             self.buffers[stream] = bytearray(SEED_BYTES + BLOCK_ROWS * spec.out * MASKED_DTYPE.itemsize)
-        payload = memoryview(self.buffers[stream])[: len(raw) - NONCE - TAG]
+        payload = memoryview(self.buffers[stream])[: size - NONCE - TAG]
         try:
-            self.aead.decrypt_into(raw[:NONCE], raw[NONCE:], _aad(self.file_id, stream, block), payload)
+            self.aead.decrypt_into(bytes(raw[:NONCE]), raw[NONCE:], _aad(self.file_id, stream, block), payload)
         except (InvalidTag, ValueError):
             raise PoolError(
                 f"pad pool {self.path.name}: block {block} of {spec.op} failed authentication (altered or "

@@ -42,6 +42,7 @@ CALIBRATION_TEXT = (
     "what is the capital of France? Paris! Numbers like 3.14159, 42 and 1,000,000 appear too."
 )
 CALIBRATION_TOKENS = 64
+LM_HEAD_ROWS = 256  # 256 x 32000 float64 masked logits, pads and result: 66 MB each
 
 
 @dataclass
@@ -178,7 +179,9 @@ class PrivateOps:
         return self._run(Op("down", layer), a)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(Op("lm_head"), x)
+        """By LM_HEAD_ROWS rows: the float64 masked logits of a long prompt would be the TEE's peak memory."""
+        chunks = [self._run(Op("lm_head"), part) for part in x.split(LM_HEAD_ROWS)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
     # -- figures -------------------------------------------------------------------------------
 
