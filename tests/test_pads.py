@@ -155,10 +155,10 @@ def test_reader_hands_out_rows_once_and_erases_them(ckpt, tmp_path):
     [(seed, first, n)] = seeds
     assert (first, n) == (0, 5) and zw.shape == (5, layout[stream].out)
     torch.testing.assert_close(zw, expand(seed, 5, layout[stream].width) @ weight.T, rtol=0, atol=1e-12)
-    held = reader.open_block[stream][2]
+    held = reader.open_block[stream][-1]
     assert torch.all(held[:5] == 0) and torch.all(held[5:].abs().sum(1) > 0)
-    seeds, zw = reader.take(stream, BLOCK_ROWS)  # the rest of block 0 and 5 rows of block 1
-    assert [(f, n) for _, f, n in seeds] == [(5, BLOCK_ROWS - 5), (0, 5)] and seeds[0][0] == seed
+    seeds, zw = reader.take(stream, BLOCK_ROWS)  # the rest of block 0 and 5 rows of block 1: one seed's run
+    assert [(f, n) for _, f, n in seeds] == [(5, BLOCK_ROWS)] and seeds[0][0] == seed
     z = torch.cat([expand(s, n, layout[stream].width, start_row=f) for s, f, n in seeds])
     torch.testing.assert_close(zw, z @ weight.T, rtol=0, atol=1e-12)
     assert reader.left(stream) == TOKENS - 5 - BLOCK_ROWS

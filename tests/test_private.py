@@ -13,7 +13,7 @@ import torch
 from conftest import reference_logits, run_tsqp, token_ids
 from test_equivalence import FEATURES
 
-from tsqp.errors import IntegrityError
+from tsqp.errors import IntegrityError, ServerError
 from tsqp.server.engine import Engine
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
@@ -167,3 +167,17 @@ def test_cli_generate_private_equals_plain(tiny_model, tmp_path):
     private = run_tsqp(*args, "--private", "--pads-dir", tmp_path / "pads")
     assert plain.returncode == 0 and private.returncode == 0, private.stderr
     assert json.loads(private.stdout)["generated_ids"] == json.loads(plain.stdout)["generated_ids"]
+
+
+def test_a_private_only_server_holds_float64_weights_and_refuses_plain_calls(tiny_model, tiny_reference, tmp_path):
+    engine = Engine(str(tiny_model), private_only=True)
+    assert engine.embed is None and all(layer is None for layer in engine.layers)
+    assert all(weight.dtype == MASKED_DTYPE for weight, _ in engine._masked.values())
+    ids = token_ids(11)
+    logits = logits_of(private_tee(tiny_model, tmp_path / "pads", engine=engine), ids)
+    torch.testing.assert_close(logits, reference_logits(tiny_reference, ids), atol=ATOL, rtol=0)
+    plain = TeeModel(tiny_model, InProcess(engine))
+    with pytest.raises(ServerError, match="--private-only"):
+        plain.attach()
+        plain.ops.open_session(4)
+        plain.forward(ids[:4])

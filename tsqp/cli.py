@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-cache-mb", type=int, default=8192, help="KV cache memory cap over all sessions")
     serve.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is freed")
+    serve.add_argument(
+        "--private-only",
+        action="store_true",
+        help="hold only private mode's float64 weights and refuse plain-mode calls (half the memory of both); "
+        "a private client's own server runs so",
+    )
     curve_flag(serve, "server (server.key_secret; clients admitted from allowed/)")
 
     logits = commands.add_parser("logits", help="write float32 logits [seq, vocab] for every position")
@@ -306,6 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         curve=curve,
         max_cache_bytes=args.max_cache_mb << 20,
         idle_timeout_s=args.idle_timeout,
+        private_only=args.private_only,
     )
 
 

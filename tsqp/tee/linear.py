@@ -87,13 +87,13 @@ def load_weight(
     return weight, torch.cat(biases) if biases else None
 
 
-CHUNK_ROWS = 1024  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
+CHUNK_BYTES = 64 << 20  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
 
 
 def weight_rows(
     checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype, bias: bool = True
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(first output row, W rows in dtype, their bias or None) over an op's fused weight, CHUNK_ROWS at a time.
+    """(first output row, W rows in dtype, their bias or None) over an op's fused weight, CHUNK_BYTES at a time.
 
     Each weight is read once as stored; its rows are rounded to the server's dtype and converted into one
     buffer that every chunk reuses (allocating a fresh float64 copy of every weight cost more than the
@@ -102,10 +102,12 @@ def weight_rows(
     for weight_name, bias_name in weight_names(checkpoint, op):
         weight = checkpoint.tensor(weight_name)
         b = checkpoint.tensor(bias_name).to(wire).to(dtype) if bias and bias_name is not None else None
+        step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
         if buffer is None:
-            buffer = torch.empty(CHUNK_ROWS, weight.shape[1], dtype=dtype)
-        for start in range(0, weight.shape[0], CHUNK_ROWS):
-            rows = weight[start : start + CHUNK_ROWS]
+            buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
+        step = min(step, buffer.shape[0])
+        for start in range(0, weight.shape[0], step):
+            rows = weight[start : start + step]
             chunk = buffer[: rows.shape[0]]
             chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
             yield row + start, chunk, None if b is None else b[start : start + rows.shape[0]]

@@ -9,7 +9,12 @@ File layout (every integer little-endian):
 
     MAGIC (8 bytes) | header length (u32) | nonce (12) | AES-256-GCM(header JSON), AAD = MAGIC
     then, per stream (one linear op of the model, in forward order) and per block of BLOCK_ROWS rows:
-        nonce (12) | AES-256-GCM(seed (32) | z W^T (rows, out) float64), AAD = file id | stream | block
+        nonce (12) | AES-256-GCM(seed (32) | first row (u64) | z W^T (rows, out) float64),
+        AAD = file id | stream | block
+
+A block's z is rows [first row, first row + rows) of its seed's expansion: the blocks of a stream filled
+together share one seed at successive rows (no row of a keystream is used twice), so that a long take
+is one expansion, not one per block.
 
 The header holds the model fingerprint and the server dtype the pads were made for, the token count,
 the block size and every stream's op and shape, so the file's exact size is known once the header is
@@ -47,6 +52,7 @@ BLOCK_ROWS = 32  # rows per encrypted block: a decode step opens one block per o
 FILL_BYTES = 128 << 20  # z W^T computed at a time while filling (the TEE's peak memory, not its speed)
 NONCE = 12
 TAG = 16
+PREFIX = SEED_BYTES + 8  # a block's seed and first row, before its z W^T (8-byte aligned)
 KEY_FILE = "pool.key"
 SUFFIX = ".pads"
 
@@ -98,7 +104,7 @@ class Stream:
         return -(-tokens // BLOCK_ROWS)
 
     def block_bytes(self, rows: int) -> int:
-        return NONCE + SEED_BYTES + rows * self.out * MASKED_DTYPE.itemsize + TAG
+        return NONCE + PREFIX + rows * self.out * MASKED_DTYPE.itemsize + TAG
 
 
 def streams(checkpoint: Checkpoint) -> list[Stream]:
@@ -138,24 +144,32 @@ def fill(
     try:
         with partial.open("wb") as handle:
             handle.write(MAGIC + struct.pack("<I", len(sealed)) + nonce + sealed)
+            largest = PREFIX + BLOCK_ROWS * max(s.out for s in layout) * MASKED_DTYPE.itemsize
+            plain, sealed_block = bytearray(largest), bytearray(largest + TAG)  # reused for every block
             for index, stream in enumerate(layout):
                 # blocks in groups of at most FILL_BYTES of z W^T: one pass over the weight per group
                 group = max(1, FILL_BYTES // (BLOCK_ROWS * stream.out * MASKED_DTYPE.itemsize))
                 for first in range(0, stream.blocks(tokens), group):
-                    seeds = {b: new_seed() for b in range(first, min(first + group, stream.blocks(tokens)))}
-                    z = torch.cat(
-                        [expand(seed, stream.block_rows(tokens, b), stream.width) for b, seed in seeds.items()]
-                    )
-                    zw = product(checkpoint, stream.op, z, wire, bias=False)  # (rows, out) float64
-                    for block, seed in seeds.items():
+                    blocks = range(first, min(first + group, stream.blocks(tokens)))
+                    seed, rows = new_seed(), sum(stream.block_rows(tokens, b) for b in blocks)
+                    zw = product(checkpoint, stream.op, expand(seed, rows, stream.width), wire, bias=False)
+                    for block in blocks:
                         at = (block - first) * BLOCK_ROWS
-                        rows = zw[at : at + stream.block_rows(tokens, block)]
+                        part = zw[at : at + stream.block_rows(tokens, block)]
+                        size = PREFIX + part.numel() * MASKED_DTYPE.itemsize
+                        plain[:PREFIX] = seed + struct.pack("<Q", at)
+                        torch.frombuffer(plain, dtype=MASKED_DTYPE, count=part.numel(), offset=PREFIX).copy_(
+                            part.reshape(-1)
+                        )
                         block_nonce = secrets.token_bytes(NONCE)
-                        plain = seed + rows.numpy().tobytes()
-                        handle.write(block_nonce + aead.encrypt(block_nonce, plain, _aad(file_id, index, block)))
-                    del z, zw
+                        out = memoryview(sealed_block)[: size + TAG]
+                        aead.encrypt_into(block_nonce, memoryview(plain)[:size], _aad(file_id, index, block), out)
+                        handle.write(block_nonce)
+                        handle.write(out)
+                    del zw
                 if progress:
                     progress(index + 1, len(layout))
+        plain[:] = bytes(len(plain))  # the last block's plaintext is erased
         partial.rename(path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -226,7 +240,7 @@ class PoolReader:
         if size != offset:
             raise PoolError(f"pad pool {name} is {size} bytes, its header says {offset}: truncated or padded, refused")
         self.used = [0] * len(layout)  # rows handed out, per stream
-        self.open_block: dict[int, tuple[int, bytes, torch.Tensor]] = {}  # stream -> (block, seed, z W^T)
+        self.open_block: dict[int, tuple[int, bytes, int, torch.Tensor]] = {}  # stream -> (block, seed, row, z W^T)
         self.buffers: dict[int, bytearray] = {}  # stream -> its decrypted block
         self.sealed = bytearray()  # the block being read, before it is authenticated and decrypted
 
@@ -239,7 +253,8 @@ class PoolReader:
 
     @torch.inference_mode()  # the blocks are made and erased in inference mode, whoever calls
     def take(self, stream: int, rows: int) -> tuple[list[tuple[bytes, int, int]], torch.Tensor]:
-        """The next `rows` rows of a stream: [(seed, first row in its block, rows)], z W^T (rows, out)."""
+        """The next `rows` rows of a stream: [(seed, first row of its expansion, rows)] (runs of one seed
+        merged), z W^T (rows, out)."""
         if rows > self.left(stream):
             raise TsqpError(f"pad pool {self.path.name}: stream {stream} has {self.left(stream)} rows left")
         spec = self.layout[stream]
@@ -247,18 +262,21 @@ class PoolReader:
         seeds, done = [], 0
         while done < rows:
             block, first = divmod(self.used[stream], BLOCK_ROWS)
-            _, seed, block_zw = self._block(stream, block)
+            _, seed, seed_row, block_zw = self._block(stream, block)
             n = min(rows - done, block_zw.shape[0] - first)
             zw[done : done + n] = block_zw[first : first + n]
             block_zw[first : first + n].zero_()  # erased: no row is handed out twice
-            seeds.append((seed, first, n))
+            if seeds and seeds[-1][0] == seed and seeds[-1][1] + seeds[-1][2] == seed_row + first:
+                seeds[-1] = (seed, seeds[-1][1], seeds[-1][2] + n)
+            else:
+                seeds.append((seed, seed_row + first, n))
             done += n
             self.used[stream] += n
             if first + n == block_zw.shape[0]:
                 del self.open_block[stream]
         return seeds, zw
 
-    def _block(self, stream: int, block: int) -> tuple[int, bytes, torch.Tensor]:
+    def _block(self, stream: int, block: int) -> tuple[int, bytes, int, torch.Tensor]:
         held = self.open_block.get(stream)
         if held is not None and held[0] == block:
             return held
@@ -272,7 +290,7 @@ class PoolReader:
         if os.preadv(self.fd, [raw], offset) != size:
             raise PoolError(f"pad pool {self.path.name}: block {block} of {spec.op} is cut short: refused")
         if stream not in self.buffers:  # one per stream, reused block after block: no fresh pages each time
-            self.buffers[stream] = bytearray(SEED_BYTES + BLOCK_ROWS * spec.out * MASKED_DTYPE.itemsize)
+            self.buffers[stream] = bytearray(PREFIX + BLOCK_ROWS * spec.out * MASKED_DTYPE.itemsize)
         payload = memoryview(self.buffers[stream])[: size - NONCE - TAG]
         try:
             self.aead.decrypt_into(bytes(raw[:NONCE]), raw[NONCE:], _aad(self.file_id, stream, block), payload)
@@ -281,8 +299,9 @@ class PoolReader:
                 f"pad pool {self.path.name}: block {block} of {spec.op} failed authentication (altered or "
                 "truncated): refused, none of its pads used"
             ) from None
-        zw = torch.frombuffer(payload, dtype=MASKED_DTYPE, offset=SEED_BYTES).view(rows, spec.out)
-        self.open_block[stream] = (block, bytes(payload[:SEED_BYTES]), zw)  # erased as its rows are taken
+        zw = torch.frombuffer(payload, dtype=MASKED_DTYPE, offset=PREFIX).view(rows, spec.out)
+        (seed_row,) = struct.unpack("<Q", payload[SEED_BYTES:PREFIX])
+        self.open_block[stream] = (block, bytes(payload[:SEED_BYTES]), seed_row, zw)  # erased as rows are taken
         return self.open_block[stream]
 
     def close(self) -> None:

@@ -74,7 +74,8 @@ class PrivateOps:
         self.wire = torch.float32  # the server's dtype, known after init: the pads' weights are rounded to it
         self.embed: torch.Tensor | None = None
         self.cache: KVCache | None = None
-        self.linear: Linear | None = None
+        self.linear: Linear | None = None  # what the forward pass's products go through
+        self.unmasked: Linear | None = None  # the check and the remote call, under the mask
         self.masked: Masked | None = None
         self.checked: Checked | None = None
         self.pads = None

@@ -56,6 +56,7 @@ def open_client(options: RunOptions, stats: Stats | None = None) -> Iterator[Cli
                     options.dtype,
                     start_timeout_s=options.start_timeout_s,
                     curve_keys=options.curve_keys,
+                    extra_args=["--private-only"] if options.private else [],
                 )
             )
             endpoint, alive = server.endpoint, server.exit_reason
