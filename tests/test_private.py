@@ -13,7 +13,7 @@ import torch
 from conftest import reference_logits, run_tsqp, token_ids
 from test_equivalence import FEATURES
 
-from tsqp.errors import IntegrityError, ServerError
+from tsqp.errors import IntegrityError, ServerError, TsqpError
 from tsqp.server.engine import Engine
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
@@ -181,3 +181,43 @@ def test_a_private_only_server_holds_float64_weights_and_refuses_plain_calls(tin
         plain.attach()
         plain.ops.open_session(4)
         plain.forward(ids[:4])
+
+
+def test_a_helper_that_is_the_server_itself_is_refused(tiny_model, tmp_path):
+    engine = Engine(str(tiny_model))
+    with pytest.raises(TsqpError, match="same server"):
+        private_tee(tiny_model, tmp_path / "pads", engine=engine, helper=engine)
+
+
+@pytest.mark.parametrize("bits", [0, 7, 29, -3])
+def test_pad_scales_outside_the_measured_range_are_refused(tiny_model, tmp_path, bits):
+    tee = TeeModel(tiny_model, InProcess(Engine(str(tiny_model))), private=PrivateOptions(tmp_path, pad_bits=bits))
+    with pytest.raises(TsqpError, match="--pad-bits"):
+        tee.attach()
+
+
+class FailingEngine(Engine):
+    def op_masked_linear(self, args, x):
+        if args.get("op") == "down":
+            raise TsqpError("out of memory")
+        return super().op_masked_linear(args, x)
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_a_failed_product_erases_its_pad_and_drops_the_helpers_reply(tiny_model, tmp_path, helper):
+    tee = private_tee(
+        tiny_model,
+        tmp_path / "pads",
+        engine=FailingEngine(str(tiny_model)),
+        helper=Engine(str(tiny_model)) if helper else None,
+    )
+    handed = []
+    start = tee.ops.pads.start
+    tee.ops.masked.pads.start = lambda op, rows: handed.append(start(op, rows)) or handed[-1]
+    tee.ops.open_session(6)
+    with pytest.raises(ServerError, match="out of memory"):
+        tee.forward(token_ids(6))
+    assert handed[-1].op.name == "down" and handed[-1].used
+    assert all(bool((pad.z == 0).all()) for pad in handed)  # every pad handed out is erased
+    if helper:
+        assert tee.ops.options.helper.replies == {}  # the failed call's helper reply was not kept

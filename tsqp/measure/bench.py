@@ -114,7 +114,12 @@ def run_bench(
     if options.verify:
         console.print(
             f"verification {result['verify_s']:.3f} s ({100 * result['verify_s'] / prefill_s:.1f}% of the "
-            f"prefill), keys computed at start in {verify_setup_s:.2f} s"
+            f"prefill), "
+            + (
+                f"keys, embedding table and calibration at start in {verify_setup_s:.2f} s"
+                if options.private
+                else f"keys computed at start in {verify_setup_s:.2f} s"
+            )
         )
     timed.print_table(prefill_s, console)
     if trace_path:
@@ -193,9 +198,10 @@ def print_private(figures: dict, console: Console) -> None:
 
 
 def plain_prefill(options: RunOptions, ids: torch.Tensor, warmup: torch.Tensor) -> dict:
-    """The plain split on the same prompt, in the same run (its own server)."""
+    """The plain split on the same prompt, in the same run, on a server of its own (a private client's
+    server may be --private-only)."""
     stats = Stats()
-    with open_model(replace(options, private=False, helper=None), stats) as tee:
+    with open_model(replace(options, private=False, helper=None, connect=None), stats) as tee:  # its own server
         timed_prefill(tee, stats, warmup)
         run = timed_prefill(tee, stats, ids)
     return {"prefill_s": run.seconds, "bytes": run.stats.bytes_sent + run.stats.bytes_received}

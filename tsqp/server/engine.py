@@ -88,9 +88,9 @@ class Engine:
         progress=None,
         private_only: bool = False,
     ):
-        """private_only: keep only private mode's float64 weights (built layer by layer as they load, the
-        others dropped): plain-mode calls are refused. A private client's own server runs so; it halves
-        the memory of a server that holds both (1.1B: 8.8 GB instead of 13.2)."""
+        """private_only: keep only private mode's float64 weights (made layer by layer once loaded, each
+        layer's others dropped as its float64 ones exist): plain-mode calls are refused. A private client's
+        own server runs so; it halves the memory of a server that holds both (1.1B: 8.8 GB, not 13.2)."""
         self.checkpoint = Checkpoint(model_dir)
         self.config: LlamaConfig = self.checkpoint.config
         self.device = torch.device(device)
@@ -103,6 +103,7 @@ class Engine:
         self._alloc: Alloc | None = None
         self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
         self.private_only = private_only
+        self.instance = secrets.token_hex(8)
         self._load(progress)
         if private_only:
             for layer in range(self.config.num_layers):
@@ -231,6 +232,7 @@ class Engine:
                 self._masked_weight(op, layer)
         info = {
             "fingerprint": self.fingerprint,
+            "instance": self.instance,  # tells two servers apart (a private client's helper must be another)
             "dtype": self.dtype_name,
             "device": str(self.device),
             "layers": c.num_layers,

@@ -74,25 +74,15 @@ class ModelKeys:
 
 def project(weight: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> LinearKey:
     """W (out, in) and its secret s (out, K) -> the key, converting a few rows at a time to float32."""
-    w, col_sq = project_parts(weight, s, wire, torch.float32)
-    return LinearKey(s, w.T, S_MAX * col_sq.max().sqrt().item(), col_sq.sum().sqrt().item())
-
-
-def project_parts(
-    weight: torch.Tensor, s: torch.Tensor, wire: torch.dtype, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W^T s as (K, in), squared column norms (in,)) computed in dtype, W rounded to wire first; the parts
-    of a fused weight (q, k, v stacked) add up."""
     out_dim, in_dim = weight.shape
-    w, col_sq = torch.zeros(VECTORS, in_dim, dtype=dtype), torch.zeros(in_dim, dtype=dtype)
+    w, col_sq = torch.zeros(VECTORS, in_dim), torch.zeros(in_dim)
     step = max(1, CHUNK_ELEMENTS // in_dim)
-    s = s.to(dtype)
     for start in range(0, out_dim, step):
-        rows = weight[start : start + step].to(wire).to(dtype)
+        rows = weight[start : start + step].to(wire).float()
         for k in range(VECTORS):  # matrix-vector products: far faster here than a product with K columns
             w[k].addmv_(rows.T, s[start : start + step, k])
         col_sq.add_(rows.square().sum(0))
-    return w, col_sq
+    return LinearKey(s, w.T, S_MAX * col_sq.max().sqrt().item(), col_sq.sum().sqrt().item())
 
 
 def embedding_rows(embed: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> torch.Tensor:

@@ -7,132 +7,28 @@ one thing, the way tinygrad hands its model the linear layer:
 `Op` names one linear of the model: qkv (q, k and v fused), o_proj, gate_up, down (each with its layer)
 and lm_head. `Remote` sends an op to the server as `masked_linear`; the server computes in float64 and
 never sees an unmasked activation. `Checked` runs a Freivalds check on every product, masked or not
-(the TEE knows the x + r it sent), with float64 keys (`freivalds.build_masked_keys`) and a float64
-tolerance. `Masked` adds the pad r = s z and removes s (z W^T) from the result: (x + r) W^T + b - r W^T.
+(the TEE knows the x + r it sent), with float64 keys (`MaskedKeys.build`) and a float64 tolerance.
+`Masked` adds the pad r = s z and removes s (z W^T) from the result: (x + r) W^T + b - r W^T.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, by_columns, secret_matrix, times
+from tsqp.tee.weights import Op, model_ops, op_dims, product, weight_rows
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
 U64 = 2.0**-53  # float64 unit roundoff: the server's masked products and the TEE's checks
 LAMBDA = 4.0  # tolerance multiplier, as in verify.py
-
-
-@dataclass(frozen=True)
-class Op:
-    name: str  # one of protocol.MASKED_LINEARS
-    layer: int = 0  # 0 for lm_head
-
-    @property
-    def args(self) -> dict:
-        return {"op": self.name, "layer": self.layer}
-
-    def __str__(self) -> str:
-        return self.name if self.name == "lm_head" else f"{self.name} of layer {self.layer}"
-
-
-def op_dims(config: LlamaConfig, op: Op) -> tuple[int, int]:
-    """(in, out) of an op's weight."""
-    c = config
-    return {
-        "qkv": (c.hidden_size, c.q_dim + 2 * c.kv_dim),
-        "o_proj": (c.q_dim, c.hidden_size),
-        "gate_up": (c.hidden_size, 2 * c.intermediate_size),
-        "down": (c.intermediate_size, c.hidden_size),
-        "lm_head": (c.hidden_size, c.vocab_size),
-    }[op.name]
-
-
-def model_ops(config: LlamaConfig) -> list[Op]:
-    """Every linear of a forward pass, in the order it runs."""
-    ops = [Op(name, layer) for layer in range(config.num_layers) for name in ("qkv", "o_proj", "gate_up", "down")]
-    return ops + [Op("lm_head")]
-
-
-def weight_names(checkpoint: Checkpoint, op: Op) -> list[tuple[str, str | None]]:
-    """(weight, bias or None) names of an op's parts, stacked in this order along the output."""
-    c, p = checkpoint.config, layer_prefix(op.layer)
-    if op.name == "lm_head":
-        return [("lm_head.weight" if checkpoint.has("lm_head.weight") else "model.embed_tokens.weight", None)]
-    part, projs, bias = {
-        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj"), c.attention_bias),
-        "o_proj": ("self_attn", ("o_proj",), c.attention_bias),
-        "gate_up": ("mlp", ("gate_proj", "up_proj"), c.mlp_bias),
-        "down": ("mlp", ("down_proj",), c.mlp_bias),
-    }[op.name]
-    return [(f"{p}{part}.{proj}.weight", f"{p}{part}.{proj}.bias" if bias else None) for proj in projs]
-
-
-def load_weight(
-    checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An op's fused weight (out, in) and bias, rounded to the server's dtype (as it holds them), in dtype."""
-    parts = weight_names(checkpoint, op)
-    names = [w for w, _ in parts] + [b for _, b in parts if b is not None]
-    tensors = dict(checkpoint.tensors(names))
-    weight = torch.cat([tensors[w].to(wire).to(dtype) for w, _ in parts])
-    biases = [tensors[b].to(wire).to(dtype) for _, b in parts if b is not None]
-    return weight, torch.cat(biases) if biases else None
-
-
-CHUNK_BYTES = 64 << 20  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
-
-
-def weight_rows(
-    checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype, bias: bool = True
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(first output row, W rows in dtype, their bias or None) over an op's fused weight, CHUNK_BYTES at a time.
-
-    Each weight is read once as stored; its rows are rounded to the server's dtype and converted into one
-    buffer that every chunk reuses (allocating a fresh float64 copy of every weight cost more than the
-    products here: the pages are new each time)."""
-    buffer, row = None, 0
-    for weight_name, bias_name in weight_names(checkpoint, op):
-        weight = checkpoint.tensor(weight_name)
-        b = checkpoint.tensor(bias_name).to(wire).to(dtype) if bias and bias_name is not None else None
-        step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
-        if buffer is None:
-            buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
-        step = min(step, buffer.shape[0])
-        for start in range(0, weight.shape[0], step):
-            rows = weight[start : start + step]
-            chunk = buffer[: rows.shape[0]]
-            chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
-            yield row + start, chunk, None if b is None else b[start : start + rows.shape[0]]
-        row += weight.shape[0]
-        del weight
-
-
-def product(
-    checkpoint: Checkpoint,
-    op: Op,
-    x: torch.Tensor,
-    wire: torch.dtype,
-    bias: bool = True,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x W^T (+ b) (T, out) in x's dtype, the weight streamed from the checkpoint (`weight_rows`)."""
-    out = torch.empty(x.shape[0], op_dims(checkpoint.config, op)[1], dtype=x.dtype) if out is None else out
-    part = None
-    for start, rows, b in weight_rows(checkpoint, op, wire, x.dtype, bias):
-        n = rows.shape[0]
-        if part is None or part.shape[1] < n:
-            part = torch.empty(x.shape[0], n, dtype=x.dtype)
-        torch.mm(x, rows.T, out=part[:, :n])
-        out[:, start : start + n] = part[:, :n] if b is None else part[:, :n] + b
-    return out
 
 
 Linear = Callable[[Op, torch.Tensor], torch.Tensor]  # (op, x (T, in)) -> x W^T + b (T, out)
@@ -196,9 +92,10 @@ class Checked:
 
     Tolerance per row and vector, as in verify.py with float64 rounding throughout (the server's
     product and the TEE's check): LAMBDA [(u + U64 sqrt(out)) S_MAX ||y|| + U64 (sqrt(in) + sqrt(out))
-    omega ||x||], ||y|| bounded by ||x|| ||W||_F + ||b||. For a masked product x is x + r, so what the
-    check lets through is of the size of the float64 rounding of the masked product: about 2^-53 sqrt(in)
-    times |r| |W|, 2^(k-53) sqrt(in) of the unmasked result for pads 2^k larger than x.
+    omega ||x||], ||y|| measured (one pass over the result; the bound ||x|| ||W||_F + ||b|| is about
+    sqrt(in) times looser on a masked row, whose pad dominates it). For a masked product x is x + r, so
+    what the check lets through is of the size of the float64 rounding of the masked product: about
+    2^-53 sqrt(in) times |r| |W|, 2^(k-53) sqrt(in) of the unmasked result for pads 2^k larger than x.
     """
 
     def __init__(self, inner: Linear, keys: MaskedKeys, stats: Stats):
@@ -223,7 +120,7 @@ class Checked:
             key = self.keys.keys[op]
             out_dim, in_dim = y.shape[1], x.shape[1]
             x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-            y_norm = x_norm * key.frobenius + (key.bias_norm if bias else 0.0)
+            y_norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
             tolerance = LAMBDA * (
                 (U64 + U64 * math.sqrt(out_dim)) * S_MAX * y_norm
                 + U64 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega * x_norm
@@ -232,7 +129,7 @@ class Checked:
             rhs = times(x, key.w) + (key.bias_s if bias else 0.0)
             deviation = (lhs - rhs).abs()
             self.checks += 1
-            bad = ~(deviation <= tolerance)
+            bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
             if not bad.any():
                 ratio = float((deviation / tolerance).nan_to_num(0.0).max())
                 self.margin[op.name] = max(self.margin.get(op.name, 0.0), ratio)
@@ -285,15 +182,17 @@ class Masked:
             raise TsqpError(f"private mode: the input of {op} is not finite")
         scale = self.scales[op]
         pending = self.pads.start(op, x.shape[0])  # a helper computes its part while the server computes
-        with self.stats.tee("mask"):
-            masked = torch.add(x, pending.z, alpha=scale)  # x + s z, float64 (s a power of two: s z exact)
-            self.ratio = max(self.ratio, largest / scale)
-        y = self.inner(op, masked)
-        zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)
-        with self.stats.tee("mask"):
-            y.sub_(zw, alpha=scale)
-            pending.z.zero_()  # the pad is erased once used (x + r is what the server saw: no secret)
-            zw.zero_()
+        try:
+            with self.stats.tee("mask"):
+                masked = torch.add(x, pending.z, alpha=scale)  # x + s z, float64 (s a power of two: s z exact)
+                self.ratio = max(self.ratio, largest / scale)
+            y = self.inner(op, masked)
+            zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)
+            with self.stats.tee("mask"):
+                y.sub_(zw, alpha=scale)
+                zw.zero_()  # the pad is erased once used (x + r is what the server saw: no secret)
+        finally:
+            pending.cancel()  # erases z; a helper's reply not waited for is dropped
         return y
 
 

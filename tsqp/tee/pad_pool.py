@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.tee.linear import Op, model_ops, op_dims, product
+from tsqp.tee.weights import Op, model_ops, op_dims, product
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
 
@@ -74,12 +74,20 @@ def pool_key(folder: Path) -> bytes:
     path = folder / KEY_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(AESGCM.generate_key(bit_length=256))
-        key = path.read_bytes()
-    except FileExistsError:  # another process made it first
+        if not path.exists():  # written whole under a private name, then linked: never seen half-written
+            draft = folder / f".{KEY_FILE}.{secrets.token_hex(8)}"
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(AESGCM.generate_key(bit_length=256))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                try:
+                    os.link(draft, path)
+                except FileExistsError:  # another process made it first: its key is the key
+                    pass
+            finally:
+                draft.unlink(missing_ok=True)
         key = path.read_bytes()
     except OSError as exc:
         raise PoolError(
@@ -116,12 +124,21 @@ def _aad(file_id: bytes, stream: int, block: int) -> bytes:
 
 
 def fill(
-    checkpoint: Checkpoint, fingerprint: str, wire: torch.dtype, tokens: int, folder: Path, progress=None
+    checkpoint: Checkpoint,
+    fingerprint: str,
+    wire: torch.dtype,
+    tokens: int,
+    folder: Path,
+    progress=None,
+    publish: bool = True,
 ) -> tuple[Path, float]:
     """Computes pads for `tokens` rows of every op (the LM head's too) into a new pool file in folder.
 
-    One weight at a time is held (float64); each op's pads are one product. Written to a temporary name
-    and renamed when complete: an interrupted fill leaves no pool behind. Returns (path, seconds)."""
+    Each op's weight is streamed in chunks (`weights.weight_rows`), once per group of blocks (at most
+    FILL_BYTES of pads at a time). Written to a temporary name: an interrupted fill leaves no pool behind.
+    publish: rename it to a pool name any client may claim (`tsqp pads`); else its `.partial` path is
+    returned for the caller to claim at once (a client filling for itself: no other client can take it).
+    Returns (path, seconds)."""
     if tokens < 1:
         raise TsqpError("a pad pool holds at least one token")
     start = time.perf_counter()
@@ -147,8 +164,8 @@ def fill(
             largest = PREFIX + BLOCK_ROWS * max(s.out for s in layout) * MASKED_DTYPE.itemsize
             plain, sealed_block = bytearray(largest), bytearray(largest + TAG)  # reused for every block
             for index, stream in enumerate(layout):
-                # blocks in groups of at most FILL_BYTES of z W^T: one pass over the weight per group
-                group = max(1, FILL_BYTES // (BLOCK_ROWS * stream.out * MASKED_DTYPE.itemsize))
+                # blocks in groups of at most FILL_BYTES of z or z W^T: one pass over the weight per group
+                group = max(1, FILL_BYTES // (BLOCK_ROWS * max(stream.width, stream.out) * MASKED_DTYPE.itemsize))
                 for first in range(0, stream.blocks(tokens), group):
                     blocks = range(first, min(first + group, stream.blocks(tokens)))
                     seed, rows = new_seed(), sum(stream.block_rows(tokens, b) for b in blocks)
@@ -170,11 +187,15 @@ def fill(
                 if progress:
                     progress(index + 1, len(layout))
         plain[:] = bytes(len(plain))  # the last block's plaintext is erased
-        partial.rename(path)
+        if publish:
+            partial.rename(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise PoolError(f"cannot write the pad pool {partial} ({exc.strerror or exc})") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return path, time.perf_counter() - start
+    return (path if publish else partial), time.perf_counter() - start
 
 
 class PoolReader:
@@ -194,6 +215,8 @@ class PoolReader:
                 os.unlink(path)  # claimed: this process alone uses these pads
             except FileNotFoundError:
                 raise PoolClaimed(f"pad pool {path.name} was claimed by another process") from None
+            except OSError as exc:
+                raise PoolError(f"pad pool {path.name}: cannot claim it ({exc.strerror})") from None
             self._open(fingerprint, wire, layout)
         except BaseException:
             os.close(self.fd)

@@ -22,8 +22,9 @@ import torch
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
-from tsqp.tee.linear import Checked, Op, op_dims
-from tsqp.tee.pad_pool import PoolClaimed, PoolReader, fill, pool_files, pool_key, streams
+from tsqp.tee.linear import Checked
+from tsqp.tee.pad_pool import PoolClaimed, PoolError, PoolReader, fill, pool_files, pool_key, streams
+from tsqp.tee.weights import Op, op_dims
 from tsqp.wire.pad_seeds import expand, new_seed
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
@@ -35,8 +36,10 @@ class PadReuse(TsqpError):
 class Pad:
     """z (rows, in) now; z W^T once, from `finish`."""
 
-    def __init__(self, op: Op, z: torch.Tensor, finish: Callable[[], torch.Tensor]):
-        self.op, self.z, self._finish = op, z, finish
+    def __init__(
+        self, op: Op, z: torch.Tensor, finish: Callable[[], torch.Tensor], cancel: Callable[[], None] = lambda: None
+    ):
+        self.op, self.z, self._finish, self._cancel = op, z, finish, cancel
         self.used = False
 
     def result(self) -> torch.Tensor:
@@ -44,6 +47,13 @@ class Pad:
             raise PadReuse(f"the pad of {self.op} was already used: a pad is used once")
         self.used = True
         return self._finish()
+
+    def cancel(self) -> None:
+        """The pad will not be used (the product failed): erased, and a helper's reply not waited for."""
+        self.z.zero_()
+        if not self.used:
+            self.used = True
+            self._cancel()
 
 
 class PoolPads:
@@ -89,8 +99,8 @@ class PoolPads:
             self.readers.append(reader)
             self.claimed_tokens += reader.tokens
         missing = tokens - self.left()
-        if missing > 0:
-            path, seconds = fill(self.checkpoint, self.fingerprint, self.wire, missing, self.folder)
+        if missing > 0:  # filled for this client alone: claimed before any other client can see it
+            path, seconds = fill(self.checkpoint, self.fingerprint, self.wire, missing, self.folder, publish=False)
             self.offline_s += seconds
             self.computed_tokens += missing
             self.readers.append(PoolReader(path, pool_key(self.folder), self.fingerprint, self.wire, self.layout))
@@ -106,7 +116,12 @@ class PoolPads:
                 take = min(rows - done, reader.left(stream))
                 if take <= 0:
                     continue
-                seeds, zw = reader.take(stream, take)
+                try:
+                    seeds, zw = reader.take(stream, take)
+                except PoolError:  # an altered block: this pool is done for, the error says why
+                    self.readers.remove(reader)
+                    reader.close()
+                    raise
                 zs += [expand(seed, n, width, start_row=first) for seed, first, n in seeds]
                 zws.append(zw)
                 done += take
@@ -115,7 +130,7 @@ class PoolPads:
             self.readers = [r for r in self.readers if _keep(r)]  # used up: closed now
             z = torch.cat(zs) if len(zs) > 1 else zs[0]
             zw = torch.cat(zws) if len(zws) > 1 else zws[0]
-        return Pad(op, z, lambda: zw)
+        return Pad(op, z, lambda: zw, cancel=zw.zero_)
 
     def close(self) -> None:
         for reader in self.readers:
@@ -160,7 +175,7 @@ class HelperPads:
                 self.checked.check(op, z, zw, bias=False, who="helper")
             return zw
 
-        return Pad(op, z, finish)
+        return Pad(op, z, finish, cancel=lambda: self.link.discard(request))
 
     def close(self) -> None:
         pass

@@ -30,13 +30,15 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.attention import KVCache
-from tsqp.tee.linear import Checked, Linear, Local, Masked, MaskedKeys, Op, Recording, Remote, leak_bits, model_ops
+from tsqp.tee.linear import Checked, Linear, Local, Masked, MaskedKeys, Recording, Remote, leak_bits
 from tsqp.tee.pads import HelperPads, PoolPads
 from tsqp.tee.remote import Synchronous
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
+from tsqp.tee.weights import Op, model_ops
 from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, MASKED_DTYPE
 
 PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table
+PAD_BITS_RANGE = (8, 28)  # below: pads too small to hide much; above: x drowns in float64 rounding
 CALIBRATION_TEXT = (
     "The quick brown fox jumps over the lazy dog. In 1492, Columbus sailed the ocean blue; "
     "what is the capital of France? Paris! Numbers like 3.14159, 42 and 1,000,000 appear too."
@@ -90,9 +92,14 @@ class PrivateOps:
     # -- control -------------------------------------------------------------------------------
 
     def init(self) -> dict:
+        low, high = PAD_BITS_RANGE
+        if not low <= self.options.pad_bits <= high:
+            raise TsqpError(f"--pad-bits must be in [{low}, {high}], not {self.options.pad_bits}")
         info = self.link.wait(self.link.submit("init", {"private": True})).args
         if info.get("dtype") not in FLOAT_DTYPES:
             raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
+        if self.options.helper is not None:
+            check_helper(self.options.helper, info)
         start = time.perf_counter()
         self.wire = DTYPES[info["dtype"]]
         self.embed = self.checkpoint.tensor("model.embed_tokens.weight")  # whole: no offsets name the tokens
@@ -102,6 +109,8 @@ class PrivateOps:
             keys = MaskedKeys.build(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
             self.checked = Checked(remote, keys, self.stats)
         inner = self.checked or remote
+        if self.pads is not None:
+            self.pads.close()
         if self.options.helper is not None:
             self.pads = HelperPads(self.options.helper, self.config, self.checked, self.stats)
         else:
@@ -120,6 +129,9 @@ class PrivateOps:
         try:
             self.cache = KVCache(self.config, ids.shape[0])
             tee.forward(ids)
+        except BaseException:
+            self.linear = None  # nothing computes until a calibration has passed
+            raise
         finally:
             self.cache = None
         bits = self.options.pad_bits
@@ -189,6 +201,22 @@ class PrivateOps:
     def leak_bound_bits(self) -> float:
         """The bound on what one masked coordinate revealed, over every input masked so far."""
         return leak_bits(self.masked.ratio) if self.masked else 0.0
+
+
+def check_helper(helper, primary: dict) -> None:
+    """The helper must be another server than the primary (it would hold both x + r and r) and hold the
+    same weights in the same dtype (its z W^T would not cancel the primary's otherwise)."""
+    info = helper.wait(helper.submit("init", {"private": True})).args
+    if info.get("instance") == primary.get("instance"):
+        raise TsqpError(
+            "--helper names the same server as the one computing on the masked activations: it would see both "
+            "x + r and r; the helper must be a second server, run by another party"
+        )
+    if info.get("fingerprint") != primary.get("fingerprint") or info.get("dtype") != primary.get("dtype"):
+        raise TsqpError(
+            f"the helper runs another model or dtype ({info.get('dtype')}) than the server ({primary.get('dtype')}): "
+            "start both with the same checkpoint and --dtype"
+        )
 
 
 def calibration_ids(model_dir: Path, config: LlamaConfig) -> torch.Tensor:

@@ -24,6 +24,8 @@ SEED_BYTES = 32
 _MANTISSA = (1 << 52) - 1
 _ONE = 0x3FF0000000000000  # the bits of 1.0
 _AES_BLOCK = 16
+_PIECE = 1 << 20  # keystream made a MiB at a time: the CTR plaintext (zeros) is one small fixed buffer
+_ZEROS = memoryview(bytes(_PIECE))
 
 
 def new_seed() -> bytes:
@@ -38,7 +40,10 @@ def expand(seed: bytes, rows: int, width: int, start_row: int = 0) -> torch.Tens
     words = torch.empty(rows, even, dtype=torch.int64)
     raw = words.numpy().reshape(-1).view("uint8")
     counter = (start_row * even * 8 // _AES_BLOCK).to_bytes(_AES_BLOCK, "big")
-    Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update_into(_zeros(raw.nbytes), raw)
+    stream = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+    for start in range(0, raw.nbytes, _PIECE):  # the counter carries across pieces
+        piece = raw[start : start + _PIECE]
+        stream.update_into(_ZEROS[: piece.nbytes], piece)
     # 52 random mantissa bits under the exponent of 1.0: a float64 uniform in [1, 2), in place (no
     # integer-to-float conversion, which cost more than the rest)
     words.bitwise_and_(_MANTISSA).bitwise_or_(_ONE)
@@ -52,14 +57,3 @@ def expand(seed: bytes, rows: int, width: int, start_row: int = 0) -> torch.Tens
     angle.mul_(radius)
     radius.mul_(sine)
     return uniform[:, :width]
-
-
-_ZEROS = bytearray()
-
-
-def _zeros(n: int) -> memoryview:
-    """n zero bytes, the CTR plaintext (the keystream is its ciphertext), kept between calls."""
-    global _ZEROS
-    if len(_ZEROS) < n:
-        _ZEROS = bytearray(n)
-    return memoryview(_ZEROS)[:n]
