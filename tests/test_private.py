@@ -221,3 +221,16 @@ def test_a_failed_product_erases_its_pad_and_drops_the_helpers_reply(tiny_model,
     assert all(bool((pad.z == 0).all()) for pad in handed)  # every pad handed out is erased
     if helper:
         assert tee.ops.options.helper.replies == {}  # the failed call's helper reply was not kept
+
+
+def test_bench_private_reports_the_pad_cost(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_tsqp(
+        "bench", "--private", "--tokens", "12", "--decode", "3", "--pads-dir", tmp_path / "pads", "--json", out
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["private"] is True and figures["pad_source"] == "pool"
+    assert figures["offline_s"] > 0 and figures["pads_computed_tokens"] >= 12  # an empty pool: computed first
+    assert figures["pad_bytes_per_token"] > 0 and figures["leak_bound_bits_per_coordinate"] < 1e-9
+    assert figures["decode"]["new_tokens"] == 3 and figures["rpc_calls"] == 4 * 2 + 1  # tiny: 2 layers
