@@ -67,7 +67,7 @@ def test_private_logits_match_transformers(feature_model, feature, length, tmp_p
     tee.ops.close()
 
 
-@pytest.mark.parametrize("feature", ["gqa", "mqa", "attention_bias", "mlp_bias", "tied"])
+@pytest.mark.parametrize("feature", list(FEATURES))
 def test_private_logits_with_a_helper_match_transformers(feature_model, feature, tmp_path):
     path, reference = feature_model(feature)
     ids = token_ids(29, seed=5)
