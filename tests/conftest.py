@@ -150,6 +150,18 @@ def checkpoints(tmp_path_factory) -> CheckpointFactory:
 
 
 @pytest.fixture(scope="session")
+def feature_model(checkpoints):
+    """get(name) -> (folder, transformers reference) for each config feature of test_equivalence.FEATURES."""
+    from test_equivalence import FEATURES
+
+    def get(name: str):
+        path = checkpoints("feature-" + name, seed=list(FEATURES).index(name) + 100, **FEATURES[name])
+        return path, checkpoints.reference("feature-" + name)
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_model(checkpoints) -> Path:
     """The default GQA test checkpoint (4 heads, 2 kv heads) used by the subprocess tests."""
     return checkpoints("tiny-gqa", seed=0, num_key_value_heads=2)

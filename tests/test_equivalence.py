@@ -63,15 +63,6 @@ def split_logits(
     return logits
 
 
-@pytest.fixture(scope="module")
-def feature_model(checkpoints):
-    def get(name: str):
-        path = checkpoints("feature-" + name, seed=list(FEATURES).index(name) + 100, **FEATURES[name])
-        return path, checkpoints.reference("feature-" + name)
-
-    return get
-
-
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_split_matches_transformers(feature_model, feature, length):

@@ -26,15 +26,6 @@ from tsqp.wire.transport import Client
 ATOL = 1e-3  # the bound; measured differences are about 1e-5 (float64 products, pads 2^20 larger)
 
 
-@pytest.fixture(scope="module")
-def feature_model(checkpoints):
-    def get(name: str):
-        path = checkpoints("feature-" + name, seed=list(FEATURES).index(name) + 100, **FEATURES[name])
-        return path, checkpoints.reference("feature-" + name)
-
-    return get
-
-
 def private_tee(path, pads_dir, engine: Engine | None = None, helper: Engine | None = None, seed=None) -> TeeModel:
     engine = engine or Engine(str(path))
     link = Synchronous(InProcess(helper, peer=b"helper")) if helper is not None else None
