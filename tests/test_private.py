@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import reference_logits, run_tsqp, token_ids
+from conftest import load_reference, reference_logits, run_tsqp, token_ids
 from test_equivalence import FEATURES
 
 from tsqp.errors import IntegrityError, ServerError, TsqpError
@@ -225,3 +225,19 @@ def test_bench_private_reports_the_pad_cost(tmp_path):
     assert figures["offline_s"] > 0 and figures["pads_computed_tokens"] >= 12  # an empty pool: computed first
     assert figures["pad_bytes_per_token"] > 0 and figures["leak_bound_bits_per_coordinate"] < 1e-9
     assert figures["decode"]["new_tokens"] == 3 and figures["rpc_calls"] == 4 * 2 + 1  # tiny: 2 layers
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_private_logits_on_a_half_precision_server_equal_the_rounded_model(checkpoints, dtype, tmp_path):
+    """A bfloat16 or float16 server holds rounded weights; private mode computes on them in float64, so
+    its logits are those of the model with its linear weights rounded so (norms stay float32, in the TEE)."""
+    path = checkpoints("feature-gqa-bias", seed=7, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    reference = load_reference(path)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "norm" not in name and "embed_tokens" not in name:
+                param.copy_(param.to(getattr(torch, dtype)).float())
+    ids = token_ids(23, seed=4)
+    tee = private_tee(path, tmp_path / "pads", engine=Engine(str(path), dtype=dtype))
+    assert tee.ops.wire_name == dtype
+    torch.testing.assert_close(logits_of(tee, ids), reference_logits(reference, ids), atol=ATOL, rtol=0)

@@ -6,9 +6,10 @@
     attention   in the TEE over its own KV cache (attention.py): no q, k, v, score or probability crosses
 
 What the server still learns: how many tokens each call carries, the order and timing of calls
-(docs/threat-model.md). The linear seam is built in `init` from small layers (linear.py): masking, the
-Freivalds check on every masked product, the remote call; the pads come from a pool computed in the
-TEE or from a helper server (pads.py).
+(docs/threat-model.md). The linear seam is small layers (linear.py): the Freivalds check on every
+masked product and the remote call (made in `init`), under the mask (added by `calibrate`, once the pad
+scales are known: nothing is sent before); the pads come from a pool computed in the TEE or from a
+helper server (pads.py).
 
 Pad scales: one per linear, fixed for the process, 2^PAD_BITS times the largest input that linear saw
 on a public calibration text run through the model in the TEE itself (`calibrate`, from the TEE's own
