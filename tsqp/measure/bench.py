@@ -155,6 +155,15 @@ def run_bench(
         result.update(
             reference={"sdpa_s": sdpa, "eager_s": eager}, ratio_sdpa=prefill_s / sdpa, ratio_eager=prefill_s / eager
         )
+        if "full_tee" in runs:
+            full_tee = runs["full_tee"]["prefill_s"]
+            result["reference"]["full_tee_s"] = full_tee
+            result["speedup_over_full_tee"] = full_tee / prefill_s
+            console.print(
+                f"all in the TEE (transformers sdpa, float32, on {torch.get_num_threads()} CPU threads): "
+                f"{full_tee:.3f} s: the split is [bold]{full_tee / prefill_s:.1f}x[/bold] faster; "
+                f"transformers on {options.device}: {sdpa:.3f} s ({prefill_s / sdpa:.2f}x the split's time)"
+            )
     rows = [main, *others]
     if compare or sweep:
         result["sweep"] = sweep_table(options, dtype, rows, runs if compare else None, warmup.shape[0], console)
@@ -218,23 +227,36 @@ def plain_prefill(options: RunOptions, ids: torch.Tensor, warmup: torch.Tensor) 
     return {"prefill_s": run.seconds, "bytes": run.stats.bytes_sent + run.stats.bytes_received}
 
 
+def reference_plan(device: str, dtype: str) -> dict[str, tuple[str, str, str]]:
+    """The transformers runs `--compare` makes: name -> (attention, device, dtype).
+
+    sdpa and eager run where the server runs, in its dtype. With the server on a GPU (or in a dtype
+    other than the TEE's float32), `full_tee` also runs transformers on the TEE's CPU cores in float32:
+    what a user would run with no GPU at all. On a CPU server in float32, sdpa is that run already."""
+    plan = {attn: (attn, device, dtype) for attn in ("sdpa", "eager")}
+    if not device.startswith("cpu") or dtype != "float32":
+        plan["full_tee"] = ("sdpa", "cpu", "float32")
+    return plan
+
+
 def reference_runs(options: RunOptions, dtype: str, tokens: int, warmup: int, decode: int = 0) -> dict:
-    """transformers sdpa and eager on the same checkpoint, dtype, device and thread count."""
+    """transformers on the same checkpoint and thread count (`reference_plan`): the TEE's threads, so a
+    full-TEE run uses the cores the TEE has."""
     from tsqp.measure.reference import time_reference
 
     return {
-        attn: time_reference(
+        name: time_reference(
             options.model_dir,
-            dtype,
+            run_dtype,
             attn,
             tokens,
             warmup,
             seed=0,
             threads=torch.get_num_threads(),
-            decode=decode if attn == "sdpa" else 0,
-            device=options.device,
+            decode=decode if name == "sdpa" else 0,
+            device=run_device,
         )
-        for attn in ("sdpa", "eager")
+        for name, (attn, run_device, run_dtype) in reference_plan(options.device, dtype).items()
     }
 
 
