@@ -184,7 +184,7 @@ class Masked:
         pending = self.pads.start(op, x.shape[0])  # a helper computes its part while the server computes
         try:
             with self.stats.tee("mask"):
-                masked = torch.add(x, pending.z, alpha=scale)  # x + s z, float64 (s a power of two: s z exact)
+                masked = torch.add(x, pending.z, alpha=scale)  # x + s z in float64 (x exact in it; s z too)
                 self.ratio = max(self.ratio, largest / scale)
             y = self.inner(op, masked)
             zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)

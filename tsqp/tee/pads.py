@@ -58,13 +58,8 @@ class Pad:
 
 class PoolPads:
     def __init__(self, checkpoint: Checkpoint, fingerprint: str, wire: torch.dtype, folder: Path, stats: Stats):
-        self.checkpoint, self.fingerprint, self.wire, self.folder, self.stats = (
-            checkpoint,
-            fingerprint,
-            wire,
-            folder,
-            stats,
-        )
+        self.checkpoint, self.fingerprint, self.wire = checkpoint, fingerprint, wire
+        self.folder, self.stats = folder, stats
         self.layout = streams(checkpoint)
         self.index = {s.op: i for i, s in enumerate(self.layout)}
         self.readers: list[PoolReader] = []

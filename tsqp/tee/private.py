@@ -36,7 +36,7 @@ from tsqp.tee.pads import HelperPads, PoolPads
 from tsqp.tee.remote import Synchronous
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
 from tsqp.tee.weights import Op, model_ops
-from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, MASKED_DTYPE
+from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES
 
 PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table
 PAD_BITS_RANGE = (8, 28)  # below: pads too small to hide much; above: x drowns in float64 rounding
@@ -166,8 +166,7 @@ class PrivateOps:
             raise TsqpError("private mode: attach the model first (init and calibrate)")
         if self.cache is None and op.name != "lm_head":
             raise TsqpError("private mode: open a session before the per-layer calls")
-        y = self.linear(op, x.to(MASKED_DTYPE))
-        return y.to(torch.float32)
+        return self.linear(op, x).to(torch.float32)  # x stays float32: x + r is formed in float64 by Masked
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         with self.stats.tee("embedding"):
