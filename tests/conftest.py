@@ -22,6 +22,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The caller's cache, before the session fixture points TSQP_CACHE at a fresh folder: where the real
+# model (fetched and converted once per machine) is kept.
+ORIGINAL_CACHE = os.environ.get("TSQP_CACHE") or str(Path.home() / ".cache" / "tsqp")
 
 # The base shape of every test model: small enough for a 300-token eager forward in milliseconds.
 BASE_CONFIG = dict(

@@ -1,7 +1,7 @@
 """The folder layout is the architecture: which side may import which.
 
-tsqp/tee (trusted) never reaches the untrusted server's code, the benchmark tools or transformers;
-tsqp/server never reaches the TEE's; tsqp/model and tsqp/wire, which both sides use, reach neither.
+tsqp/tee (trusted) and tsqp/api (the HTTP API the TEE process serves) never reach the untrusted
+server's code, the benchmark tools or transformers; tsqp/server never reaches the TEE's; tsqp/model and tsqp/wire, which both sides use, reach neither.
 Checked twice: statically over every import statement (function-level ones too), and by importing
 the TEE's entry points in a fresh interpreter and looking at what got loaded.
 """
@@ -22,6 +22,7 @@ PACKAGE = Path(tsqp.__file__).parent
 
 FORBIDDEN = {
     "tee": ("tsqp.server", "tsqp.measure", "transformers"),
+    "api": ("tsqp.server", "tsqp.measure", "transformers"),  # the API runs in the TEE process
     "server": ("tsqp.tee", "tsqp.measure", "transformers"),
     "model": ("tsqp.tee", "tsqp.server", "tsqp.measure", "transformers"),
     "wire": ("tsqp.tee", "tsqp.server", "tsqp.measure", "transformers"),
@@ -67,9 +68,11 @@ def test_every_module_lives_in_a_side():
 def test_tee_entry_points_load_no_server_or_transformers():
     """What an enclave runs for `tsqp generate`: the CLI and the TEE modules, nothing of the server."""
     code = (
-        "import json, sys; import tsqp.cli, tsqp.tee.runner, tsqp.tee.generate, tsqp.tee.verify, tsqp.tee.tokenizer; "
+        "import json, sys; import tsqp.cli, tsqp.tee.runner, tsqp.tee.generate, tsqp.tee.verify, tsqp.tee.tokenizer, "
+        "tsqp.api.serve; "
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('tsqp', 'transformers')))))"
     )
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert "tsqp.tee.forward" in loaded and "tsqp.wire.transport" in loaded  # it did import the TEE side
+    assert "tsqp.api.app" in loaded
     assert [m for m in loaded if reaches(m, "tsqp.server") or reaches(m, "tsqp.measure") or "transformers" in m] == []

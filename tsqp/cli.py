@@ -5,8 +5,11 @@ tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
 tsqp generate [--model DIR | --preset NAME] (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-new-tokens N]
               [--temperature T] [--top-k K] [--top-p P] [--seed S] [--connect ENDPOINT] [--json]
 tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--json FILE]
+tsqp api      --model M [--host H] [--port P] [--api-key KEY] [--tls] [--private]   (OpenAI-compatible HTTP API)
 tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
-tsqp preset   NAME            (writes the preset checkpoint and prints its folder)
+tsqp preset   NAME            (writes or fetches the preset checkpoint and prints its folder)
+
+--model takes a Hugging Face folder, a GGUF file or a preset name everywhere (--preset NAME: the same).
 tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
 """
 
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from tsqp import __version__
 from tsqp.errors import TsqpError
-from tsqp.model.presets import PRESETS, preset_path
+from tsqp.model.sources import model_names
 from tsqp.tee.runner import RunOptions
 from tsqp.wire.protocol import FLOAT_DTYPES
 from tsqp.wire.transport import endpoint_from_env
@@ -34,18 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tsqp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def model_flags(p: argparse.ArgumentParser, presets: bool = False) -> None:
+    def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--model",
             default=env("LLAMA_MODEL_PATH"),
-            help="Hugging Face Llama checkpoint folder (default: $LLAMA_MODEL_PATH)",
+            help="a Hugging Face Llama folder, a GGUF file (converted once into the cache) or a preset name "
+            f"({', '.join(model_names())}) (default: $LLAMA_MODEL_PATH)",
         )
-        if presets:
-            p.add_argument(
-                "--preset",
-                choices=sorted(PRESETS),
-                help="a random-weight checkpoint of a named shape, written to the cache on first use",
-            )
+        p.add_argument(
+            "--preset",
+            choices=model_names(),
+            help="the same as --model NAME: a random-weight shape written on first use, or a real model fetched",
+        )
 
     def server_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -77,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
             "$LLAMA_GPU_PORT); without one a private server is started",
         )
         p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply (default 600)")
+        p.add_argument(
+            "--connect-timeout",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="seconds to wait for the server (--connect, --helper) to take the connection at all (default 10)",
+        )
         p.add_argument(
             "--start-timeout",
             type=float,
@@ -181,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     logits.add_argument("--out", required=True, help="output .npy file")
 
     generate = commands.add_parser("generate", help="generate text: prefill, then decode with the server's KV cache")
-    model_flags(generate, presets=True)
+    model_flags(generate)
     client_flags(generate)
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
@@ -204,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="time a prefill and print the statistics table")
-    model_flags(bench, presets=True)
+    model_flags(bench)
     client_flags(bench)
     bench.add_argument("--tokens", type=int, default=128, help="prompt length (default 128)")
     bench.add_argument(
@@ -224,22 +234,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="more prompt lengths to time, e.g. 128,512,1024,2048 (with --compare: transformers too, each length)",
     )
     bench.add_argument("--trace", help="write a Chrome/Perfetto trace of the timed prefill to this JSON file")
+    bench.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="N TEE client processes decoding at once on one server (with --decode M, default 16): aggregate "
+        "and per-client decode tokens/s and per-token latency, against one client in the same run",
+    )
 
     diagnose = commands.add_parser("diagnose", help="transport in use, round-trip latency and bandwidth")
-    model_flags(diagnose, presets=True)
+    model_flags(diagnose)
     client_flags(diagnose)
     diagnose.add_argument("--sizes", default="8,32,128", help="bulk transfer sizes in MB (default 8,32,128)")
     diagnose.add_argument("--rounds", type=int, default=1000, help="small round trips to time (default 1000)")
     diagnose.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
 
+    api = commands.add_parser("api", help="serve the OpenAI-compatible HTTP API from the TEE process")
+    model_flags(api)
+    client_flags(api)
+    api.add_argument("--host", default=env("TSQP_API_HOST", "127.0.0.1"), help="address to listen on (127.0.0.1)")
+    api.add_argument("--port", type=int, default=int(env("TSQP_API_PORT", "8000")), help="port (8000; 0: any)")
+    api.add_argument(
+        "--api-key", default=env("TSQP_API_KEY"), help="require `Authorization: Bearer KEY` on /v1 ($TSQP_API_KEY)"
+    )
+    api.add_argument("--served-model-name", help="the model's id in /v1/models (default: preset, folder or file name)")
+    api.add_argument(
+        "--parallel", type=int, default=4, help="generations at once, each its own server session (default 4)"
+    )
+    api.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",
+    )
+    api.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    api.add_argument("--tls-key", help="... and this key (PEM)")
+    api.add_argument("--tls-cert-out", help="where --tls writes its certificate (default: $TSQP_CACHE/api/)")
+    api.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="allow plain HTTP on a non-loopback --host (the host then reads every prompt and answer)",
+    )
+
     pads = commands.add_parser("pads", help="precompute private mode's one-time pads in the TEE, into a pool file")
-    model_flags(pads, presets=True)
+    model_flags(pads)
     server_flags(pads)
     pads_flag(pads)
     pads.add_argument("--tokens", type=int, required=True, help="pads for this many tokens of every linear")
 
-    preset = commands.add_parser("preset", help="write a preset checkpoint (if needed) and print its folder")
-    preset.add_argument("name", choices=sorted(PRESETS))
+    preset = commands.add_parser("preset", help="write or fetch a preset checkpoint (if needed) and print its folder")
+    preset.add_argument("name", choices=model_names())
 
     keys = commands.add_parser("keys", help="write CurveZMQ key pairs (server, client) and an allow-list")
     keys.add_argument("folder", help="DIR for server.key[_secret], client.key[_secret] and allowed/")
@@ -247,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_model(args: argparse.Namespace, default_preset: str | None = None) -> Path:
-    if getattr(args, "preset", None):
-        return preset_path(args.preset)
-    if args.model:
-        return Path(args.model)
-    if default_preset:
-        return preset_path(default_preset)
-    raise TsqpError("no model given: pass --model DIR or set LLAMA_MODEL_PATH")
+    """The folder --model (or its alias --preset) names, or the default preset's."""
+    from tsqp.model.sources import resolve_model as resolve
+
+    spec = getattr(args, "preset", None) or args.model or default_preset
+    if spec is None:
+        raise TsqpError("no model given: pass --model (a folder, a GGUF file or a preset) or set LLAMA_MODEL_PATH")
+    return resolve(spec)
 
 
 def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
@@ -264,6 +307,7 @@ def run_options(args: argparse.Namespace, model_dir: Path) -> RunOptions:
         device=args.device,
         dtype=args.dtype,
         timeout_s=args.timeout,
+        connect_timeout_s=args.connect_timeout,
         start_timeout_s=args.start_timeout,
         transport=args.transport,
         arena_name=args.arena_name,
@@ -339,6 +383,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise TsqpError("--tokens must be at least 1")
     if args.decode < 0:
         raise TsqpError("--decode must be at least 0")
+    if args.clients:
+        return bench_clients(args)
     sweep = parse_int_list(args.sweep, "--sweep") if args.sweep else []
     if min([args.tokens, *sweep]) < 1:
         raise TsqpError("--tokens and --sweep lengths must be at least 1")
@@ -351,6 +397,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         sweep=sweep,
         trace_path=args.trace,
     )
+
+
+def bench_clients(args: argparse.Namespace) -> None:
+    import json
+
+    from tsqp.measure.load import run_load
+
+    if args.clients < 1:
+        raise TsqpError("--clients must be at least 1")
+    options = run_options(args, resolve_model(args, default_preset="tiny"))
+    result = run_load(options, args.clients, args.tokens, args.decode or 16)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -444,6 +503,29 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
 
 
+def cmd_api(args: argparse.Namespace) -> None:
+    from tsqp.api.serve import ApiOptions, run_api
+    from tsqp.model.sources import served_name
+
+    spec = args.preset or args.model
+    model_dir = resolve_model(args)
+    run_api(
+        ApiOptions(
+            run=run_options(args, model_dir),
+            name=args.served_model_name or served_name(spec),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            parallel=args.parallel,
+            tls=args.tls,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            tls_cert_out=Path(args.tls_cert_out) if args.tls_cert_out else None,
+            insecure_http=args.insecure_http,
+        )
+    )
+
+
 def cmd_pads(args: argparse.Namespace) -> None:
     from tsqp.model.checkpoint import Checkpoint
     from tsqp.model.presets import cache_dir
@@ -465,7 +547,9 @@ def cmd_pads(args: argparse.Namespace) -> None:
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
-    print(preset_path(args.name))
+    from tsqp.model.sources import resolve_model as resolve
+
+    print(resolve(args.name))
 
 
 def cmd_keys(args: argparse.Namespace) -> None:
@@ -481,6 +565,7 @@ def cmd_keys(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
+    "api": cmd_api,
     "diagnose": cmd_diagnose,
     "serve": cmd_serve,
     "logits": cmd_logits,

@@ -26,7 +26,7 @@ GREEDY = SamplingOptions()
 class Generation:
     prompt_ids: list[int]
     generated_ids: list[int]  # the eos token, when one ended the generation, included
-    stop_reason: str  # "eos" or "length"
+    stop_reason: str  # "eos", "length", or "stop" (on_token asked to stop)
     ttft_s: float  # session open + prefill + first sample: the wait for the first token
     decode_s: float  # every later token
     decode_rpc_calls: int  # round trips of the decode steps (counted by the socket client; 0 in process)
@@ -79,9 +79,11 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingOptions = GREEDY,
     eos_ids: Iterable[int] = (),
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
 ) -> Generation:
-    """Up to max_new_tokens tokens after prompt_ids; stops early after a token of eos_ids."""
+    """Up to max_new_tokens tokens after prompt_ids; stops early after a token of eos_ids, or after a token
+    for which on_token returns True (a stop string seen in the text, say). An exception raised by on_token
+    (a client gone) ends the generation and frees the session."""
     capacity = session_capacity(tee.config, len(prompt_ids), max_new_tokens)
     prompt = torch.tensor(prompt_ids, dtype=torch.int64)
     tee.check_ids(prompt)
@@ -89,14 +91,15 @@ def generate(
     generator = sampling.generator()
     stats = tee.stats
     generated: list[int] = []
+    stopped = False
 
     def emit(logits: torch.Tensor) -> bool:
         """Samples from (1, vocab) logits; True when generation should go on."""
+        nonlocal stopped
         token = sample(logits[0], sampling, generator)
         generated.append(token)
-        if on_token:
-            on_token(token)
-        return token not in eos and len(generated) < max_new_tokens
+        stopped = bool(on_token(token)) if on_token else False
+        return not stopped and token not in eos and len(generated) < max_new_tokens
 
     def traffic() -> tuple[int, int]:
         return stats.rpc_calls, stats.bytes_sent + stats.bytes_received
@@ -113,7 +116,7 @@ def generate(
     return Generation(
         prompt_ids=list(prompt_ids),
         generated_ids=generated,
-        stop_reason="eos" if generated[-1] in eos else "length",
+        stop_reason="stop" if stopped else "eos" if generated[-1] in eos else "length",
         ttft_s=first - start,
         decode_s=end - first,
         decode_rpc_calls=calls_end - calls,

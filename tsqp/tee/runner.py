@@ -16,7 +16,7 @@ from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PAD_BITS, PrivateOptions
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.curve import client_keys
-from tsqp.wire.transport import Client, check_endpoint, use_shm
+from tsqp.wire.transport import CONNECT_TIMEOUT_S, Client, check_endpoint, use_shm
 
 
 @dataclass
@@ -26,6 +26,7 @@ class RunOptions:
     device: str = "cpu"  # for the private server
     dtype: str = "float32"  # for the private server
     timeout_s: float = 600.0  # per request
+    connect_timeout_s: float = CONNECT_TIMEOUT_S  # for --connect and --helper to take the connection at all
     start_timeout_s: float = 600.0
     transport: str = "auto"  # shm | zmq | auto: shm when the server is on this host
     arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
@@ -41,29 +42,25 @@ class RunOptions:
 
 
 @contextmanager
-def open_client(options: RunOptions, stats: Stats | None = None) -> Iterator[Client]:
-    """A Client of the given server, or of a private one that stops on exit (Ctrl-C too)."""
+def open_client(
+    options: RunOptions, stats: Stats | None = None, server: ServerProcess | None = None
+) -> Iterator[Client]:
+    """A Client of the given server (`server`, one this process started and shares, or options.connect),
+    or of a private one that stops on exit (Ctrl-C too)."""
     stats = stats or Stats()
     curve = client_keys(options.curve_keys) if options.curve_keys else None  # checked before a server starts
     with ExitStack() as stack:
-        if options.connect:
+        if server is None and options.connect:
             endpoint, alive = options.connect, None
         else:
-            server = stack.enter_context(
-                ServerProcess(
-                    str(options.model_dir),
-                    options.device,
-                    options.dtype,
-                    start_timeout_s=options.start_timeout_s,
-                    curve_keys=options.curve_keys,
-                    extra_args=["--private-only"] if options.private else [],
-                )
-            )
+            if server is None:
+                server = stack.enter_context(start_server(options))
             endpoint, alive = server.endpoint, server.exit_reason
         client = stack.enter_context(
             Client(
                 endpoint,
                 timeout_s=options.timeout_s,
+                connect_timeout_s=options.connect_timeout_s,
                 stats=stats,
                 alive=alive,
                 shm=use_shm(options.transport, endpoint),
@@ -75,14 +72,30 @@ def open_client(options: RunOptions, stats: Stats | None = None) -> Iterator[Cli
         yield client
 
 
+def start_server(options: RunOptions) -> ServerProcess:
+    """The private server a client without --connect runs (enter it to start it; it stops on exit)."""
+    return ServerProcess(
+        str(options.model_dir),
+        options.device,
+        options.dtype,
+        start_timeout_s=options.start_timeout_s,
+        curve_keys=options.curve_keys,
+        extra_args=["--private-only"] if options.private else [],
+    )
+
+
 @contextmanager
-def open_model(options: RunOptions, stats: Stats | None = None) -> Iterator[TeeModel]:
-    """A TeeModel attached to a server that runs the same model (its fingerprint is checked)."""
+def open_model(
+    options: RunOptions, stats: Stats | None = None, server: ServerProcess | None = None
+) -> Iterator[TeeModel]:
+    """A TeeModel attached to a server that runs the same model (its fingerprint is checked).
+
+    server: a running `start_server(options)` that several models share (the API's slots)."""
     stats = stats or Stats()
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
     with ExitStack() as stack:
         private = stack.enter_context(private_options(options, stats)) if options.private else None
-        client = stack.enter_context(open_client(options, stats))
+        client = stack.enter_context(open_client(options, stats, server))
         tee = TeeModel(
             options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline, private=private
         )
@@ -107,6 +120,12 @@ def private_options(options: RunOptions, stats: Stats) -> Iterator[PrivateOption
             "client keys, from `tsqp keys`) so the link is encrypted and the helper authenticated"
         )
     curve = client_keys(options.helper_curve_keys) if options.helper_curve_keys else None
-    with Client(options.helper, timeout_s=options.timeout_s, stats=stats, curve=curve) as helper:
+    with Client(
+        options.helper,
+        timeout_s=options.timeout_s,
+        connect_timeout_s=options.connect_timeout_s,
+        stats=stats,
+        curve=curve,
+    ) as helper:
         helper.call("ping")  # a helper that is not there is reported now, not in the first layer
         yield PrivateOptions(pads_dir=pads_dir, helper=helper, pad_bits=options.pad_bits)

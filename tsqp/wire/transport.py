@@ -6,6 +6,9 @@ several requests can be in flight (the TEE works while the server computes); `wa
 request's reply and keeps replies to the others for their turn; replies to no request in flight are
 stale and dropped. A call fails with a one-line error when the server disconnects, dies, or misses its deadline;
 the next call goes to whatever server listens on the endpoint then (a restarted one is reconnected to).
+Until a server has completed the handshake, a call waits at most the connect timeout: nothing listening
+fails in seconds, while a server that is there but busy (requests are served in arrival order) gets the
+per-request timeout.
 Replies are hostile input: protocol.unpack validates them before anything reads a tensor byte.
 Every message part is bounded by zmq.MAXMSGSIZE; a peer that sends a larger one is disconnected.
 """
@@ -38,6 +41,7 @@ POLL_MS = 100
 DOORBELL_POLL_MS = 5  # waiting for a doorbell reply: how often the slot is looked at between ZeroMQ polls
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 PROBE_TIMEOUT_S = 0.5
+CONNECT_TIMEOUT_S = 10.0  # a call made before any server completed the handshake waits this long for one
 RECONNECT_GRACE_S = 1.0  # a call after a disconnect waits this long for the server to come back
 MAX_ERROR_CHARS = 300  # of a server's error text shown to the user
 LINK_EVENTS = (
@@ -177,6 +181,7 @@ class Client:
         *,
         context: zmq.Context | None = None,
         timeout_s: float = 600.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
         stats: Stats | None = None,
         alive: Callable[[], str | None] | None = None,
         shm: bool = False,
@@ -185,13 +190,15 @@ class Client:
         doorbell: bool = True,
     ):
         """curve: client keys (tsqp.wire.curve.client_keys) for a server started with --curve-keys.
-        doorbell: ring the arena's doorbell for lone small requests when the server polls it (shm only)."""
+        doorbell: ring the arena's doorbell for lone small requests when the server polls it (shm only).
+        connect_timeout_s: how long a call waits while no server has completed the handshake (at most timeout_s)."""
         check_endpoint(endpoint)
         path = ipc_path(endpoint)
         if path is not None and not path.exists():
             raise ConnectionLost(f"no server at {endpoint} (the socket file does not exist): start `tsqp serve` first")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.stats = stats or Stats()
         self.alive = alive  # returns a reason when the server is known to be gone (a child process that exited)
         self.context = context or zmq.Context.instance()
@@ -465,9 +472,15 @@ class Client:
         method, flag, bell = request.method, request.flag, request.bell
         if flag and (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
             return reply
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        reach_s = min(self.connect_timeout_s, timeout_s)  # for a server to take the connection (self.up)
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = start + (timeout_s if self.up else reach_s) - time.monotonic()
+            if remaining <= 0 and not self.up:
+                raise ConnectionLost(
+                    f"nothing answers at {self.endpoint} (it did not answer {method} within {reach_s:g} s): "
+                    "is `tsqp serve` running there?"
+                )
             if remaining <= 0:
                 raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:g} s")
             events = dict(self.poller.poll(min(DOORBELL_POLL_MS if flag else POLL_MS, remaining * 1000)))

@@ -1,0 +1,115 @@
+"""TEE models for the API's concurrent requests: one slot per generation in flight, each its own link.
+
+A slot is a `TeeModel` with its own connection to the server, so the server sees each HTTP request as
+its own session, interleaved with the others op by op. Slots are opened when the requests need them,
+up to `parallel`; a request beyond that waits for one to come free. A slot whose link failed (the
+server gone, a result that failed verification) is closed and replaced by a fresh one on the next
+request, which is refused at once if the server is still unreachable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.generate import Generation, generate
+from tsqp.tee.runner import RunOptions, open_model
+from tsqp.tee.sampling import SamplingOptions
+
+
+class ClientGone(Exception):
+    """Raised from a token callback when the HTTP client went away: the generation ends, its session freed."""
+
+
+class Slot:
+    def __init__(self, options: RunOptions, server):
+        self.stack = ExitStack()
+        try:
+            self.tee: TeeModel = self.stack.enter_context(open_model(options, server=server))
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+class ModelSlots:
+    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None):
+        """server: the `launcher.ServerProcess` the API started, or None with options.connect set."""
+        self.options = options
+        self.server = server
+        self.eos_ids = eos_ids
+        self.parallel = parallel
+        self.idle: queue.LifoQueue[Slot] = queue.LifoQueue()  # the warmest slot first
+        self.lock = threading.Lock()
+        self.opened = 0  # slots open or being opened
+        self.free = threading.Semaphore(parallel)
+
+    def start(self) -> TeeModel:
+        """Opens the first slot now, so that a model or server problem is reported before the API listens."""
+        slot = Slot(self.options, self.server)
+        with self.lock:
+            self.opened += 1
+        self.idle.put(slot)
+        return slot.tee
+
+    def run(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingOptions,
+        on_token: Callable[[int], bool | None],
+    ) -> Generation:
+        """One generation on a free slot (waits for one); runs in a worker thread."""
+        with self.free:
+            slot = self._take()
+            healthy = False
+            try:
+                result = generate(slot.tee, prompt_ids, max_tokens, sampling, self.eos_ids, on_token=on_token)
+                healthy = True
+                return result
+            except ClientGone:
+                healthy = True  # the session was closed on the way out; the link is fine
+                raise
+            # any other error (the server gone, a result that failed verification): the slot is closed
+            finally:
+                slot.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
+                slot.tee.stats.server_spans.clear()
+                self._give_back(slot, healthy)
+
+    def _take(self) -> Slot:
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self.lock:
+            self.opened += 1
+        try:
+            return Slot(self.options, self.server)
+        except BaseException:
+            with self.lock:
+                self.opened -= 1
+            raise
+
+    def _give_back(self, slot: Slot, healthy: bool) -> None:
+        if healthy:
+            self.idle.put(slot)
+            return
+        with self.lock:
+            self.opened -= 1
+        slot.close()
+
+    def server_gone(self) -> str | None:
+        """Why the API's own server exited, or None while it runs (or when it is someone else's)."""
+        return self.server.exit_reason() if self.server is not None else None
+
+    def close(self) -> None:
+        while True:
+            try:
+                self.idle.get_nowait().close()
+            except queue.Empty:
+                return

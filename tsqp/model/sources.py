@@ -1,0 +1,67 @@
+"""What `--model` accepts: a Hugging Face folder, a GGUF file or a preset name, each resolved to a folder.
+
+Every command, the server's and the clients', runs on a Hugging Face folder: a GGUF file is converted
+once into the cache (`tsqp.model.gguf`), a preset is written (random weights) or fetched (a real
+model) into it. The folder is what both sides open, and what an enclave's manifest trusts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tsqp.errors import ModelError
+from tsqp.model.fetch import REAL_MODELS, fetched_gguf
+from tsqp.model.presets import PRESETS, preset_path
+
+GGUF_MAGIC = b"GGUF"
+
+
+def model_names() -> list[str]:
+    """Every preset name: the random-weight shapes, then the real models."""
+    return sorted(PRESETS) + sorted(REAL_MODELS)
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def resolve_model(spec: str | Path) -> Path:
+    """The Hugging Face folder that --model SPEC names (converting or fetching into the cache first)."""
+    text = str(spec)
+    if text in PRESETS:
+        return preset_path(text)
+    if text in REAL_MODELS:
+        return converted(fetched_gguf(text))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if is_gguf(path):
+            return converted(path)
+        raise ModelError(
+            f"{path} is neither a model folder nor a GGUF file: --model takes a Hugging Face folder, "
+            f"a .gguf file or a preset ({', '.join(model_names())})"
+        )
+    raise ModelError(
+        f"model folder {path} does not exist: --model takes a Hugging Face folder, a .gguf file "
+        f"or a preset ({', '.join(model_names())})"
+    )
+
+
+def converted(path: Path) -> Path:
+    from tsqp.model.gguf import gguf_model_dir  # the gguf reader loads only for a GGUF file
+
+    return gguf_model_dir(path)
+
+
+def served_name(spec: str | Path) -> str:
+    """The name a model goes by in the API (`/v1/models`): a preset's name, else the folder's or file's."""
+    text = str(spec)
+    if text in PRESETS or text in REAL_MODELS:
+        return text
+    path = Path(text).expanduser()
+    return path.stem if path.is_file() else path.resolve().name
