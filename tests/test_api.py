@@ -230,7 +230,8 @@ def test_bad_fields_are_400(api, field, fragment):
 
 
 def test_prompt_longer_than_the_context_is_400(api):
-    status, body = raw(api, "/v1/completions", json.dumps({"model": "tiny", "prompt": [i % 500 for i in range(5000)]}).encode())
+    long_prompt = json.dumps({"model": "tiny", "prompt": [i % 500 for i in range(5000)]}).encode()
+    status, body = raw(api, "/v1/completions", long_prompt)
     assert_error(status, body, 400, "context")
     assert body["error"]["code"] == "context_length_exceeded"
     status, body = raw(
@@ -398,3 +399,34 @@ def test_private_mode_answers_as_tsqp_generate_private(tmp_path):
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             assert list(pool.map(answer, prompts)) == expected
+
+
+# -- streamed text -----------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """Token i decodes to chr(i); 0xFFFD stands for a token that ends inside a character."""
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("stop", [["END"], ["xyz", "ND"], []])
+def test_text_pieces_never_send_past_a_stop_string(stop):
+    from tsqp.api.text import TextPieces
+
+    text = "hello wEND there"
+    pieces = TextPieces(CharTokenizer(), stop)
+    sent = "".join(pieces.push(ord(c)) for c in text) + pieces.finish()
+    cuts = [text.find(s) for s in stop if text.find(s) >= 0]
+    expected = text[: min(cuts)] if cuts else text
+    assert sent == expected and pieces.stopped == bool(cuts)
+
+
+def test_text_pieces_hold_back_a_possible_stop_until_it_cannot_be_one():
+    from tsqp.api.text import TextPieces
+
+    pieces = TextPieces(CharTokenizer(), ["abc"])
+    assert [pieces.push(ord(c)) for c in "xab"] == ["x", "", ""]
+    assert pieces.push(ord("d")) == "abd"  # "abd" cannot begin "abc" any more
+    assert pieces.finish() == ""

@@ -13,7 +13,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_has_install_and_test_commands():
     install, test = readme_commands()
-    assert "pip install" in install and "tsqp bench" in install
+    assert "pip install" in install and "tsqp generate --model smollm2-135m-instruct" in install
     assert "pytest" in test
 
 

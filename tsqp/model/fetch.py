@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("TSQP_CACHE") or Path.home() / ".cache" / "tsqp")
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress: Callable[[int], object] | None = None) -> str:
+    """The file's sha256, read in chunks; progress(n) after each chunk of n bytes."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return digest.hexdigest()
 
 

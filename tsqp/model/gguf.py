@@ -13,7 +13,6 @@ dequantized to float32 by gguf's own code, so every weight equals what transform
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -30,11 +29,11 @@ from safetensors.torch import save_file
 
 from tsqp.errors import ModelError
 from tsqp.model.checkpoint import INDEX_FILE, SINGLE_FILE
-from tsqp.model.fetch import cache_root
+from tsqp.model.fetch import cache_root, sha256_file
 from tsqp.model.presets import SHARD_BYTES
+from tsqp.model.sources import GGUF_MAGIC
 
 _DIGEST_CHARS = 16  # 64 bits of sha256 name the cache folder
-_HASH_CHUNK = 1 << 24
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -75,7 +74,7 @@ def gguf_model_dir(path: Path, progress: bool = True) -> Path:
             magic = handle.read(4)
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if magic != b"GGUF":
+    if magic != GGUF_MAGIC:
         raise ModelError(f"{path} is not a GGUF file: it does not start with the GGUF magic bytes")
     root = cache_root() / "gguf"
     console = Console(stderr=True)  # stdout may be the generated text; a pipe gets no bar at all
@@ -87,13 +86,8 @@ def gguf_model_dir(path: Path, progress: bool = True) -> Path:
 
 
 def _sha256(path: Path, bar: Progress) -> str:
-    digest = hashlib.sha256()
     task = bar.add_task(f"hashing {path.name}", total=path.stat().st_size)
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-            bar.advance(task, len(chunk))
-    return digest.hexdigest()
+    return sha256_file(path, lambda n: bar.advance(task, n))
 
 
 def _convert(path: Path, folder: Path, bar: Progress) -> None:
