@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold only private mode's float64 weights and refuse plain-mode calls (half the memory of both); "
         "a private client's own server runs so",
     )
+    serve.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the weights over N ranks (GPUs cuda:K..K+N-1 or shares of the CPU cores) with torch.distributed; "
+        "on one host the ranks are started here, across hosts by torchrun (README); default 1",
+    )
     curve_flag(serve, "server (server.key_secret; clients admitted from allowed/)")
 
     logits = commands.add_parser("logits", help="write float32 logits [seq, vocab] for every position")
@@ -347,6 +355,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise TsqpError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.tensor_parallel < 1:
+        raise TsqpError("--tensor-parallel must be at least 1")
     curve = server_keys(args.curve_keys) if args.curve_keys else None  # checked before the weights load
     run_server(
         str(resolve_model(args)),
@@ -354,6 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.device,
         args.dtype,
         curve=curve,
+        tensor_parallel=args.tensor_parallel,
         max_cache_bytes=args.max_cache_mb << 20,
         idle_timeout_s=args.idle_timeout,
         private_only=args.private_only,

@@ -1,7 +1,14 @@
 """The untrusted server's compute: the weights it holds, the per-session KV cache, and one method per call.
 
-The engine knows nothing about sockets; `server.py` is a thin loop around `Engine.handle`, and tests
-can call `handle` directly. Every input is validated against the model before it is used.
+The engine knows nothing about sockets; `loop.py` is a thin loop around `Engine.handle`, and tests can
+call `handle` directly. Every input is validated against the model before it is used.
+
+Each call is two methods. `op_NAME` (rank 0 only) validates the request and keeps the books: sessions,
+their owners, how far each layer's cache is filled, the memory cap, idle expiry. It then runs a step,
+`step_NAME`, with everything resolved (session id, layer, positions): the compute on this rank's share
+of the weights and of the KV cache, and the collectives that assemble the result on rank 0. On a
+tensor-parallel server (parallel.py) rank 0 sends the step to the other ranks first and each runs the
+same step method; on a single server the share is the whole model and the collectives do nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
+from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
+from tsqp.server.weights import VALUE_DTYPE, load_weights
 from tsqp.wire.pad_seeds import SEED_BYTES, expand
 from tsqp.wire.protocol import (
     CONTROL_METHODS,
@@ -37,39 +46,22 @@ EVICT_IDLE_S = 30.0  # when the cache is full, sessions idle this long give way 
 MAX_BATCH = 8
 PRIVATE_ONLY_METHODS = ("init", "ping", "attach_arena", "echo", "masked_linear", "pad")  # no sessions: no KV cache
 
+# How each linear is split over the ranks (parallel.Shard): by output columns (a kind of Shard.columns),
+# gathered to rank 0, or by input rows ("o", "down": Shard.inputs), partial sums reduced to rank 0.
+ROW_SPLITS = ("o", "down")
+MASKED_SPLITS = {"qkv": "qkv", "o_proj": "o", "gate_up": "gate_up", "down": "down", "lm_head": "vocab"}
+SEED_WEIGHTS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-
-# The value path (v_proj, the V cache, P @ V, o_proj) runs in float32 whatever the server dtype: the
-# TEE never sees V or P @ V, so their rounding is what verification must tolerate in attn_out; in
-# bfloat16 that bound was loose enough to let a single-element lie through. It costs one float32
-# copy of v_proj and o_proj, and a float32 V cache.
-VALUE_DTYPE = torch.float32
-
-
-def _value_path(weight: torch.Tensor | None) -> torch.Tensor | None:
-    return None if weight is None else weight.to(VALUE_DTYPE)
-
-
-@dataclass
-class Layer:
-    qk: torch.Tensor  # (q_dim + kv_dim, hidden): q and k projections fused, their result goes to the TEE
-    qk_bias: torch.Tensor | None
-    v: torch.Tensor  # (kv_dim, hidden), float32: its result stays in the KV cache
-    v_bias: torch.Tensor | None
-    o: torch.Tensor  # (hidden, q_dim), float32
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # (2 intermediate, hidden)
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # (hidden, intermediate)
-    down_bias: torch.Tensor | None
 
 
 @dataclass
 class Session:
-    owner: bytes  # the client connection that opened it; nobody else can use it
-    keys: torch.Tensor  # (layers, kv_heads, capacity, head_dim), post-RoPE, as sent by the TEE
+    owner: bytes  # the client connection that opened it; nobody else can use it (rank 0)
+    keys: torch.Tensor  # (layers, kv_heads, capacity, head_dim), post-RoPE, as sent by the TEE (this rank's heads)
     values: torch.Tensor  # (layers, kv_heads, capacity, head_dim), never leave the server
-    filled: list[int] = field(default_factory=list)  # per layer: positions holding keys and values
+    id: bytes = b""
+    filled: list[int] = field(default_factory=list)  # per layer: positions holding keys and values (rank 0)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -87,12 +79,19 @@ class Engine:
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         progress=None,
         private_only: bool = False,
+        ranks: Ranks | None = None,
     ):
         """private_only: keep only private mode's float64 weights (made layer by layer once loaded, each
         layer's others dropped as its float64 ones exist): plain-mode calls are refused. A private client's
-        own server runs so; it halves the memory of a server that holds both (1.1B: 8.8 GB, not 13.2)."""
+        own server runs so; it halves the memory of a server that holds both (1.1B: 8.8 GB, not 13.2).
+
+        ranks: this process's place among the ranks of a tensor-parallel server (parallel.join); by
+        default one rank holding the whole model. max_cache_bytes bounds each rank's share of the caches."""
         self.checkpoint = Checkpoint(model_dir)
         self.config: LlamaConfig = self.checkpoint.config
+        self.ranks = ranks or Ranks()
+        self.shards = shards(self.config, self.ranks.world)  # every rank's share: rank 0 assembles by them
+        self.shard = self.shards[self.ranks.rank]
         self.device = torch.device(device)
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
@@ -104,7 +103,9 @@ class Engine:
         self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
         self.private_only = private_only
         self.instance = secrets.token_hex(8)
-        self._load(progress)
+        self.embed, self.head, self.layers = load_weights(
+            self.checkpoint, self.shard, self.device, self.dtype, progress
+        )
         if private_only:
             for layer in range(self.config.num_layers):
                 for op in MASKED_LINEARS[:-1]:
@@ -112,51 +113,6 @@ class Engine:
                 self.layers[layer] = None  # its float32 weights are freed as soon as its float64 ones exist
             self._masked_weight("lm_head", 0)
             self.embed = self.head = None
-
-    # -- loading -------------------------------------------------------------------------------
-
-    def _load(self, progress) -> None:
-        c = self.config
-        names = ["model.embed_tokens.weight"] + ([] if c.tie_word_embeddings else ["lm_head.weight"])
-        if c.tie_word_embeddings and self.checkpoint.has("lm_head.weight"):
-            names.append("lm_head.weight")
-        projections = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
-        for layer in range(c.num_layers):
-            for part, bias in (("self_attn", c.attention_bias), ("mlp", c.mlp_bias)):
-                for proj in projections["attn" if part == "self_attn" else "mlp"]:
-                    names.append(f"{layer_prefix(layer)}{part}.{proj}.weight")
-                    if bias:
-                        names.append(f"{layer_prefix(layer)}{part}.{proj}.bias")
-        weights: dict[str, torch.Tensor] = {}
-        for name, tensor in self.checkpoint.tensors(names):
-            weights[name] = tensor.to(self.device, self.dtype)
-            if progress:
-                progress(len(weights), len(names))
-        self.embed = weights.pop("model.embed_tokens.weight")
-        self.head = weights.pop("lm_head.weight", self.embed)
-        self.layers = [self._fuse(weights, layer) for layer in range(c.num_layers)]
-
-    def _fuse(self, w: dict[str, torch.Tensor], layer: int) -> Layer:
-        p = layer_prefix(layer)
-
-        def cat(part: str, projs: list[str], kind: str) -> torch.Tensor | None:
-            keys = [f"{p}{part}.{proj}.{kind}" for proj in projs]
-            if kind == "bias" and keys[0] not in w:
-                return None
-            return torch.cat([w.pop(k) for k in keys])
-
-        return Layer(
-            qk=cat("self_attn", ["q_proj", "k_proj"], "weight"),
-            qk_bias=cat("self_attn", ["q_proj", "k_proj"], "bias"),
-            v=_value_path(w.pop(f"{p}self_attn.v_proj.weight")),
-            v_bias=_value_path(w.pop(f"{p}self_attn.v_proj.bias", None)),
-            o=_value_path(w.pop(f"{p}self_attn.o_proj.weight")),
-            o_bias=_value_path(w.pop(f"{p}self_attn.o_proj.bias", None)),
-            gate_up=cat("mlp", ["gate_proj", "up_proj"], "weight"),
-            gate_up_bias=cat("mlp", ["gate_proj", "up_proj"], "bias"),
-            down=w.pop(f"{p}mlp.down_proj.weight"),
-            down_bias=w.pop(f"{p}mlp.down_proj.bias", None),
-        )
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -173,7 +129,7 @@ class Engine:
             raise ProtocolError(f"{method} takes {METHODS[method]} tensors, got {len(request.tensors)}")
         if self.private_only and method not in PRIVATE_ONLY_METHODS:
             raise TsqpError(f"this server runs with --private-only: {method} is a plain-mode call; use --private")
-        self.expire_idle()
+        self.tick()
         inputs = [t.to(self.device) for t in request.tensors]
         args = request.args
         start = time.perf_counter()
@@ -191,6 +147,26 @@ class Engine:
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them, not their launch
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
 
+    def _run(self, step: str, args: dict, *tensors: torch.Tensor) -> list:
+        """Rank 0: runs a step on every rank (the others get it first) and returns rank 0's results."""
+        self.ranks.send(step, args, tensors)
+        try:
+            return self.step(step, args, tensors)
+        except Exception as exc:
+            if self.ranks.world == 1 or isinstance(exc, RankFailure):
+                raise
+            # the other ranks wait in this step's collectives: they are out of step with rank 0 now
+            raise RankFailure(f"rank 0 failed in {step}: {type(exc).__name__}: {exc}: the server stops") from None
+
+    def step(self, step: str, args: dict, tensors) -> list:
+        """Any rank: one step of a call, on this rank's share; the assembled results on rank 0."""
+        return getattr(self, "step_" + step)(args, *tensors)
+
+    def tick(self) -> None:
+        """Between requests (and before each): frees idle sessions, keeps the followers' steps coming."""
+        self.expire_idle()
+        self.ranks.heartbeat()
+
     def _session(self, peer: bytes, session_id) -> Session:
         session = self.sessions.get(session_id) if isinstance(session_id, bytes) else None
         if session is None or not secrets.compare_digest(session.owner, peer):
@@ -201,7 +177,7 @@ class Engine:
     def expire_idle(self) -> None:
         now = time.monotonic()
         for sid in [s for s, sess in self.sessions.items() if now - sess.last_used > self.idle_timeout_s]:
-            del self.sessions[sid]
+            self._run("close_session", {"session": sid})
 
     def _make_room(self, nbytes: int) -> None:
         """Frees sessions idle for EVICT_IDLE_S or more, least recently used first, until nbytes fit.
@@ -214,7 +190,7 @@ class Engine:
         for _, sid in idle:
             if sum(s.nbytes for s in self.sessions.values()) + nbytes <= self.max_cache_bytes:
                 return
-            del self.sessions[sid]
+            self._run("close_session", {"session": sid})
 
     # -- control -------------------------------------------------------------------------------
 
@@ -228,8 +204,7 @@ class Engine:
     def op_init(self, peer, session_id, args):
         c = self.config
         if args.get("private") is True:  # the float64 weights of private mode, made now rather than mid-prefill
-            for op, layer in self._masked_ops():
-                self._masked_weight(op, layer)
+            self._run("masked_weights", {})
         info = {
             "fingerprint": self.fingerprint,
             "instance": self.instance,  # tells two servers apart (a private client's helper must be another)
@@ -241,10 +216,16 @@ class Engine:
         }
         return info, []
 
+    def step_masked_weights(self, args):
+        for op, layer in self._masked_ops():
+            self._masked_weight(op, layer)
+        return []
+
     def op_open_session(self, peer, session_id, args):
         c = self.config
         capacity = _int_arg(args, "capacity", 1, c.max_position_embeddings)
-        nbytes = c.num_layers * c.kv_dim * capacity * (self.dtype.itemsize + VALUE_DTYPE.itemsize)
+        kv_dim = len(self.shard.kv_heads) * c.head_dim  # this rank's share; every rank holds as much
+        nbytes = c.num_layers * kv_dim * capacity * (self.dtype.itemsize + VALUE_DTYPE.itemsize)
         self._make_room(nbytes)
         in_use = sum(s.nbytes for s in self.sessions.values())
         if in_use + nbytes > self.max_cache_bytes:
@@ -252,23 +233,33 @@ class Engine:
                 f"KV cache memory cap reached: a {capacity}-token session needs {nbytes / 2**20:.1f} MiB, "
                 f"{in_use / 2**20:.1f} of {self.max_cache_bytes / 2**20:.1f} MiB are in use"
             )
-        shape = (c.num_layers, c.num_kv_heads, capacity, c.head_dim)
+        session_id = secrets.token_bytes(16)
+        self._run("open_session", {"session": session_id, "capacity": capacity})
+        session = self.sessions[session_id]
+        session.owner, session.filled = peer, [0] * c.num_layers
+        return {"session": session_id}, []
+
+    def step_open_session(self, args):
+        c = self.config
+        shape = (c.num_layers, len(self.shard.kv_heads), args["capacity"], c.head_dim)
         # zeroed: a cache slot read before it is written (attn_out before qkv) must not hold an earlier
         # session's values, which may belong to another client
-        session = Session(
-            owner=peer,
+        self.sessions[args["session"]] = Session(
+            owner=b"",
+            id=args["session"],
             keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
             values=torch.zeros(shape, dtype=VALUE_DTYPE, device=self.device),
-            filled=[0] * c.num_layers,
         )
-        session_id = secrets.token_bytes(16)
-        self.sessions[session_id] = session
-        return {"session": session_id}, []
+        return []
 
     def op_close_session(self, peer, session_id, args):
         self._session(peer, session_id)
-        del self.sessions[session_id]
+        self._run("close_session", {"session": session_id})
         return {}, []
+
+    def step_close_session(self, args):
+        self.sessions.pop(args["session"], None)
+        return []
 
     # -- the seed's calls ----------------------------------------------------------------------
 
@@ -278,14 +269,52 @@ class Engine:
         self._check_tokens(ids.shape[0])
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise TsqpError(f"token id out of range [0, {self.config.vocab_size})")
-        return [torch.index_select(self.embed, 0, ids, out=self._out((ids.shape[0], self.config.hidden_size)))]
+        return self._run("embedding", {}, ids)
+
+    def step_embedding(self, args, ids):
+        shape = (ids.shape[0], self.config.hidden_size)
+        if self.ranks.world == 1:
+            return [torch.index_select(self.embed, 0, ids, out=self._out(shape))]
+        vocab = self.shard.vocab
+        local = ids - vocab.start
+        held = (local >= 0) & (local < len(vocab))
+        rows = self._out(shape) if self.ranks.leader else torch.empty(shape, dtype=self.dtype, device=self.device)
+        torch.index_select(self.embed, 0, local.clamp(0, len(vocab) - 1), out=rows)
+        rows.masked_fill_(~held[:, None], 0)  # each id's row is held by one rank: the sum is exact
+        self.ranks.reduce(rows)
+        return [rows]
 
     def op_lm_head(self, args, x):
-        return [self._linear(self._activation(x, self.config.hidden_size), self.head, None)]
+        return self._run("lm_head", {}, self._activation(x, self.config.hidden_size))
+
+    def step_lm_head(self, args, x):
+        return [self._column_linear(x, self.head, None, "vocab")]
 
     def op_linear(self, args, x):
-        weight, bias = self._named_weight(args, args.get("name"))
-        return [self._linear(self._activation(x, weight.shape[1]), weight, bias)]
+        c, name = self.config, args.get("name")
+        layer = _int_arg(args, "layer", 0, c.num_layers - 1)
+        if not isinstance(name, str) or name not in SEED_WEIGHTS:
+            raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(SEED_WEIGHTS)}")
+        width = {"o_proj": c.q_dim, "down_proj": c.intermediate_size}.get(name, c.hidden_size)
+        return self._run("linear", {"layer": layer, "name": name}, self._activation(x, width))
+
+    def step_linear(self, args, x):
+        """The seed's names (q_proj ... down_proj, with args layer=N), as views of the fused weights."""
+        c, s = self.config, self.shard
+        w = self.layers[args["layer"]]
+        q, kv, mlp = len(s.heads) * c.head_dim, len(s.kv_heads) * c.head_dim, len(s.mlp)
+        weight, bias, start, rows, split = {
+            "q_proj": (w.qk, w.qk_bias, 0, q, "q"),
+            "k_proj": (w.qk, w.qk_bias, q, kv, "kv"),
+            "v_proj": (w.v, w.v_bias, 0, kv, "kv"),
+            "gate_proj": (w.gate_up, w.gate_up_bias, 0, mlp, "mlp"),
+            "up_proj": (w.gate_up, w.gate_up_bias, mlp, mlp, "mlp"),
+            "o_proj": (w.o, w.o_bias, 0, c.hidden_size, "o"),
+            "down_proj": (w.down, w.down_bias, 0, c.hidden_size, "down"),
+        }[args["name"]]
+        weight, bias = weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
+        weight, bias = weight.to(self.dtype), None if bias is None else bias.to(self.dtype)  # v, o: float32
+        return [self._linear(x, weight, bias, split)]
 
     def op_batch_linear(self, args, x):
         names = args.get("names")
@@ -294,6 +323,7 @@ class Engine:
         return [self.op_linear({**args, "name": name}, x)[0] for name in names]
 
     def op_matmul(self, args, a, b):
+        """No weights: rank 0 computes it alone."""
         if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
             raise ProtocolError(f"matmul shapes {list(a.shape)} and {list(b.shape)} do not match")
         shape = (*a.shape[:-1], b.shape[-1])
@@ -302,38 +332,21 @@ class Engine:
             raise ProtocolError(f"matmul result {list(shape)} exceeds {limit} elements")
         return [torch.matmul(self._float(a), self._float(b), out=self._out(shape))]
 
-    def _named_weight(self, args, name) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The seed's names (q_proj ... down_proj, with args layer=N), as views of the fused weights."""
-        c = self.config
-        w = self.layers[_int_arg(args, "layer", 0, c.num_layers - 1)]
-        fused = {
-            "q_proj": (w.qk, w.qk_bias, 0, c.q_dim),
-            "k_proj": (w.qk, w.qk_bias, c.q_dim, c.kv_dim),
-            "v_proj": (w.v, w.v_bias, 0, c.kv_dim),
-            "gate_proj": (w.gate_up, w.gate_up_bias, 0, c.intermediate_size),
-            "up_proj": (w.gate_up, w.gate_up_bias, c.intermediate_size, c.intermediate_size),
-            "o_proj": (w.o, w.o_bias, 0, c.hidden_size),
-            "down_proj": (w.down, w.down_bias, 0, c.hidden_size),
-        }
-        if not isinstance(name, str) or name not in fused:
-            raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(fused)}")
-        weight, bias, start, rows = fused[name]
-        weight, bias = weight.narrow(0, start, rows), None if bias is None else bias.narrow(0, start, rows)
-        return weight.to(self.dtype), None if bias is None else bias.to(self.dtype)  # v, o are kept in float32
-
     # -- fused per-layer calls -----------------------------------------------------------------
 
     def op_qkv(self, session: Session, args, x):
         """x (T, hidden) -> [q | k] (T, q_dim + kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T)."""
-        c = self.config
         layer, pos = self._layer_pos(session, args)
-        x = self._activation(x, c.hidden_size)
-        T = x.shape[0]
-        self._check_room(session, pos, T)
-        weights = self.layers[layer]
-        v = F.linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (T, kv_dim)
-        session.values[layer, :, pos : pos + T] = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        return [self._linear(x, weights.qk, weights.qk_bias)]
+        x = self._activation(x, self.config.hidden_size)
+        self._check_room(session, pos, x.shape[0])
+        return self._run("qkv", {"session": session.id, "layer": layer, "pos": pos}, x)
+
+    def step_qkv(self, args, x):
+        c, (session, layer, pos) = self.config, self._where(args)
+        T, weights = x.shape[0], self.layers[layer]
+        v = F.linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (T, this rank's kv_dim)
+        session.values[layer, :, pos : pos + T] = v.view(T, len(self.shard.kv_heads), c.head_dim).transpose(0, 1)
+        return [self._column_linear(x, weights.qk, weights.qk_bias, "qk")]
 
     def op_scores(self, session: Session, args, q, k):
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
@@ -351,20 +364,32 @@ class Engine:
             )
         self._check_room(session, pos, T)
         self._float(q)  # both dtypes checked before the cache changes
-        session.keys[layer, :, pos : pos + T] = self._float(k).transpose(0, 1)
+        self._float(k)
         session.filled[layer] = pos + T
+        return self._run("scores", {"session": session.id, "layer": layer, "pos": pos, "tile": tile}, q, k)
+
+    def step_scores(self, args, q, k):
+        c, s, (session, layer, pos) = self.config, self.shard, self._where(args)
+        T, heads, kv = q.shape[0], s.heads, s.kv_heads
+        group = len(heads) // len(kv)  # this rank's query heads per kv head
+        session.keys[layer, :, pos : pos + T] = k[:, kv.start : kv.stop].transpose(0, 1)
         keys_t = session.keys[layer, :, : pos + T].transpose(1, 2)  # (kv, hd, L)
-        q = self._float(q).view(T, c.num_kv_heads, c.group_size, c.head_dim).permute(1, 2, 0, 3)  # (kv, group, T, hd)
-        tiles, total = query_tiles(T, pos, c.num_heads, tile)
-        packed = self._out((total,))
+        q = q[:, heads.start : heads.stop].reshape(T, len(kv), group, c.head_dim).permute(1, 2, 0, 3)  # (kv, g, T, hd)
+        tiles, total = query_tiles(T, pos, len(heads), args["tile"])
+        single = self.ranks.world == 1
+        packed = self._out((total,)) if single else torch.empty(total, dtype=self.dtype, device=self.device)
         for t in tiles:
-            q_tile = q[:, :, t.row : t.row + t.rows].reshape(c.num_kv_heads, c.group_size * t.rows, c.head_dim)
-            out = packed[t.offset : t.offset + c.num_heads * t.rows * t.keys].view(
-                c.num_kv_heads, c.group_size * t.rows, t.keys
-            )
+            q_tile = q[:, :, t.row : t.row + t.rows].reshape(len(kv), group * t.rows, c.head_dim)
+            out = packed[t.offset : t.offset + len(heads) * t.rows * t.keys].view(len(kv), group * t.rows, t.keys)
             torch.bmm(q_tile, keys_t[:, :, : t.keys], out=out)
         packed.mul_(1.0 / math.sqrt(c.head_dim))
-        return [packed]
+        if single:
+            return [packed]
+        parts = self.ranks.gather(packed)
+        if parts is None:
+            return [None]
+        tiles, total = query_tiles(T, pos, c.num_heads, args["tile"])
+        return [assemble_tiles(self._out((total,)), parts, tiles, [r.heads for r in self.shards])]
 
     def op_attn_out(self, session: Session, args, probs):
         """probs packed like scores -> o_proj(probs @ V) (T, hidden); V is the session's cache.
@@ -377,33 +402,47 @@ class Engine:
         tile = _int_arg(args, "tile", 1, MAX_QUERY_TILE)
         cached = session.filled[layer] - pos
         T = _int_arg(args, "tokens", 1, max(cached, 1)) if "tokens" in args else cached
-        tiles, total = query_tiles(T, pos, c.num_heads, tile)
+        _, total = query_tiles(T, pos, c.num_heads, tile)
         if not 0 < T <= cached or tuple(probs.shape) != (total,):
             raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
-        probs = self._float(probs).to(VALUE_DTYPE)
-        values = session.values[layer]  # (kv, capacity, hd)
-        out = torch.empty(c.num_kv_heads, c.group_size, T, c.head_dim, dtype=VALUE_DTYPE, device=self.device)
+        self._float(probs)
+        args = {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "tokens": T}
+        return self._run("attn_out", args, probs)
+
+    def step_attn_out(self, args, probs):
+        c, s, (session, layer, pos) = self.config, self.shard, self._where(args)
+        T, heads, kv = args["tokens"], s.heads, s.kv_heads
+        group = len(heads) // len(kv)
+        tiles, _ = query_tiles(T, pos, c.num_heads, args["tile"])
+        probs = probs.to(VALUE_DTYPE)
+        values = session.values[layer]  # (kv, capacity, hd): this rank's kv heads
+        out = torch.empty(len(kv), group, T, c.head_dim, dtype=VALUE_DTYPE, device=self.device)
         for t in tiles:
-            p = probs[t.offset : t.offset + c.num_heads * t.rows * t.keys].view(
-                c.num_kv_heads, c.group_size * t.rows, t.keys
+            block = t.rows * t.keys  # a tile is (heads, rows, keys): this rank's heads are one run of it
+            p = probs[t.offset + heads.start * block : t.offset + heads.stop * block].view(
+                len(kv), group * t.rows, t.keys
             )
             o = torch.bmm(p, values[:, : t.keys])  # (kv, group*rows, hd)
-            out[:, :, t.row : t.row + t.rows] = o.view(c.num_kv_heads, c.group_size, t.rows, c.head_dim)
-        out = out.permute(2, 0, 1, 3).reshape(T, c.q_dim)  # (T, heads*hd), head-major like q_proj
+            out[:, :, t.row : t.row + t.rows] = o.view(len(kv), group, t.rows, c.head_dim)
+        out = out.permute(2, 0, 1, 3).reshape(T, len(heads) * c.head_dim)  # (T, heads*hd), head-major like q_proj
         weights = self.layers[layer]
-        if self.dtype == VALUE_DTYPE:
-            return [self._linear(out, weights.o, weights.o_bias)]
-        return [self._out((T, c.hidden_size)).copy_(F.linear(out, weights.o, weights.o_bias))]
+        return [self._row_linear(out, weights.o, weights.o_bias, c.hidden_size)]
 
     def op_gate_up(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
-        weights = self.layers[layer]
-        return [self._linear(self._activation(x, self.config.hidden_size), weights.gate_up, weights.gate_up_bias)]
+        return self._run("gate_up", {"layer": layer}, self._activation(x, self.config.hidden_size))
+
+    def step_gate_up(self, args, x):
+        weights = self.layers[args["layer"]]
+        return [self._column_linear(x, weights.gate_up, weights.gate_up_bias, "gate_up")]
 
     def op_down(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
-        weights = self.layers[layer]
-        return [self._linear(self._activation(x, self.config.intermediate_size), weights.down, weights.down_bias)]
+        return self._run("down", {"layer": layer}, self._activation(x, self.config.intermediate_size))
+
+    def step_down(self, args, x):
+        weights = self.layers[args["layer"]]
+        return [self._linear(x, weights.down, weights.down_bias, "down")]
 
     # -- private mode ------------------------------------------------------------------------
 
@@ -412,27 +451,32 @@ class Engine:
 
         Float64 because the pad is 2^k times larger than x: the product's rounding must stay far below x W^T
         (docs/threat-model.md, numerics). The server never sees x; it needs no session."""
-        weight, bias = self._masked_weight(*self._masked_op(args))
+        op, layer = self._masked_op(args)
         if x.dtype != MASKED_DTYPE:
             raise ProtocolError(f"masked_linear takes a float64 activation, not {x.dtype}")
-        x = self._shape(x, weight.shape[1])
-        out = self._out((x.shape[0], weight.shape[0]), MASKED_DTYPE)
-        if bias is None:
-            return [torch.matmul(x, weight.t(), out=out)]
-        return [torch.addmm(bias, x, weight.t(), out=out)]
+        return self._run("masked_linear", {"op": op, "layer": layer}, self._shape(x, self._masked_width(op)))
+
+    def step_masked_linear(self, args, x):
+        weight, bias = self._masked_weight(args["op"], args["layer"])
+        return [self._linear(x, weight, bias, MASKED_SPLITS[args["op"]], MASKED_DTYPE)]
 
     def op_pad(self, args):
         """A helper server's call: z W^T (rows, out) float64 for the pad z = pad_seeds.expand(seed, rows, in).
 
         The TEE sends the seed (over CurveZMQ) to this server, which must not be the one that computes on
         x + z s: two servers that do not collude (docs/threat-model.md)."""
-        weight, _ = self._masked_weight(*self._masked_op(args))
+        op, layer = self._masked_op(args)
         seed = args.get("seed")
         if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
             raise ProtocolError(f"pad needs a {SEED_BYTES}-byte seed")
         rows = _int_arg(args, "rows", 1, self.config.max_position_embeddings)
-        pad = expand(seed, rows, weight.shape[1]).to(self.device)  # the TEE's r, before its scale
-        return [torch.matmul(pad, weight.t(), out=self._out((rows, weight.shape[0]), MASKED_DTYPE))]
+        return self._run("pad", {"op": op, "layer": layer, "seed": seed, "rows": rows})
+
+    def step_pad(self, args):
+        op = args["op"]
+        weight, _ = self._masked_weight(op, args["layer"])
+        pad = expand(args["seed"], args["rows"], self._masked_width(op)).to(self.device)  # the TEE's r, unscaled
+        return [self._linear(pad, weight, None, MASKED_SPLITS[op], MASKED_DTYPE)]
 
     def _masked_ops(self) -> list[tuple[str, int]]:
         layers = [(op, layer) for layer in range(self.config.num_layers) for op in MASKED_LINEARS[:-1]]
@@ -444,8 +488,13 @@ class Engine:
             raise ProtocolError(f"unknown masked linear {op!r}: one of {', '.join(MASKED_LINEARS)}")
         return op, 0 if op == "lm_head" else _int_arg(args, "layer", 0, self.config.num_layers - 1)
 
+    def _masked_width(self, op: str) -> int:
+        """The input width of a private-mode linear."""
+        c = self.config
+        return {"o_proj": c.q_dim, "down": c.intermediate_size}.get(op, c.hidden_size)
+
     def _masked_weight(self, op: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias of a private-mode linear as the server holds them, upcast once to float64."""
+        """This rank's share of a private-mode linear's weight and bias, upcast once to float64."""
         key = (op, layer)
         if key not in self._masked:
             if op == "lm_head":
@@ -465,7 +514,7 @@ class Engine:
             self._masked[key] = (weight, bias)
         return self._masked[key]
 
-    # -- outputs -------------------------------------------------------------------------------
+    # -- outputs: the linears over the ranks' shares -------------------------------------------
 
     def _out(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Where a result goes: the request's arena slot on a CPU server, else fresh device memory."""
@@ -473,14 +522,48 @@ class Engine:
             return self._alloc(shape, dtype or self.dtype)
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T + b, written straight into its output buffer."""
-        out = self._out((x.shape[0], weight.shape[0]))
-        if bias is None:
-            return torch.matmul(x, weight.t(), out=out)
-        return torch.addmm(bias, x, weight.t(), out=out)
+    def _linear(self, x, weight, bias, split: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """x (T, in) W^T + b split as `split` says (ROW_SPLITS or a kind of Shard.columns)."""
+        if split in ROW_SPLITS:
+            start, share = self.shard.inputs(split)
+            return self._row_linear(x.narrow(1, start, share), weight, bias, weight.shape[0], dtype)
+        return self._column_linear(x, weight, bias, split, dtype)
+
+    def _column_linear(self, x, weight, bias, kind: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """x W^T + b where this rank holds some of W's rows (its output columns, Shard.columns(kind)): each
+        rank's columns are gathered to rank 0, which assembles the (T, out) result; None on the others."""
+        dtype, T = dtype or self.dtype, x.shape[0]
+        width, _ = self.shard.columns(kind)
+        if self.ranks.world == 1:
+            return _matmul(self._out((T, width), dtype), x, weight, bias)
+        local = _matmul(torch.empty((T, weight.shape[0]), dtype=dtype, device=self.device), x, weight, bias)
+        parts = self.ranks.gather(local)
+        if parts is None:
+            return None
+        return assemble_columns(self._out((T, width), dtype), parts, [r.columns(kind)[1] for r in self.shards])
+
+    def _row_linear(self, x, weight, bias, width: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """sum over ranks of x_r W_r^T, + b: x (T, this rank's inputs), W_r the matching columns of W (o_proj,
+        down); the partial sums are reduced to rank 0, which adds the bias once; None on the others.
+        Computed in x's dtype (float32 on the value path), rounded to `dtype` once, at the end."""
+        dtype, T, leader = dtype or self.dtype, x.shape[0], self.ranks.leader
+        direct = x.dtype == dtype
+        partial = (
+            self._out((T, width), dtype)
+            if direct and leader
+            else torch.empty((T, width), dtype=x.dtype, device=self.device)
+        )
+        _matmul(partial, x, weight, bias if leader else None)
+        self.ranks.reduce(partial)
+        if not leader:
+            return None
+        return partial if direct else self._out((T, width), dtype).copy_(partial)
 
     # -- validation helpers --------------------------------------------------------------------
+
+    def _where(self, args) -> tuple[Session, int, int]:
+        """A step's session (this rank's share of its cache), layer and position, resolved by rank 0."""
+        return self.sessions[args["session"]], args["layer"], args["pos"]
 
     def _layer_pos(self, session: Session, args) -> tuple[int, int]:
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
@@ -512,6 +595,13 @@ class Engine:
         (an lm_head reply is vocab/hidden times its request)."""
         if T > self.config.max_position_embeddings:
             raise ProtocolError(f"{T} tokens exceed the model's {self.config.max_position_embeddings} positions")
+
+
+def _matmul(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b, written straight into out."""
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _int_arg(args: dict, name: str, low: int, high: int) -> int:

@@ -3,6 +3,10 @@
 Requests of different clients interleave at round-trip granularity (one request at a time, in arrival
 order). Any malformed request gets an error reply and the loop keeps serving. SIGINT and SIGTERM end
 the loop cleanly and remove the ipc socket file.
+
+On a tensor-parallel server this loop runs on rank 0 only (the others follow it: parallel.py). A rank
+lost is the one fault it does not survive: for FAILURE_LINGER_S every request, the one in flight and
+those that come, is answered with the reason, then the server exits with it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import torch
 import zmq
 
 from tsqp.errors import ProtocolError, TsqpError
+from tsqp.model.config import LlamaConfig
 from tsqp.server.engine import Engine
+from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
@@ -36,6 +42,7 @@ from tsqp.wire.transport import bind_server, ipc_path
 
 POLL_MS = 200
 DOORBELL_POLL_MS = 5  # with doorbells: how often they are looked at while the server sleeps on the socket
+FAILURE_LINGER_S = 2.0  # after a rank is lost: its clients' next requests get the reason, not a closed socket
 
 
 class Server:
@@ -59,6 +66,7 @@ class Server:
         self.requests = 0
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
         self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
+        self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
 
     def serve_forever(self) -> None:
         """Serves requests from the socket and the doorbells. After a request from a client with a
@@ -66,7 +74,7 @@ class Server:
         on the socket, looking at the doorbells every DOORBELL_POLL_MS."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not self.stopping:
+            while not self.stopping and self.failure is None:
                 if self.serve_doorbells():
                     continue
                 spinning = time.perf_counter() < self.spin_until
@@ -76,11 +84,30 @@ class Server:
                 if self.sock.poll(0 if spinning else (DOORBELL_POLL_MS if self.doorbells else POLL_MS)):
                     self.serve_one()
                 elif not spinning:
-                    self.engine.expire_idle()
+                    self.idle()
+            if self.failure is not None:
+                self.refuse(FAILURE_LINGER_S)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.close()
+        if self.failure is not None:
+            raise RankFailure(self.failure)
+
+    def idle(self) -> None:
+        """Nothing to serve: idle sessions expire, followers get their heartbeat, a lost rank is noticed."""
+        try:
+            self.engine.tick()
+        except RankFailure as exc:
+            self.failure = str(exc)
+        self.failure = self.failure or self.engine.ranks.lost()
+
+    def refuse(self, seconds: float) -> None:
+        """Answers every request for `seconds` with the failure (answer() does), by socket or doorbell."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stopping:
+            if not self.serve_doorbells() and self.sock.poll(DOORBELL_POLL_MS):
+                self.serve_one()
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True
@@ -139,6 +166,8 @@ class Server:
             error = str(exc) if isinstance(exc, TsqpError) else f"malformed header ({type(exc).__name__})"
             return pack({"id": _lenient_id(raw_header), "ok": False, "error": error})
         request_id = header["id"]
+        if self.failure is not None:
+            return pack({"id": request_id, "ok": False, "error": self.failure})
         try:
             request = unpack(body, arena, header=header)
             if request.header.get("method") == "attach_arena":
@@ -151,6 +180,9 @@ class Server:
                 if slots is not None:
                     tensors = [slots.place(t) for t in tensors]
             return pack({"id": request_id, "ok": True, "args": args}, tensors, arena)
+        except RankFailure as exc:  # the server cannot go on: this and every later request get the reason
+            self.failure = str(exc)
+            return pack({"id": request_id, "ok": False, "error": self.failure})
         except TsqpError as exc:
             return pack({"id": request_id, "ok": False, "error": str(exc)})
         except Exception as exc:  # a bug or a hostile input we did not foresee: answer, keep serving
@@ -246,17 +278,47 @@ def loading_progress(label: str):
 
 
 def run_server(
-    model_dir: str, endpoint: str, device: str, dtype: str, curve: CurveKeys | None = None, **engine_options
+    model_dir: str,
+    endpoint: str,
+    device: str,
+    dtype: str,
+    curve: CurveKeys | None = None,
+    tensor_parallel: int = 1,
+    **engine_options,
 ) -> None:
+    """Loads the model and serves until SIGINT/SIGTERM. tensor_parallel > 1: this process is one rank of a
+    tensor-parallel server (parallel.join: rank 0 of this host, which starts the others, or a torchrun
+    worker); rank 0 serves, the others follow it."""
     started = time.perf_counter()
-    with loading_progress(f"tsqp server: loading {model_dir}") as progress:
-        engine = Engine(model_dir, device=device, dtype=dtype, progress=progress, **engine_options)
-    keep_freed_memory()  # after loading: the weights' transient copies are not kept
-    server = Server(engine, endpoint, curve=curve)
-    print(
-        f"tsqp server: {model_dir} on {device} ({dtype}), loaded in {time.perf_counter() - started:.1f} s, "
-        f"listening on {endpoint}{' (CURVE)' if curve else ''}, protocol v{PROTOCOL_VERSION}",
-        file=sys.stderr,
-        flush=True,
-    )
-    server.serve_forever()
+    ranks = Ranks(device=device)
+    if tensor_parallel > 1:
+        shards(LlamaConfig.from_model_dir(model_dir), tensor_parallel)  # an impossible split: before any rank
+        private_only = engine_options.get("private_only", False)
+        ranks = join(tensor_parallel, device, follower_command(model_dir, device, dtype, tensor_parallel, private_only))
+    lost = False
+    try:
+        if not ranks.leader:
+            follow(Engine(model_dir, device=str(ranks.device), dtype=dtype, ranks=ranks, **engine_options))
+            return
+        with loading_progress(f"tsqp server: loading {model_dir}") as progress:
+            engine = Engine(model_dir, str(ranks.device), dtype, progress=progress, ranks=ranks, **engine_options)
+        ranks.send(HEARTBEAT, {})  # waits for every rank to have loaded its share; one that failed is named
+        keep_freed_memory()  # after loading: the weights' transient copies are not kept
+        server = Server(engine, endpoint, curve=curve)
+        split = f", {tensor_parallel} tensor-parallel ranks" if tensor_parallel > 1 else ""
+        print(
+            f"tsqp server: {model_dir} on {ranks.device} ({dtype}{split}), loaded in "
+            f"{time.perf_counter() - started:.1f} s, listening on {endpoint}{' (CURVE)' if curve else ''}, "
+            f"protocol v{PROTOCOL_VERSION}",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.serve_forever()
+    except RankFailure:
+        lost = True
+        raise
+    finally:
+        if lost:
+            ranks.abort()  # out of step: the ranks still running are stopped, not sent a last step
+        else:
+            ranks.close()
