@@ -1,7 +1,8 @@
 """The folder layout is the architecture: which side may import which.
 
 tsqp/tee (trusted) and tsqp/api (the HTTP API the TEE process serves) never reach the untrusted
-server's code, the benchmark tools or transformers; tsqp/server never reaches the TEE's; tsqp/model and tsqp/wire, which both sides use, reach neither.
+server's code, the benchmark tools or transformers; tsqp/server never reaches the TEE's; tsqp/model
+and tsqp/wire, which both sides use, reach neither.
 Checked twice: statically over every import statement (function-level ones too), and by importing
 the TEE's entry points in a fresh interpreter and looking at what got loaded.
 """
