@@ -100,6 +100,8 @@ class Engine:
         self.sessions: dict[bytes, Session] = {}
         self.fingerprint = self.checkpoint.fingerprint()
         self._alloc: Alloc | None = None
+        self._record: Callable | None = None  # batching.record: steps handed to it, not run
+        self.batched = 0  # requests that ran in a product shared with other clients' (batching.py)
         self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
         self.private_only = private_only
         self.instance = secrets.token_hex(8)
@@ -122,13 +124,7 @@ class Engine:
         alloc(shape, dtype) gives the buffer a result is written to (a slot in the client's
         shared-memory arena); results land there directly on a CPU server.
         """
-        method = request.header.get("method")
-        if not isinstance(method, str) or method not in METHODS or not hasattr(self, "op_" + method):
-            raise ProtocolError(f"unknown method {method!r}")
-        if len(request.tensors) != METHODS[method]:
-            raise ProtocolError(f"{method} takes {METHODS[method]} tensors, got {len(request.tensors)}")
-        if self.private_only and method not in PRIVATE_ONLY_METHODS:
-            raise TsqpError(f"this server runs with --private-only: {method} is a plain-mode call; use --private")
+        method = self.check_method(request)
         self.tick()
         inputs = [t.to(self.device) for t in request.tensors]
         args = request.args
@@ -147,8 +143,23 @@ class Engine:
             torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them, not their launch
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
 
+    def check_method(self, request: Message) -> str:
+        """The request's method, if this server serves it with that many tensors."""
+        method = request.header.get("method")
+        if not isinstance(method, str) or method not in METHODS or not hasattr(self, "op_" + method):
+            raise ProtocolError(f"unknown method {method!r}")
+        if len(request.tensors) != METHODS[method]:
+            raise ProtocolError(f"{method} takes {METHODS[method]} tensors, got {len(request.tensors)}")
+        if self.private_only and method not in PRIVATE_ONLY_METHODS:
+            raise TsqpError(f"this server runs with --private-only: {method} is a plain-mode call; use --private")
+        return method
+
     def _run(self, step: str, args: dict, *tensors: torch.Tensor) -> list:
-        """Rank 0: runs a step on every rank (the others get it first) and returns rank 0's results."""
+        """Rank 0: runs a step on every rank (the others get it first) and returns rank 0's results.
+        While batching.record looks at a request, the step is handed to it instead of run."""
+        if self._record is not None:
+            self._record((step, args, tensors))
+            return []
         self.ranks.send(step, args, tensors)
         try:
             return self.step(step, args, tensors)
@@ -195,7 +206,9 @@ class Engine:
     # -- control -------------------------------------------------------------------------------
 
     def op_ping(self, peer, session_id, args):
-        return {}, []
+        """Also what a load test watches: open sessions, their cache bytes, requests that shared a product."""
+        cache = sum(session.nbytes for session in self.sessions.values())
+        return {"sessions": len(self.sessions), "cache_bytes": cache, "batched": self.batched}, []
 
     def op_echo(self, args, x):
         """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""
@@ -410,6 +423,11 @@ class Engine:
         return self._run("attn_out", args, probs)
 
     def step_attn_out(self, args, probs):
+        weights = self.layers[args["layer"]]
+        return [self._row_linear(self.attend(args, probs), weights.o, weights.o_bias, self.config.hidden_size)]
+
+    def attend(self, args, probs) -> torch.Tensor:
+        """probs @ V on this rank's heads -> (T, heads * hd) float32, head-major like q_proj: o_proj's input."""
         c, s, (session, layer, pos) = self.config, self.shard, self._where(args)
         T, heads, kv = args["tokens"], s.heads, s.kv_heads
         group = len(heads) // len(kv)
@@ -424,9 +442,7 @@ class Engine:
             )
             o = torch.bmm(p, values[:, : t.keys])  # (kv, group*rows, hd)
             out[:, :, t.row : t.row + t.rows] = o.view(len(kv), group, t.rows, c.head_dim)
-        out = out.permute(2, 0, 1, 3).reshape(T, len(heads) * c.head_dim)  # (T, heads*hd), head-major like q_proj
-        weights = self.layers[layer]
-        return [self._row_linear(out, weights.o, weights.o_bias, c.hidden_size)]
+        return out.permute(2, 0, 1, 3).reshape(T, len(heads) * c.head_dim)
 
     def op_gate_up(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import msgpack
 import torch
@@ -22,6 +23,7 @@ import zmq
 
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.config import LlamaConfig
+from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
 from tsqp.tuning import keep_freed_memory
@@ -41,8 +43,20 @@ from tsqp.wire.protocol import (
 from tsqp.wire.transport import bind_server, ipc_path
 
 POLL_MS = 200
+MAX_ROUND = 256  # requests taken into one round at most
 DOORBELL_POLL_MS = 5  # with doorbells: how often they are looked at while the server sleeps on the socket
 FAILURE_LINGER_S = 2.0  # after a rank is lost: its clients' next requests get the reason, not a closed socket
+
+
+@dataclass
+class Pending:
+    """A request waiting to be served: who sent it, its header bytes and frames, the doorbell it was rung on."""
+
+    peer: bytes
+    raw: bytes
+    body: list
+    bell: Doorbell | None = None
+    flag: int = 0
 
 
 class Server:
@@ -69,20 +83,20 @@ class Server:
         self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
 
     def serve_forever(self) -> None:
-        """Serves requests from the socket and the doorbells. After a request from a client with a
-        doorbell the loop polls for SPIN_S (its next small request is usually that close), then sleeps
-        on the socket, looking at the doorbells every DOORBELL_POLL_MS."""
+        """Serves requests from the socket and the doorbells, a round at a time (serve_round). After a
+        request from a client with a doorbell the loop polls for SPIN_S (its next small request is
+        usually that close), then sleeps on the socket, looking at the doorbells every DOORBELL_POLL_MS."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not self.stopping and self.failure is None:
-                if self.serve_doorbells():
+                if self.serve_round():
                     continue
                 spinning = time.perf_counter() < self.spin_until
                 self._awake(spinning)
-                if not spinning and self.serve_doorbells():  # rung as the flag went down
+                if not spinning and self.serve_round():  # rung as the flag went down
                     continue
                 if self.sock.poll(0 if spinning else (DOORBELL_POLL_MS if self.doorbells else POLL_MS)):
-                    self.serve_one()
+                    self.serve_round()
                 elif not spinning:
                     self.idle()
             if self.failure is not None:
@@ -95,7 +109,12 @@ class Server:
             raise RankFailure(self.failure)
 
     def idle(self) -> None:
-        """Nothing to serve: idle sessions expire, followers get their heartbeat, a lost rank is noticed."""
+        """Nothing to serve: idle sessions expire, followers get their heartbeat, a lost rank is noticed,
+        and the arenas of clients that are gone (their file removed: the next client sweeps a killed one's)
+        are unmapped."""
+        for peer in [p for p, arena in self.arenas.items() if not arena.path.exists()]:
+            self.doorbells.pop(peer, None)
+            self.arenas.pop(peer).release()
         try:
             self.engine.tick()
         except RankFailure as exc:
@@ -106,8 +125,8 @@ class Server:
         """Answers every request for `seconds` with the failure (answer() does), by socket or doorbell."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self.stopping:
-            if not self.serve_doorbells() and self.sock.poll(DOORBELL_POLL_MS):
-                self.serve_one()
+            if not self.serve_round() and self.sock.poll(DOORBELL_POLL_MS):
+                self.serve_round()
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True
@@ -122,71 +141,129 @@ class Server:
         if peer in self.doorbells:
             self.spin_until = time.perf_counter() + SPIN_S
 
+    # -- a round: what is waiting now, batched where it can be ------------------------------------
+
+    def collect(self) -> list[Pending]:
+        """Every request waiting now: rung doorbells, then the socket's queue (without waiting)."""
+        pending = []
+        for peer, bell in list(self.doorbells.items()):
+            if (rung := bell.take()) is not None:
+                pending.append(Pending(peer, rung[1], [rung[1]], bell, rung[0]))
+        while len(pending) < MAX_ROUND and self.sock.poll(0):
+            frames = self.sock.recv_multipart(copy=False)
+            if len(frames) < 2:
+                continue  # nothing to answer to: a ROUTER message always starts with the peer identity
+            peer, body = frames[0].bytes, frames[1:]
+            # A client rings only with nothing in flight, so a request it rang came before this one.
+            bell = self.doorbells.get(peer)
+            if bell is not None and (rung := bell.take()) is not None:
+                pending.append(Pending(peer, rung[1], [rung[1]], bell, rung[0]))
+            pending.append(Pending(peer, bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]), body))
+        return pending
+
     def serve_one(self) -> None:
-        frames = self.sock.recv_multipart(copy=False)
-        if len(frames) < 2:
-            return  # nothing to answer to: a ROUTER message always starts with the peer identity
-        peer, body = frames[0].bytes, frames[1:]
-        # A client rings only with nothing in flight, so a request it rang came before this one.
-        self.serve_doorbell(peer)
-        reply = self.answer(peer, bytes(body[0].buffer[: MAX_HEADER_BYTES + 1]), body)
-        self.sock.send_multipart([peer] + reply, copy=False)
-        self._served(peer)
+        """Waits for a request on the socket, then serves the round it begins (tests serve in lockstep)."""
+        self.sock.poll()
+        self.serve_round()
 
-    def serve_doorbells(self) -> bool:
-        served = False
-        for peer in list(self.doorbells):
-            served |= self.serve_doorbell(peer)
-        return served
-
-    def serve_doorbell(self, peer: bytes) -> bool:
-        """Serves the request rung on a client's doorbell, if any. The reply goes back there while the
-        client polls for it (and is all header), else by ZeroMQ."""
-        bell = self.doorbells.get(peer)
-        rung = bell.take() if bell is not None else None
-        if rung is None:
+    def serve_round(self) -> bool:
+        """Serves every waiting request, in arrival order, except that requests of other clients for the
+        same op and layer join the first one's product (batching.py). A request joins only when it is the
+        next of its client's, so each client's requests still run in its own order. False: none waited."""
+        pending = self.collect()
+        if not pending:
             return False
-        flag, header = rung
-        reply = self.answer(peer, header, [header], rung=True)
-        if self.doorbells.get(peer) is bell and len(reply) == 1 and fits(reply[0]) and bell.client_waiting():
-            bell.answer(flag, reply[0])
-        else:
-            self.sock.send_multipart([peer] + reply, copy=False)
-        self._served(peer)
+        requests = [self.parse(p) for p in pending]
+        keys = [batch_key(self.engine, r) for r in requests]
+        done = [False] * len(pending)
+        for i in range(len(pending)):
+            if done[i]:
+                continue
+            group, busy = [i], {pending[i].peer}
+            if keys[i] is not None:
+                for j in range(i + 1, len(pending)):
+                    if done[j] or pending[j].peer in busy:
+                        continue
+                    busy.add(pending[j].peer)  # whether it joins or not, its later requests wait
+                    if keys[j] == keys[i]:
+                        group.append(j)
+            for j, reply in zip(group, self.run(pending, requests, group), strict=True):
+                done[j] = True
+                self.send(pending[j], reply)
         return True
 
-    def answer(self, peer: bytes, raw_header: bytes, body: list, rung: bool = False) -> list:
-        """The reply frames to one request: body is its frames (header first), raw_header its header
-        bytes; rung: it came by the doorbell."""
-        self.requests += 1
-        arena = self.arenas.get(peer)
+    def parse(self, item: Pending) -> Message | list:
+        """The request, or the reply frames that refuse it (a bad header or frames, a lost rank)."""
+        arena = self.arenas.get(item.peer)
         try:
-            header = parse_header(raw_header)
+            header = parse_header(item.raw)
         except Exception as exc:  # ProtocolError, or anything a hostile header provokes
             error = str(exc) if isinstance(exc, TsqpError) else f"malformed header ({type(exc).__name__})"
-            return pack({"id": _lenient_id(raw_header), "ok": False, "error": error})
-        request_id = header["id"]
+            return pack({"id": _lenient_id(item.raw), "ok": False, "error": error})
         if self.failure is not None:
-            return pack({"id": request_id, "ok": False, "error": self.failure})
+            return pack({"id": header["id"], "ok": False, "error": self.failure})
         try:
-            request = unpack(body, arena, header=header)
-            if request.header.get("method") == "attach_arena":
-                if rung:  # it would unmap the doorbell it came by
-                    raise ProtocolError("attach_arena must come by the socket, not the doorbell")
-                args, tensors = self.attach_arena(peer, request.args), []
-            else:
-                slots = ReplySlots(arena, request) if arena and "reply_at" in request.args else None
-                args, tensors = self.engine.handle(peer, request, slots)
-                if slots is not None:
-                    tensors = [slots.place(t) for t in tensors]
-            return pack({"id": request_id, "ok": True, "args": args}, tensors, arena)
-        except RankFailure as exc:  # the server cannot go on: this and every later request get the reason
+            return unpack(item.body, arena, header=header)
+        except Exception as exc:
+            return self.error(header["id"], exc)
+
+    def run(self, pending: list[Pending], requests: list, group: list[int]) -> list[list]:
+        """The reply frames of a group of requests (one, or several that share a product)."""
+        replies: dict[int, list] = {}
+        items, slots, where = [], [], []
+        for j in group:
+            self.requests += 1
+            request, item = requests[j], pending[j]
+            if not isinstance(request, Message):
+                replies[j] = request
+                continue
+            try:
+                if request.header.get("method") == "attach_arena":
+                    if item.bell is not None:  # it would unmap the doorbell it came by
+                        raise ProtocolError("attach_arena must come by the socket, not the doorbell")
+                    replies[j] = pack(
+                        {"id": request.header["id"], "ok": True, "args": self.attach_arena(item.peer, request.args)}
+                    )
+                    continue
+                arena = self.arenas.get(item.peer)
+                slot = ReplySlots(arena, request) if arena and "reply_at" in request.args else None
+            except Exception as exc:
+                replies[j] = self.error(request.header["id"], exc)
+                continue
+            items.append((item.peer, request, slot))
+            slots.append(slot)
+            where.append(j)
+        for j, slot, outcome in zip(where, slots, handle_batch(self.engine, items) if items else [], strict=True):
+            request_id = requests[j].header["id"]
+            if isinstance(outcome, Exception):
+                replies[j] = self.error(request_id, outcome)
+                continue
+            args, tensors = outcome
+            if slot is not None:
+                tensors = [slot.place(t) for t in tensors]
+            replies[j] = pack({"id": request_id, "ok": True, "args": args}, tensors, self.arenas.get(pending[j].peer))
+        return [replies[j] for j in group]
+
+    def error(self, request_id: int, exc: Exception) -> list:
+        if isinstance(exc, RankFailure):  # the server cannot go on: this and every later request get the reason
             self.failure = str(exc)
             return pack({"id": request_id, "ok": False, "error": self.failure})
-        except TsqpError as exc:
+        if isinstance(exc, TsqpError):
             return pack({"id": request_id, "ok": False, "error": str(exc)})
-        except Exception as exc:  # a bug or a hostile input we did not foresee: answer, keep serving
-            return pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+        # a bug or a hostile input we did not foresee: answer, keep serving
+        return pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    def send(self, item: Pending, reply: list) -> None:
+        """A reply to a rung request goes back on its doorbell while the client polls for it (and it is all
+        header); every other reply goes by ZeroMQ."""
+        bell = item.bell
+        if bell is not None and self.doorbells.get(item.peer) is bell and len(reply) == 1 and fits(reply[0]):
+            if bell.client_waiting():
+                bell.answer(item.flag, reply[0])
+                self._served(item.peer)
+                return
+        self.sock.send_multipart([item.peer] + reply, copy=False)
+        self._served(item.peer)
 
     def attach_arena(self, peer: bytes, args: dict) -> dict:
         name, size = args.get("name"), args.get("size")

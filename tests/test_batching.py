@@ -1,0 +1,134 @@
+"""Op-level batching across clients (tsqp/server/batching.py): results equal the solo ones, every client's
+requests keep their order, a refused request leaves its companions be, and several clients decoding on
+one real server share products and get exactly the tokens they get alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import token_ids
+from test_equivalence import FEATURES
+
+from tsqp.server.batching import batch_key, handle_batch
+from tsqp.server.engine import Engine
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.generate import generate
+from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.remote import InProcess
+from tsqp.wire.protocol import Message
+from tsqp.wire.transport import Client
+
+LAST_BITS = 1e-5  # row-batched GEMMs may block differently from one-row ones: last-bit differences only
+
+
+class Recorder:
+    """An InProcess link that keeps every request it passes, to replay them batched."""
+
+    def __init__(self, engine: Engine, peer: bytes):
+        self.link = InProcess(engine, peer=peer)
+        self.peer = peer
+        self.requests: list[tuple[Message, list[torch.Tensor]]] = []
+
+    def __call__(self, method, args=None, tensors=(), session=None, reply_bytes=0):
+        reply = self.link(method, args, tensors, session=session, reply_bytes=reply_bytes)
+        request = Message({"id": 0, "method": method, "session": session, "args": args or {}}, list(tensors))
+        self.requests.append((request, reply.tensors))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints("batch-gqa", seed=500, **FEATURES["gqa"])
+
+
+@pytest.mark.parametrize("feature", ["gqa", "attention_bias", "mlp_bias", "tied"])
+def test_batched_products_equal_solo_ones(checkpoints, feature):
+    """Three clients' prefills recorded solo; their linear requests replayed together, op by op."""
+    path = checkpoints("batch-" + feature, seed=600, **FEATURES[feature])
+    engine = Engine(str(path))
+    recorders = [Recorder(engine, peer=b"client-%d" % i) for i in range(3)]
+    for i, recorder in enumerate(recorders):
+        tee = TeeModel(path, recorder)
+        tee.attach()
+        ids = token_ids(5 + 3 * i, seed=i)
+        tee.ops.open_session(ids.shape[0] + 1)  # left open: the batched replay runs in these sessions
+        tee.forward(ids)
+    keyed = [[(r, req, out) for req, out in rec.requests if batch_key(engine, req)] for r, rec in enumerate(recorders)]
+    assert len({len(k) for k in keyed}) == 1 and len(keyed[0]) == 4 * engine.config.num_layers + 1
+    compared = 0
+    for step in zip(*keyed, strict=True):  # the same op and layer of each client
+        keys = {batch_key(engine, req) for _, req, _ in step}
+        assert len(keys) == 1
+        outcomes = handle_batch(engine, [(recorders[r].peer, req, None) for r, req, _ in step])
+        for (_, _, solo), outcome in zip(step, outcomes, strict=True):
+            assert not isinstance(outcome, Exception), outcome
+            args, (batched,) = outcome
+            assert args["batch"] == 3
+            torch.testing.assert_close(batched, solo[0], atol=LAST_BITS, rtol=LAST_BITS)
+            compared += 1
+    assert compared == 3 * len(keyed[0])
+
+
+def test_a_refused_request_gets_its_error_and_the_others_their_results(model):
+    engine = Engine(str(model))
+    h = engine.config.hidden_size
+    good = [Message({"id": i, "method": "lm_head", "args": {}}, [torch.randn(2, h)]) for i in range(2)]
+    bad = Message({"id": 9, "method": "lm_head", "args": {}}, [torch.randn(2, h + 1)])
+    outcomes = handle_batch(engine, [(b"a", good[0], None), (b"b", bad, None), (b"c", good[1], None)])
+    assert isinstance(outcomes[1], Exception) and "activation" in str(outcomes[1])
+    for message, outcome in zip(good, (outcomes[0], outcomes[2]), strict=True):
+        expected = message.tensors[0] @ engine.head.t()
+        torch.testing.assert_close(outcome[1][0], expected, atol=LAST_BITS, rtol=LAST_BITS)
+        assert outcome[0]["batch"] == 2
+
+
+def test_requests_of_a_session_someone_else_owns_are_refused_in_a_batch(model):
+    engine = Engine(str(model))
+    tee = TeeModel(model, InProcess(engine, peer=b"owner"))
+    tee.attach()
+    tee.ops.open_session(4)
+    x = torch.randn(1, engine.config.hidden_size)
+    args = {"layer": 0, "pos": 0}
+    own = Message({"id": 1, "method": "qkv", "session": tee.ops.session, "args": args}, [x])
+    stolen = Message({"id": 2, "method": "qkv", "session": tee.ops.session, "args": args}, [x])
+    outcomes = handle_batch(engine, [(b"owner", own, None), (b"thief", stolen, None)])
+    assert not isinstance(outcomes[0], Exception)
+    assert isinstance(outcomes[1], Exception) and "session" in str(outcomes[1])
+
+
+def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_tokens(model):
+    """Real sockets and arenas: four client threads decode at once; the server batches some requests."""
+    engine = Engine(str(model))
+    solo_tee = TeeModel(model, InProcess(engine))
+    solo_tee.attach()
+    prompts = [token_ids(4 + i, seed=40 + i).tolist() for i in range(4)]
+    alone = [generate(solo_tee, p, 24).generated_ids for p in prompts]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    with ServerProcess(str(model)) as server:
+        barrier = threading.Barrier(len(prompts))
+
+        def run(i: int) -> None:
+            try:
+                with Client(server.endpoint, timeout_s=60) as client:
+                    tee = TeeModel(model, client)
+                    tee.attach()
+                    barrier.wait(timeout=60)
+                    results[i] = generate(tee, prompts[i], 24).generated_ids
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        with Client(server.endpoint, timeout_s=30) as probe:
+            stats = probe.call("ping").args
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert stats["batched"] > 0, "no request shared a product"
+    assert stats["sessions"] == 0 and stats["cache_bytes"] == 0
