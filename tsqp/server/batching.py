@@ -40,7 +40,10 @@ def batch_key(engine, request) -> tuple | None:
     method, args = request.header.get("method"), request.args
     if method not in BATCHED or len(request.tensors) != 1:
         return None
-    return method, args.get("layer"), args.get("op")
+    layer, op = args.get("layer"), args.get("op")
+    if not isinstance(layer, (int, type(None))) or not isinstance(op, (str, type(None))):
+        return None  # a malformed request runs alone, and is refused there
+    return method, layer, op
 
 
 def handle_batch(engine, items: list[Item]) -> list[tuple[dict, list[torch.Tensor]] | Exception]:
