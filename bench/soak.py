@@ -11,7 +11,7 @@ SIGKILL mid-generation and the server is stopped and started again once. Then:
   process, on an engine of its own);
 - once the server's idle timeout has passed, it holds no session and no cache bytes (its baseline);
 - after one more client has started (a client sweeps the arena files of dead ones), no arena file of
-  this run is left in /dev/shm;
+  this run's clients is left in /dev/shm;
 - the server never crashed: it is still running, and it is the one process the run restarted.
 
 Exit status 0 when every check holds; the figures go to --json. tests/test_soak.py runs a short one.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -113,9 +114,11 @@ def ping(endpoint: str, wait_s: float = 10.0) -> dict:
             time.sleep(0.2)
 
 
-def shm_files() -> set[str]:
+def shm_files(pids: set[int]) -> set[str]:
+    """Arena files of these processes (the default arena name holds its client's pid)."""
     shm = Path("/dev/shm")
-    return {p.name for p in shm.glob("tsqp-*")} if shm.is_dir() else set()
+    names = {p.name for p in shm.glob("tsqp-arena-*")} if shm.is_dir() else set()
+    return {name for name in names if name.split("-")[2].isdigit() and int(name.split("-")[2]) in pids}
 
 
 def main() -> int:
@@ -129,7 +132,6 @@ def main() -> int:
     started = time.perf_counter()
     folder = resolve_model(args.model)
     vocab = LlamaConfig.from_model_dir(folder).vocab_size
-    shm_before = shm_files()
     workdir = Path(tempfile.mkdtemp(prefix="tsqp-soak-"))
     endpoint = f"ipc://{workdir}/server.sock"
     server = start_server(folder, endpoint)
@@ -200,7 +202,7 @@ def main() -> int:
         after = ping(endpoint)
         server.terminate()
         server.wait(timeout=30)
-    left = sorted(shm_files() - shm_before)
+    left = sorted(shm_files({w.pid for w in workers} | {os.getpid()}))  # other processes' arenas are theirs
     figures = {
         "clients": args.clients,
         "generations_per_client": args.generations,
