@@ -45,15 +45,11 @@ class ModelSlots:
         self.eos_ids = eos_ids
         self.parallel = parallel
         self.idle: queue.LifoQueue[Slot] = queue.LifoQueue()  # the warmest slot first
-        self.lock = threading.Lock()
-        self.opened = 0  # slots open or being opened
-        self.free = threading.Semaphore(parallel)
+        self.free = threading.Semaphore(parallel)  # at most `parallel` slots exist
 
     def start(self) -> TeeModel:
         """Opens the first slot now, so that a model or server problem is reported before the API listens."""
         slot = Slot(self.options, self.server)
-        with self.lock:
-            self.opened += 1
         self.idle.put(slot)
         return slot.tee
 
@@ -82,26 +78,17 @@ class ModelSlots:
                 self._give_back(slot, healthy)
 
     def _take(self) -> Slot:
+        """An idle slot, else a new one (the semaphore held keeps their number within `parallel`)."""
         try:
             return self.idle.get_nowait()
         except queue.Empty:
-            pass
-        with self.lock:
-            self.opened += 1
-        try:
             return Slot(self.options, self.server)
-        except BaseException:
-            with self.lock:
-                self.opened -= 1
-            raise
 
     def _give_back(self, slot: Slot, healthy: bool) -> None:
         if healthy:
             self.idle.put(slot)
-            return
-        with self.lock:
-            self.opened -= 1
-        slot.close()
+        else:
+            slot.close()
 
     def server_gone(self) -> str | None:
         """Why the API's own server exited, or None while it runs (or when it is someone else's)."""
