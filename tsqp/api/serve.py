@@ -18,6 +18,7 @@ from tsqp.api.app import ApiState, build_app
 from tsqp.api.slots import ModelSlots
 from tsqp.api.tls import TlsFiles, ephemeral
 from tsqp.errors import TsqpError
+from tsqp.model.config import LlamaConfig
 from tsqp.model.presets import cache_dir
 from tsqp.tee.runner import RunOptions, start_server
 from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
@@ -98,9 +99,9 @@ def run_api(options: ApiOptions) -> None:
     with ExitStack() as stack:
         stack.callback(sock.close)
         server = stack.enter_context(start_server(run)) if not run.connect else None
-        slots = ModelSlots(run, (), options.parallel, server=server)
+        eos = eos_token_ids(run.model_dir, LlamaConfig.from_model_dir(run.model_dir))
+        slots = ModelSlots(run, eos, options.parallel, server=server)
         tee = slots.start()
-        slots.eos_ids = eos_token_ids(run.model_dir, tee.config)
         stack.callback(slots.close)
         state = ApiState(
             model=options.name,

@@ -113,9 +113,17 @@ def _rows(x: torch.Tensor, out: torch.Tensor, weight, bias) -> torch.Tensor:
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _shared(xs: list[torch.Tensor], weight, bias, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> list:
-    """x_i W^T + b for every i as one product over the concatenated rows; the rows split back."""
-    x = torch.cat(xs)
+def _shared(
+    xs: list[torch.Tensor],
+    weight,
+    bias,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    x: torch.Tensor | None = None,
+) -> list:
+    """x_i W^T + b for every i as one product over the concatenated rows (x, when the caller has them
+    already); the rows split back."""
+    x = torch.cat(xs) if x is None else x
     y = _rows(x, torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device), weight, bias)
     if out_dtype is not None and out_dtype != dtype:
         y = y.to(out_dtype)
@@ -132,7 +140,7 @@ def _qkv(engine, args: list[dict], xs: list[torch.Tensor]) -> list:
         T = xi.shape[0]
         session.values[layer, :, pos : pos + T] = v[row : row + T].view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
         row += T
-    return _shared(xs, w.qk, w.qk_bias, engine.dtype)
+    return _shared(xs, w.qk, w.qk_bias, engine.dtype, x=x)  # the rows concatenated once, for v and qk
 
 
 def _attn_out(engine, args: list[dict], probs: list[torch.Tensor]) -> list:
