@@ -14,6 +14,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import msgpack
 import pytest
@@ -121,10 +123,44 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
 def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
     monkeypatch.setattr(tsqp.wire.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        client.futex = False  # as in an enclave: it sleeps on ZeroMQ, not on the wake word
         assert rung_within(client, 2000)
         for _ in range(100):
             assert client.call("ping").header["ok"] is True
         assert client.doorbell_requests > client.doorbell_replies, "no rung request was answered by ZeroMQ"
+
+
+@pytest.mark.skipif(not doorbell.futex_usable(), reason="needs Linux futexes outside an enclave")
+def test_a_client_asleep_on_the_wake_word_gets_its_reply_in_the_slot(server, monkeypatch):
+    monkeypatch.setattr(tsqp.wire.transport, "SPIN_S", 0.0)  # sleeps at once: only the server's wake ends it
+    with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        assert rung_within(client, 2000)
+        replies, start = client.doorbell_replies, client.doorbell_requests
+        for _ in range(100):
+            assert client.call("ping").header["ok"] is True
+        rung = client.doorbell_requests - start
+        assert rung > 0 and client.doorbell_replies - replies == rung, "a rung request was answered by ZeroMQ"
+
+
+def test_the_wake_word_wakes_a_sleeper_and_a_late_sleeper_does_not_wait(block):
+    client, server = Doorbell(block), Doorbell(block)
+    if not client.word:
+        pytest.skip("no futex here")
+    seq = client.wake_seq()
+    server.wake()
+    started = time.perf_counter()
+    client.sleep(seq, 5.0)  # the word moved on before the wait: the kernel returns at once
+    assert time.perf_counter() - started < 1.0
+    seq = client.wake_seq()
+    waker = threading.Timer(0.2, server.wake)
+    waker.start()
+    started = time.perf_counter()
+    client.sleep(seq, 10.0)
+    waker.join()
+    assert 0.1 < time.perf_counter() - started < 5.0, "woken by the wake, not by the timeout"
+    started = time.perf_counter()
+    client.sleep(client.wake_seq(), 0.3)  # nobody wakes it: the timeout does
+    assert time.perf_counter() - started >= 0.25
 
 
 def test_a_zmq_client_never_rings(server):

@@ -209,6 +209,7 @@ def test_enclave_resources_and_safe_defaults():
     assert sgx["remote_attestation"] == "none"
     env = manifest()["loader"]["env"]
     assert env["OMP_NUM_THREADS"] == env["TORCH_NUM_THREADS"] == "8"
+    assert env["TSQP_DOORBELL_FUTEX"] == "0"  # the host cannot wake a futex inside the enclave
     assert manifest()["sys"]["enable_extra_runtime_domain_names_conf"] is True
 
 

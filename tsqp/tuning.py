@@ -1,4 +1,5 @@
-"""Process settings for the TEE and the server, applied once their start-up allocations are over.
+"""Process settings for the TEE and the server: memory (applied once their start-up allocations are over)
+and threads.
 
 Large tensors are allocated and freed on every call (results copied out of the arena, scores,
 activations). glibc serves allocations over 32 MiB with a fresh mmap each time, so every such
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -28,3 +33,26 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+SMALL_STEP_ROWS = 8  # a forward of at most this many tokens (a decode step) runs on one TEE thread
+
+
+@contextmanager
+def one_thread(on: bool = True) -> Iterator[None]:
+    """Runs the block on one intra-op thread (when on), then restores the count.
+
+    A decode step's TEE ops are small (a row of 2048 to 32,000 values): a second thread gains nothing
+    there, and after each parallel region its OpenMP worker spins, waiting for more, on a core the
+    server needs when both share the host. Measured with the 1.1B preset and a CPU server on the same
+    2 cores (docs/benchmarks.md): 729-766 ms a token on one TEE thread against 885-1044 on two.
+    """
+    threads = torch.get_num_threads()
+    if not on or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

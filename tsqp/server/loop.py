@@ -11,6 +11,7 @@ those that come, is answered with the reason, then the server exits with it.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
-from tsqp.wire.doorbell import CONTROL_BYTES, SPIN_S, Doorbell, fits
+from tsqp.wire.doorbell import CONTROL_BYTES, SERVER_SPIN_S, Doorbell, fits
 from tsqp.wire.doorbell import supported as doorbell_supported
 from tsqp.wire.protocol import (
     MAX_HEADER_BYTES,
@@ -84,8 +85,9 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serves requests from the socket and the doorbells, a round at a time (serve_round). After a
-        request from a client with a doorbell the loop polls for SPIN_S (its next small request is
-        usually that close), then sleeps on the socket, looking at the doorbells every DOORBELL_POLL_MS."""
+        request from a client with a doorbell the loop polls for SERVER_SPIN_S, yielding its core (the
+        client's next small request is usually that close), then sleeps on the socket, looking at the
+        doorbells every DOORBELL_POLL_MS."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while not self.stopping and self.failure is None:
@@ -97,6 +99,8 @@ class Server:
                     continue
                 if self.sock.poll(0 if spinning else (DOORBELL_POLL_MS if self.doorbells else POLL_MS)):
                     self.serve_round()
+                elif spinning:
+                    os.sched_yield()  # a polite spin: a process that has work gets this core first
                 elif not spinning:
                     self.idle()
             if self.failure is not None:
@@ -139,7 +143,7 @@ class Server:
 
     def _served(self, peer: bytes) -> None:
         if peer in self.doorbells:
-            self.spin_until = time.perf_counter() + SPIN_S
+            self.spin_until = time.perf_counter() + SERVER_SPIN_S
 
     # -- a round: what is waiting now, batched where it can be ------------------------------------
 
@@ -260,9 +264,12 @@ class Server:
         if bell is not None and self.doorbells.get(item.peer) is bell and len(reply) == 1 and fits(reply[0]):
             if bell.client_waiting():
                 bell.answer(item.flag, reply[0])
+                bell.wake()
                 self._served(item.peer)
                 return
         self.sock.send_multipart([item.peer] + reply, copy=False)
+        if bell is not None and self.doorbells.get(item.peer) is bell:
+            bell.wake()  # a client asleep on the wake word looks at the socket next
         self._served(item.peer)
 
     def attach_arena(self, peer: bytes, args: dict) -> dict:

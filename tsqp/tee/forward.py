@@ -19,6 +19,7 @@ from tsqp.tee.private import PrivateOps, PrivateOptions
 from tsqp.tee.remote import Call, RemoteOps
 from tsqp.tee.rope import Rotary
 from tsqp.tee.verify import VerifiedOps
+from tsqp.tuning import SMALL_STEP_ROWS, one_thread
 
 
 class TeeModel:
@@ -72,8 +73,12 @@ class TeeModel:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """ids (T,) at positions [pos, pos+T) of the open session -> float32 logits (T or 1, vocab)."""
-        c, ops, stats = self.config, self.ops, self.stats
         self.check_ids(ids)
+        with one_thread(ids.shape[0] <= SMALL_STEP_ROWS):
+            return self._forward(ids, pos, last_only)
+
+    def _forward(self, ids: torch.Tensor, pos: int, last_only: bool) -> torch.Tensor:
+        c, ops, stats = self.config, self.ops, self.stats
         T = ids.shape[0]
         x = ops.embedding(ids)  # (T, hidden)
         with stats.tee("rope"):

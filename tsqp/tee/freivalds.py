@@ -33,9 +33,15 @@ def by_columns(t: torch.Tensor) -> torch.Tensor:
     return t.T.contiguous().T
 
 
+FEW_ROWS = 8  # up to this many rows, a @ s directly: one dispatch instead of four, and no faster way
+
+
 def times(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """a (T, n) @ s (n, K) computed as (s^T a^T)^T: with the small matrix on the left, CPU BLAS streams a once,
-    about twice as fast as a @ s (measured on the 1.1B shape, 2 threads). s is stored column by column."""
+    about twice as fast as a @ s (measured on the 1.1B shape, 2 threads). s is stored column by column.
+    A decode step's few rows go straight to a @ s (17 against 11 us for one row of 5632 here)."""
+    if a.shape[0] <= FEW_ROWS:
+        return a @ s
     return (s.T @ a.T).T
 
 

@@ -71,6 +71,7 @@ from tsqp.wire.protocol import Tile, query_tiles
 
 LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
 U32 = 2.0**-24
+TINY = 1e-38  # a zero tolerance, raised to this in the ratio: an exact zero deviation passes
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
@@ -213,28 +214,36 @@ class VerifiedOps(RemoteOps):
     def _check_linear(
         self, op: str, layer: int | None, y: torch.Tensor, xw: torch.Tensor, x_norm: torch.Tensor, key: LinearKey
     ) -> None:
-        """y (T, out) against xw = x w (T, K); x_norm (T, 1)."""
+        """y (T, out) against xw = x w (T, K); x_norm (T, 1). The tolerance's factors are Python numbers: a
+        decode step's check is a handful of tensor operations (each costs microseconds, 112 calls a token)."""
         out_dim, in_dim = y.shape[1], key.w.shape[0]
-        u = UNIT_ROUNDOFF[self.wire]
-        y_norm = x_norm * key.frobenius + key.bias_norm if self.bounded_norms else _row_norm(y)
-        tolerance = (u + U32 * math.sqrt(out_dim)) * S_MAX * y_norm + U32 * (
-            math.sqrt(in_dim) + math.sqrt(out_dim)
-        ) * key.omega * x_norm
-        self._check(op, layer, times(y, key.s), xw + key.bias_s, tolerance)
+        rounding = (UNIT_ROUNDOFF[self.wire] + U32 * math.sqrt(out_dim)) * S_MAX  # times ||y||
+        accumulation = U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega  # times ||x||
+        if self.bounded_norms:  # ||y|| <= ||x|| ||W||_F + ||b||: the tolerance is affine in ||x||
+            bound = x_norm * (rounding * key.frobenius + accumulation) + rounding * key.bias_norm
+        else:
+            bound = _row_norm(y).mul_(rounding).add_(x_norm, alpha=accumulation)
+        self._check(op, layer, times(y, key.s), xw + key.bias_s if key.bias_norm else xw, bound)
 
     def _check(
         self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
     ) -> None:
         """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too).
-        count: this is a whole result (not one tile of it) for `checks`."""
-        deviation, tolerance = (lhs - rhs).abs(), LAMBDA * bound
-        ratio = deviation / tolerance
+        count: this is a whole result (not one tile of it) for `checks`.
+
+        One ratio carries all three conditions: a zero tolerance is raised to TINY (an exact zero still
+        passes), NaN anywhere stays NaN through the maximum, and adding 0 * tolerance turns an infinite
+        tolerance into NaN (IEEE: 0 * inf is NaN), which no finite deviation could otherwise exceed."""
+        tolerance = bound * LAMBDA
+        ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
+        worst = float(ratio.max())
         self.checks[op.split(" ")[0]] += count
         self.comparisons += lhs.numel()
-        bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
-        if not bad.any():
-            self.margin[op] = max(self.margin.get(op, 0.0), float(ratio.nan_to_num(0.0).max()))
+        if worst <= 1.0:
+            self.margin[op] = max(self.margin.get(op, 0.0), worst)
             return
+        deviation = (lhs - rhs).abs()
+        bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
         index = tuple(int(i) for i in bad.nonzero()[0])
         where = f"{op} of layer {layer}" if layer is not None else op
         self.failure = (
@@ -288,29 +297,30 @@ class AttentionCheck(ChunkCheck):
                 )
             q, k = (t.float() for t in scores.sent)  # (T, heads, hd), (T, kv, hd) as sent
             heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-            u, r = UNIT_ROUNDOFF[ops.wire], state.r
             tiles, _ = query_tiles(T, pos, heads, ops.tile)
-            ends = torch.tensor([t.row + t.rows for t in tiles])
-            upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T): a lower-triangular mask
-            weighted = upto[:, None, :] * r[pos : pos + T].T[None]  # (tiles, K, T)
             kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
-            kr_tiles = (weighted @ k.reshape(T, kv * hd)).view(-1, VECTORS, kv, hd) + kr_before
-            k_sq_tiles = upto @ k.square().sum(2) + k_sq_before  # (tiles, kv)
-            tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
-            kr, k_sq = kr_tiles[tile_of_row], k_sq_tiles[tile_of_row]  # (T, K, kv, hd), (T, kv)
-            keys = torch.tensor([float(t.keys) for t in tiles])[tile_of_row].view(T, 1, 1, 1)
+            r, flat = state.r[pos : pos + T].T, k.reshape(T, kv * hd)  # (K, T), (T, kv hd)
+            if len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
+                kr = (r @ flat).view(1, VECTORS, kv, hd) + kr_before
+                k_sq = k.square().sum((0, 2)).view(1, kv) + k_sq_before
+                kr_rows, k_sq_rows = kr, k_sq  # broadcast over the rows
+            else:  # tile i's rows see the keys up to its last row: a lower-triangular mask over the T keys
+                ends = torch.tensor([t.row + t.rows for t in tiles])
+                upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T)
+                kr = ((upto[:, None, :] * r[None]) @ flat).view(-1, VECTORS, kv, hd) + kr_before
+                k_sq = upto @ k.square().sum(2) + k_sq_before  # (tiles, kv)
+                tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
+                kr_rows, k_sq_rows = kr[tile_of_row], k_sq[tile_of_row]  # (T, K, kv, hd), (T, kv)
             scale = 1.0 / math.sqrt(hd)
-            rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr).mul_(scale)  # (T, kv, group, K)
+            rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr_rows.expand(T, -1, -1, -1))
             q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group, 1)
-            qk_norm = scale * q_norm * k_sq.sqrt().view(T, kv, 1, 1)  # (T, kv, group, 1)
+            qk_norm = q_norm * k_sq_rows.sqrt().mul_(scale).view(-1, kv, 1, 1)  # (T, kv, group, 1)
 
             def by_head(x: torch.Tensor) -> torch.Tensor:  # (T, kv, group, n) -> (heads, T, n), tiles' layout
                 return x.expand(T, kv, group, -1).permute(1, 2, 0, 3).reshape(heads, T, -1)
 
-            self.rhs, self.qk_norm = by_head(rhs), by_head(qk_norm)
-            self.row_gain = by_head((2 * u + U32 * keys.sqrt()) * S_MAX)  # times the row norm of S
-            self.floor = by_head(U32 * (math.sqrt(hd) + 2 * keys.sqrt()) * S_MAX * qk_norm)
-            self.kr_total, self.k_sq_total = kr_tiles[-1].clone(), k_sq_tiles[-1].clone()
+            self.rhs, self.qk_norm = by_head(rhs.mul_(scale)), by_head(qk_norm)
+            self.kr_total, self.k_sq_total = kr[-1].clone(), k_sq[-1].clone()
             self.out_rhs, self.o_norm = torch.empty(T, VECTORS), torch.empty(T, 1)
             self.magnitude = torch.empty(T, 1)
         self.T = T
@@ -321,10 +331,12 @@ class AttentionCheck(ChunkCheck):
             heads, r = block.shape[0], ops._session_state().r
             # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
             lhs = (block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]).view(heads, tile.rows, VECTORS)
-            row_norm = (
-                self.qk_norm[:, rows] if ops.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
-            )
-            tolerance = self.row_gain[:, rows] * row_norm + self.floor[:, rows]
+            qk_norm = self.qk_norm[:, rows]
+            row_norm = qk_norm if ops.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
+            keys = math.sqrt(tile.keys)  # the tile's reduction length: its rounding terms, as Python numbers
+            row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * keys) * S_MAX  # times the row norm of S
+            floor = U32 * (math.sqrt(ops.config.head_dim) + 2 * keys) * S_MAX  # times ||q|| ||K|| / sqrt(hd)
+            tolerance = row_norm * (row_gain + floor) if ops.bounded_norms else row_norm * row_gain + qk_norm * floor
             ops._check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
 
     def scores_done(self) -> None:

@@ -74,8 +74,7 @@ class Arena:
 
     def view(self, dtype: torch.dtype, shape: list[int] | tuple[int, ...], offset: int) -> torch.Tensor:
         """A tensor over [offset, offset + nbytes); a ProtocolError when that leaves the arena or is unaligned."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = itemsize
+        nbytes = dtype.itemsize
         for dim in shape:
             nbytes *= dim
         if offset % ALIGN or offset < 0 or offset + nbytes > self.size:

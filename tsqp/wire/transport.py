@@ -33,7 +33,7 @@ from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
 from tsqp.stats import Stats
 from tsqp.wire.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
 from tsqp.wire.curve import CurveKeys, apply_curve
-from tsqp.wire.doorbell import SPIN_S, Doorbell, fits
+from tsqp.wire.doorbell import SPIN_S, Doorbell, fits, futex_usable
 from tsqp.wire.doorbell import supported as doorbell_supported
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 
@@ -219,6 +219,7 @@ class Client:
         self.regions = Regions()  # the arena's regions of requests in flight (after the doorbell)
         self.retired: list[Arena] = []  # mappings before the arena grew, kept while replies may view them
         self.use_doorbell = doorbell
+        self.futex = futex_usable()  # a rung request's wait sleeps on the arena's wake word (doorbell.py)
         self.doorbell: Doorbell | None = None  # the arena's control block, when the server polls it
         self.doorbell_requests = 0  # requests that went by the doorbell
         self.doorbell_replies = 0  # replies that came by it
@@ -469,9 +470,26 @@ class Client:
         kept; replies to discarded requests free their region; anything else is stale and dropped."""
         if request_id in self.replies:
             return self.replies.pop(request_id)
-        method, flag, bell = request.method, request.flag, request.bell
-        if flag and (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
+        flag, bell = request.flag, request.bell
+        if not flag:
+            return self._sleep_for_reply(request_id, request, timeout_s, sleeper=False)
+        bell.waiting(True)  # the server answers in the slot while this is up
+        try:
+            if (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
+                return reply
+            if self.futex:  # sleeps on the wake word, still waiting in the slot
+                return self._sleep_for_reply(request_id, request, timeout_s, sleeper=True)
+        finally:
+            bell.waiting(False)
+        if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:  # came as the flag went down
             return reply
+        return self._sleep_for_reply(request_id, request, timeout_s, sleeper=False)
+
+    def _sleep_for_reply(
+        self, request_id: int, request: InFlight, timeout_s: float, sleeper: bool
+    ) -> tuple[Message, int, float]:
+        """Waits on ZeroMQ, or on the doorbell's wake word (sleeper), with the deadlines and link checks."""
+        method, flag, bell = request.method, request.flag, request.bell
         start = time.monotonic()
         reach_s = min(self.connect_timeout_s, timeout_s)  # for a server to take the connection (self.up)
         while True:
@@ -483,7 +501,14 @@ class Client:
                 )
             if remaining <= 0:
                 raise ConnectionLost(f"server at {self.endpoint} did not answer {method} within {timeout_s:g} s")
-            events = dict(self.poller.poll(min(DOORBELL_POLL_MS if flag else POLL_MS, remaining * 1000)))
+            if sleeper:  # a reply by ZeroMQ (a header over the slot) wakes it too, and is seen within a poll
+                seq = bell.wake_seq()
+                if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
+                    return reply
+                bell.sleep(seq, min(DOORBELL_POLL_MS / 1000, remaining))
+                events = dict(self.poller.poll(0))
+            else:
+                events = dict(self.poller.poll(min(DOORBELL_POLL_MS if flag else POLL_MS, remaining * 1000)))
             if flag and (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
                 return reply
             if self.sock in events:  # a reply that made it wins over the disconnect that may follow it
@@ -507,16 +532,12 @@ class Client:
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
     def _spin_for_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
-        """Polls the doorbell for SPIN_S, saying so in the control block (the server answers there then)."""
-        bell.waiting(True)
-        try:
-            until = time.perf_counter() + SPIN_S
-            while time.perf_counter() < until:
-                if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
-                    return reply
-        finally:
-            bell.waiting(False)
-        return self._doorbell_reply(request_id, bell, flag)  # one that came as the flag went down
+        """Polls the doorbell for SPIN_S (the caller says in the control block that it waits)."""
+        until = time.perf_counter() + SPIN_S
+        while time.perf_counter() < until:
+            if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
+                return reply
+        return None
 
     def _doorbell_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
         raw = bell.reply(flag)  # a copy: the slot is untrusted memory
