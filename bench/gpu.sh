@@ -18,8 +18,9 @@ DECODE=${DECODE:-32}
 RUN_TIMEOUT=${RUN_TIMEOUT:-150}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TSQP_CACHE=${TSQP_CACHE:-/tmp/tsqp-cache} TSQP_QUIET_SERVER=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tsqp-site .whl/*.whl || exit 1
+WHEELS=${WHEELS:-.whl}  # the device image's missing packages (bench/gpu-wheels.sh); the tests point it elsewhere
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tsqp-site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/tsqp-site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -25,6 +25,7 @@ def test_gpu_script_runs_every_measurement_into_one_json(tmp_path):
         "PRESET": "tiny",
         "TOKENS": "16",
         "DECODE": "3",
+        "WHEELS": str(tmp_path / "no-wheels"),  # not a checkout's .whl/ (the device image's wheels, for its Python)
     }
     done = subprocess.run(["bash", "bench/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
