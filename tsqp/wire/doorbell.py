@@ -6,7 +6,7 @@ written to the first bytes of the arena, which both processes map, while the oth
 
     offset 0     request flag (u8, written last by the TEE), 8: request length (u32)
     offset 64    server awake (u8): the server polls the doorbells now
-    offset 128   client waiting (u8): the TEE polls for its reply now
+    offset 128   client waiting (u8): the TEE waits for its reply in the slot (raised as it rings)
     offset 192   reply flag (u8, written last by the server), 200: reply length (u32)
     offset 256   request header (msgpack, as protocol.pack makes it), SLOT_BYTES at most
     256 + SLOT   reply header
@@ -102,9 +102,12 @@ class Doorbell:
     # -- the TEE's side --------------------------------------------------------------------------
 
     def ring(self, header: bytes) -> int:
-        """Writes a request header, then its flag; returns the flag its reply will carry."""
+        """Writes a request header, then its flag; returns the flag its reply will carry. The client says
+        it waits before the flag goes up: a reply ready before the client gets to wait for it (a quick
+        request, a client preempted in between) goes in the slot, where the wait looks first."""
         flag = self.last % 255 + 1  # 1..255: a change the server can see, never 0
         self.buffer[REPLY_FLAG] = 0  # no reply of 255 requests ago can pass for this one's
+        self.buffer[CLIENT_WAITING] = 1
         self.buffer[REQUEST_AT : REQUEST_AT + len(header)] = header
         _LENGTH.pack_into(self.buffer, REQUEST_LENGTH, len(header))
         self.buffer[REQUEST_FLAG] = self.last = flag

@@ -355,6 +355,7 @@ class Client:
             raise
         del self.in_flight[request_id]
         self.regions.free(request_id)
+        self._drop_answered_in_slot()  # a rung request given up on was answered before this one
         received_bytes += sum(nbytes_of(d[0], d[1]) for d in reply.header["tensors"] if len(d) == 3)  # in the arena
         done = time.perf_counter()
         if request.method != "attach_arena":  # setup, not part of the computation's round trips
@@ -389,7 +390,10 @@ class Client:
             del self.replies[request_id], self.in_flight[request_id]
             self.regions.free(request_id)
         elif request_id in self.in_flight:
-            self.in_flight[request_id].discarded = True
+            request = self.in_flight[request_id]
+            request.discarded = True
+            if request.flag:
+                request.bell.waiting(False)  # nobody looks at the slot for it: its reply may come by ZeroMQ
 
     def _forget_in_flight(self) -> None:
         """After a failed wait: every request in flight is given up on. Their regions stay taken until
@@ -473,8 +477,7 @@ class Client:
         flag, bell = request.flag, request.bell
         if not flag:
             return self._sleep_for_reply(request_id, request, timeout_s, sleeper=False)
-        bell.waiting(True)  # the server answers in the slot while this is up
-        try:
+        try:  # the client waits in the slot since it rang (Doorbell.ring); the server answers there
             if (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
                 return reply
             if self.futex:  # sleeps on the wake word, still waiting in the slot
