@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from tsqp.server.kernels import linear, linear_into
 from tsqp.server.weights import VALUE_DTYPE
 from tsqp.wire.protocol import CONTROL_METHODS, MASKED_DTYPE, SESSION_METHODS, Message
 
@@ -107,12 +107,6 @@ def place(engine, y: torch.Tensor, alloc) -> torch.Tensor:
     return y.to("cpu")
 
 
-def _rows(x: torch.Tensor, out: torch.Tensor, weight, bias) -> torch.Tensor:
-    if bias is None:
-        return torch.matmul(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
-
-
 def _shared(
     xs: list[torch.Tensor],
     weight,
@@ -124,7 +118,7 @@ def _shared(
     """x_i W^T + b for every i as one product over the concatenated rows (x, when the caller has them
     already); the rows split back."""
     x = torch.cat(xs) if x is None else x
-    y = _rows(x, torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device), weight, bias)
+    y = linear_into(torch.empty((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device), x, weight, bias)
     if out_dtype is not None and out_dtype != dtype:
         y = y.to(out_dtype)
     return list(torch.split(y, [t.shape[0] for t in xs]))
@@ -133,7 +127,7 @@ def _shared(
 def _qkv(engine, args: list[dict], xs: list[torch.Tensor]) -> list:
     c, w = engine.config, engine.layers[args[0]["layer"]]
     x = torch.cat(xs)
-    v = F.linear(x.to(VALUE_DTYPE), w.v, w.v_bias)
+    v = linear(x.to(VALUE_DTYPE), w.v, w.v_bias)
     row = 0
     for a, xi in zip(args, xs, strict=True):
         session, layer, pos = engine._where(a)

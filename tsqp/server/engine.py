@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
+from tsqp.server.kernels import linear, linear_into
 from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
 from tsqp.wire.pad_seeds import SEED_BYTES, expand
@@ -357,7 +357,7 @@ class Engine:
     def step_qkv(self, args, x):
         c, (session, layer, pos) = self.config, self._where(args)
         T, weights = x.shape[0], self.layers[layer]
-        v = F.linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (T, this rank's kv_dim)
+        v = linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (T, this rank's kv_dim)
         session.values[layer, :, pos : pos + T] = v.view(T, len(self.shard.kv_heads), c.head_dim).transpose(0, 1)
         return [self._column_linear(x, weights.qk, weights.qk_bias, "qk")]
 
@@ -551,8 +551,8 @@ class Engine:
         dtype, T = dtype or self.dtype, x.shape[0]
         width, _ = self.shard.columns(kind)
         if self.ranks.world == 1:
-            return _matmul(self._out((T, width), dtype), x, weight, bias)
-        local = _matmul(torch.empty((T, weight.shape[0]), dtype=dtype, device=self.device), x, weight, bias)
+            return linear_into(self._out((T, width), dtype), x, weight, bias)
+        local = linear_into(torch.empty((T, weight.shape[0]), dtype=dtype, device=self.device), x, weight, bias)
         parts = self.ranks.gather(local)
         if parts is None:
             return None
@@ -569,7 +569,7 @@ class Engine:
             if direct and leader
             else torch.empty((T, width), dtype=x.dtype, device=self.device)
         )
-        _matmul(partial, x, weight, bias if leader else None)
+        linear_into(partial, x, weight, bias if leader else None)
         self.ranks.reduce(partial)
         if not leader:
             return None
@@ -611,13 +611,6 @@ class Engine:
         (an lm_head reply is vocab/hidden times its request)."""
         if T > self.config.max_position_embeddings:
             raise ProtocolError(f"{T} tokens exceed the model's {self.config.max_position_embeddings} positions")
-
-
-def _matmul(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b, written straight into out."""
-    if bias is None:
-        return torch.matmul(x, weight.t(), out=out)
-    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _int_arg(args: dict, name: str, low: int, high: int) -> int:

@@ -1,0 +1,61 @@
+"""The server's linear kernel choice (kernels.py): oneDNN's float32 CPU products equal torch.matmul's
+within float32 rounding, land in the slot they are given, and the other dtypes keep torch.matmul."""
+
+import pytest
+import torch
+
+from tsqp.server import kernels
+
+
+def _inputs(rows: int, dtype=torch.float32, bias: bool = True):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=generator).to(dtype)
+    w = torch.randn(80, 96, generator=generator).to(dtype)
+    b = torch.randn(80, generator=generator).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 33])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_products_equal_matmul_and_land_in_their_slot(rows, bias):
+    x, w, b = _inputs(rows, bias=bias)
+    expected = torch.addmm(b, x, w.t()) if bias else x @ w.t()
+    out = torch.full((rows, 80), float("nan"))
+    returned = kernels.linear_into(out, x, w, b)
+    assert returned.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kernels.linear(x, w, b), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_non_contiguous_input_is_multiplied_as_it_reads():
+    x, w, b = _inputs(6)
+    wide = torch.cat([x, x], dim=1)[:, ::2]  # strided: the same values as x, interleaved
+    torch.testing.assert_close(kernels.linear(wide, w, b), torch.addmm(b, wide, w.t()), rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_is_taken_on_this_cpu_unless_turned_off(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(kernels, "_ONEDNN", None)
+    assert kernels.onednn_usable() is True
+    calls = []
+    real = kernels._pointwise
+    monkeypatch.setattr(kernels, "_pointwise", lambda *args: calls.append(1) or real(*args))
+    x, w, b = _inputs(2)
+    kernels.linear(x, w, b)
+    assert calls == [1]
+    kernels.linear(x.double(), w.double(), b.double())  # float64 (private mode's masked products): matmul
+    assert calls == [1]
+    monkeypatch.setenv("TSQP_CPU_LINEAR", "mkl")
+    monkeypatch.setattr(kernels, "_ONEDNN", None)
+    assert kernels.onednn_usable() is False
+    kernels.linear(x, w, b)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_keep_matmul(dtype):
+    x, w, b = _inputs(4, dtype)
+    out = torch.empty(4, 80, dtype=dtype)
+    kernels.linear_into(out, x, w, b)
+    assert torch.equal(out, torch.addmm(b, x, w.t()))

@@ -1,0 +1,76 @@
+"""The server's linear products, x W^T + b: oneDNN on a CPU in float32, torch.matmul (MKL, cuBLAS) elsewhere.
+
+On a CPU, torch.matmul hands float32 products to MKL. On AMD processors MKL runs a generic code path,
+and its few-row products are slow there: on this project's 2-core EPYC (Zen 3) host a 4-row product
+cost 296 to 366 ms a GB of weights against 81 for one row, so 4 rows took 3.6 to 4.5 times as long as 1
+and batching several clients' rows into one product gained nothing. oneDNN (PyTorch's mkldnn, built
+into its x86-64 and arm64 wheels) dispatches on the instruction set, not the vendor: 60 ms a GB for
+one row, 77 to 107 for 4 rows, 100 to 118 for 8 (docs/benchmarks.md, "Linear kernels"). The products
+are the same sums in another order: results differ from MKL's in the last bits (relative 1e-6 at the
+1.1B shape), far inside the Freivalds tolerance.
+
+`TSQP_CPU_LINEAR=mkl` keeps torch.matmul everywhere (to compare, or where oneDNN misbehaves). oneDNN is
+used only for float32 on the CPU, and only after a self-test on first use gives the same product as
+torch.matmul; other dtypes (bfloat16, float16 servers, private mode's float64) keep torch.matmul.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_ONEDNN: bool | None = None  # decided on first use
+
+
+def onednn_usable() -> bool:
+    """Whether float32 CPU products go through oneDNN (decided once per process)."""
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = os.environ.get("TSQP_CPU_LINEAR", "onednn") != "mkl" and _self_test()
+    return _ONEDNN
+
+
+def _self_test() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 40), (24, 40), (24,)))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return y.shape == (3, 24) and bool(torch.allclose(y, torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5))
+
+
+def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == torch.float32)
+        and onednn_usable()
+    )
+
+
+def _pointwise(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) W^T + b for W (out, in): a new (T, out) tensor."""
+    if _onednn_fits(x, weight, bias):
+        return _pointwise(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b written into out (T, out), e.g. a reply slot in the client's arena."""
+    if out.dtype == torch.float32 and _onednn_fits(x, weight, bias):
+        return out.copy_(_pointwise(x, weight, bias))
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
