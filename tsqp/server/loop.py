@@ -101,7 +101,7 @@ class Server:
                     self.serve_round()
                 elif spinning:
                     os.sched_yield()  # a polite spin: a process that has work gets this core first
-                elif not spinning:
+                else:
                     self.idle()
             if self.failure is not None:
                 self.refuse(FAILURE_LINGER_S)
