@@ -42,15 +42,17 @@ def engines(model) -> dict[str, LyingEngine]:
     return {dtype: LyingEngine(model, dtype) for dtype in DTYPES}
 
 
-def run(model: Path, engine: LyingEngine, verify: bool) -> list[torch.Tensor]:
+def run(model: Path, engine: LyingEngine, verify: bool, deferred: bool = True) -> list[torch.Tensor]:
     """Two prefills of the same length in two sessions (so embedding and lm_head have a reply to replay),
-    then one decode step (so there is a past position in the cache)."""
+    then one decode step (so there is a past position in the cache). deferred: steps this short are
+    checked at their end (step_checks.py), else call by call."""
     engine.sessions.clear()
     engine.previous.clear()
     engine.tampered = 0
     tee = TeeModel(model, InProcess(engine), verify=verify)
     if verify:
         tee.ops.generator.manual_seed(SEED)
+        tee.ops.defer_rows = tee.ops.defer_rows if deferred else 0
     tee.attach()
     outputs = []
     for i, prompt in enumerate(PROMPTS):
@@ -80,14 +82,15 @@ def honest(model, engines) -> dict[str, list[torch.Tensor]]:
     return outputs
 
 
+@pytest.mark.parametrize("checked", ["at-step-end", "call-by-call"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("plan", PLANS, ids=str)
-def test_tampering_is_caught(model, engines, honest, dtype, plan):
+def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
     engine = engines[dtype]
     engine.plan = plan
     try:
         with pytest.raises(IntegrityError, match=expected_message(plan)):
-            run(model, engine, verify=True)
+            run(model, engine, verify=True, deferred=checked == "at-step-end")
         assert engine.tampered >= 1
         unverified = run(model, engine, verify=False)  # the same lie, unchecked: it goes through
         assert engine.tampered >= 1

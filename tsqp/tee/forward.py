@@ -80,6 +80,7 @@ class TeeModel:
     def _forward(self, ids: torch.Tensor, pos: int, last_only: bool) -> torch.Tensor:
         c, ops, stats = self.config, self.ops, self.stats
         T = ids.shape[0]
+        ops.begin_step(pos, T)
         x = ops.embedding(ids)  # (T, hidden)
         with stats.tee("rope"):
             cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))

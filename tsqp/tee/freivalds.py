@@ -18,6 +18,11 @@ from tsqp.model.config import LlamaConfig
 
 VECTORS = 2  # independent secret vectors per check (K): one pass over the data checks all of them
 S_MAX = 2.0  # secret entries are +-[1, 2)
+# The tolerances (verify.py derives them):
+LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
+U32 = 2.0**-24
+TINY = 1e-38  # a zero tolerance, raised to this in the ratio: an exact zero deviation passes
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 CHUNK_ELEMENTS = 1 << 22  # weight rows converted to float32 at a time while the keys are computed
 EMBED = "model.embed_tokens.weight"
 

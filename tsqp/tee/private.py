@@ -152,6 +152,9 @@ class PrivateOps:
         self.cache = KVCache(self.config, capacity)
         self.pads.reserve(capacity)  # computing missing pads now is offline work, not the prefill's
 
+    def begin_step(self, pos: int, T: int) -> None:
+        """Private mode checks each masked product before its result is used: nothing waits for the step."""
+
     def close_session(self) -> None:
         self.cache = None
 

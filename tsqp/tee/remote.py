@@ -177,6 +177,9 @@ class RemoteOps:
             session, self.session = self.session, None
             self._control("close_session", session=session)
 
+    def begin_step(self, pos: int, T: int) -> None:
+        """A forward pass of T tokens at pos begins (verified mode may wait for its end to check it)."""
+
     def _control(self, method: str, args: dict | None = None, session: bytes | None = None) -> Message:
         return self.link.wait(self.link.submit(method, args, session=session))
 

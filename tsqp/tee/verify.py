@@ -65,28 +65,39 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
-from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, ModelKeys, build_keys, secret_matrix, times
+from tsqp.tee.freivalds import (
+    LAMBDA,
+    S_MAX,
+    TINY,
+    U32,
+    UNIT_ROUNDOFF,
+    VECTORS,
+    LinearKey,
+    ModelKeys,
+    build_keys,
+    secret_matrix,
+    times,
+)
 from tsqp.tee.remote import Call, ChunkCheck, RemoteOps, Request
+from tsqp.tee.step_checks import StackedKeys, StepChecks, stack_keys
+from tsqp.tuning import SMALL_STEP_ROWS
 from tsqp.wire.protocol import Tile, query_tiles
-
-LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
-U32 = 2.0**-24
-TINY = 1e-38  # a zero tolerance, raised to this in the ratio: an exact zero deviation passes
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 class AttentionState:
     """Per session: the secret r per key position and, per layer, what the TEE sent (as c and K^T r)."""
 
     def __init__(self, config: LlamaConfig, capacity: int, generator: torch.Generator):
-        c, layers = config, range(config.num_layers)
+        c, L = config, config.num_layers
         self.r = secret_matrix(generator, capacity)  # (capacity, K)
+        # Stacked over the layers (state.c[layer] is a layer's), so that a decode step's checks can take
+        # all layers at once (step_checks.py).
         # per head: K rows of c[j, h] and one of the bound on ||v_j||, over positions j (a row per column)
-        self.c = [torch.zeros(c.num_heads, VECTORS + 1, capacity) for _ in layers]
-        self.c_filled = [0 for _ in layers]
-        self.kr = [torch.zeros(VECTORS, c.num_kv_heads, c.head_dim) for _ in layers]  # sum_j r_j k_j
-        self.k_sq = [torch.zeros(c.num_kv_heads) for _ in layers]  # sum_j ||k_j||^2
-        self.k_filled = [0 for _ in layers]
+        self.c = torch.zeros(L, c.num_heads, VECTORS + 1, capacity)
+        self.c_filled = [0] * L
+        self.kr = torch.zeros(L, VECTORS, c.num_kv_heads, c.head_dim)  # sum_j r_j k_j
+        self.k_sq = torch.zeros(L, c.num_kv_heads)  # sum_j ||k_j||^2
+        self.k_filled = [0] * L
 
 
 class VerifiedOps(RemoteOps):
@@ -106,6 +117,9 @@ class VerifiedOps(RemoteOps):
         self.checkpoint = checkpoint
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         self.keys: ModelKeys | None = None
+        self.stacked: StackedKeys | None = None  # the layer keys stacked, for a step's checks at once
+        self.defer_rows = SMALL_STEP_ROWS  # steps of up to this many tokens are checked at their end
+        self.step: StepChecks | None = None  # the open step's checks, when they wait for its end
         self.keys_dtype: torch.dtype | None = None
         self.state: AttentionState | None = None
         self.setup_s = 0.0  # computing the keys from the checkpoint
@@ -127,8 +141,18 @@ class VerifiedOps(RemoteOps):
         self.state = AttentionState(self.config, capacity, self.generator)
 
     def close_session(self) -> None:
-        self.state = None
+        self.state = self.step = None
         super().close_session()
+
+    def begin_step(self, pos: int, T: int) -> None:
+        """A forward pass of T tokens at pos begins: a decode-sized one (at most `defer_rows` tokens, one
+        query tile, one attention chunk) has its layers' checks made at its end, all at once
+        (step_checks.py); a longer one call by call. A step left unfinished is dropped unchecked: its
+        results were never released, and the attention state had not moved on."""
+        self._usable()
+        tiles, _ = query_tiles(T, pos, self.config.num_heads, self.tile)
+        small = T <= self.defer_rows and len(tiles) == 1 and len(self.chunks(T, pos)) == 1
+        self.step = StepChecks(self, pos, T) if small and self.state is not None else None
 
     # -- verified calls ------------------------------------------------------------------------
 
@@ -149,12 +173,15 @@ class VerifiedOps(RemoteOps):
         with self.stats.tee("verify"):
             c, keys, state = self.config, self.keys.layers[layer], self._session_state()
             x = sent.float()
+            if pos > state.c_filled[layer]:
+                raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
+            if self._deferred(pos, x.shape[0]):
+                self.step.qkv(layer, x, q, k)
+                return q, k
             x_norm = _row_norm(x)
             proj = times(x, keys.qkv_proj)  # (T, 2K + heads K)
             self._check_linear("qkv (q)", layer, q, proj[:, :VECTORS], x_norm, keys.q)
             self._check_linear("qkv (k)", layer, k, proj[:, VECTORS : 2 * VECTORS], x_norm, keys.k)
-            if pos > state.c_filled[layer]:
-                raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
             T = x.shape[0]
             cache = state.c[layer][:, :, pos : pos + T]  # (heads, K + 1, T)
             cache[:, :VECTORS] = (proj[:, 2 * VECTORS :].view(T, c.num_heads, VECTORS) + keys.beta).permute(1, 2, 0)
@@ -166,8 +193,11 @@ class VerifiedOps(RemoteOps):
         self._usable()
         return super().submit_scores(layer, pos, q, k)
 
-    def chunk_check(self, scores: Request, T: int) -> AttentionCheck:
+    def chunk_check(self, scores: Request, T: int) -> ChunkCheck:
         self._usable()
+        if self.step is not None:
+            with self.stats.tee("verify"):
+                return self.step.attention(scores, T)
         return AttentionCheck(self, scores, T)
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +206,9 @@ class VerifiedOps(RemoteOps):
         gate, up = super().gate_up(layer, sent)
         with self.stats.tee("verify"):
             keys, x = self.keys.layers[layer], sent.float()
+            if self._deferred(None, x.shape[0]):
+                self.step.gate_up(layer, x, gate, up)
+                return gate, up
             proj, x_norm = times(x, keys.mlp_proj), _row_norm(x)
             self._check_linear("gate_up (gate)", layer, gate, proj[:, :VECTORS], x_norm, keys.gate)
             self._check_linear("gate_up (up)", layer, up, proj[:, VECTORS:], x_norm, keys.up)
@@ -187,11 +220,18 @@ class VerifiedOps(RemoteOps):
         y = super().down(layer, sent)
         with self.stats.tee("verify"):
             keys, x = self.keys.layers[layer], sent.float()
+            if self._deferred(None, x.shape[0]):
+                self.step.down(layer, x, y)
+                return y
             self._check_linear("down", layer, y, times(x, keys.down.w), _row_norm(x), keys.down)
         return y
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         self._usable()
+        if self.step is not None:  # the layers are done: their checks pass before anything else is asked
+            step, self.step = self.step, None
+            with self.stats.tee("verify"):
+                step.settle()
         sent = x.to(self.wire)
         y = super().lm_head(sent)
         with self.stats.tee("verify"):
@@ -253,12 +293,21 @@ class VerifiedOps(RemoteOps):
         )
         raise IntegrityError(self.failure)
 
+    def _deferred(self, pos: int | None, T: int) -> bool:
+        """Whether this call's checks wait for the end of the open step (pos None: a call without one)."""
+        if self.step is None:
+            return False
+        if T != self.step.T or (pos is not None and pos != self.step.pos):
+            raise TsqpError(f"verified mode: a call of {T} tokens inside the step of {self.step.T} at {self.step.pos}")
+        return True
+
     def _usable(self) -> None:
         if self.failure is not None:
             raise IntegrityError(f"an earlier {self.failure}")
         if self.keys_dtype != self.wire:  # first call after init(): the server's dtype is known now
             start = time.perf_counter()
             self.keys = build_keys(self.checkpoint, self.wire, self.generator)
+            self.stacked = stack_keys(self.keys)
             self.keys_dtype = self.wire
             self.setup_s = time.perf_counter() - start
 

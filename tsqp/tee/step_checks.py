@@ -1,0 +1,259 @@
+"""Verified mode a decode step at a time: every layer's checks gathered while the step runs, made at its end.
+
+`verify.VerifiedOps` checks each result as it comes: in a decode step that is seven checks a layer (q, k,
+scores, attn_out, gate, up, down), each a dozen tensor operations on a row or two, and each operation
+costs microseconds of dispatch whatever its size (more right after the server's product has swept the
+caches). For TinyLlama-1.1B that was 55 to 62 ms of a 530 ms token. Here the same checks, with the same
+secret vectors and the same tolerances (verify.py derives them), are made once per step over the layers
+stacked: one batched product per kind of check and one comparison for all of them, a few dozen
+operations a step whatever the depth of the model.
+
+Why waiting is sound in plain mode: nothing computed from an unchecked result leaves the TEE before
+the checks pass (the logits come after them, `VerifiedOps.lm_head` settles the step first), and what
+the TEE sends the server meanwhile the server sees in plain mode anyway. A failure names the first
+failing op in forward order, as an immediate check would have, and every later call fails as before.
+What a check compares is fixed when the result arrives (the score tile's product with r is taken
+before the softmax overwrites it; the probabilities are kept as sent), so a server gains nothing from
+the delay. Private mode checks every masked product before its result is used (linear.py): there a
+crafted result could steer what the TEE masks and sends next.
+
+The running sums of the attention checks (K^T r, sum ||k_j||^2, the fold c of the values) and the cached
+positions move on only when the step's checks pass: an abandoned step (an error half-way) leaves them
+as they were before it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tsqp.errors import IntegrityError, TsqpError
+from tsqp.tee.freivalds import LAMBDA, S_MAX, TINY, U32, UNIT_ROUNDOFF, VECTORS, ModelKeys
+from tsqp.tee.remote import ChunkCheck, Request
+from tsqp.wire.protocol import Tile
+
+K = VECTORS
+LINEAR = ("q", "k", "gate", "up", "down")
+ORDER = ("qkv (q)", "qkv (k)", "scores", "attn_out", "gate_up (gate)", "gate_up (up)", "down")  # within a layer
+
+
+@dataclass
+class StackedKeys:
+    """ModelKeys' layer keys stacked over the layers; each layer's key tensors become views of these."""
+
+    s: dict[str, torch.Tensor]  # kind (q, k, o, gate, up, down) -> (L, out, K)
+    bias_s: dict[str, torch.Tensor]  # kind -> (L, 1, K)
+    omega: dict[str, torch.Tensor]  # kind -> (L, 1, 1)
+    frobenius: dict[str, torch.Tensor]
+    bias_norm: dict[str, torch.Tensor]
+    qkv_proj: torch.Tensor  # (L, hidden, 2K + heads K)
+    mlp_proj: torch.Tensor  # (L, hidden, 2K)
+    down_w: torch.Tensor  # (L, intermediate, K)
+    beta: torch.Tensor  # (L, heads, K)
+    v_gain: torch.Tensor  # (L, heads, 1)
+    v_bias_norm: torch.Tensor  # (L, heads, 1)
+
+
+def stack_keys(keys: ModelKeys) -> StackedKeys:
+    """Stacks the layer keys (column by column per layer, as `freivalds.times` wants them) and points the
+    per-layer keys at the stacked copies: no key is held twice."""
+    layers = keys.layers
+
+    def stacked(owner, name: str) -> torch.Tensor:
+        """(L, n, K) of owner(layer).name, by columns per layer; the layers' attributes become its views."""
+        whole = torch.stack([getattr(owner(layer), name).T for layer in layers]).transpose(1, 2)
+        for layer, view in zip(layers, whole, strict=True):
+            setattr(owner(layer), name, view)
+        return whole
+
+    def key(kind: str):
+        return lambda layer: getattr(layer, kind)
+
+    def scalars(kind: str, name: str) -> torch.Tensor:
+        return torch.tensor([getattr(getattr(layer, kind), name) for layer in layers]).view(-1, 1, 1)
+
+    kinds = ("q", "k", "o", "gate", "up", "down")
+    return StackedKeys(
+        s={kind: stacked(key(kind), "s") for kind in kinds},
+        bias_s={kind: torch.stack([getattr(layer, kind).bias_s for layer in layers]).view(-1, 1, K) for kind in kinds},
+        omega={kind: scalars(kind, "omega") for kind in kinds},
+        frobenius={kind: scalars(kind, "frobenius") for kind in kinds},
+        bias_norm={kind: scalars(kind, "bias_norm") for kind in kinds},
+        qkv_proj=stacked(lambda layer: layer, "qkv_proj"),
+        mlp_proj=stacked(lambda layer: layer, "mlp_proj"),
+        down_w=stacked(key("down"), "w"),
+        beta=torch.stack([layer.beta for layer in layers]),
+        v_gain=torch.stack([layer.v_gain for layer in layers]).unsqueeze(-1),
+        v_bias_norm=torch.stack([layer.v_bias_norm for layer in layers]).unsqueeze(-1),
+    )
+
+
+class StepChecks:
+    """One step's results per layer, as `VerifiedOps` hands them over, and `settle`, which checks them all.
+
+    Taken for a step of at most `VerifiedOps.defer_rows` tokens whose attention is one query tile in one
+    chunk (a decode step); longer steps are checked call by call, where the products are large enough
+    that dispatch does not matter."""
+
+    def __init__(self, ops, pos: int, T: int):
+        L = ops.config.num_layers
+        self.ops, self.pos, self.T = ops, pos, T
+        self.x = {name: [None] * L for name in ("qkv", "gate_up", "down")}  # the inputs as sent (float32)
+        self.y = {name: [None] * L for name in (*LINEAR, "attn_out")}  # the results (float32 copies)
+        self.q, self.k = [None] * L, [None] * L  # scores' inputs as sent: (T, heads, hd), (T, kv, hd)
+        self.scores_s = [None] * L  # each score tile times r: (heads, T, K)
+        self.score_norms = [None] * L  # the tiles' row norms (heads, T, 1), where they are measured
+        self.probs = [None] * L  # the probabilities as sent (heads, T, keys)
+
+    def covers(self, pos: int, T: int) -> bool:
+        return (pos, T) == (self.pos, self.T)
+
+    # -- what the calls hand over --------------------------------------------------------------
+
+    def qkv(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = x, q, k
+
+    def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+        self.x["gate_up"][layer], self.y["gate"][layer], self.y["up"][layer] = x, gate, up
+
+    def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x["down"][layer], self.y["down"][layer] = x, y
+
+    def attention(self, scores: Request, T: int) -> ChunkCheck:
+        layer, pos, state = scores.layer, scores.pos, self.ops._session_state()
+        if not self.covers(pos, T):
+            raise TsqpError(f"verified mode: attention at position {pos} is not part of the step at {self.pos}")
+        if pos != 0 and pos != state.k_filled[layer]:
+            raise TsqpError(
+                f"verified mode: scores of layer {layer} at position {pos} must append to the "
+                f"{state.k_filled[layer]} cached keys (or restart at 0)"
+            )
+        if self.x["qkv"][layer] is None:
+            raise TsqpError(f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first")
+        self.q[layer], self.k[layer] = (t.float() for t in scores.sent)
+        return _Deferred(self, layer)
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Makes every check of the step; raises IntegrityError naming the first failing op in forward order.
+        The attention state moves on to the step's positions only when all pass."""
+        ops, c = self.ops, self.ops.config
+        missing = [name for name, per_layer in {**self.x, **self.y, "probs": self.probs}.items() if None in per_layer]
+        if missing:
+            raise TsqpError(f"verified mode: the step at position {self.pos} ended without {', '.join(missing)}")
+        keys, state, T, pos = ops.stacked, ops._session_state(), self.T, self.pos
+        L, heads, kv, group, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
+        checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # op -> lhs, rhs, bound
+
+        x = torch.stack(self.x["qkv"])  # (L, T, hidden)
+        x_norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)  # (L, T, 1)
+        proj = x @ keys.qkv_proj  # (L, T, 2K + heads K)
+        checks["qkv (q)"] = self._linear("q", proj[..., :K], x_norm, c.hidden_size)
+        checks["qkv (k)"] = self._linear("k", proj[..., K : 2 * K], x_norm, c.hidden_size)
+        mlp_x = torch.stack(self.x["gate_up"])
+        mlp_norm, mlp_proj = torch.linalg.vector_norm(mlp_x, dim=2, keepdim=True), mlp_x @ keys.mlp_proj
+        checks["gate_up (gate)"] = self._linear("gate", mlp_proj[..., :K], mlp_norm, c.hidden_size)
+        checks["gate_up (up)"] = self._linear("up", mlp_proj[..., K:], mlp_norm, c.hidden_size)
+        down_x = torch.stack(self.x["down"])
+        down_norm = torch.linalg.vector_norm(down_x, dim=2, keepdim=True)
+        checks["down"] = self._linear("down", down_x @ keys.down_w, down_norm, c.intermediate_size)
+
+        # scores: S r == q (K^T r) / sqrt(hd), K^T r the running sum with this step's keys added
+        keys_seen, scale = pos + T, 1.0 / math.sqrt(hd)
+        q, k = torch.stack(self.q), torch.stack(self.k)  # (L, T, heads, hd), (L, T, kv, hd)
+        kr = torch.einsum("tk,ltgd->lkgd", state.r[pos : pos + T], k)  # (L, K, kv, hd)
+        k_sq = k.square().sum((1, 3))  # (L, kv)
+        if pos:  # appended to the cached keys (position 0: a restart)
+            kr, k_sq = kr + state.kr, k_sq + state.k_sq
+        rhs = torch.einsum("ltgid,lkgd->lgitk", q.view(L, T, kv, group, hd), kr).reshape(L, heads, T, K)
+        q_norm = torch.linalg.vector_norm(q, dim=-1).view(L, T, kv, group)
+        qk_norm = (q_norm * k_sq.sqrt().mul_(scale).view(L, 1, kv, 1)).permute(0, 2, 3, 1).reshape(L, heads, T, 1)
+        row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(keys_seen)) * S_MAX
+        floor = U32 * (math.sqrt(hd) + 2 * math.sqrt(keys_seen)) * S_MAX
+        if ops.bounded_norms:
+            bound = qk_norm * (row_gain + floor)
+        else:
+            bound = torch.stack(self.score_norms) * row_gain + qk_norm * floor
+        checks["scores"] = (torch.stack(self.scores_s), rhs.mul_(scale), bound)
+
+        # attn_out: y s_o == sum_h P_h c_h + b_o s_o, with this step's positions folded into c
+        cache = state.c.clone()  # written back only when every check passes
+        fold = cache[:, :, :, pos : pos + T]  # (L, heads, K + 1, T)
+        fold[:, :, :K] = (proj[..., 2 * K :].view(L, T, heads, K) + keys.beta[:, None]).permute(0, 2, 3, 1)
+        fold[:, :, K] = x_norm.view(L, 1, T) * keys.v_gain + keys.v_bias_norm
+        weighted = torch.stack(self.probs) @ cache[..., :keys_seen].transpose(-1, -2)  # (L, heads, T, K + 1)
+        o_norm = torch.linalg.vector_norm(weighted[..., K], dim=1).unsqueeze(-1)  # (L, T, 1) >= ||O_row||
+        sums = 2 * math.sqrt(keys_seen) + 2 * math.sqrt(c.hidden_size * hd) + math.sqrt(c.q_dim)
+        magnitude = keys.omega["o"] * (2 * U32 + U32 * sums) * o_norm
+        y = torch.stack(self.y["attn_out"])  # (L, T, hidden)
+        if ops.bounded_norms:
+            y_norm = o_norm * keys.frobenius["o"] + keys.bias_norm["o"]
+        else:
+            y_norm = torch.linalg.vector_norm(y, dim=2, keepdim=True)
+        bound = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(c.hidden_size)) * S_MAX * y_norm + magnitude
+        checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
+
+        self._compare(checks)
+        state.c.copy_(cache)
+        state.kr.copy_(kr)
+        state.k_sq.copy_(k_sq)
+        state.c_filled[:] = state.k_filled[:] = [keys_seen] * L
+
+    def _linear(self, kind: str, xw: torch.Tensor, x_norm: torch.Tensor, in_dim: int):
+        """verify.VerifiedOps._check_linear over the stacked layers: (lhs, rhs, bound)."""
+        ops, keys = self.ops, self.ops.stacked
+        y = torch.stack(self.y[kind])  # (L, T, out)
+        out_dim = y.shape[2]
+        rounding = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(out_dim)) * S_MAX
+        accumulation = keys.omega[kind] * (U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)))  # (L, 1, 1)
+        if ops.bounded_norms:
+            bound = x_norm * (keys.frobenius[kind] * rounding + accumulation) + keys.bias_norm[kind] * rounding
+        else:
+            bound = torch.linalg.vector_norm(y, dim=2, keepdim=True).mul_(rounding) + x_norm * accumulation
+        return y @ keys.s[kind], xw + keys.bias_s[kind], bound
+
+    def _compare(self, checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """verify.VerifiedOps._check for all of them: one ratio per op and layer, read in one go."""
+        ops = self.ops
+        worst = []
+        for op in ORDER:
+            lhs, rhs, bound = checks[op]
+            tolerance = bound * LAMBDA
+            ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
+            worst.append(ratio.flatten(1).amax(1))  # (L,): NaN stays NaN
+        worst = torch.stack(worst).T.tolist()  # (L, ops)
+        for layer, ratios in enumerate(worst):
+            for op, ratio in zip(ORDER, ratios, strict=True):
+                if not ratio <= 1.0:
+                    lhs, rhs, bound = checks[op]
+                    ops._check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
+                    raise IntegrityError(f"integrity check failed: the server's {op} of layer {layer} result is wrong")
+        for i, op in enumerate(ORDER):
+            ops.margin[op] = max(ops.margin.get(op, 0.0), max(ratios[i] for ratios in worst))
+            ops.checks[op.split(" ")[0]] += len(worst)
+            ops.comparisons += checks[op][0].numel()
+
+
+class _Deferred(ChunkCheck):
+    """A decode step's attention checks for one layer: what they need, kept for `StepChecks.settle`."""
+
+    def __init__(self, step: StepChecks, layer: int):
+        self.step, self.layer = step, layer
+
+    def scores(self, tile: Tile, block: torch.Tensor) -> None:
+        step, ops = self.step, self.step.ops
+        with ops.stats.tee("verify"):
+            r, heads = ops._session_state().r, block.shape[0]
+            lhs = block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]  # before the softmax overwrites it
+            step.scores_s[self.layer] = lhs.view(heads, tile.rows, K)
+            if not ops.bounded_norms:
+                step.score_norms[self.layer] = torch.linalg.vector_norm(block, dim=2, keepdim=True)
+
+    def probs(self, tile: Tile, block: torch.Tensor) -> None:
+        self.step.probs[self.layer] = block  # the TEE's own copy, exactly as sent; nothing writes it again
+
+    def attn_out(self, y: torch.Tensor) -> None:
+        self.step.y["attn_out"][self.layer] = y
