@@ -30,6 +30,14 @@ own and a host process cannot wake one: there (`TSQP_DOORBELL_FUTEX=0`, which th
 /dev/attestation present) the client sleeps on ZeroMQ as before. The server polls the doorbells for
 SERVER_SPIN_S after each reply, yielding its core to anyone who wants it, so the next request of a
 decode step, a TEE step later, finds it awake.
+
+The client polls for its reply the same way, for SPIN_S (longer than a decode step's products), calling
+sched_yield between looks: the server's threads take the core whenever they have work, and the client
+is running when the reply comes. A sleeping client costs more than the wake itself on a virtual
+machine, where an idle vCPU halts: a thread woken after 2 to 5 ms asleep ran 70 to 140 us later here,
+against 10 us after 0.1 ms, and its caches were cold. Measured with TinyLlama-1.1B and a CPU server
+on the same 2 cores (docs/benchmarks.md): 466 ms a token sleeping after 0.5 ms, 394 polling with yields,
+492 polling without them (the busy client took the core the server's second thread needed).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import platform
 import struct
 
 SLOT_BYTES = 16 * 1024
-SPIN_S = 0.0005  # how long the client polls for its reply before it sleeps (on the futex, or ZeroMQ)
+SPIN_S = 0.02  # how long the client polls for its reply, yielding its core, before it sleeps (futex, ZeroMQ)
 SERVER_SPIN_S = 0.02  # how long the server polls after a reply, yielding its core: a TEE step is shorter
 REQUEST_FLAG, REQUEST_LENGTH = 0, 8
 SERVER_AWAKE = 64

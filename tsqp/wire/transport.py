@@ -535,11 +535,13 @@ class Client:
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
     def _spin_for_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
-        """Polls the doorbell for SPIN_S (the caller says in the control block that it waits)."""
+        """Polls the doorbell for SPIN_S (the caller says in the control block that it waits), yielding the
+        core between looks to any thread that has work (the server's, on a shared host)."""
         until = time.perf_counter() + SPIN_S
         while time.perf_counter() < until:
             if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
                 return reply
+            os.sched_yield()
         return None
 
     def _doorbell_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
