@@ -7,6 +7,12 @@ import torch
 from tsqp.server import kernels
 
 
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """These small weights go through oneDNN too (by default only large ones do)."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHTS", 0)
+
+
 def _inputs(rows: int, dtype=torch.float32, bias: bool = True):
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=generator).to(dtype)
@@ -59,3 +65,18 @@ def test_other_dtypes_keep_matmul(dtype):
     out = torch.empty(4, 80, dtype=dtype)
     kernels.linear_into(out, x, w, b)
     assert torch.equal(out, torch.addmm(b, x, w.t()))
+
+
+def test_small_weights_keep_matmul_and_large_ones_take_onednn(monkeypatch):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHTS", 80 * 96 + 1)
+    calls = []
+    real = kernels._pointwise
+    monkeypatch.setattr(kernels, "_pointwise", lambda *args: calls.append(1) or real(*args))
+    x, w, b = _inputs(2)
+    torch.testing.assert_close(kernels.linear(x, w, b), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-4)
+    assert calls == []  # under the threshold: matmul
+    wide = torch.cat([w, w])  # 160 x 96: over it
+    torch.testing.assert_close(kernels.linear(x, wide), x @ wide.t(), rtol=1e-5, atol=1e-4)
+    assert calls == [1]

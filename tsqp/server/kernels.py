@@ -9,6 +9,12 @@ one row, 77 to 107 for 4 rows, 100 to 118 for 8 (docs/benchmarks.md, "Linear ker
 are the same sums in another order: results differ from MKL's in the last bits (relative 1e-6 at the
 1.1B shape), far inside the Freivalds tolerance.
 
+oneDNN costs 30 to 50 us more per call than MKL, whatever the size (a 64 x 64 weight: 35 against 3 us),
+so weights under ONEDNN_MIN_WEIGHTS elements keep torch.matmul: one row through a 192 x 576 weight took
+54 us by oneDNN and 25 by MKL, 576 x 1536 149 and 116, 256 x 2048 87 and 73; from 1.8 M elements up
+oneDNN wins (3072 x 576: 166 against 284 us, 2048 x 2048: 413 against 1190). For TinyLlama-1.1B that
+leaves v_proj to MKL; for SmolLM2-135M all but gate_up and the LM head.
+
 `TSQP_CPU_LINEAR=mkl` keeps torch.matmul everywhere (to compare, or where oneDNN misbehaves). oneDNN is
 used only for float32 on the CPU, and only after a self-test on first use gives the same product as
 torch.matmul; other dtypes (bfloat16, float16 servers, private mode's float64) keep torch.matmul.
@@ -21,6 +27,7 @@ import os
 import torch
 
 _ONEDNN: bool | None = None  # decided on first use
+ONEDNN_MIN_WEIGHTS = 1 << 20  # elements of a weight below which MKL's smaller per-call cost wins
 
 
 def onednn_usable() -> bool:
@@ -51,6 +58,7 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and x.shape[0] > 0
         and weight.dim() == 2
         and weight.is_contiguous()
+        and weight.numel() >= ONEDNN_MIN_WEIGHTS
         and (bias is None or bias.dtype == torch.float32)
         and onednn_usable()
     )
