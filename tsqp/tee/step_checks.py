@@ -180,11 +180,13 @@ class StepChecks:
         checks["scores"] = (torch.stack(self.scores_s), rhs.mul_(scale), bound)
 
         # attn_out: y s_o == sum_h P_h c_h + b_o s_o, with this step's positions folded into c
-        cache = state.c.clone()  # written back only when every check passes
-        fold = cache[:, :, :, pos : pos + T]  # (L, heads, K + 1, T)
+        fold = torch.empty(L, heads, K + 1, T)  # this step's positions; written to the state once all pass
         fold[:, :, :K] = (proj[..., 2 * K :].view(L, T, heads, K) + keys.beta[:, None]).permute(0, 2, 3, 1)
         fold[:, :, K] = x_norm.view(L, 1, T) * keys.v_gain + keys.v_bias_norm
-        weighted = torch.stack(self.probs) @ cache[..., :keys_seen].transpose(-1, -2)  # (L, heads, T, K + 1)
+        probs = torch.stack(self.probs)  # (L, heads, T, keys)
+        weighted = probs[..., pos:] @ fold.transpose(-1, -2)  # (L, heads, T, K + 1)
+        if pos:
+            weighted += probs[..., :pos] @ state.c[..., :pos].transpose(-1, -2)
         o_norm = torch.linalg.vector_norm(weighted[..., K], dim=1).unsqueeze(-1)  # (L, T, 1) >= ||O_row||
         sums = 2 * math.sqrt(keys_seen) + 2 * math.sqrt(c.hidden_size * hd) + math.sqrt(c.q_dim)
         magnitude = keys.omega["o"] * (2 * U32 + U32 * sums) * o_norm
@@ -197,7 +199,7 @@ class StepChecks:
         checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
 
         self._compare(checks)
-        state.c.copy_(cache)
+        state.c[..., pos : pos + T] = fold
         state.kr.copy_(kr)
         state.k_sq.copy_(k_sq)
         state.c_filled[:] = state.k_filled[:] = [keys_seen] * L
