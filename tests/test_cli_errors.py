@@ -85,6 +85,12 @@ def test_no_model_given(tmp_path):
     assert_one_line_error(result, "LLAMA_MODEL_PATH")
 
 
+def test_diagnose_sizes_past_the_message_bound_fail_before_any_server_starts(tiny_model):
+    result = run_tsqp("diagnose", "--model", tiny_model, "--sizes", "8,8192")
+    assert_one_line_error(result, "--sizes entry must be below 4096 MB")
+    assert "tsqp server:" not in result.stderr  # refused before a server was started
+
+
 def test_bench_json(tiny_model, tmp_path):
     path = tmp_path / "bench.json"
     result = run_tsqp("bench", "--model", tiny_model, "--tokens", "20", "--json", path)

@@ -24,7 +24,7 @@ from tsqp import __version__
 from tsqp.errors import TsqpError
 from tsqp.model.sources import model_names
 from tsqp.tee.runner import RunOptions
-from tsqp.wire.protocol import FLOAT_DTYPES
+from tsqp.wire.protocol import FLOAT_DTYPES, MAX_MESSAGE_BYTES
 from tsqp.wire.transport import endpoint_from_env
 
 
@@ -509,6 +509,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     sizes = parse_int_list(args.sizes, "--sizes")
     if args.rounds < 1 or not sizes or min(sizes) < 1:
         raise TsqpError("--rounds and every --sizes entry must be at least 1")
+    if max(sizes) >= MAX_MESSAGE_BYTES >> 20:  # an echo carries the payload in one message
+        raise TsqpError(f"every --sizes entry must be below {MAX_MESSAGE_BYTES >> 20} MB, the largest message")
     result = run_diagnose(run_options(args, resolve_model(args, default_preset="tiny")), sizes, args.rounds)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
