@@ -95,7 +95,9 @@ class StepChecks:
 
     Taken for a step of at most `VerifiedOps.defer_rows` tokens whose attention is one query tile in one
     chunk (a decode step); longer steps are checked call by call, where the products are large enough
-    that dispatch does not matter."""
+    that dispatch does not matter. Results are kept by reference until `settle`: the forward pass must
+    not write them in place (it does not: RoPE, SiLU and the residuals make new tensors; the tests
+    compare logits and check counts with call-by-call checking)."""
 
     def __init__(self, ops, pos: int, T: int):
         L = ops.config.num_layers
@@ -232,7 +234,8 @@ class StepChecks:
                 if not ratio <= 1.0:
                     lhs, rhs, bound = checks[op]
                     ops._check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
-                    raise IntegrityError(f"integrity check failed: the server's {op} of layer {layer} result is wrong")
+                    ops.failure = f"integrity check failed: the server's {op} of layer {layer} result is wrong"
+                    raise IntegrityError(ops.failure)
         for i, op in enumerate(ORDER):
             ops.margin[op] = max(ops.margin.get(op, 0.0), max(ratios[i] for ratios in worst))
             ops.checks[op.split(" ")[0]] += len(worst)

@@ -1,4 +1,6 @@
-"""Verified mode: the TEE checks every result the untrusted server returns before it uses it.
+"""Verified mode: the TEE checks every result the untrusted server returns before anything derived from it
+leaves the TEE: call by call in a prefill, at the end of a decode step for all layers at once
+(step_checks.py; the logits come after the checks).
 
 Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
 (out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
@@ -101,7 +103,8 @@ class AttentionState:
 
 
 class VerifiedOps(RemoteOps):
-    """RemoteOps whose every result passes a Freivalds check before it is returned."""
+    """RemoteOps whose every result passes a Freivalds check: as it comes, or at the end of a decode step
+    (`begin_step`), before the step's logits are returned."""
 
     def __init__(
         self,
