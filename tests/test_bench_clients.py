@@ -22,6 +22,7 @@ def test_bench_clients_json_fields_and_each_client_decodes_what_it_decodes_alone
         assert figures[name] > 0, name
     assert figures["clients"] == 2 and figures["p99_token_ms"] >= figures["p50_token_ms"]
     assert len(figures["together"]["per_client_decode_tokens_per_s"]) == 2
+    assert 0 <= figures["batched_share"] <= 1 and figures["together"]["requests"] > 0
     assert "aggregate decode with 2 clients / one client" in result.stdout
     from tsqp.measure.bench import token_ids
 

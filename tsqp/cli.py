@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-cache-mb", type=int, default=8192, help="KV cache memory cap over all sessions")
     serve.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is freed")
     serve.add_argument(
+        "--batch-hold-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="how long a batchable request may wait for another client's same op, when that client is known to "
+        "be on its way (a lone client never waits); 0: batch only what is queued (default $TSQP_BATCH_HOLD_MS or 10)",
+    )
+    serve.add_argument(
         "--private-only",
         action="store_true",
         help="hold only private mode's float64 weights and refuse plain-mode calls (half the memory of both); "
@@ -365,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.dtype,
         curve=curve,
         tensor_parallel=args.tensor_parallel,
+        hold_s=None if args.batch_hold_ms is None else args.batch_hold_ms / 1000,
         max_cache_bytes=args.max_cache_mb << 20,
         idle_timeout_s=args.idle_timeout,
         private_only=args.private_only,

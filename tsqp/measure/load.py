@@ -40,9 +40,14 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
             generate(tee, ids[: min(8, tokens)], 2)  # warm-up
             stamps: list[float] = []
             barrier.wait(timeout=START_TIMEOUT_S)
-            start = time.perf_counter()
+            calls, start = tee.stats.rpc_calls, time.perf_counter()
             result = generate(tee, ids, decode + 1, on_token=lambda token: stamps.append(time.perf_counter()))
-        results.put({"index": index, "start": start, "stamps": stamps, "ids": result.generated_ids})
+            calls = tee.stats.rpc_calls - calls
+            batched = tee.ops.link.call("ping").args.get("batched", 0)  # the server's count, all clients so far
+        results.put(
+            {"index": index, "start": start, "stamps": stamps, "ids": result.generated_ids, "calls": calls}
+            | {"server_batched": batched}
+        )
     except BaseException as exc:  # reported by the parent, which must not wait at the barrier forever
         barrier.abort()
         results.put({"index": index, "error": f"{type(exc).__name__}: {exc}"})
@@ -92,6 +97,7 @@ def figures(reports: list[dict]) -> dict:
         "p50_token_ms": 1000 * statistics.median(ordered),
         "p99_token_ms": 1000 * ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
         "ttft_s": [r["stamps"][0] - r["start"] for r in reports],
+        "requests": sum(r["calls"] for r in reports),
     }
 
 
@@ -106,9 +112,13 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
         if not options.connect:
             server = stack.enter_context(start_server(options))
             options = replace(options, connect=server.endpoint)
-        alone = figures(run_clients(options, 1, tokens, decode))
+        alone_reports = run_clients(options, 1, tokens, decode)
+        alone = figures(alone_reports)
         together_reports = run_clients(options, clients, tokens, decode)
         together = figures(together_reports)
+    # requests that ran in a product shared with another client's, of all the run's requests (the server's
+    # count after the run, less its count after the one-client run: the warm-ups' few are in it)
+    shared = max(r["server_batched"] for r in together_reports) - max(r["server_batched"] for r in alone_reports)
     result = {
         "clients": clients,
         "tokens": tokens,
@@ -118,6 +128,7 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
         "p50_token_ms": together["p50_token_ms"],
         "p99_token_ms": together["p99_token_ms"],
         "ratio_aggregate_to_single": together["aggregate_decode_tokens_per_s"] / alone["aggregate_decode_tokens_per_s"],
+        "batched_share": shared / max(together["requests"], 1),
         "single": alone,
         "together": together,
         "generated_ids": [r["ids"] for r in together_reports],
@@ -137,5 +148,6 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
     console.print(table)
     console.print(
         f"aggregate decode with {clients} clients / one client: [bold]{result['ratio_aggregate_to_single']:.2f}x[/bold]"
+        f"; {100 * result['batched_share']:.0f}% of the {clients} clients' requests ran in a shared product"
     )
     return result

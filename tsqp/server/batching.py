@@ -3,10 +3,11 @@
 Decode is memory-bound: a step reads every weight once for one row per client. When several clients'
 requests for the same linear (qkv, the o_proj of attn_out, gate_up, down, lm_head, a private mode's
 masked_linear) are waiting together, their rows are concatenated and multiplied by the weight once,
-and each client's rows are copied back into its own reply (its arena slot). Nothing waits for
-companions: the loop (loop.py) batches what is queued when it looks, so an idle server answers a lone
-request at once, and what arrives while a product runs joins the next one, as vLLM's scheduler does for
-whole models. Per-session state (KV caches, P V) stays per session.
+and each client's rows are copied back into its own reply (its arena slot). The loop (loop.py) batches
+what is queued when it looks, and what arrives while a product runs joins the next one, as vLLM's
+scheduler does for whole models. There is no fixed batching window: a lone client never waits, and a
+request waits (at most `tsqp serve --batch-hold-ms`, 10 ms) only when another client is known to be a
+few ops behind it on the same path (rendezvous.py). Per-session state (KV caches, P V) stays per session.
 
 Each request is checked exactly as when it runs alone (the engine's `op_` method, with the step it
 would run recorded instead of run); a refused request gets its own error and leaves the others be.

@@ -1,8 +1,9 @@
 """The GPU server: a ROUTER socket loop around `Engine`. Untrusted; it never sees the TEE's secrets.
 
-Requests of different clients interleave at round-trip granularity (one request at a time, in arrival
-order). Any malformed request gets an error reply and the loop keeps serving. SIGINT and SIGTERM end
-the loop cleanly and remove the ipc socket file.
+It serves what is waiting in rounds: requests of different clients for the same op and layer run as
+one product (batching.py), one that another client is a few ops behind may wait for it (rendezvous.py),
+the rest one at a time in arrival order. Any malformed request gets an error reply and the loop keeps
+serving. SIGINT and SIGTERM end the loop cleanly and remove the ipc socket file.
 
 On a tensor-parallel server this loop runs on rank 0 only (the others follow it: parallel.py). A rank
 lost is the one fault it does not survive: for FAILURE_LINGER_S every request, the one in flight and
@@ -27,6 +28,7 @@ from tsqp.model.config import LlamaConfig
 from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
+from tsqp.server.rendezvous import HOLD_MS, Rendezvous
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
@@ -58,13 +60,21 @@ class Pending:
     body: list
     bell: Doorbell | None = None
     flag: int = 0
+    request: object = None  # parsed once (a held request is looked at again in later rounds)
+    held_until: float = 0.0  # perf_counter until which it may wait for a companion (0: not held yet)
 
 
 class Server:
     def __init__(
-        self, engine: Engine, endpoint: str, context: zmq.Context | None = None, curve: CurveKeys | None = None
+        self,
+        engine: Engine,
+        endpoint: str,
+        context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
+        hold_s: float | None = None,
     ):
-        """curve: server keys (tsqp.wire.curve.server_keys): only clients in the allow-list connect, encrypted."""
+        """curve: server keys (tsqp.wire.curve.server_keys): only clients in the allow-list connect, encrypted.
+        hold_s: how long a batchable request may wait for a companion on its way (rendezvous.py; 0: never)."""
         self.engine = engine
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
@@ -82,6 +92,8 @@ class Server:
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
         self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
         self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
+        self.rendezvous = Rendezvous(HOLD_MS / 1000 if hold_s is None else hold_s)
+        self.held: list[Pending] = []  # requests waiting (at most hold_s) for a companion on its way
 
     def serve_forever(self) -> None:
         """Serves requests from the socket and the doorbells, a round at a time (serve_round). After a
@@ -93,7 +105,7 @@ class Server:
             while not self.stopping and self.failure is None:
                 if self.serve_round():
                     continue
-                spinning = time.perf_counter() < self.spin_until
+                spinning = time.perf_counter() < max(self.spin_until, self.hold_deadline())
                 self._awake(spinning)
                 if not spinning and self.serve_round():  # rung as the flag went down
                     continue
@@ -119,6 +131,7 @@ class Server:
         for peer in [p for p, arena in self.arenas.items() if not arena.path.exists()]:
             self.doorbells.pop(peer, None)
             self.arenas.pop(peer).release()
+        self.rendezvous.forget(time.perf_counter())
         try:
             self.engine.tick()
         except RankFailure as exc:
@@ -168,18 +181,28 @@ class Server:
     def serve_one(self) -> None:
         """Waits for a request on the socket, then serves the round it begins (tests serve in lockstep)."""
         self.sock.poll()
-        self.serve_round()
+        while not self.serve_round() and self.held:
+            os.sched_yield()  # held for a companion: served by hold_s at the latest
 
     def serve_round(self) -> bool:
         """Serves every waiting request, in arrival order, except that requests of other clients for the
         same op and layer join the first one's product (batching.py). A request joins only when it is the
-        next of its client's, so each client's requests still run in its own order. False: none waited."""
-        pending = self.collect()
+        next of its client's, so each client's requests still run in its own order. A batchable request
+        whose companions are on their way (hold) waits for them, at most hold_s. False: none ran."""
+        pending = self.held + self.collect()
+        self.held = []
         if not pending:
             return False
-        requests = [self.parse(p) for p in pending]
+        for p in pending:
+            if p.request is None:
+                p.request = self.parse(p)
+        requests = [p.request for p in pending]
         keys = [batch_key(self.engine, r) for r in requests]
         done = [False] * len(pending)
+        queued: dict[bytes, tuple | None] = {}  # per client: its first request's key (None: held, or runs alone)
+        for p, key in zip(pending, keys, strict=True):
+            queued.setdefault(p.peer, None if p.held_until else key)
+        ran = False
         for i in range(len(pending)):
             if done[i]:
                 continue
@@ -191,10 +214,37 @@ class Server:
                     busy.add(pending[j].peer)  # whether it joins or not, its later requests wait
                     if keys[j] == keys[i]:
                         group.append(j)
-            for j, reply in zip(group, self.run(pending, requests, group), strict=True):
+                if self.hold(pending[i], keys[i], queued):
+                    peers = {pending[g].peer for g in group}
+                    for j in range(i, len(pending)):  # it, and every later request of its group's clients
+                        if not done[j] and pending[j].peer in peers:
+                            done[j] = True
+                            self.held.append(pending[j])
+                    queued.update(dict.fromkeys(peers))  # held: not counted on by the requests after it
+                    continue
+            ran = True
+            replies = self.run(pending, requests, group)
+            now = time.perf_counter()
+            for j, reply in zip(group, replies, strict=True):
                 done[j] = True
                 self.send(pending[j], reply)
+                if keys[j] is not None:
+                    self.rendezvous.answered(pending[j].peer, keys[j], now)
+        return ran
+
+    def hold(self, item: Pending, key: tuple, queued: dict[bytes, tuple | None]) -> bool:
+        """Whether this request waits (again) for a companion on its way: at most hold_s from its first hold."""
+        now = time.perf_counter()
+        if item.held_until and now >= item.held_until:
+            return False
+        if not self.rendezvous.coming(key, item.peer, queued, now):
+            return False
+        if not item.held_until:
+            item.held_until = now + self.rendezvous.hold_s
         return True
+
+    def hold_deadline(self) -> float:
+        return min((p.held_until for p in self.held), default=0.0)
 
     def parse(self, item: Pending) -> Message | list:
         """The request, or the reply frames that refuse it (a bad header or frames, a lost rank)."""
@@ -368,6 +418,7 @@ def run_server(
     dtype: str,
     curve: CurveKeys | None = None,
     tensor_parallel: int = 1,
+    hold_s: float | None = None,
     **engine_options,
 ) -> None:
     """Loads the model and serves until SIGINT/SIGTERM. tensor_parallel > 1: this process is one rank of a
@@ -388,7 +439,7 @@ def run_server(
             engine = Engine(model_dir, str(ranks.device), dtype, progress=progress, ranks=ranks, **engine_options)
         ranks.send(HEARTBEAT, {})  # waits for every rank to have loaded its share; one that failed is named
         keep_freed_memory()  # after loading: the weights' transient copies are not kept
-        server = Server(engine, endpoint, curve=curve)
+        server = Server(engine, endpoint, curve=curve, hold_s=hold_s)
         split = f", {tensor_parallel} tensor-parallel ranks" if tensor_parallel > 1 else ""
         print(
             f"tsqp server: {model_dir} on {ranks.device} ({dtype}{split}), loaded in "

@@ -1,0 +1,130 @@
+"""The batching hold (tsqp/server/rendezvous.py): a request waits for a companion only when another
+active client is on its way to the same op; a lone client never waits; a hold ends by hold_s; and
+clients on a server with a long hold still get their solo tokens."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import token_ids
+from test_equivalence import FEATURES
+
+from tsqp.server.engine import Engine
+from tsqp.server.loop import Pending, Server
+from tsqp.server.rendezvous import Rendezvous
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.generate import generate
+from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.remote import InProcess
+from tsqp.wire.transport import Client
+
+LAYER = [("qkv", 0, None), ("attn_out", 0, None), ("gate_up", 0, None), ("down", 0, None)]
+NEXT = [("qkv", 1, None), ("attn_out", 1, None)]
+STEP = LAYER + NEXT
+
+
+def learned(rendezvous: Rendezvous, peer: bytes, keys: list[tuple], now: float) -> None:
+    for key in keys:
+        rendezvous.answered(peer, key, now)
+
+
+def test_a_lone_client_is_never_held():
+    rendezvous = Rendezvous(hold_s=10.0)
+    now = time.perf_counter()
+    learned(rendezvous, b"a", STEP * 3, now)  # its order is known, but nobody else is about
+    assert not any(rendezvous.coming(key, b"a", {b"a": key}, now) for key in STEP)
+
+
+def test_a_request_waits_for_a_recent_client_whose_next_ops_lead_to_it():
+    rendezvous = Rendezvous(hold_s=10.0, depth=4, recent_s=0.05)
+    now = time.perf_counter()
+    learned(rendezvous, b"a", STEP * 2, now)
+    learned(rendezvous, b"b", LAYER[:1], now)  # b was last answered qkv 0 and has nothing queued
+    assert rendezvous.coming(LAYER[1], b"a", {}, now)  # its next op
+    assert rendezvous.coming(NEXT[0], b"a", {}, now)  # four ops ahead: within depth
+    assert not rendezvous.coming(NEXT[1], b"a", {}, now)  # five ahead: not counted on
+    assert not rendezvous.coming(LAYER[0], b"a", {}, now)  # behind it
+    assert not rendezvous.coming(LAYER[1], b"a", {}, now + 0.06)  # b has gone quiet
+    assert not Rendezvous(hold_s=0.0).coming(LAYER[1], b"a", {}, now)  # holding off
+
+
+def test_a_queued_client_counts_from_its_queued_request():
+    rendezvous = Rendezvous(hold_s=10.0, depth=4, recent_s=0.05)
+    now = time.perf_counter()
+    learned(rendezvous, b"a", STEP * 2, now)
+    learned(rendezvous, b"b", STEP[:1], now - 1.0)  # answered long ago, but queued now: it is here
+    assert rendezvous.coming(NEXT[0], b"a", {b"b": LAYER[1]}, now)  # three ops behind a's request
+    assert not rendezvous.coming(LAYER[1], b"a", {b"b": LAYER[1]}, now)  # the same op: in a's product
+    assert not rendezvous.coming(NEXT[0], b"a", {b"b": None}, now)  # b is held itself
+    assert not rendezvous.coming(LAYER[2], b"a", {b"b": LAYER[3]}, now)  # b is ahead of a
+
+
+def test_stale_clients_are_forgotten():
+    rendezvous = Rendezvous(hold_s=0.01, recent_s=0.01)
+    now = time.perf_counter()
+    learned(rendezvous, b"a", STEP, now)
+    learned(rendezvous, b"b", STEP, now + 5)
+    rendezvous.forget(now + 5)
+    assert set(rendezvous.last) == {b"b"}
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return checkpoints("rendezvous-gqa", seed=510, **FEATURES["gqa"])
+
+
+def test_a_held_request_runs_by_hold_s(model, tmp_path):
+    server = Server(Engine(str(model)), f"ipc://{tmp_path}/hold.sock", hold_s=0.05)
+    try:
+        now = time.perf_counter()
+        learned(server.rendezvous, b"a", STEP, now)
+        learned(server.rendezvous, b"b", LAYER[:1], now)
+        item = Pending(b"a", b"", [])
+        assert server.hold(item, LAYER[1], {b"a": LAYER[1]})  # b is on its way
+        first = item.held_until
+        assert first > now
+        server.rendezvous.answered(b"b", LAYER[0], time.perf_counter())  # b still about: the hold goes on...
+        assert server.hold(item, LAYER[1], {}) and item.held_until == first  # ...from its first hold
+        time.sleep(max(0.0, first - time.perf_counter()) + 0.001)
+        server.rendezvous.answered(b"b", LAYER[0], time.perf_counter())
+        assert not server.hold(item, LAYER[1], {}), "held past hold_s"
+    finally:
+        server.close()
+
+
+def test_clients_on_a_server_with_a_long_hold_get_their_solo_tokens(model):
+    """A 5 s hold: a wrong guess would show as a stall (the client's 60 s timeout) or as other tokens."""
+    engine = Engine(str(model))
+    solo_tee = TeeModel(model, InProcess(engine))
+    solo_tee.attach()
+    prompts = [token_ids(3 + 2 * i, seed=60 + i).tolist() for i in range(3)]
+    lengths = [12, 6, 9]  # they stop at different steps: the others' companions go away
+    alone = [generate(solo_tee, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+    with ServerProcess(str(model), extra_args=["--batch-hold-ms", "5000"]) as server:
+        barrier = threading.Barrier(len(prompts))
+
+        def run(i: int) -> None:
+            try:
+                with Client(server.endpoint, timeout_s=60) as client:
+                    tee = TeeModel(model, client)
+                    tee.attach()
+                    barrier.wait(timeout=60)
+                    results[i] = generate(tee, prompts[i], lengths[i]).generated_ids
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        with Client(server.endpoint, timeout_s=30) as probe:
+            stats = probe.call("ping").args
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert stats["batched"] > 0, "no request shared a product"
