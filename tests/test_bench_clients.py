@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_tsqp
 from test_generate import in_process
 
@@ -23,6 +24,11 @@ def test_bench_clients_json_fields_and_each_client_decodes_what_it_decodes_alone
     assert figures["clients"] == 2 and figures["p99_token_ms"] >= figures["p50_token_ms"]
     assert len(figures["together"]["per_client_decode_tokens_per_s"]) == 2
     assert 0 <= figures["batched_share"] <= 1 and figures["together"]["requests"] > 0
+    lone = [figures[run]["aggregate_decode_tokens_per_s"] for run in ("single", "single_after")]
+    assert figures["single_client_decode_tokens_per_s"] == pytest.approx(sum(lone) / 2)  # before and after
+    assert figures["ratio_aggregate_to_single"] == pytest.approx(
+        figures["aggregate_decode_tokens_per_s"] / figures["single_client_decode_tokens_per_s"]
+    )
     assert "aggregate decode with 2 clients / one client" in result.stdout
     from tsqp.measure.bench import token_ids
 
