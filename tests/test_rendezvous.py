@@ -18,6 +18,7 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
+from tsqp.wire.protocol import Message, unpack
 from tsqp.wire.transport import Client
 
 LAYER = [("qkv", 0, None), ("attn_out", 0, None), ("gate_up", 0, None), ("down", 0, None)]
@@ -90,6 +91,26 @@ def test_a_held_request_runs_by_hold_s(model, tmp_path):
         time.sleep(max(0.0, first - time.perf_counter()) + 0.001)
         server.rendezvous.answered(b"b", LAYER[0], time.perf_counter())
         assert not server.hold(item, LAYER[1], {}), "held past hold_s"
+        server.held = [Pending(b"c", b"", []), item]  # c's request behind a held one of its own: no hold of its own
+        assert server.hold_deadline() == first  # the loop polls until the hold ends, not sleeps
+    finally:
+        server.close()
+
+
+def test_a_request_whose_arena_was_replaced_meanwhile_is_refused_not_read(model, tmp_path):
+    """A held request's tensors view its client's arena: one unmapped since (the client reconnected with
+    the same arena file) must not be read."""
+    server = Server(Engine(str(model)), f"ipc://{tmp_path}/arena.sock")
+    try:
+        item = Pending(b"a", b"", [])
+        item.arena = object()  # the arena it was parsed in; the peer has none now
+        request = Message({"id": 7, "method": "ping", "session": None, "args": {}}, [])
+        (reply,) = server.run([item], [request], [0])
+        answer = unpack(reply)
+        assert answer.header["id"] == 7 and not answer.header["ok"] and "replaced" in answer.header["error"]
+        item.arena = None  # the same as now: served
+        (reply,) = server.run([item], [request], [0])
+        assert unpack(reply).header["ok"]
     finally:
         server.close()
 

@@ -61,6 +61,7 @@ class Pending:
     bell: Doorbell | None = None
     flag: int = 0
     request: object = None  # parsed once (a held request is looked at again in later rounds)
+    arena: Arena | None = None  # the peer's arena when it was parsed: its tensors may view it
     held_until: float = 0.0  # perf_counter until which it may wait for a companion (0: not held yet)
 
 
@@ -128,7 +129,8 @@ class Server:
         """Nothing to serve: idle sessions expire, followers get their heartbeat, a lost rank is noticed,
         and the arenas of clients that are gone (their file removed: the next client sweeps a killed one's)
         are unmapped."""
-        for peer in [p for p, arena in self.arenas.items() if not arena.path.exists()]:
+        held = {p.peer for p in self.held}  # their requests' tensors view their arenas
+        for peer in [p for p, arena in self.arenas.items() if not arena.path.exists() and p not in held]:
             self.doorbells.pop(peer, None)
             self.arenas.pop(peer).release()
         self.rendezvous.forget(time.perf_counter())
@@ -195,7 +197,7 @@ class Server:
             return False
         for p in pending:
             if p.request is None:
-                p.request = self.parse(p)
+                p.arena, p.request = self.arenas.get(p.peer), self.parse(p)
         requests = [p.request for p in pending]
         keys = [batch_key(self.engine, r) for r in requests]
         done = [False] * len(pending)
@@ -244,7 +246,8 @@ class Server:
         return True
 
     def hold_deadline(self) -> float:
-        return min((p.held_until for p in self.held), default=0.0)
+        """Until when the loop polls: the earliest end of a hold (a held client's later requests have none)."""
+        return min((p.held_until for p in self.held if p.held_until), default=0.0)
 
     def parse(self, item: Pending) -> Message | list:
         """The request, or the reply frames that refuse it (a bad header or frames, a lost rank)."""
@@ -272,6 +275,8 @@ class Server:
                 replies[j] = request
                 continue
             try:
+                if self.arenas.get(item.peer) is not item.arena:  # unmapped since: its tensors must not be read
+                    raise ProtocolError("the arena this request came in was replaced before it ran")
                 if request.header.get("method") == "attach_arena":
                     if item.bell is not None:  # it would unmap the doorbell it came by
                         raise ProtocolError("attach_arena must come by the socket, not the doorbell")
