@@ -98,16 +98,16 @@ def test_requests_of_a_session_someone_else_owns_are_refused_in_a_batch(model):
     assert isinstance(outcomes[1], Exception) and "session" in str(outcomes[1])
 
 
-def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_tokens(model):
-    """Real sockets and arenas: four client threads decode at once; the server batches some requests."""
+def decode_at_once(model, prompts: list[list[int]], lengths: list[int], extra_args=()) -> tuple[list, list, dict]:
+    """Each prompt greedily alone (in process), then all at once by client threads on one real server
+    (sockets, arenas); (the solo tokens, the concurrent ones, the server's ping after them)."""
     engine = Engine(str(model))
     solo_tee = TeeModel(model, InProcess(engine))
     solo_tee.attach()
-    prompts = [token_ids(4 + i, seed=40 + i).tolist() for i in range(4)]
-    alone = [generate(solo_tee, p, 24).generated_ids for p in prompts]
+    alone = [generate(solo_tee, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
     results: dict[int, list[int]] = {}
     errors: list[BaseException] = []
-    with ServerProcess(str(model)) as server:
+    with ServerProcess(str(model), extra_args=list(extra_args)) as server:
         barrier = threading.Barrier(len(prompts))
 
         def run(i: int) -> None:
@@ -116,7 +116,7 @@ def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_t
                     tee = TeeModel(model, client)
                     tee.attach()
                     barrier.wait(timeout=60)
-                    results[i] = generate(tee, prompts[i], 24).generated_ids
+                    results[i] = generate(tee, prompts[i], lengths[i]).generated_ids
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
                 barrier.abort()
@@ -129,6 +129,13 @@ def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_t
         assert not errors, errors
         with Client(server.endpoint, timeout_s=30) as probe:
             stats = probe.call("ping").args
-    assert [results[i] for i in range(len(prompts))] == alone
+    return alone, [results[i] for i in range(len(prompts))], stats
+
+
+def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_tokens(model):
+    """Real sockets and arenas: four client threads decode at once; the server batches some requests."""
+    prompts = [token_ids(4 + i, seed=40 + i).tolist() for i in range(4)]
+    alone, together, stats = decode_at_once(model, prompts, [24] * 4)
+    assert together == alone
     assert stats["batched"] > 0, "no request shared a product"
     assert stats["sessions"] == 0 and stats["cache_bytes"] == 0

@@ -4,22 +4,17 @@ clients on a server with a long hold still get their solo tokens."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 from conftest import token_ids
+from test_batching import decode_at_once
 from test_equivalence import FEATURES
 
 from tsqp.server.engine import Engine
 from tsqp.server.loop import Pending, Server
 from tsqp.server.rendezvous import Rendezvous
-from tsqp.tee.forward import TeeModel
-from tsqp.tee.generate import generate
-from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.remote import InProcess
 from tsqp.wire.protocol import Message, unpack
-from tsqp.wire.transport import Client
 
 LAYER = [("qkv", 0, None), ("attn_out", 0, None), ("gate_up", 0, None), ("down", 0, None)]
 NEXT = [("qkv", 1, None), ("attn_out", 1, None)]
@@ -117,35 +112,8 @@ def test_a_request_whose_arena_was_replaced_meanwhile_is_refused_not_read(model,
 
 def test_clients_on_a_server_with_a_long_hold_get_their_solo_tokens(model):
     """A 5 s hold: a wrong guess would show as a stall (the client's 60 s timeout) or as other tokens."""
-    engine = Engine(str(model))
-    solo_tee = TeeModel(model, InProcess(engine))
-    solo_tee.attach()
     prompts = [token_ids(3 + 2 * i, seed=60 + i).tolist() for i in range(3)]
     lengths = [12, 6, 9]  # they stop at different steps: the others' companions go away
-    alone = [generate(solo_tee, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-    with ServerProcess(str(model), extra_args=["--batch-hold-ms", "5000"]) as server:
-        barrier = threading.Barrier(len(prompts))
-
-        def run(i: int) -> None:
-            try:
-                with Client(server.endpoint, timeout_s=60) as client:
-                    tee = TeeModel(model, client)
-                    tee.attach()
-                    barrier.wait(timeout=60)
-                    results[i] = generate(tee, prompts[i], lengths[i]).generated_ids
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-                barrier.abort()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not errors, errors
-        with Client(server.endpoint, timeout_s=30) as probe:
-            stats = probe.call("ping").args
-    assert [results[i] for i in range(len(prompts))] == alone
+    alone, together, stats = decode_at_once(model, prompts, lengths, ["--batch-hold-ms", "5000"])
+    assert together == alone
     assert stats["batched"] > 0, "no request shared a product"
