@@ -45,8 +45,14 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
             calls = tee.stats.rpc_calls - calls
             batched = tee.ops.link.call("ping").args.get("batched", 0)  # the server's count, all clients so far
         results.put(
-            {"index": index, "start": start, "stamps": stamps, "ids": result.generated_ids, "calls": calls}
-            | {"server_batched": batched}
+            {
+                "index": index,
+                "start": start,
+                "stamps": stamps,
+                "ids": result.generated_ids,
+                "calls": calls,
+                "server_batched": batched,
+            }
         )
     except BaseException as exc:  # reported by the parent, which must not wait at the barrier forever
         barrier.abort()

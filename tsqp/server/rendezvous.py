@@ -9,8 +9,9 @@ it last time (a decode step's ops follow each other in the same order every step
 client" is one whose next `depth` keys, along what followed before, include this one, counted from its
 queued request's key, or, when it has none, from the key it was last answered within `recent_s`. So
 two clients a few ops apart come together: the one ahead waits until the other has caught up, and
-from then on they run in step. A client that is itself held is not counted on (two clients holding
-for each other, possible where a model's cycle of ops is shorter than twice `depth`, run by hold_s).
+from then on they run in step. A client that is itself held is not counted on, so two clients never
+hold for each other past one round (possible only where a model's cycle of ops is shorter than twice
+`depth`: then both run in the next round).
 
 A lone client is never held: there is no other recent client. A client whose companion has stopped
 (finished its generation, killed) is held at most once more: after `recent_s` that companion is no
