@@ -24,6 +24,8 @@ def test_bench_clients_json_fields_and_each_client_decodes_what_it_decodes_alone
     assert figures["clients"] == 2 and figures["p99_token_ms"] >= figures["p50_token_ms"]
     assert len(figures["together"]["per_client_decode_tokens_per_s"]) == 2
     assert 0 <= figures["batched_share"] <= 1 and figures["together"]["requests"] > 0
+    for run in ("single", "together", "single_after"):  # CPU a decode token, of the clients and of the server
+        assert figures[run]["client_cpu_ms_per_token"] > 0 and figures[run]["server_cpu_ms_per_token"] > 0, run
     lone = [figures[run]["aggregate_decode_tokens_per_s"] for run in ("single", "single_after")]
     assert figures["single_client_decode_tokens_per_s"] == pytest.approx(sum(lone) / 2)  # before and after
     assert figures["ratio_aggregate_to_single"] == pytest.approx(

@@ -121,7 +121,7 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
 
 
 def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
-    monkeypatch.setattr(tsqp.wire.transport, "SPIN_S", 0.0)  # gives up polling at once: the server must notice
+    monkeypatch.setattr(tsqp.wire.transport, "ZMQ_SPIN_S", 0.0)  # gives up polling at once: the server must notice
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         client.futex = False  # as in an enclave: it sleeps on ZeroMQ, not on the wake word
         assert rung_within(client, 2000)

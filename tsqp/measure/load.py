@@ -39,11 +39,22 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
             ids = token_ids(tokens, tee.config.vocab_size, seed=1000 + index).tolist()
             generate(tee, ids[: min(8, tokens)], 2)  # warm-up
             stamps: list[float] = []
+            cpu: list[float] = []  # this process's CPU seconds at each token
+            server_cpu: list[float] = []  # the server's, when the first token came and after the last
+
+            def on_token(token: int) -> None:
+                stamps.append(time.perf_counter())
+                cpu.append(time.process_time())
+                if len(stamps) == 1:
+                    server_cpu.append(tee.ops.link.call("ping").args.get("cpu_s", 0.0))
+
             barrier.wait(timeout=START_TIMEOUT_S)
             calls, start = tee.stats.rpc_calls, time.perf_counter()
-            result = generate(tee, ids, decode + 1, on_token=lambda token: stamps.append(time.perf_counter()))
-            calls = tee.stats.rpc_calls - calls
-            batched = tee.ops.link.call("ping").args.get("batched", 0)  # the server's count, all clients so far
+            result = generate(tee, ids, decode + 1, on_token=on_token)
+            calls = tee.stats.rpc_calls - calls - 1  # less the ping at the first token
+            pong = tee.ops.link.call("ping").args
+            batched = pong.get("batched", 0)  # the server's count, all clients so far
+            server_cpu.append(pong.get("cpu_s", 0.0))
         results.put(
             {
                 "index": index,
@@ -51,6 +62,8 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
                 "stamps": stamps,
                 "ids": result.generated_ids,
                 "calls": calls,
+                "cpu": cpu,
+                "server_cpu": server_cpu,
                 "server_batched": batched,
             }
         )
@@ -104,6 +117,13 @@ def figures(reports: list[dict]) -> dict:
         "p99_token_ms": 1000 * ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
         "ttft_s": [r["stamps"][0] - r["start"] for r in reports],
         "requests": sum(r["calls"] for r in reports),
+        # CPU per decode token: each client's own, and the server's over the window (all its threads)
+        "client_cpu_ms_per_token": statistics.mean(
+            1000 * (r["cpu"][-1] - r["cpu"][0]) / (len(r["cpu"]) - 1) for r in reports
+        ),
+        "server_cpu_ms_per_token": 1000
+        * (max(r["server_cpu"][-1] for r in reports) - min(r["server_cpu"][0] for r in reports))
+        / decode_tokens,
     }
 
 
@@ -145,7 +165,8 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
         "generated_ids": [r["ids"] for r in together_reports],
     }
     table = Table(title=f"Decode with {clients} clients on one server ({tokens}-token prompts, {decode} tokens each)")
-    for col in ("run", "aggregate tokens/s", "per-client tokens/s", "p50 ms/token", "p99 ms/token"):
+    columns = ("run", "aggregate tokens/s", "per-client tokens/s", "p50 ms/token", "p99 ms/token")
+    for col in (*columns, "CPU ms/token: client", "server"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for name, run in (("1 client", alone), (f"{clients} clients", together), ("1 client again", after)):
         per = run["per_client_decode_tokens_per_s"]
@@ -155,6 +176,8 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
             f"{min(per):.1f}-{max(per):.1f}" if len(per) > 1 else f"{per[0]:.1f}",
             f"{run['p50_token_ms']:.1f}",
             f"{run['p99_token_ms']:.1f}",
+            f"{run['client_cpu_ms_per_token']:.1f}",
+            f"{run['server_cpu_ms_per_token']:.1f}",
         )
     console.print(table)
     console.print(

@@ -27,6 +27,7 @@ from tsqp.model.config import LlamaConfig
 from tsqp.server.kernels import linear, linear_into
 from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
+from tsqp.tuning import SMALL_STEP_ROWS, one_thread
 from tsqp.wire.pad_seeds import SEED_BYTES, expand
 from tsqp.wire.protocol import (
     CONTROL_METHODS,
@@ -206,9 +207,15 @@ class Engine:
     # -- control -------------------------------------------------------------------------------
 
     def op_ping(self, peer, session_id, args):
-        """Also what a load test watches: open sessions, their cache bytes, requests that shared a product."""
+        """Also what a load test watches: open sessions, their cache bytes, requests that shared a product, and
+        the CPU seconds the server process has used (all its threads)."""
         cache = sum(session.nbytes for session in self.sessions.values())
-        return {"sessions": len(self.sessions), "cache_bytes": cache, "batched": self.batched}, []
+        return {
+            "sessions": len(self.sessions),
+            "cache_bytes": cache,
+            "batched": self.batched,
+            "cpu_s": time.process_time(),
+        }, []
 
     def op_echo(self, args, x):
         """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""
@@ -391,10 +398,11 @@ class Engine:
         tiles, total = query_tiles(T, pos, len(heads), args["tile"])
         single = self.ranks.world == 1
         packed = self._out((total,)) if single else torch.empty(total, dtype=self.dtype, device=self.device)
-        for t in tiles:
-            q_tile = q[:, :, t.row : t.row + t.rows].reshape(len(kv), group * t.rows, c.head_dim)
-            out = packed[t.offset : t.offset + len(heads) * t.rows * t.keys].view(len(kv), group * t.rows, t.keys)
-            torch.bmm(q_tile, keys_t[:, :, : t.keys], out=out)
+        with one_thread(T <= SMALL_STEP_ROWS):  # see attend
+            for t in tiles:
+                q_tile = q[:, :, t.row : t.row + t.rows].reshape(len(kv), group * t.rows, c.head_dim)
+                out = packed[t.offset : t.offset + len(heads) * t.rows * t.keys].view(len(kv), group * t.rows, t.keys)
+                torch.bmm(q_tile, keys_t[:, :, : t.keys], out=out)
         packed.mul_(1.0 / math.sqrt(c.head_dim))
         if single:
             return [packed]
@@ -427,7 +435,12 @@ class Engine:
         return [self._row_linear(self.attend(args, probs), weights.o, weights.o_bias, self.config.hidden_size)]
 
     def attend(self, args, probs) -> torch.Tensor:
-        """probs @ V on this rank's heads -> (T, heads * hd) float32, head-major like q_proj: o_proj's input."""
+        """probs @ V on this rank's heads -> (T, heads * hd) float32, head-major like q_proj: o_proj's input.
+
+        A decode step's attention products (scores too) run on one thread: a batched GEMM this small
+        (4 heads of 8 x 64 by 64 x L) took 58-65 us on two threads and 11 us on one, here; on a host
+        shared with busy TEE processes the second thread may wait for a core, and the product with it
+        (0.6 ms a call, from a profile of 8 clients on 2 cores)."""
         c, s, (session, layer, pos) = self.config, self.shard, self._where(args)
         T, heads, kv = args["tokens"], s.heads, s.kv_heads
         group = len(heads) // len(kv)
@@ -435,13 +448,12 @@ class Engine:
         probs = probs.to(VALUE_DTYPE)
         values = session.values[layer]  # (kv, capacity, hd): this rank's kv heads
         out = torch.empty(len(kv), group, T, c.head_dim, dtype=VALUE_DTYPE, device=self.device)
-        for t in tiles:
-            block = t.rows * t.keys  # a tile is (heads, rows, keys): this rank's heads are one run of it
-            p = probs[t.offset + heads.start * block : t.offset + heads.stop * block].view(
-                len(kv), group * t.rows, t.keys
-            )
-            o = torch.bmm(p, values[:, : t.keys])  # (kv, group*rows, hd)
-            out[:, :, t.row : t.row + t.rows] = o.view(len(kv), group, t.rows, c.head_dim)
+        with one_thread(T <= SMALL_STEP_ROWS):
+            for t in tiles:
+                block = t.rows * t.keys  # a tile is (heads, rows, keys): this rank's heads are one run of it
+                p = probs[t.offset + heads.start * block : t.offset + heads.stop * block]
+                o = torch.bmm(p.view(len(kv), group * t.rows, t.keys), values[:, : t.keys])  # (kv, group*rows, hd)
+                out[:, :, t.row : t.row + t.rows] = o.view(len(kv), group, t.rows, c.head_dim)
         return out.permute(2, 0, 1, 3).reshape(T, len(heads) * c.head_dim)
 
     def op_gate_up(self, session: Session, args, x):

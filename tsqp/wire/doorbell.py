@@ -31,13 +31,18 @@ own and a host process cannot wake one: there (`TSQP_DOORBELL_FUTEX=0`, which th
 SERVER_SPIN_S after each reply, yielding its core to anyone who wants it, so the next request of a
 decode step, a TEE step later, finds it awake.
 
-The client polls for its reply the same way, for SPIN_S (longer than a decode step's products), calling
-sched_yield between looks: the server's threads take the core whenever they have work, and the client
-is running when the reply comes. A sleeping client costs more than the wake itself on a virtual
-machine, where an idle vCPU halts: a thread woken after 2 to 5 ms asleep ran 70 to 140 us later here,
-against 10 us after 0.1 ms, and its caches were cold. Measured with TinyLlama-1.1B and a CPU server
-on the same 2 cores (docs/benchmarks.md): 466 ms a token sleeping after 0.5 ms, 394 polling with yields,
-492 polling without them (the busy client took the core the server's second thread needed).
+The client polls for its reply the same way, for SPIN_S, calling sched_yield between looks (the
+server's threads take the core whenever they have work), then sleeps on the wake word. A sleeping
+client costs more than the wake itself on a virtual machine, where an idle vCPU halts: a thread woken
+after 2 to 5 ms asleep ran 70 to 140 us later here, against 10 us after 0.1 ms. But a polling client
+is a runnable process for as long as it polls, and the cores are shared: with the server's replies now
+in the slot and its wake one system call, a short poll won. TinyLlama-1.1B, one client, a CPU server
+on the same 2 cores, alternating in one process (docs/benchmarks.md): median 348.5 ms a token polling
+for 20 ms (306 ms of client CPU a token), 315.0 for 5 ms, 316.1 for 1 ms (118 ms of CPU), 327.2 for
+0.5 ms. With 8 clients on the 2 cores a 20 ms poll cost each client 122-135 ms of CPU a token against
+87-91 for 1 ms. `TSQP_DOORBELL_SPIN_MS` sets it (for such measurements). Where the client cannot
+sleep on the word (an enclave) it polls for ZMQ_SPIN_S: the reply would otherwise come by ZeroMQ, three
+thread hand-offs and, inside an enclave, exits from it.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ import platform
 import struct
 
 SLOT_BYTES = 16 * 1024
-SPIN_S = 0.02  # how long the client polls for its reply, yielding its core, before it sleeps (futex, ZeroMQ)
+SPIN_S = float(os.environ.get("TSQP_DOORBELL_SPIN_MS", "1")) / 1000  # the client's poll for its reply, then it sleeps
+ZMQ_SPIN_S = 0.02  # the same where the client sleeps on ZeroMQ instead (no futex: inside an enclave)
 SERVER_SPIN_S = 0.02  # how long the server polls after a reply, yielding its core: a TEE step is shorter
 REQUEST_FLAG, REQUEST_LENGTH = 0, 8
 SERVER_AWAKE = 64

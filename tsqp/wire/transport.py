@@ -33,7 +33,7 @@ from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
 from tsqp.stats import Stats
 from tsqp.wire.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
 from tsqp.wire.curve import CurveKeys, apply_curve
-from tsqp.wire.doorbell import SPIN_S, Doorbell, fits, futex_usable
+from tsqp.wire.doorbell import SPIN_S, ZMQ_SPIN_S, Doorbell, fits, futex_usable
 from tsqp.wire.doorbell import supported as doorbell_supported
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 
@@ -535,9 +535,10 @@ class Client:
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
 
     def _spin_for_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
-        """Polls the doorbell for SPIN_S (the caller says in the control block that it waits), yielding the
-        core between looks to any thread that has work (the server's, on a shared host)."""
-        until = time.perf_counter() + SPIN_S
+        """Polls the doorbell for SPIN_S (ZMQ_SPIN_S where it cannot sleep on the wake word; the caller says
+        in the control block that it waits), yielding the core between looks to any thread that has work
+        (the server's, on a shared host)."""
+        until = time.perf_counter() + (SPIN_S if self.futex else ZMQ_SPIN_S)
         while time.perf_counter() < until:
             if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:
                 return reply
