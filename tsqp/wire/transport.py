@@ -33,7 +33,7 @@ from tsqp.errors import ConnectionLost, LinkRefused, ProtocolError, ServerError
 from tsqp.stats import Stats
 from tsqp.wire.arena import INITIAL_BYTES, SHM_DIR, Arena, Regions, align, shm_available
 from tsqp.wire.curve import CurveKeys, apply_curve
-from tsqp.wire.doorbell import SPIN_S, ZMQ_SPIN_S, Doorbell, fits, futex_usable
+from tsqp.wire.doorbell import NAP, SPIN_S, ZMQ_SPIN_S, Doorbell, fits, futex_usable
 from tsqp.wire.doorbell import supported as doorbell_supported
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, Message, nbytes_of, pack, unpack
 
@@ -223,6 +223,7 @@ class Client:
         self.doorbell: Doorbell | None = None  # the arena's control block, when the server polls it
         self.doorbell_requests = 0  # requests that went by the doorbell
         self.doorbell_replies = 0  # replies that came by it
+        self.reply_due: dict[str, float] = {}  # per method: seconds from a rung request to its reply, lately
         self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
         self.replies: dict[int, tuple[Message, int, float]] = {}  # replies that came before their wait
         self.drafts: set[int] = set()  # drafts made and neither submitted nor dropped
@@ -478,10 +479,15 @@ class Client:
         if not flag:
             return self._sleep_for_reply(request_id, request, timeout_s, sleeper=False)
         try:  # the client waits in the slot since it rang (Doorbell.ring); the server answers there
+            if self.futex and NAP:
+                self._nap(request, bell, flag)
             if (reply := self._spin_for_reply(request_id, bell, flag)) is not None:
+                self._learn(request, time.perf_counter())
                 return reply
             if self.futex:  # sleeps on the wake word, still waiting in the slot
-                return self._sleep_for_reply(request_id, request, timeout_s, sleeper=True)
+                reply = self._sleep_for_reply(request_id, request, timeout_s, sleeper=True)
+                self._learn(request, time.perf_counter())
+                return reply
         finally:
             bell.waiting(False)
         if (reply := self._doorbell_reply(request_id, bell, flag)) is not None:  # came as the flag went down
@@ -533,6 +539,25 @@ class Client:
                 self._link_events(method, in_flight=True)
             if self.alive is not None and (reason := self.alive()):
                 raise ConnectionLost(f"server stopped during {method}: {reason}")
+
+    def _nap(self, request: InFlight, bell: Doorbell, flag: int) -> None:
+        """Hybrid polling, as Linux's block layer polls a fast disk: sleeps on the wake word until shortly
+        (SPIN_S / 2) before the reply is due by this method's last replies, then the caller polls. A reply
+        that comes sooner wakes it: sleeping too long costs only the wake-up (doorbell.py)."""
+        due = self.reply_due.get(request.method)
+        if due is None:
+            return
+        seq = bell.wake_seq()
+        nap = request.sent_at + due - SPIN_S / 2 - time.perf_counter()
+        if nap > 0 and bell.reply(flag) is None:
+            bell.sleep(seq, nap)
+
+    def _learn(self, request: InFlight, now: float) -> None:
+        """Updates when this method's replies are due (a mean over the last few: one slow reply, a batch
+        that waited for a companion, moves it only half way)."""
+        seconds = now - request.sent_at
+        due = self.reply_due.get(request.method)
+        self.reply_due[request.method] = seconds if due is None else (due + seconds) / 2
 
     def _spin_for_reply(self, request_id: int, bell: Doorbell, flag: int) -> tuple[Message, int, float] | None:
         """Polls the doorbell for SPIN_S (ZMQ_SPIN_S where it cannot sleep on the wake word; the caller says
