@@ -1,5 +1,6 @@
-"""The server's linear kernel choice (kernels.py): oneDNN's float32 CPU products equal torch.matmul's
-within float32 rounding, land in the slot they are given, and the other dtypes keep torch.matmul."""
+"""The server's linear kernel choice (kernels.py): oneDNN's float32 CPU products and the few-row products
+with the weight on the left equal torch.matmul's within rounding and land in the slot they are given;
+bfloat16 keeps torch.matmul."""
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_onednn_is_taken_on_this_cpu_unless_turned_off(monkeypatch):
     calls = []
     real = kernels._pointwise
     monkeypatch.setattr(kernels, "_pointwise", lambda *args: calls.append(1) or real(*args))
-    x, w, b = _inputs(2)
+    x, w, b = _inputs(1)
     kernels.linear(x, w, b)
     assert calls == [1]
     kernels.linear(x.double(), w.double(), b.double())  # float64 (private mode's masked products): matmul
@@ -59,7 +60,7 @@ def test_onednn_is_taken_on_this_cpu_unless_turned_off(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_other_dtypes_keep_matmul(dtype):
     x, w, b = _inputs(4, dtype)
     out = torch.empty(4, 80, dtype=dtype)
@@ -74,9 +75,32 @@ def test_small_weights_keep_matmul_and_large_ones_take_onednn(monkeypatch):
     calls = []
     real = kernels._pointwise
     monkeypatch.setattr(kernels, "_pointwise", lambda *args: calls.append(1) or real(*args))
-    x, w, b = _inputs(2)
+    x, w, b = _inputs(1)
     torch.testing.assert_close(kernels.linear(x, w, b), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-4)
     assert calls == []  # under the threshold: matmul
     wide = torch.cat([w, w])  # 160 x 96: over it
     torch.testing.assert_close(kernels.linear(x, wide), x @ wide.t(), rtol=1e-5, atol=1e-4)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_few_rows_go_with_the_weight_on_the_left_and_equal_matmul(monkeypatch, dtype, bias):
+    calls = []
+    real = kernels._weight_left
+    monkeypatch.setattr(kernels, "_weight_left", lambda *args: calls.append(args[0].shape[0]) or real(*args))
+    for rows in (1, 2, 5, kernels.WEIGHT_LEFT_ROWS, kernels.WEIGHT_LEFT_ROWS + 1):
+        x, w, b = _inputs(rows, dtype, bias)
+        expected = torch.addmm(b, x, w.t()) if bias else x @ w.t()
+        out = torch.full((rows, 80), float("nan"), dtype=dtype)
+        assert kernels.linear_into(out, x, w, b).data_ptr() == out.data_ptr()
+        y = kernels.linear(x, w, b)
+        assert y.is_contiguous()
+        tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+        torch.testing.assert_close(out, expected, **tolerance)
+        torch.testing.assert_close(y, expected, **tolerance)
+    assert calls == [2, 2, 5, 5, kernels.WEIGHT_LEFT_ROWS, kernels.WEIGHT_LEFT_ROWS]  # linear_into's, linear's
+    for name in ("onednn", "mkl"):
+        monkeypatch.setenv("TSQP_CPU_LINEAR", name)
+        kernels.linear(*_inputs(4, dtype, bias))
+    assert len(calls) == 6, "TSQP_CPU_LINEAR=onednn and mkl keep the weight on the right"

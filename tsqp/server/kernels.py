@@ -15,9 +15,18 @@ so weights under ONEDNN_MIN_WEIGHTS elements keep torch.matmul: one row through 
 oneDNN wins (3072 x 576: 166 against 284 us, 2048 x 2048: 413 against 1190). For TinyLlama-1.1B that
 leaves v_proj to MKL; for SmolLM2-135M all but gate_up and the LM head.
 
-`TSQP_CPU_LINEAR=mkl` keeps torch.matmul everywhere (to compare, or where oneDNN misbehaves). oneDNN is
-used only for float32 on the CPU, and only after a self-test on first use gives the same product as
-torch.matmul; other dtypes (bfloat16, float16 servers, private mode's float64) keep torch.matmul.
+A few rows (2 to WEIGHT_LEFT_ROWS: several clients' decode rows batched, batching.py) go through MKL the
+other way round, (W x^T)^T: with the weight on the left MKL streams it once for all the rows, where
+both x W^T and oneDNN slow down with every row. gate_up of the 1.1B shape, float32, 2 threads, ms a GB
+of weights (docs/benchmarks.md, "Weight on the left"): oneDNN 53 / 103 / 118 / 141 for 1 / 2 / 4 / 8
+rows, (W x^T)^T 67 / 82 / 78 / 113, x W^T 68 / 130 / 358 / 435; from 12 rows on oneDNN is ahead again
+(168 against 255). Private mode's float64 products gain the same (x W^T 84 / 122 / 152 for 2 / 4 / 8
+rows, (W x^T)^T 62 / 69 / 112); bfloat16 and float16 keep torch.matmul as it is.
+
+`TSQP_CPU_LINEAR` picks the kernels, to compare or where one misbehaves: `auto` (the default, as above),
+`onednn` (oneDNN for every float32 product, no weight on the left), `mkl` (torch.matmul x W^T
+everywhere). oneDNN is used only for float32 on the CPU, and only after a self-test on first use gives
+the same product as torch.matmul.
 """
 
 from __future__ import annotations
@@ -28,13 +37,20 @@ import torch
 
 _ONEDNN: bool | None = None  # decided on first use
 ONEDNN_MIN_WEIGHTS = 1 << 20  # elements of a weight below which MKL's smaller per-call cost wins
+WEIGHT_LEFT_ROWS = 8  # products of 2 to this many rows on a CPU: (W x^T)^T
+WEIGHT_LEFT_DTYPES = (torch.float32, torch.float64)  # measured to gain; the others keep torch.matmul
+
+
+def choice() -> str:
+    """`TSQP_CPU_LINEAR`: auto, onednn or mkl (read on every product: tests and benchmarks switch it)."""
+    return os.environ.get("TSQP_CPU_LINEAR", "auto")
 
 
 def onednn_usable() -> bool:
     """Whether float32 CPU products go through oneDNN (decided once per process)."""
     global _ONEDNN
     if _ONEDNN is None:
-        _ONEDNN = os.environ.get("TSQP_CPU_LINEAR", "onednn") != "mkl" and _self_test()
+        _ONEDNN = choice() != "mkl" and _self_test()
     return _ONEDNN
 
 
@@ -64,12 +80,32 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     )
 
 
+def _weight_left_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 2
+        and 2 <= x.shape[0] <= WEIGHT_LEFT_ROWS
+        and x.dtype == weight.dtype
+        and x.dtype in WEIGHT_LEFT_DTYPES
+        and choice() == "auto"
+    )
+
+
+def _weight_left(x, weight, bias):
+    """(W x^T + b)^T, an (out, T) product read back transposed."""
+    if bias is None:
+        return torch.matmul(weight, x.t()).t()
+    return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
+
+
 def _pointwise(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, in) W^T + b for W (out, in): a new (T, out) tensor."""
+    if _weight_left_fits(x, weight):
+        return _weight_left(x, weight, bias).contiguous()
     if _onednn_fits(x, weight, bias):
         return _pointwise(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
@@ -77,6 +113,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b written into out (T, out), e.g. a reply slot in the client's arena."""
+    if out.dtype == x.dtype and _weight_left_fits(x, weight):
+        return out.copy_(_weight_left(x, weight, bias))
     if out.dtype == torch.float32 and _onednn_fits(x, weight, bias):
         return out.copy_(_pointwise(x, weight, bias))
     if bias is None:
