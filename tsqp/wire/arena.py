@@ -66,6 +66,7 @@ class Arena:
         self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)  # (size,)
         self.base = self.bytes.data_ptr()
         self.pinned = False
+        self.typed: dict[torch.dtype, torch.Tensor] = {}  # the whole arena as each dtype asked for
 
     @classmethod
     def create(cls, name: str | None = None, size: int = INITIAL_BYTES) -> Arena:
@@ -81,7 +82,15 @@ class Arena:
             raise ProtocolError(
                 f"arena range [{offset}, {offset + nbytes}) is unaligned or outside the {self.size}-byte arena"
             )
-        return self.bytes[offset : offset + nbytes].view(dtype).view(shape)
+        typed = self.typed.get(dtype)
+        if typed is None:
+            typed = self.typed[dtype] = self.bytes.view(dtype)  # the size is a multiple of ALIGN
+        strides, step = [], 1
+        for dim in reversed(shape):
+            strides.append(step)
+            step *= dim
+        # one call, not a slice and two views: 4 against 12 us, a few times a request
+        return typed.as_strided(tuple(shape), strides[::-1], offset // dtype.itemsize)
 
     def offset_of(self, tensor: torch.Tensor) -> int | None:
         """Where a tensor lies in this arena, or None when it lies elsewhere."""
@@ -108,6 +117,7 @@ class Arena:
             torch.cuda.cudart().cudaHostUnregister(self.base)
             self.pinned = False
         self.bytes = None
+        self.typed.clear()
         try:
             self.map.close()
         except BufferError:
