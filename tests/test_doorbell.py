@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import msgpack
 import pytest
@@ -145,18 +146,31 @@ def test_a_client_asleep_on_the_wake_word_gets_its_reply_in_the_slot(server, mon
 @pytest.mark.skipif(not doorbell.futex_usable(), reason="needs Linux futexes outside an enclave")
 def test_a_client_napping_until_its_reply_is_due_is_woken_by_an_early_reply(server, monkeypatch):
     monkeypatch.setattr(tsqp.wire.transport, "NAP", True)
+    monkeypatch.setattr(tsqp.wire.transport, "DOORBELL_POLL_MS", 5000)  # naps and sleeps of 5 s unless woken
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert rung_within(client, 2000)
         assert 0 < client.reply_due["ping"] < 1.0, "the client learns when a ping's reply is due"
         rung, slow = client.doorbell_requests, 0
         for _ in range(20):
-            client.reply_due["ping"] = 5.0  # as if pings took 5 s: it naps until then unless woken
+            client.reply_due["ping"] = 5.0  # as if pings took 5 s: it naps (a slice at a time) unless woken
             started = time.perf_counter()
             assert client.call("ping").header["ok"] is True
             slow += time.perf_counter() - started > 2.5
         assert client.doorbell_requests > rung, "no ping went by the doorbell"
         assert slow == 0, "a nap outlasted its reply: the server's wake did not end it"
         assert client.reply_due["ping"] < 5.0
+
+
+def test_a_nap_lasts_at_most_a_sleepers_slice(block):
+    bell = Doorbell(block)
+    if not bell.word:
+        pytest.skip("no futex here")
+    flag = bell.ring(b"nobody answers")
+    client = types.SimpleNamespace(reply_due={"qkv": 60.0})  # a prefill's qkv took a minute
+    request = types.SimpleNamespace(method="qkv", sent_at=time.perf_counter())
+    started = time.perf_counter()
+    Client._nap(client, request, bell, flag)
+    assert time.perf_counter() - started < 1.0, "the nap outlasted a sleeper's slice: a dead server is noticed late"
 
 
 def test_the_wake_word_wakes_a_sleeper_and_a_late_sleeper_does_not_wait(block):

@@ -543,14 +543,15 @@ class Client:
     def _nap(self, request: InFlight, bell: Doorbell, flag: int) -> None:
         """Hybrid polling, as Linux's block layer polls a fast disk: sleeps on the wake word until shortly
         (SPIN_S / 2) before the reply is due by this method's last replies, then the caller polls. A reply
-        that comes sooner wakes it: sleeping too long costs only the wake-up (doorbell.py)."""
+        that comes sooner wakes it: sleeping too long costs only the wake-up (doorbell.py). It lasts no
+        longer than a sleeper's slice (DOORBELL_POLL_MS), so a server that died is noticed as soon."""
         due = self.reply_due.get(request.method)
         if due is None:
             return
         seq = bell.wake_seq()
         nap = request.sent_at + due - SPIN_S / 2 - time.perf_counter()
         if nap > 0 and bell.reply(flag) is None:
-            bell.sleep(seq, nap)
+            bell.sleep(seq, min(nap, DOORBELL_POLL_MS / 1000))
 
     def _learn(self, request: InFlight, now: float) -> None:
         """Updates when this method's replies are due (a mean over the last few: one slow reply, a batch
