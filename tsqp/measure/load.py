@@ -49,6 +49,8 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
                     server_cpu.append(tee.ops.link.call("ping").args.get("cpu_s", 0.0))
 
             barrier.wait(timeout=START_TIMEOUT_S)
+            # the server's count of batched requests once every client is past its warm-up (which may batch too)
+            batched_before = tee.ops.link.call("ping").args.get("batched", 0)
             calls, start = tee.stats.rpc_calls, time.perf_counter()
             result = generate(tee, ids, decode + 1, on_token=on_token)
             calls = tee.stats.rpc_calls - calls - 1  # less the ping at the first token
@@ -64,6 +66,7 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
                 "calls": calls,
                 "cpu": cpu,
                 "server_cpu": server_cpu,
+                "server_batched_before": batched_before,
                 "server_batched": batched,
             }
         )
@@ -147,8 +150,10 @@ def run_load(options: RunOptions, clients: int, tokens: int, decode: int, consol
         after = figures(run_clients(options, 1, tokens, decode))
     single = (alone["aggregate_decode_tokens_per_s"] + after["aggregate_decode_tokens_per_s"]) / 2
     # requests that ran in a product shared with another client's, of all the run's requests (the server's
-    # count after the run, less its count after the one-client run: the warm-ups' few are in it)
-    shared = max(r["server_batched"] for r in together_reports) - max(r["server_batched"] for r in alone_reports)
+    # count after the run, less its count before any client began: the warm-ups, which may batch, are not in it)
+    shared = max(r["server_batched"] for r in together_reports) - min(
+        r["server_batched_before"] for r in together_reports
+    )
     result = {
         "clients": clients,
         "tokens": tokens,
