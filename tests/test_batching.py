@@ -138,4 +138,8 @@ def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_t
     alone, together, stats = decode_at_once(model, prompts, [24] * 4)
     assert together == alone
     assert stats["batched"] > 0, "no request shared a product"
+    sizes = {int(size): n for size, n in stats["batch_sizes"].items()}
+    assert set(sizes) <= {1, 2, 3, 4} and sizes.get(1, 0) < sum(sizes.values())
+    # every request that shared a product is counted once in its product's size
+    assert sum(size * n for size, n in sizes.items() if size > 1) == stats["batched"]
     assert stats["sessions"] == 0 and stats["cache_bytes"] == 0

@@ -104,3 +104,62 @@ def test_a_few_rows_go_with_the_weight_on_the_left_and_equal_matmul(monkeypatch,
         monkeypatch.setenv("TSQP_CPU_LINEAR", name)
         kernels.linear(*_inputs(4, dtype, bias))
     assert len(calls) == 6, "TSQP_CPU_LINEAR=onednn and mkl keep the weight on the right"
+
+
+@pytest.fixture
+def packing(monkeypatch):
+    """Weights of 80 x 96 count as large enough for a packed copy; the copies made are forgotten after."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(kernels, "PACKED_MIN_WEIGHTS", 80 * 96)
+    monkeypatch.setattr(kernels, "_PACKED", {})
+    packs = []
+    real = kernels._pack
+    monkeypatch.setattr(kernels, "_pack", lambda w: packs.append(w.shape) or real(w))
+    return packs
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_rows_and_more_use_a_packed_copy_made_once_and_equal_matmul(packing, bias):
+    _, w, b = _inputs(1, bias=bias)
+    for rows in (1, 2, 8, 33):
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        expected = torch.addmm(b, x, w.t()) if bias else x @ w.t()
+        out = torch.full((rows, 80), float("nan"))
+        assert kernels.linear_into(out, x, w, b).data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kernels.linear(x, w, b), expected, rtol=1e-5, atol=1e-4)
+        assert packing == ([] if rows == 1 else [(80, 96)]), "one row keeps the plain weight; the copy is made once"
+    assert kernels._PACKED[id(w)] is not None and kernels._PACKED[id(w)].is_mkldnn
+
+
+def test_a_freed_weight_drops_its_packed_copy(packing):
+    x, w, b = _inputs(4)
+    kernels.linear(x, w, b)
+    assert id(w) in kernels._PACKED
+    key = id(w)
+    del w
+    assert key not in kernels._PACKED
+
+
+def test_no_packed_copy_without_the_memory_small_weights_or_when_switched_off(packing, monkeypatch):
+    x, w, b = _inputs(4)
+    big, small = torch.cat([w, w]), w[:40].contiguous()
+    monkeypatch.setattr(kernels, "PACKED_MIN_WEIGHTS", 160 * 96)
+    kernels.linear(x, small, b[:40])
+    assert packing == [], "under PACKED_MIN_WEIGHTS"
+    for name in ("unpacked", "onednn", "mkl"):
+        monkeypatch.setenv("TSQP_CPU_LINEAR", name)
+        torch.testing.assert_close(kernels.linear(x, big), x @ big.t(), rtol=1e-5, atol=1e-4)
+    assert packing == [], "TSQP_CPU_LINEAR other than auto makes no copy"
+    monkeypatch.delenv("TSQP_CPU_LINEAR")
+    monkeypatch.setattr(kernels, "PACK_RESERVE_FRACTION", 1.0)  # no host has all its memory available
+    torch.testing.assert_close(kernels.linear(x, big), x @ big.t(), rtol=1e-5, atol=1e-4)
+    assert packing == [(160, 96)] and kernels._PACKED[id(big)] is None, "refused for memory: the plain weight"
+    kernels.linear(x, big)
+    assert packing == [(160, 96)], "a refusal is remembered, not asked again on every product"
+
+
+def test_memory_allows_reads_the_host_memory():
+    assert kernels.memory_allows(1 << 20) is True  # 1 MiB: every host that runs the tests has it
+    assert kernels.memory_allows(1 << 60) is False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,7 @@ class Engine:
         self._alloc: Alloc | None = None
         self._record: Callable | None = None  # batching.record: steps handed to it, not run
         self.batched = 0  # requests that ran in a product shared with other clients' (batching.py)
+        self.batch_sizes: Counter[int] = Counter()  # products of batchable ops by how many requests shared them
         self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
         self.private_only = private_only
         self.instance = secrets.token_hex(8)
@@ -214,6 +216,7 @@ class Engine:
             "sessions": len(self.sessions),
             "cache_bytes": cache,
             "batched": self.batched,
+            "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             "cpu_s": time.process_time(),
         }, []
 

@@ -225,6 +225,8 @@ class Server:
                     queued.update(dict.fromkeys(peers))  # held: not counted on by the requests after it
                     continue
             ran = True
+            if keys[i] is not None:
+                self.engine.batch_sizes[len(group)] += 1
             replies = self.run(pending, requests, group)
             now = time.perf_counter()
             for j, reply in zip(group, replies, strict=True):
