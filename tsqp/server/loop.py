@@ -229,11 +229,15 @@ class Server:
                 self.engine.batch_sizes[len(group)] += 1
             replies = self.run(pending, requests, group)
             now = time.perf_counter()
+            sleepers = []  # woken once every reply of the product is out (see send)
             for j, reply in zip(group, replies, strict=True):
                 done[j] = True
-                self.send(pending[j], reply)
+                if (bell := self.send(pending[j], reply)) is not None:
+                    sleepers.append(bell)
                 if keys[j] is not None:
                     self.rendezvous.answered(pending[j].peer, keys[j], now)
+            for bell in sleepers:
+                bell.wake()
         return ran
 
     def hold(self, item: Pending, key: tuple, queued: dict[bytes, tuple | None]) -> bool:
@@ -314,20 +318,22 @@ class Server:
         # a bug or a hostile input we did not foresee: answer, keep serving
         return pack({"id": request_id, "ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    def send(self, item: Pending, reply: list) -> None:
+    def send(self, item: Pending, reply: list) -> Doorbell | None:
         """A reply to a rung request goes back on its doorbell while the client polls for it (and it is all
-        header); every other reply goes by ZeroMQ."""
+        header); every other reply goes by ZeroMQ. Returns the doorbell whose sleeper the caller must wake
+        (Doorbell.wake). A batch's replies all go out before the first wake: a wake lets the woken client
+        preempt the server on a shared core (150 to 180 us a wake with 8 clients on 2 cores), and the
+        clients still to be answered would wait for it."""
         bell = item.bell
+        self._served(item.peer)
         if bell is not None and self.doorbells.get(item.peer) is bell and len(reply) == 1 and fits(reply[0]):
             if bell.client_waiting():
                 bell.answer(item.flag, reply[0])
-                bell.wake()
-                self._served(item.peer)
-                return
+                return bell
         self.sock.send_multipart([item.peer] + reply, copy=False)
         if bell is not None and self.doorbells.get(item.peer) is bell:
-            bell.wake()  # a client asleep on the wake word looks at the socket next
-        self._served(item.peer)
+            return bell  # a client asleep on the wake word looks at the socket next
+        return None
 
     def attach_arena(self, peer: bytes, args: dict) -> dict:
         name, size = args.get("name"), args.get("size")
