@@ -25,6 +25,7 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
+from tsqp.server.kernel_tuning import tune
 from tsqp.server.kernels import linear, linear_into
 from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
@@ -118,6 +119,15 @@ class Engine:
                 self.layers[layer] = None  # its float32 weights are freed as soon as its float64 ones exist
             self._masked_weight("lm_head", 0)
             self.embed = self.head = None
+        started = time.perf_counter()
+        self.kernel_timings = tune(self._linear_weights()) if self.device.type == "cpu" else {}
+        self.tuning_s = time.perf_counter() - started  # which linear kernel wins here, by shape and rows
+
+    def _linear_weights(self) -> list[torch.Tensor]:
+        """The float32 weights of plain mode's products, largest first (the LM head, then each layer's)."""
+        layers = [layer for layer in self.layers if layer is not None]
+        names = ("qk", "v", "o", "gate_up", "down")
+        return [t for t in [self.head, *(getattr(layer, n) for n in names for layer in layers)] if t is not None]
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -217,8 +227,16 @@ class Engine:
             "cache_bytes": cache,
             "batched": self.batched,
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
+            "kernels": self.kernel_plan(),
             "cpu_s": time.process_time(),
         }, []
+
+    def kernel_plan(self) -> dict[str, dict[str, str]]:
+        """The fastest linear kernel measured at load, by weight shape and row count (kernel_tuning.py)."""
+        return {
+            shape: {str(rows): min(times, key=times.__getitem__) for rows, times in figures.items()}
+            for shape, figures in self.kernel_timings.items()
+        }
 
     def op_echo(self, args, x):
         """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""

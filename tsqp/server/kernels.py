@@ -34,9 +34,15 @@ the plain weight (49 against 66 packed): a lone client's decode pays nothing, an
 batches never makes the copy. For TinyLlama-1.1B the copies take 3.3 GB. The packed product sums in
 another order again: the last bits differ, as with any kernel choice here.
 
+Those are static rules, measured on one host. A CPU server measures instead, at load, which of the four
+kernels (`onednn`, `packed`, `left`, `mkl`) is fastest for each of its weight shapes and row counts
+(kernel_tuning.py) and sets that plan here (`set_plan`): a product takes its plan's first usable kernel
+(`packed` is passed over where its copy could not be made). The static rules remain for weights no plan
+covers (under kernel_tuning.TUNE_MIN_WEIGHTS elements: a test model's) and for float64.
+
 `TSQP_CPU_LINEAR` picks the kernels, to compare or where one misbehaves: `auto` (the default, as above),
 `unpacked` (as auto, without the packed copies), `onednn` (oneDNN for every float32 product, no weight
-on the left, no packed copies), `mkl` (torch.matmul x W^T everywhere). oneDNN is used only for float32
+on the left, no packed copies, no plan), `mkl` (torch.matmul x W^T everywhere). oneDNN is used only for float32
 on the CPU, and only after a self-test on first use gives the same product as torch.matmul.
 """
 
@@ -83,30 +89,31 @@ def _self_test() -> bool:
 
 
 def _onednn_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.dim() == 2
-        and x.shape[0] > 0
-        and weight.dim() == 2
-        and weight.is_contiguous()
-        and weight.numel() >= ONEDNN_MIN_WEIGHTS
-        and (bias is None or bias.dtype == torch.float32)
-        and onednn_usable()
-    )
+    """oneDNN takes this product under the static rules: float32 on the CPU, a large enough weight."""
+    return weight.numel() >= ONEDNN_MIN_WEIGHTS and _float32_cpu(x, weight, bias)
 
 
 def _packed_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The weight's packed copy when this product should use it (made on first need), else None."""
+    """The weight's packed copy when the static rules give this product one (made on first need), else None."""
     if x.dim() != 2 or x.shape[0] < 2 or weight.numel() < PACKED_MIN_WEIGHTS or choice() != "auto":
         return None
     if not _onednn_fits(x, weight, bias):
         return None
+    return packed_copy(weight)
+
+
+def packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's packed copy, made on first need; None where the memory does not allow it (remembered)."""
     key = id(weight)
     if key not in _PACKED:
         _PACKED[key] = _pack(weight)
         weakref.finalize(weight, _PACKED.pop, key, None)  # a freed weight's id may be reused
     return _PACKED[key]
+
+
+def drop_packed(weight: torch.Tensor) -> None:
+    """Frees the weight's packed copy, if it has one (the tuner's, when no product is planned to use it)."""
+    _PACKED.pop(id(weight), None)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -151,25 +158,98 @@ def _pointwise(x, weight, bias):
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) W^T + b for W (out, in): a new (T, out) tensor."""
-    if (packed := _packed_for(x, weight, bias)) is not None:
-        return _pointwise(x, packed, bias)
+# -- the measured plan (kernel_tuning.py) ---------------------------------------------------------
+
+KERNELS = ("onednn", "packed", "left", "mkl")
+PLAN_ROWS = (1, 2, 4, 8, 16, 64)  # the row counts measured; a product takes the plan of the next one up
+_PLAN: dict[tuple[tuple[int, ...], torch.dtype], dict[int, tuple[str, ...]]] = {}  # weight shape -> rows -> ranking
+
+
+def plan_rows(rows: int) -> int:
+    """The measured row count whose ranking a product of `rows` rows follows."""
+    for measured in PLAN_ROWS:
+        if rows <= measured:
+            return measured
+    return PLAN_ROWS[-1]
+
+
+def plan_for(weight: torch.Tensor) -> dict[int, tuple[str, ...]] | None:
+    return _PLAN.get((tuple(weight.shape), weight.dtype))
+
+
+def set_plan(weight: torch.Tensor, rankings: dict[int, tuple[str, ...]]) -> None:
+    """Products with weights of this shape and dtype take, by row count, the first usable kernel of each ranking."""
+    if set(rankings) != set(PLAN_ROWS) or any(not r or set(r) - set(KERNELS) for r in rankings.values()):
+        raise ValueError(f"a plan ranks kernels of {KERNELS} for each of the row counts {PLAN_ROWS}")
+    _PLAN[(tuple(weight.shape), weight.dtype)] = {rows: tuple(r) for rows, r in rankings.items()}
+
+
+def clear_plans() -> None:
+    _PLAN.clear()
+
+
+def _planned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    plan = plan_for(weight)
+    if plan is None or choice() not in ("auto", "unpacked") or not _float32_cpu(x, weight, bias):
+        return None
+    for name in plan[plan_rows(x.shape[0])]:
+        if name != "packed" or (choice() == "auto" and packed_copy(weight) is not None):
+            return name
+    return None
+
+
+def _float32_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Every kernel here can take this product: float32 rows on the CPU, a contiguous weight, oneDNN usable."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == torch.float32)
+        and onednn_usable()
+    )
+
+
+def kernel_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The kernel this product takes: the measured plan's first usable one for its shape and row count, else the
+    static rules (measured on a Zen 3 host, the module's docstring): packed, left, onednn, or mkl."""
+    planned = _planned(x, weight, bias)
+    if planned is not None:
+        return planned
+    if _packed_for(x, weight, bias) is not None:
+        return "packed"
     if _weight_left_fits(x, weight):
-        return _weight_left(x, weight, bias).contiguous()
+        return "left"
     if _onednn_fits(x, weight, bias):
+        return "onednn"
+    return "mkl"
+
+
+def run(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b by the named kernel (`packed` needs the weight's packed copy to exist)."""
+    if name == "packed":
+        return _pointwise(x, _PACKED[id(weight)], bias)
+    if name == "left":
+        return _weight_left(x, weight, bias).contiguous()
+    if name == "onednn":
         return _pointwise(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) W^T + b for W (out, in): a new (T, out) tensor."""
+    return run(kernel_for(x, weight, bias), x, weight, bias)
+
+
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x W^T + b written into out (T, out), e.g. a reply slot in the client's arena."""
-    if out.dtype == torch.float32 and (packed := _packed_for(x, weight, bias)) is not None:
-        return out.copy_(_pointwise(x, packed, bias))
-    if out.dtype == x.dtype and _weight_left_fits(x, weight):
+    name = kernel_for(x, weight, bias)
+    if name == "left" and out.dtype == x.dtype:
         return out.copy_(_weight_left(x, weight, bias))
-    if out.dtype == torch.float32 and _onednn_fits(x, weight, bias):
-        return out.copy_(_pointwise(x, weight, bias))
+    if name in ("packed", "onednn") and out.dtype == torch.float32:
+        return out.copy_(run(name, x, weight, bias))
     if bias is None:
         return torch.matmul(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)

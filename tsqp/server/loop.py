@@ -27,6 +27,7 @@ from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
+from tsqp.server.kernel_tuning import describe
 from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
 from tsqp.server.rendezvous import HOLD_MS, Rendezvous
 from tsqp.tuning import keep_freed_memory
@@ -461,6 +462,12 @@ def run_server(
             file=sys.stderr,
             flush=True,
         )
+        if engine.kernel_timings:
+            print(
+                f"tsqp server: linear kernels measured in {engine.tuning_s:.1f} s: {describe(engine.kernel_timings)}",
+                file=sys.stderr,
+                flush=True,
+            )
         server.serve_forever()
     except RankFailure:
         lost = True
