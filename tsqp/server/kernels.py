@@ -184,10 +184,6 @@ def set_plan(weight: torch.Tensor, rankings: dict[int, tuple[str, ...]]) -> None
     _PLAN[(tuple(weight.shape), weight.dtype)] = {rows: tuple(r) for rows, r in rankings.items()}
 
 
-def clear_plans() -> None:
-    _PLAN.clear()
-
-
 def _planned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     plan = plan_for(weight)
     if plan is None or choice() not in ("auto", "unpacked") or not _float32_cpu(x, weight, bias):
