@@ -25,7 +25,7 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
-from tsqp.server.kernel_tuning import tune
+from tsqp.server.kernel_tuning import ranking, tune
 from tsqp.server.kernels import linear, linear_into
 from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
@@ -234,7 +234,7 @@ class Engine:
     def kernel_plan(self) -> dict[str, dict[str, str]]:
         """The fastest linear kernel measured at load, by weight shape and row count (kernel_tuning.py)."""
         return {
-            shape: {str(rows): min(times, key=times.__getitem__) for rows, times in figures.items()}
+            shape: {str(rows): ranking(times)[0] for rows, times in figures.items()}
             for shape, figures in self.kernel_timings.items()
         }
 
