@@ -332,7 +332,8 @@ def exact_shapes(method: str, T: int, args: dict, filled: int) -> list[list[int]
     if method == "attn_out":
         pos, tile = args.get("pos"), args.get("tile")
         valid = all(isinstance(v, int) and not isinstance(v, bool) for v in (pos, tile))
-        if valid and filled - pos > 0 and 0 < tile <= MAX_QUERY_TILE:
+        # a hostile pos (say -2**63) must not size the strategy's own work: query_tiles lists every tile
+        if valid and 0 <= pos < filled and 0 < tile <= MAX_QUERY_TILE:
             return [[query_tiles(filled - pos, pos, HEADS, tile)[1]]]
         return [[T]]
     return {

@@ -97,7 +97,11 @@ class Tile:
 
 
 def query_tiles(T: int, pos: int, heads: int, tile: int) -> tuple[list[Tile], int]:
-    """The tiles of a call with T queries at positions [pos, pos+T), and the packed length in elements."""
+    """The tiles of a call with T queries at positions [pos, pos+T), and the packed length in elements.
+
+    Its callers bound T and pos first (a list of T / tile tiles is built)."""
+    if T < 0 or pos < 0 or tile < 1:
+        raise ValueError(f"query_tiles needs T >= 0, pos >= 0 and tile >= 1, got {T}, {pos}, {tile}")
     tiles, offset = [], 0
     for row in range(0, T, tile):
         rows = min(tile, T - row)
