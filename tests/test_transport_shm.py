@@ -122,8 +122,10 @@ def test_arena_views_are_bounds_checked():
 
 
 def test_interrupted_client_removes_its_arena():
-    """Ctrl-C during a run: the private server stops and the arena file goes."""
-    before = set(SHM_DIR.glob("tsqp-arena-*"))
+    """Ctrl-C during a run: the private server stops and the arena file goes.
+
+    The test waits for this client's own arena (its pid is in the name): in a full run another process's
+    arena could appear first, and a SIGINT sent while the client still imports is not a run's Ctrl-C."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -144,12 +146,13 @@ def test_interrupted_client_removes_its_arena():
         stderr=subprocess.PIPE,
         text=True,
     )
+    own = f"tsqp-arena-{process.pid}-*"
     try:
-        assert wait_for(lambda: set(SHM_DIR.glob("tsqp-arena-*")) - before, timeout=60), "no arena appeared"
+        assert wait_for(lambda: list(SHM_DIR.glob(own)), timeout=60), "no arena appeared"
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130
+        assert process.wait(timeout=30) == 130, process.stderr.read()[-2000:]
     finally:
         if process.poll() is None:
             process.kill()
-    assert not (set(SHM_DIR.glob("tsqp-arena-*")) - before)
+    assert not list(SHM_DIR.glob(own))
     assert os.path.isdir(SHM_DIR)

@@ -1,3 +1,6 @@
-from tsqp.cli import main
+try:
+    from tsqp.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch still imports: no traceback
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

@@ -600,8 +600,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except TsqpError as exc:
         print(f"tsqp: error: {exc}", file=sys.stderr)
