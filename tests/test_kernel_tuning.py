@@ -2,6 +2,8 @@
 timed at load and ranked by row count; products then take the fastest usable one, fall back to the next
 where a packed copy cannot be made, and equal torch.matmul whichever they take."""
 
+import json
+
 import pytest
 import torch
 from conftest import reference_logits, split_logits, token_ids
@@ -167,3 +169,74 @@ def test_a_tuned_engine_reports_its_plan_and_its_logits_match_transformers(tiny_
     ids = token_ids(12)
     logits = split_logits(tiny_model, InProcess(engine), ids)
     torch.testing.assert_close(logits, reference_logits(tiny_reference, ids), rtol=1e-4, atol=1e-4)
+
+
+# -- the plan kept per host (kernel_plans.py): measured once, the same kernels at every start ---------------
+
+
+def test_a_kept_plan_is_reused_and_not_measured_again(monkeypatch, tmp_path):
+    from tsqp.server.kernel_plans import PlanStore
+
+    store = PlanStore(tmp_path, "auto")
+    first = {"mkl": lambda rows: 1.0, "left": lambda rows: 2.0, "packed": lambda rows: 3.0, "onednn": lambda rows: 4.0}
+    weights = _weights(3)
+    measured = kernel_tuning.tune(weights, clock=FakeClock(monkeypatch, first), store=store)
+    assert store.path.is_file() and store.load() == measured
+    plan = kernels.plan_for(weights[0])
+    assert plan[1][0] == "mkl"
+
+    # a restart on a host whose timings now say otherwise: the kept figures decide, nothing is timed
+    monkeypatch.setattr(kernels, "_PLAN", {})
+    flipped = {
+        "mkl": lambda rows: 9.0,
+        "left": lambda rows: 8.0,
+        "packed": lambda rows: 7.0,
+        "onednn": lambda rows: 1.0,
+    }
+    clock = FakeClock(monkeypatch, flipped)
+    again = kernel_tuning.tune(_weights(3, seed=5), clock=clock, store=store)
+    assert again == measured and clock.runs == []
+    assert kernels.plan_for(weights[0]) == plan
+
+    # another shape is measured and added beside the first
+    kernel_tuning.tune(_weights(2, out=40), clock=clock, store=store)
+    assert set(store.load()) == {"80x96", "40x96"} and clock.runs
+
+
+def test_a_kept_plan_belongs_to_one_host_identity_and_a_broken_file_is_measured_again(monkeypatch, tmp_path):
+    from tsqp.server import kernel_plans
+
+    store = kernel_plans.PlanStore(tmp_path, "auto")
+    assert kernel_plans.PlanStore(tmp_path, "unpacked").path != store.path, "another kernel choice, another file"
+    monkeypatch.setattr(kernel_plans, "cpu_model", lambda: "another processor")
+    assert kernel_plans.PlanStore(tmp_path, "auto").path != store.path
+    monkeypatch.undo()
+    store.path.write_text("{not json")
+    assert store.load() == {}
+    cost = {name: (lambda rows: 1.0) for name in kernels.KERNELS}
+    monkeypatch.setattr(kernel_tuning, "TUNE_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(kernels, "_PLAN", {})
+    clock = FakeClock(monkeypatch, cost)
+    kernel_tuning.tune(_weights(2), clock=clock, store=store)
+    assert clock.runs and set(store.load()) == {"80x96"}
+
+
+@pytest.mark.subprocess
+def test_the_same_request_gives_the_same_logits_across_server_restarts(checkpoints, tmp_path):
+    """Three `tsqp logits` runs, each with its own server start, share a cache: the first measures the kernels of
+    every weight shape (all tunable here), the others plan from its figures; the logits are equal bit for bit."""
+    import numpy as np
+    from conftest import run_tsqp
+
+    model = checkpoints("tunable", seed=3, vocab_size=512, hidden_size=256, intermediate_size=512)
+    env = {"TSQP_CACHE": str(tmp_path / "cache")}
+    outputs = []
+    for start in range(3):
+        out = tmp_path / f"logits-{start}.npy"
+        ids = ",".join(str(i) for i in token_ids(9).tolist())
+        result = run_tsqp("logits", "--model", model, "--token-ids", ids, "--out", out, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(np.load(out))
+    kept = list((tmp_path / "cache" / "kernels").glob("*.json"))
+    assert len(kept) == 1 and {"512x256", "256x256", "1024x256", "256x512"} <= set(json.loads(kept[0].read_text())["shapes"])
+    assert np.array_equal(outputs[0], outputs[1]) and np.array_equal(outputs[0], outputs[2])

@@ -25,6 +25,8 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
+from tsqp.server import kernels
+from tsqp.server.kernel_plans import PlanStore
 from tsqp.server.kernel_tuning import ranking, tune
 from tsqp.server.kernels import linear, linear_into
 from tsqp.server.parallel import RankFailure, Ranks, assemble_columns, assemble_tiles, shards
@@ -120,8 +122,10 @@ class Engine:
             self._masked_weight("lm_head", 0)
             self.embed = self.head = None
         started = time.perf_counter()
-        self.kernel_timings = tune(self._linear_weights()) if self.device.type == "cpu" else {}
-        self.tuning_s = time.perf_counter() - started  # which linear kernel wins here, by shape and rows
+        # which linear kernel wins here, by shape and rows: measured once per host, then kept (kernel_plans.py)
+        self.kernel_store = PlanStore.default(kernels.choice()) if self.device.type == "cpu" else None
+        self.kernel_timings = tune(self._linear_weights(), store=self.kernel_store) if self.kernel_store else {}
+        self.tuning_s = time.perf_counter() - started
 
     def _linear_weights(self) -> list[torch.Tensor]:
         """The float32 weights of plain mode's products, largest first (the LM head, then each layer's)."""

@@ -17,6 +17,9 @@ would be timed from it), or over the first rows of a larger weight; the fastest 
 packed ranks first for some row count, every weight of the shape gets its packed copy at once (where
 the memory allows: kernels.memory_allows), not in the first product that needs it; otherwise the copies
 made to time it are freed. What was measured is returned for the server's ping and its log.
+
+A server measures each shape once per host: the figures are kept (kernel_plans.PlanStore) and later starts
+plan from them, so that a restart does not change which kernel, and which order of sums, a product takes.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 
 from tsqp.server import kernels
+from tsqp.server.kernel_plans import PlanStore
 
 TUNE_MIN_WEIGHTS = 1 << 16  # elements: smaller weights (a test model's) keep the static rules of kernels.py
 REPS = 4  # timed rounds per candidate and row count (after one warm-up); the fastest round counts
@@ -48,33 +53,46 @@ def tunable(weight: torch.Tensor) -> bool:
     )
 
 
-def tune(weights: Iterable[torch.Tensor], clock: Clock = time.perf_counter) -> dict[str, dict[int, dict[str, float]]]:
-    """Measures and sets the plan of every tunable weight shape not planned yet; returns what was measured, ms a
-    GB of weights by shape ("11264x2048"), row count and kernel. Nothing happens where oneDNN is not usable or
-    TSQP_CPU_LINEAR names a fixed kernel."""
+def tune(
+    weights: Iterable[torch.Tensor], clock: Clock = time.perf_counter, store: PlanStore | None = None
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Sets the plan of every tunable weight shape not planned yet, from the store's kept figures where it has
+    them, else measured (and then kept there); returns the figures, ms a GB of weights by shape ("11264x2048"),
+    row count and kernel. Nothing happens where oneDNN is not usable or TSQP_CPU_LINEAR names a fixed kernel."""
     if kernels.choice() not in ("auto", "unpacked") or not kernels.onednn_usable():
         return {}
     groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
     for weight in weights:
-        if tunable(weight):
+        if tunable(weight) and kernels.plan_for(weight) is None:
             groups[tuple(weight.shape)].append(weight)
-    measured = {}
-    with torch.inference_mode():
-        for shape, group in groups.items():
-            if kernels.plan_for(group[0]) is not None:
-                continue
-            sample = samples(group)
-            figures = measure(sample, clock)
-            rankings = {rows: ranking(times) for rows, times in figures.items()}
-            kernels.set_plan(group[0], rankings)
-            packed = any(names[0] == "packed" for names in rankings.values())
-            for weight in sample if not packed else ():
-                kernels.drop_packed(weight)
-            del sample  # a slice's packed copy goes with it
-            for weight in group if packed else ():
-                kernels.packed_copy(weight)  # now, not in a first request's product (where memory allows)
-            measured[describe_shape(shape)] = figures
-    return measured
+    if not groups:
+        return {}
+    with store.locked() if store is not None else nullcontext():
+        kept = store.load() if store is not None else {}
+        figures = {describe_shape(shape): kept.get(describe_shape(shape)) for shape in groups}
+        with torch.inference_mode():
+            for shape, group in groups.items():
+                name = describe_shape(shape)
+                if figures[name] is None or set(figures[name]) != set(kernels.PLAN_ROWS):
+                    figures[name] = measure(samples(group), clock)
+                apply(group, figures[name])
+        if store is not None and any(name not in kept for name in figures):
+            store.save(figures)
+    return figures
+
+
+def apply(group: list[torch.Tensor], figures: dict[int, dict[str, float]]) -> None:
+    """Sets the plan of the group's shape; where packed ranks first for some row count, every weight of the
+    shape gets its packed copy now, not in a first request's product (where memory allows); otherwise the
+    copies made to time it are freed."""
+    rankings = {rows: ranking(times) for rows, times in figures.items()}
+    kernels.set_plan(group[0], rankings)
+    packed = any(names[0] == "packed" for names in rankings.values())
+    for weight in group:
+        if packed:
+            kernels.packed_copy(weight)
+        else:
+            kernels.drop_packed(weight)
 
 
 def samples(group: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -464,7 +464,8 @@ def run_server(
         )
         if engine.kernel_timings:
             print(
-                f"tsqp server: linear kernels measured in {engine.tuning_s:.1f} s: {describe(engine.kernel_timings)}",
+                f"tsqp server: linear kernels planned in {engine.tuning_s:.1f} s (figures kept in "
+                f"{engine.kernel_store.path}): {describe(engine.kernel_timings)}",
                 file=sys.stderr,
                 flush=True,
             )
