@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -232,22 +231,16 @@ def test_malformed_request_is_validated(server, name, frames):
     assert "internal error" not in reply.header["error"], reply.header["error"]
 
 
-SMALL_MAX_MESSAGE = 1 << 20
-# `tsqp serve` with its sockets' ZMQ_MAXMSGSIZE lowered to 1 MiB (the real bound, 4 GiB, is too large to
-# exceed in a test): the same CLI entry point, only transport.make_socket's default is changed.
-SMALL_LIMIT_SERVE = (
-    "import sys, tsqp.wire.transport as t; make = t.make_socket; "
-    f"t.make_socket = lambda context, kind, limit={SMALL_MAX_MESSAGE}, **kw: make(context, kind, limit, **kw); "
-    "from tsqp.cli import main; sys.exit(main(sys.argv[1:]))"
-)
+BUDGET_MB = 640
+SMALL_MAX_MESSAGE = (BUDGET_MB << 20) // 64  # `tsqp serve --max-memory-mb 640` takes message parts of 10 MiB at most
 
 
 def test_oversized_message_drops_only_that_peer(tiny_model, tiny_reference, short_dir):
     endpoint = f"ipc://{short_dir}/big.sock"
     server = ServerProcess(str(tiny_model), endpoint=endpoint, start_timeout_s=START_TIMEOUT_S)
-    server.command = [sys.executable, "-c", SMALL_LIMIT_SERVE, *server.command[3:]]
+    server.command += ["--max-memory-mb", str(BUDGET_MB)]  # the budget bounds ZMQ_MAXMSGSIZE (budget.py)
     with server:
-        rows = SMALL_MAX_MESSAGE // (32 * 4) + 1024  # about 1.1 MiB of float32 activations
+        rows = SMALL_MAX_MESSAGE // (32 * 4) + 1024  # just over 10 MiB of float32 activations
         with Client(endpoint, timeout_s=30) as client:
             client.call("ping")
             start = time.monotonic()

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         "$LLAMA_GPU_PORT, else a per-user ipc path)",
     )
     serve.add_argument("--max-cache-mb", type=int, default=8192, help="KV cache memory cap over all sessions")
+    serve.add_argument(
+        "--max-memory-mb",
+        type=int,
+        default=int(env("TSQP_MAX_MEMORY_MB", "0")),
+        help="the server's memory budget: a request that would take it past this is refused, the server goes on "
+        "(default: $TSQP_MAX_MEMORY_MB, else 80%% of the host's memory or of its cgroup's limit)",
+    )
     serve.add_argument("--idle-timeout", type=float, default=600.0, help="seconds before an idle session is freed")
     serve.add_argument(
         "--batch-hold-ms",
@@ -365,6 +372,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise TsqpError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.tensor_parallel < 1:
         raise TsqpError("--tensor-parallel must be at least 1")
+    if args.max_memory_mb < 0:
+        raise TsqpError("--max-memory-mb must be positive (0: the default)")
     curve = server_keys(args.curve_keys) if args.curve_keys else None  # checked before the weights load
     run_server(
         str(resolve_model(args)),
@@ -375,6 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tensor_parallel=args.tensor_parallel,
         hold_s=None if args.batch_hold_ms is None else args.batch_hold_ms / 1000,
         max_cache_bytes=args.max_cache_mb << 20,
+        max_memory_bytes=args.max_memory_mb << 20 or None,
         idle_timeout_s=args.idle_timeout,
         private_only=args.private_only,
     )

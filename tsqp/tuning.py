@@ -35,6 +35,16 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
+def release_freed_memory() -> bool:
+    """Gives the heap's free pages back to the OS (glibc's malloc_trim), where keep_freed_memory kept them: the
+    server's memory budget calls it before a large allocation that would otherwise pass the budget in RSS."""
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
+        return False
+
+
 SMALL_STEP_ROWS = 8  # a forward of at most this many tokens (a decode step) runs on one TEE thread
 
 

@@ -54,6 +54,13 @@ def handle_batch(engine, items: list[Item]) -> list[tuple[dict, list[torch.Tenso
             return [engine.handle(*items[0])]
         except Exception as exc:
             return [exc]
+    try:
+        return _shared_product(engine, items)
+    finally:
+        engine.budget.release()  # what the group's requests reserved in turn (record: their op_ methods)
+
+
+def _shared_product(engine, items: list[Item]) -> list[tuple[dict, list[torch.Tensor]] | Exception]:
     engine.tick()
     start = time.perf_counter()
     outcomes: list = [None] * len(items)

@@ -26,6 +26,7 @@ from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.server import kernels
+from tsqp.server.budget import Budget
 from tsqp.server.kernel_plans import PlanStore
 from tsqp.server.kernel_tuning import ranking, tune
 from tsqp.server.kernels import linear, linear_into
@@ -85,13 +86,17 @@ class Engine:
         progress=None,
         private_only: bool = False,
         ranks: Ranks | None = None,
+        max_memory_bytes: int | None = None,
     ):
         """private_only: keep only private mode's float64 weights (made layer by layer once loaded, each
         layer's others dropped as its float64 ones exist): plain-mode calls are refused. A private client's
         own server runs so; it halves the memory of a server that holds both (1.1B: 8.8 GB, not 13.2).
 
         ranks: this process's place among the ranks of a tensor-parallel server (parallel.join); by
-        default one rank holding the whole model. max_cache_bytes bounds each rank's share of the caches."""
+        default one rank holding the whole model. max_cache_bytes bounds each rank's share of the caches.
+
+        max_memory_bytes: the memory budget every request is checked against (budget.py; default: a share of
+        the host's memory)."""
         self.checkpoint = Checkpoint(model_dir)
         self.config: LlamaConfig = self.checkpoint.config
         self.ranks = ranks or Ranks()
@@ -126,6 +131,10 @@ class Engine:
         self.kernel_store = PlanStore.default(kernels.choice()) if self.device.type == "cpu" else None
         self.kernel_timings = tune(self._linear_weights(), store=self.kernel_store) if self.kernel_store else {}
         self.tuning_s = time.perf_counter() - started
+        self.budget = Budget(max_memory_bytes)
+        self.budget.count("kv_cache", lambda: sum(session.nbytes for session in self.sessions.values()))
+        self.budget.count("float64_weights", lambda: sum(_nbytes(*pair) for pair in self._masked.values()))
+        self.budget.settle()
 
     def _linear_weights(self) -> list[torch.Tensor]:
         """The float32 weights of plain mode's products, largest first (the LM head, then each layer's)."""
@@ -148,16 +157,19 @@ class Engine:
         start = time.perf_counter()
         handler = getattr(self, "op_" + method)
         self._alloc = alloc if alloc is not None and self.device.type == "cpu" else None
-        if method in CONTROL_METHODS:
-            reply_args, tensors = handler(peer, request.header.get("session"), args)
-        elif method in SESSION_METHODS:
-            reply_args, tensors = {}, handler(self._session(peer, request.header.get("session")), args, *inputs)
-        else:
-            reply_args, tensors = {}, handler(args, *inputs)
-        if alloc is None:
-            tensors = [t.to("cpu") for t in tensors]  # with an arena the server copies into it directly
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them, not their launch
+        try:
+            if method in CONTROL_METHODS:
+                reply_args, tensors = handler(peer, request.header.get("session"), args)
+            elif method in SESSION_METHODS:
+                reply_args, tensors = {}, handler(self._session(peer, request.header.get("session")), args, *inputs)
+            else:
+                reply_args, tensors = {}, handler(args, *inputs)
+            if alloc is None:
+                tensors = [t.to("cpu") for t in tensors]  # with an arena the server copies into it directly
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # kernels run asynchronously: time them, not their launch
+        finally:
+            self.budget.release()
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
 
     def check_method(self, request: Message) -> str:
@@ -232,6 +244,7 @@ class Engine:
             "batched": self.batched,
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
             "kernels": self.kernel_plan(),
+            "memory": self.budget.report(),
             "cpu_s": time.process_time(),
         }, []
 
@@ -244,11 +257,14 @@ class Engine:
 
     def op_echo(self, args, x):
         """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""
+        self._reserve(x.nbytes, "echo")
         return [self._out(tuple(x.shape), x.dtype).copy_(x)]
 
     def op_init(self, peer, session_id, args):
         c = self.config
         if args.get("private") is True:  # the float64 weights of private mode, made now rather than mid-prefill
+            missing = [key for key in self._masked_ops() if key not in self._masked]
+            self._reserve(sum(self._masked_bytes(*key) for key in missing), "private mode's float64 weights")
             self._run("masked_weights", {})
         info = {
             "fingerprint": self.fingerprint,
@@ -278,6 +294,7 @@ class Engine:
                 f"KV cache memory cap reached: a {capacity}-token session needs {nbytes / 2**20:.1f} MiB, "
                 f"{in_use / 2**20:.1f} of {self.max_cache_bytes / 2**20:.1f} MiB are in use"
             )
+        self._reserve(nbytes, f"a {capacity}-token session's KV cache")
         session_id = secrets.token_bytes(16)
         self._run("open_session", {"session": session_id, "capacity": capacity})
         session = self.sessions[session_id]
@@ -314,6 +331,7 @@ class Engine:
         self._check_tokens(ids.shape[0])
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise TsqpError(f"token id out of range [0, {self.config.vocab_size})")
+        self._reserve_rows(ids.shape[0], self.config.hidden_size, self.dtype, "embedding")
         return self._run("embedding", {}, ids)
 
     def step_embedding(self, args, ids):
@@ -330,7 +348,9 @@ class Engine:
         return [rows]
 
     def op_lm_head(self, args, x):
-        return self._run("lm_head", {}, self._activation(x, self.config.hidden_size))
+        x = self._activation(x, self.config.hidden_size)
+        self._reserve_rows(x.shape[0], self.config.vocab_size, self.dtype, "lm_head", x)
+        return self._run("lm_head", {}, x)
 
     def step_lm_head(self, args, x):
         return [self._column_linear(x, self.head, None, "vocab")]
@@ -341,7 +361,12 @@ class Engine:
         if not isinstance(name, str) or name not in SEED_WEIGHTS:
             raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(SEED_WEIGHTS)}")
         width = {"o_proj": c.q_dim, "down_proj": c.intermediate_size}.get(name, c.hidden_size)
-        return self._run("linear", {"layer": layer, "name": name}, self._activation(x, width))
+        x = self._activation(x, width)
+        out = {"q_proj": c.q_dim, "k_proj": c.kv_dim, "v_proj": c.kv_dim, "gate_proj": c.intermediate_size}
+        out_width = out.get(name, c.intermediate_size if name == "up_proj" else c.hidden_size)
+        # the result, and the weight's rows cast to the server dtype
+        self._reserve_rows(x.shape[0] + width, out_width, self.dtype, f"linear {name}", x)
+        return self._run("linear", {"layer": layer, "name": name}, x)
 
     def step_linear(self, args, x):
         """The seed's names (q_proj ... down_proj, with args layer=N), as views of the fused weights."""
@@ -375,6 +400,7 @@ class Engine:
         limit = self.config.num_heads * self.config.max_position_embeddings**2  # all heads' full score square
         if math.prod(shape) > limit:
             raise ProtocolError(f"matmul result {list(shape)} exceeds {limit} elements")
+        self._reserve(math.prod(shape) * self.dtype.itemsize, "matmul")
         return [torch.matmul(self._float(a), self._float(b), out=self._out(shape))]
 
     # -- fused per-layer calls -----------------------------------------------------------------
@@ -384,6 +410,10 @@ class Engine:
         layer, pos = self._layer_pos(session, args)
         x = self._activation(x, self.config.hidden_size)
         self._check_room(session, pos, x.shape[0])
+        c = self.config
+        # q and k in the server dtype; v, and x cast for it, in float32
+        self._reserve_rows(x.shape[0], c.q_dim + c.kv_dim, self.dtype, "qkv", x)
+        self._reserve_rows(x.shape[0], c.kv_dim + c.hidden_size, VALUE_DTYPE, "qkv")
         return self._run("qkv", {"session": session.id, "layer": layer, "pos": pos}, x)
 
     def step_qkv(self, args, x):
@@ -410,6 +440,8 @@ class Engine:
         self._check_room(session, pos, T)
         self._float(q)  # both dtypes checked before the cache changes
         self._float(k)
+        _, total = query_tiles(T, pos, c.num_heads, tile)
+        self._reserve((total + q.numel()) * self.dtype.itemsize, f"scores of {T} tokens after {pos}")
         session.filled[layer] = pos + T
         return self._run("scores", {"session": session.id, "layer": layer, "pos": pos, "tile": tile}, q, k)
 
@@ -452,6 +484,9 @@ class Engine:
         if not 0 < T <= cached or tuple(probs.shape) != (total,):
             raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
         self._float(probs)
+        # probs in float32, P V and its transpose, the result and its float32 partial sums
+        values = (total + 2 * T * c.q_dim + T * c.hidden_size) * VALUE_DTYPE.itemsize
+        self._reserve(values + T * c.hidden_size * self.dtype.itemsize, f"attention of {T} tokens after {pos}")
         args = {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "tokens": T}
         return self._run("attn_out", args, probs)
 
@@ -483,7 +518,9 @@ class Engine:
 
     def op_gate_up(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
-        return self._run("gate_up", {"layer": layer}, self._activation(x, self.config.hidden_size))
+        x = self._activation(x, self.config.hidden_size)
+        self._reserve_rows(x.shape[0], 2 * self.config.intermediate_size, self.dtype, "gate_up", x)
+        return self._run("gate_up", {"layer": layer}, x)
 
     def step_gate_up(self, args, x):
         weights = self.layers[args["layer"]]
@@ -491,7 +528,9 @@ class Engine:
 
     def op_down(self, session: Session, args, x):
         layer = _int_arg(args, "layer", 0, self.config.num_layers - 1)
-        return self._run("down", {"layer": layer}, self._activation(x, self.config.intermediate_size))
+        x = self._activation(x, self.config.intermediate_size)
+        self._reserve_rows(x.shape[0], self.config.hidden_size, VALUE_DTYPE, "down", x)
+        return self._run("down", {"layer": layer}, x)
 
     def step_down(self, args, x):
         weights = self.layers[args["layer"]]
@@ -507,7 +546,9 @@ class Engine:
         op, layer = self._masked_op(args)
         if x.dtype != MASKED_DTYPE:
             raise ProtocolError(f"masked_linear takes a float64 activation, not {x.dtype}")
-        return self._run("masked_linear", {"op": op, "layer": layer}, self._shape(x, self._masked_width(op)))
+        x = self._shape(x, self._masked_width(op))
+        self._reserve_masked(op, layer, x.shape[0], "masked_linear", x)
+        return self._run("masked_linear", {"op": op, "layer": layer}, x)
 
     def step_masked_linear(self, args, x):
         weight, bias = self._masked_weight(args["op"], args["layer"])
@@ -523,6 +564,8 @@ class Engine:
         if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
             raise ProtocolError(f"pad needs a {SEED_BYTES}-byte seed")
         rows = _int_arg(args, "rows", 1, self.config.max_position_embeddings)
+        self._reserve_rows(rows, self._masked_width(op), MASKED_DTYPE, "the pad")  # z, expanded from its seed
+        self._reserve_masked(op, layer, rows, "pad")
         return self._run("pad", {"op": op, "layer": layer, "seed": seed, "rows": rows})
 
     def step_pad(self, args):
@@ -546,20 +589,23 @@ class Engine:
         c = self.config
         return {"o_proj": c.q_dim, "down": c.intermediate_size}.get(op, c.hidden_size)
 
+    def _masked_parts(self, op: str, layer: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The plain weights (and biases) a private-mode linear's float64 weight is made of."""
+        if op == "lm_head":
+            return [(self.head, None)]
+        w = self.layers[layer]
+        return {
+            "qkv": [(w.qk, w.qk_bias), (w.v, w.v_bias)],
+            "o_proj": [(w.o, w.o_bias)],
+            "gate_up": [(w.gate_up, w.gate_up_bias)],
+            "down": [(w.down, w.down_bias)],
+        }[op]
+
     def _masked_weight(self, op: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's share of a private-mode linear's weight and bias, upcast once to float64."""
         key = (op, layer)
         if key not in self._masked:
-            if op == "lm_head":
-                parts = [(self.head, None)]
-            else:
-                w = self.layers[layer]
-                parts = {
-                    "qkv": [(w.qk, w.qk_bias), (w.v, w.v_bias)],
-                    "o_proj": [(w.o, w.o_bias)],
-                    "gate_up": [(w.gate_up, w.gate_up_bias)],
-                    "down": [(w.down, w.down_bias)],
-                }[op]
+            parts = self._masked_parts(op, layer)
             # the value path is kept in float32; in private mode v and o are rounded like every weight
             weight = torch.cat([p.to(self.dtype).to(MASKED_DTYPE) for p, _ in parts])
             biases = [b for _, b in parts if b is not None]
@@ -612,6 +658,28 @@ class Engine:
             return None
         return partial if direct else self._out((T, width), dtype).copy_(partial)
 
+    # -- the memory budget (budget.py) ---------------------------------------------------------
+
+    def _reserve(self, nbytes: int, what: str) -> None:
+        self.budget.reserve(nbytes, what)
+
+    def _reserve_rows(self, rows: int, width: int, dtype: torch.dtype, what: str, x: torch.Tensor | None = None):
+        """A (rows, width) result; and x again where a batch concatenates its requests' inputs."""
+        self._reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
+
+    def _reserve_masked(self, op: str, layer: int, rows: int, what: str, x: torch.Tensor | None = None) -> None:
+        """A private-mode product's (rows, out) float64 result, and its float64 weight when not made yet."""
+        made = self._masked.get((op, layer))
+        out = made[0].shape[0] if made else sum(w.shape[0] for w, _ in self._masked_parts(op, layer))
+        self._reserve_rows(rows, out, MASKED_DTYPE, what, x)
+        if made is None:
+            self._reserve(self._masked_bytes(op, layer), "a float64 weight")
+
+    def _masked_bytes(self, op: str, layer: int) -> int:
+        """A private-mode linear's float64 weight and bias, as _masked_weight makes them (this rank's share)."""
+        parts = self._masked_parts(op, layer)
+        return sum(w.numel() + (b.numel() if b is not None else 0) for w, b in parts) * MASKED_DTYPE.itemsize
+
     # -- validation helpers --------------------------------------------------------------------
 
     def _where(self, args) -> tuple[Session, int, int]:
@@ -648,6 +716,10 @@ class Engine:
         (an lm_head reply is vocab/hidden times its request)."""
         if T > self.config.max_position_embeddings:
             raise ProtocolError(f"{T} tokens exceed the model's {self.config.max_position_embeddings} positions")
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.nbytes for t in tensors if t is not None)
 
 
 def _int_arg(args: dict, name: str, low: int, high: int) -> int:

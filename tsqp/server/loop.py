@@ -82,7 +82,7 @@ class Server:
         self.context = context or zmq.Context.instance()
         self.authenticator = start_authenticator(self.context, curve) if curve is not None else None
         try:
-            self.sock = bind_server(self.context, endpoint, curve)
+            self.sock = bind_server(self.context, endpoint, curve, engine.budget.frames_bound())
         except BaseException:
             if self.authenticator is not None:
                 self.authenticator.stop()
@@ -96,6 +96,7 @@ class Server:
         self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
         self.rendezvous = Rendezvous(HOLD_MS / 1000 if hold_s is None else hold_s)
         self.held: list[Pending] = []  # requests waiting (at most hold_s) for a companion on its way
+        engine.budget.count("arenas", lambda: sum(arena.size for arena in self.arenas.values()))
 
     def serve_forever(self) -> None:
         """Serves requests from the socket and the doorbells, a round at a time (serve_round). After a
@@ -342,7 +343,12 @@ class Server:
             raise ProtocolError("attach_arena needs a name and a size within bounds")
         # This peer's earlier arena, and the same file attached by an earlier connection (a client that
         # reconnected, a fixed --arena-name): two doorbells on one file would both take its requests.
-        for other in [p for p, a in self.arenas.items() if p == peer or a.name == name]:
+        replaced = [p for p, a in self.arenas.items() if p == peer or a.name == name]
+        # mapped, the server writes results into it: its pages count as the server's
+        budget = self.engine.budget
+        budget.reserve(size - sum(self.arenas[p].size for p in replaced), f"a {size}-byte arena")
+        budget.release()  # once mapped, it counts among the arenas
+        for other in replaced:
             self.doorbells.pop(other, None)
             self.arenas.pop(other).release()
         arena = self.arenas[peer] = Arena(name, size, create=False)

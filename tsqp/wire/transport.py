@@ -109,10 +109,13 @@ def make_socket(
     return sock
 
 
-def bind_server(context: zmq.Context, endpoint: str, curve: CurveKeys | None = None) -> zmq.Socket:
+def bind_server(
+    context: zmq.Context, endpoint: str, curve: CurveKeys | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> zmq.Socket:
     """A ROUTER bound to endpoint. A stale ipc socket file is removed; a live server is an error.
 
     With curve (server keys), the context needs a running ZAP handler (curve.start_authenticator).
+    max_message_bytes: the largest message part taken; a peer that sends a larger one is disconnected.
     """
     check_endpoint(endpoint)
     path = ipc_path(endpoint)
@@ -122,7 +125,7 @@ def bind_server(context: zmq.Context, endpoint: str, curve: CurveKeys | None = N
         path.unlink()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    sock = make_socket(context, zmq.ROUTER, curve=curve)
+    sock = make_socket(context, zmq.ROUTER, max_message_bytes, curve=curve)
     try:
         sock.bind(endpoint.replace("tcp://*", "tcp://0.0.0.0"))
     except zmq.ZMQError as exc:
