@@ -20,6 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
+
+# The README's test command is reproducible: hypothesis draws the same examples every run ("ci"); a random
+# run, with its seed printed, is bench/fuzz.sh (--hypothesis-profile=random --hypothesis-seed=N).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("random", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("TSQP_HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
 # The caller's cache, before the session fixture points TSQP_CACHE at a fresh folder: where the real
@@ -254,3 +261,66 @@ def rewrite_config(path: Path, edit) -> None:
     raw = json.loads(config_path.read_text())
     edit(raw)
     config_path.write_text(json.dumps(raw, indent=2))
+
+
+# -- markers: a suite a user can slice (pyproject.toml registers them) -----------------------------------
+
+PROCESS_CALLS = ("run_tsqp(", "subprocess.", "ServerProcess(", "api_process(", "Popen(")
+SLOW_MODULES = ("test_fuzz_server.py",)  # thousands of hypothesis examples, in process
+
+
+def _source(obj) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def _starts_processes(item) -> bool:
+    """Whether the test, one of its fixtures, or a helper of its module that it names starts a process."""
+    import types
+
+    functions = [item.function]
+    functions += [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    module = vars(item.module)
+    for function in list(functions):
+        code = getattr(function, "__code__", None)
+        names = code.co_names if code is not None else ()
+        functions += [module[n] for n in names if isinstance(module.get(n), types.FunctionType)]
+    return any(call in _source(f) for f in functions for call in PROCESS_CALLS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if module == "test_real_model.py" or "smol" in item.fixturenames:
+            item.add_marker(pytest.mark.real_model)
+        if item.get_closest_marker("subprocess") is None and _starts_processes(item):
+            item.add_marker(pytest.mark.subprocess)
+        if (
+            item.get_closest_marker("subprocess")
+            or item.get_closest_marker("real_model")
+            or item.get_closest_marker("gpu")
+            or module in SLOW_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_report_header(config):
+    profile = hypothesis_settings.get_current_profile_name()
+    seed = config.getoption("hypothesis_seed", None)
+    derandomized = hypothesis_settings.default.derandomize
+    return f"hypothesis profile {profile!r}, derandomize={derandomized}, seed={seed} (bench/fuzz.sh: random seeds)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The peak memory of the test process and of its largest child process (ru_maxrss: KiB on Linux)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    terminalreporter.write_line(
+        f"peak memory: test process {own:.0f} MiB, largest child process {children:.0f} MiB (ru_maxrss)"
+    )
