@@ -32,6 +32,7 @@ from tsqp.wire.protocol import MAX_MESSAGE_BYTES, MAX_TENSORS
 
 DEFAULT_FRACTION = 0.8  # of the host's memory: the rest for the TEE process, the OS, the page cache
 FRAME_FRACTION = 64  # a message part may take 1/64 of the budget: 300 MB of a 19 GB one (a 2048-token P is 268)
+SMALL_BYTES = 64 << 10  # a decode step's reservations: counted, not checked (the room kept for a message covers them)
 TRIM_CHECK_BYTES = 16 << 20  # reservations this large look at the RSS, and trim the heap when it would pass
 MIB = 1 << 20
 
@@ -98,6 +99,9 @@ class Budget:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Room for nbytes more until release(); a MemoryBudgetExceeded that says so when there is none."""
+        if nbytes < SMALL_BYTES:  # 2 us a check, a few times a call on the decode path: not for these
+            self.reserved += nbytes
+            return
         in_use = self.in_use()
         if in_use + nbytes > self.limit:
             raise MemoryBudgetExceeded(

@@ -114,6 +114,7 @@ class Engine:
         self.batched = 0  # requests that ran in a product shared with other clients' (batching.py)
         self.batch_sizes: Counter[int] = Counter()  # products of batchable ops by how many requests shared them
         self._masked: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = {}  # float64 copies
+        self._masked_total = 0  # their bytes (the budget asks at every reservation)
         self.private_only = private_only
         self.instance = secrets.token_hex(8)
         self.embed, self.head, self.layers = load_weights(
@@ -133,7 +134,7 @@ class Engine:
         self.tuning_s = time.perf_counter() - started
         self.budget = Budget(max_memory_bytes)
         self.budget.count("kv_cache", lambda: sum(session.nbytes for session in self.sessions.values()))
-        self.budget.count("float64_weights", lambda: sum(_nbytes(*pair) for pair in self._masked.values()))
+        self.budget.count("float64_weights", lambda: self._masked_total)
         self.budget.settle()
 
     def _linear_weights(self) -> list[torch.Tensor]:
@@ -611,6 +612,7 @@ class Engine:
             biases = [b for _, b in parts if b is not None]
             bias = torch.cat([b.to(self.dtype).to(MASKED_DTYPE) for b in biases]) if biases else None
             self._masked[key] = (weight, bias)
+            self._masked_total += _nbytes(weight, bias)
         return self._masked[key]
 
     # -- outputs: the linears over the ranks' shares -------------------------------------------
