@@ -258,14 +258,14 @@ class Engine:
 
     def op_echo(self, args, x):
         """Returns its input: `tsqp diagnose` measures round-trip latency and transfer bandwidth with it."""
-        self._reserve(x.nbytes, "echo")
+        self.budget.reserve(x.nbytes, "echo")
         return [self._out(tuple(x.shape), x.dtype).copy_(x)]
 
     def op_init(self, peer, session_id, args):
         c = self.config
         if args.get("private") is True:  # the float64 weights of private mode, made now rather than mid-prefill
             missing = [key for key in self._masked_ops() if key not in self._masked]
-            self._reserve(sum(self._masked_bytes(*key) for key in missing), "private mode's float64 weights")
+            self.budget.reserve(sum(self._masked_bytes(*key) for key in missing), "private mode's float64 weights")
             self._run("masked_weights", {})
         info = {
             "fingerprint": self.fingerprint,
@@ -295,7 +295,7 @@ class Engine:
                 f"KV cache memory cap reached: a {capacity}-token session needs {nbytes / 2**20:.1f} MiB, "
                 f"{in_use / 2**20:.1f} of {self.max_cache_bytes / 2**20:.1f} MiB are in use"
             )
-        self._reserve(nbytes, f"a {capacity}-token session's KV cache")
+        self.budget.reserve(nbytes, f"a {capacity}-token session's KV cache")
         session_id = secrets.token_bytes(16)
         self._run("open_session", {"session": session_id, "capacity": capacity})
         session = self.sessions[session_id]
@@ -363,8 +363,9 @@ class Engine:
             raise ProtocolError(f"unknown weight {name!r}: one of {', '.join(SEED_WEIGHTS)}")
         width = {"o_proj": c.q_dim, "down_proj": c.intermediate_size}.get(name, c.hidden_size)
         x = self._activation(x, width)
-        out = {"q_proj": c.q_dim, "k_proj": c.kv_dim, "v_proj": c.kv_dim, "gate_proj": c.intermediate_size}
-        out_width = out.get(name, c.intermediate_size if name == "up_proj" else c.hidden_size)
+        mlp = c.intermediate_size
+        out = {"q_proj": c.q_dim, "k_proj": c.kv_dim, "v_proj": c.kv_dim, "gate_proj": mlp, "up_proj": mlp}
+        out_width = out.get(name, c.hidden_size)
         # the result, and the weight's rows cast to the server dtype
         self._reserve_rows(x.shape[0] + width, out_width, self.dtype, f"linear {name}", x)
         return self._run("linear", {"layer": layer, "name": name}, x)
@@ -401,7 +402,7 @@ class Engine:
         limit = self.config.num_heads * self.config.max_position_embeddings**2  # all heads' full score square
         if math.prod(shape) > limit:
             raise ProtocolError(f"matmul result {list(shape)} exceeds {limit} elements")
-        self._reserve(math.prod(shape) * self.dtype.itemsize, "matmul")
+        self.budget.reserve(math.prod(shape) * self.dtype.itemsize, "matmul")
         return [torch.matmul(self._float(a), self._float(b), out=self._out(shape))]
 
     # -- fused per-layer calls -----------------------------------------------------------------
@@ -442,7 +443,7 @@ class Engine:
         self._float(q)  # both dtypes checked before the cache changes
         self._float(k)
         _, total = query_tiles(T, pos, c.num_heads, tile)
-        self._reserve((total + q.numel()) * self.dtype.itemsize, f"scores of {T} tokens after {pos}")
+        self.budget.reserve((total + q.numel()) * self.dtype.itemsize, f"scores of {T} tokens after {pos}")
         session.filled[layer] = pos + T
         return self._run("scores", {"session": session.id, "layer": layer, "pos": pos, "tile": tile}, q, k)
 
@@ -487,7 +488,7 @@ class Engine:
         self._float(probs)
         # probs in float32, P V and its transpose, the result and its float32 partial sums
         values = (total + 2 * T * c.q_dim + T * c.hidden_size) * VALUE_DTYPE.itemsize
-        self._reserve(values + T * c.hidden_size * self.dtype.itemsize, f"attention of {T} tokens after {pos}")
+        self.budget.reserve(values + T * c.hidden_size * self.dtype.itemsize, f"attention of {T} tokens after {pos}")
         args = {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "tokens": T}
         return self._run("attn_out", args, probs)
 
@@ -662,12 +663,9 @@ class Engine:
 
     # -- the memory budget (budget.py) ---------------------------------------------------------
 
-    def _reserve(self, nbytes: int, what: str) -> None:
-        self.budget.reserve(nbytes, what)
-
     def _reserve_rows(self, rows: int, width: int, dtype: torch.dtype, what: str, x: torch.Tensor | None = None):
         """A (rows, width) result; and x again where a batch concatenates its requests' inputs."""
-        self._reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
+        self.budget.reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
 
     def _reserve_masked(self, op: str, layer: int, rows: int, what: str, x: torch.Tensor | None = None) -> None:
         """A private-mode product's (rows, out) float64 result, and its float64 weight when not made yet."""
@@ -675,7 +673,7 @@ class Engine:
         out = made[0].shape[0] if made else sum(w.shape[0] for w, _ in self._masked_parts(op, layer))
         self._reserve_rows(rows, out, MASKED_DTYPE, what, x)
         if made is None:
-            self._reserve(self._masked_bytes(op, layer), "a float64 weight")
+            self.budget.reserve(self._masked_bytes(op, layer), "a float64 weight")
 
     def _masked_bytes(self, op: str, layer: int) -> int:
         """A private-mode linear's float64 weight and bias, as _masked_weight makes them (this rank's share)."""
