@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,27 +23,27 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+@functools.cache
+def _glibc_function(name: str):
+    """A glibc function, or None (musl, macOS). Looked up once: find_library runs ldconfig."""
+    library = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(library), name) if library else None
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """True when glibc took the settings (a no-op elsewhere, e.g. musl or macOS)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    mallopt = _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def release_freed_memory() -> bool:
     """Gives the heap's free pages back to the OS (glibc's malloc_trim), where keep_freed_memory kept them: the
     server's memory budget calls it before a large allocation that would otherwise pass the budget in RSS."""
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = _glibc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 SMALL_STEP_ROWS = 8  # a forward of at most this many tokens (a decode step) runs on one TEE thread
