@@ -32,8 +32,8 @@ from tsqp.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from tsqp.model.fetch import cache_root, sha256_file
 from tsqp.model.gguf_tokenizer import write_tokenizer
 from tsqp.model.presets import SHARD_BYTES
-from tsqp.model.sources import GGUF_MAGIC
 
+GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
 _DIGEST_CHARS = 16  # 64 bits of sha256 name the cache folder
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
@@ -68,6 +68,15 @@ def gguf_model_dir(path: Path, progress: bool = True) -> Path:
         if not (folder / "config.json").is_file():
             _convert(path, folder, bar)
     return folder
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether path starts like a GGUF file (an unreadable one does not)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
 
 
 def _sha256(path: Path, bar: Progress) -> str:

@@ -13,20 +13,10 @@ from tsqp.errors import ModelError
 from tsqp.model.fetch import REAL_MODELS, fetched_gguf
 from tsqp.model.presets import PRESETS, preset_path
 
-GGUF_MAGIC = b"GGUF"
-
 
 def model_names() -> list[str]:
     """Every preset name: the random-weight shapes, then the real models."""
     return sorted(PRESETS) + sorted(REAL_MODELS)
-
-
-def is_gguf(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
 
 
 def resolve_model(spec: str | Path) -> Path:
@@ -34,14 +24,14 @@ def resolve_model(spec: str | Path) -> Path:
     text = str(spec)
     if text in PRESETS:
         return preset_path(text)
-    if text in REAL_MODELS:
-        return converted(fetched_gguf(text))
-    path = Path(text).expanduser()
+    path = fetched_gguf(text) if text in REAL_MODELS else Path(text).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
+        from tsqp.model.gguf import gguf_model_dir, is_gguf  # the converter loads only for a file
+
         if is_gguf(path):
-            return converted(path)
+            return gguf_model_dir(path)
         raise ModelError(
             f"{path} is neither a model folder nor a GGUF file: --model takes a Hugging Face folder, "
             f"a .gguf file or a preset ({', '.join(model_names())})"
@@ -50,12 +40,6 @@ def resolve_model(spec: str | Path) -> Path:
         f"model folder {path} does not exist: --model takes a Hugging Face folder, a .gguf file "
         f"or a preset ({', '.join(model_names())})"
     )
-
-
-def converted(path: Path) -> Path:
-    from tsqp.model.gguf import gguf_model_dir  # the gguf reader loads only for a GGUF file
-
-    return gguf_model_dir(path)
 
 
 def served_name(spec: str | Path) -> str:
