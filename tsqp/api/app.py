@@ -51,45 +51,76 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def build_app(state: ApiState):
-    async def health(request: Request) -> Response:
-        reason = state.slots.server_gone()
+    """The ASGI app: the endpoints' routes behind the API key check and the request counter."""
+    routes = Endpoints(state).routes()
+    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
+    return Guard(app, state, {route.path for route in routes})
+
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+class Endpoints:
+    """The request handlers, over the one served model's state."""
+
+    def __init__(self, state: ApiState):
+        self.state = state
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/health", self.health),
+            Route("/metrics", self.metrics),
+            Route("/v1/models", self.models),
+            Route("/v1/models/{name:path}", self.one_model),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+
+    async def health(self, request: Request) -> Response:
+        reason = self.state.slots.server_gone()
         if reason:
             return JSONResponse({"status": "error", "message": f"the GPU server exited ({reason})"}, 503)
         return JSONResponse({"status": "ok"})
 
-    async def metrics(request: Request) -> Response:
-        return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.state.metrics.exposition(), media_type=self.state.metrics.content_type)
 
-    def model_card() -> dict:
+    def model_card(self) -> dict:
         return {
-            "id": state.model,
+            "id": self.state.model,
             "object": "model",
-            "created": state.created,
+            "created": self.state.created,
             "owned_by": "tsqp",
-            "max_model_len": state.context,
+            "max_model_len": self.state.context,
         }
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    async def one_model(request: Request) -> Response:
+    async def one_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name != state.model:
+        if name != self.state.model:
             raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
-        return JSONResponse(model_card())
+        return JSONResponse(self.model_card())
 
-    async def chat(request: Request) -> Response:
-        return await complete(request, "chat")
+    async def chat(self, request: Request) -> Response:
+        return await self.complete(request, "chat")
 
-    async def completions(request: Request) -> Response:
-        return await complete(request, "completion")
+    async def completions(self, request: Request) -> Response:
+        return await self.complete(request, "completion")
 
-    async def complete(request: Request, kind: str) -> Response:
+    async def complete(self, request: Request, kind: str) -> Response:
         arrival = time.perf_counter()
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+        state = self.state
         try:
             job = parse_job(kind, body, state.model, state.tokenizer, state.context, state.vocab_size)
         except TsqpError as exc:  # the chat template refused the conversation
@@ -101,30 +132,33 @@ def build_app(state: ApiState):
             )
         return JSONResponse(await run.whole())
 
-    routes = [
-        Route("/health", health),
-        Route("/metrics", metrics),
-        Route("/v1/models", models),
-        Route("/v1/models/{name:path}", one_model),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-    ]
 
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return error_response(exc)
+class Guard:
+    """The API key check on /v1, and the request counter, as plain ASGI around the app (streams pass
+    untouched)."""
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+    def __init__(self, app: Starlette, state: ApiState, paths: set[str]):
+        self.app, self.state, self.paths = app, state, paths
 
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})
-    paths = {route.path for route in routes}
+    def endpoint(self, path: str) -> str:
+        """The counter's label: a route's path, never the raw one (a client picks that)."""
+        if path in self.paths:
+            return path
+        return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
 
-    async def guarded(scope, receive, send):
-        """The API key check on /v1, and the request counter, as plain ASGI (streams pass untouched)."""
+    def refusal(self, scope) -> Response | None:
+        """The 401 for a /v1 request without the API key, when one is set."""
+        if self.state.api_key is None or not scope["path"].startswith("/v1"):
+            return None
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, f"Bearer {self.state.api_key}".encode()):
+            return None
+        message = "a valid API key is required (Authorization: Bearer KEY)"
+        return error_response(ApiError(401, message, code="invalid_api_key"))
+
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
-            return await app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in paths else "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+            return await self.app(scope, receive, send)
         status = ["500"]
 
         async def counted(message):
@@ -133,17 +167,12 @@ def build_app(state: ApiState):
             await send(message)
 
         try:
-            if state.api_key is not None and path.startswith("/v1"):
-                given = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(given, f"Bearer {state.api_key}".encode()):
-                    message = "a valid API key is required (Authorization: Bearer KEY)"
-                    response = error_response(ApiError(401, message, code="invalid_api_key"))
-                    return await response(scope, receive, counted)
-            await app(scope, receive, counted)
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, counted)
+            await self.app(scope, receive, counted)
         finally:
-            state.metrics.requests.labels(endpoint, status[0]).inc()
-
-    return guarded
+            self.state.metrics.requests.labels(self.endpoint(scope["path"]), status[0]).inc()
 
 
 class Run:
