@@ -32,7 +32,7 @@ def test_bench_clients_json_fields_and_each_client_decodes_what_it_decodes_alone
         figures["aggregate_decode_tokens_per_s"] / figures["single_client_decode_tokens_per_s"]
     )
     assert "aggregate decode with 2 clients / one client" in result.stdout
-    from tsqp.measure.bench import token_ids
+    from tsqp.measure.prompts import token_ids
 
     tee, _ = in_process(preset_path("tiny"))
     for index, ids in enumerate(figures["generated_ids"]):

@@ -15,15 +15,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tsqp.measure.prompts import token_ids
+from tsqp.measure.reference import time_reference
 from tsqp.stats import Stats
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import RunOptions, open_model
 
 WARMUP_TOKENS = 16
-
-
-def token_ids(count: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, vocab, (count,), generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -52,6 +50,22 @@ def timed_prefill(tee, stats: Stats, ids: torch.Tensor, trace: bool = False) -> 
     return Prefill(ids.shape[0], seconds, timed, offline_s)
 
 
+@dataclass
+class Measured:
+    """What a `tsqp bench` run measured while its model was open: the prefills, and the generation."""
+
+    layers: int
+    ids: torch.Tensor  # (max(tokens, *sweep),) the prompt; each run times a prefix of it
+    warmup: torch.Tensor  # (min(WARMUP_TOKENS, tokens),) the untimed first prefill
+    main: Prefill
+    others: list[Prefill]  # the sweep's lengths
+    dtype: str  # what travels on the wire
+    verify_setup_s: float | None
+    pipelined: bool
+    generation: Generation | None
+    private: dict | None  # private mode's figures (`private_figures`)
+
+
 def run_bench(
     options: RunOptions,
     tokens: int,
@@ -65,13 +79,37 @@ def run_bench(
     """decode > 0: after the prefill, a greedy generation of `decode` tokens from the same prompt.
     sweep: more prompt lengths, each timed like the main one (and against transformers with compare)."""
     console = console or Console()
+    run = measure(options, tokens, decode, sweep, trace=bool(trace_path))
+    result = prefill_result(options, run)
+    print_prefill(options, run, result, console)
+    if trace_path:
+        run.main.stats.write_trace(trace_path)
+        console.print(f"timeline written to {trace_path} (open it in ui.perfetto.dev or chrome://tracing)")
+    runs = {}
+    if compare and options.private:
+        result.update(private_comparison(options, run, console))
+    if compare:
+        runs = reference_runs(options, run.dtype, tokens, run.warmup.shape[0], decode)
+        result.update(reference_comparison(options, runs, run.main.seconds, console))
+    if compare or sweep:
+        rows = [run.main, *run.others]
+        result["sweep"] = sweep_table(options, run.dtype, rows, runs if compare else None, run.warmup.shape[0], console)
+    if run.generation:
+        result["decode"] = decode_figures(run.generation, tokens, runs.get("sdpa"), console)
+    console.print(f"TEE peak RSS: {result['tee_peak_rss_bytes'] / 2**20:.0f} MiB")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], trace: bool) -> Measured:
+    """Warm-up, the timed prefill of `tokens`, the sweep's prefills, then the generation, in one session each."""
     stats = Stats()
     with open_model(options, stats) as tee:
-        config = tee.config
-        ids = token_ids(max([tokens, *sweep]), config.vocab_size)
+        ids = token_ids(max([tokens, *sweep]), tee.config.vocab_size)
         warmup = ids[: min(WARMUP_TOKENS, tokens)]
         timed_prefill(tee, stats, warmup)
-        main = timed_prefill(tee, stats, ids[:tokens], trace=bool(trace_path))
+        main = timed_prefill(tee, stats, ids[:tokens], trace=trace)
         others = [timed_prefill(tee, stats, ids[:length]) for length in sweep]
         dtype = tee.ops.wire_name
         verify_setup_s = tee.ops.setup_s if options.verify else None  # computing the Freivalds keys
@@ -81,98 +119,107 @@ def run_bench(
         private = private_figures(tee, main) if options.private else None
         if private:
             private["decode_offline_s"] = decode_offline_s
-    prefill_s, timed = main.seconds, main.stats
-    summary = timed.summary()
+        layers = tee.config.num_layers
+    return Measured(layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, generation, private)
+
+
+def prefill_result(options: RunOptions, run: Measured) -> dict:
+    """The JSON figures of the timed prefill (private mode's own after them), taken once the model closed."""
+    prefill_s, summary = run.main.seconds, run.main.stats.summary()
     result = {
-        "tokens": tokens,
+        "tokens": run.main.tokens,
         "prefill_s": prefill_s,
-        "tokens_per_s": tokens / prefill_s,
+        "tokens_per_s": run.main.tokens / prefill_s,
         "rpc_calls": summary["rpc_calls"],
         "bytes_sent": summary["bytes_sent"],
         "bytes_received": summary["bytes_received"],
-        "dtype": dtype,
+        "dtype": run.dtype,
         "device": options.device,
         "transport": options.transport,
-        "pipelined": pipelined,
+        "pipelined": run.pipelined,
         "tee_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
         "verify": options.verify,
         "verify_s": summary["tee_ops"].get("verify", 0.0),
-        "verify_setup_s": verify_setup_s,
+        "verify_setup_s": run.verify_setup_s,
         "private": options.private,
         "detail": summary,
     }
+    if run.private:
+        result.update(run.private)
+    return result
+
+
+def print_prefill(options: RunOptions, run: Measured, result: dict, console: Console) -> None:
+    """The prefill's line, its mode's (pads or attention), verification's cost, and the counters' table."""
+    tokens, prefill_s = run.main.tokens, run.main.seconds
     mode = "private mode (masked products in float64)" if options.private else "plain mode"
     console.print(
         f"[bold]prefill[/bold] {tokens} tokens in {prefill_s:.3f} s ({tokens / prefill_s:.1f} tokens/s), "
-        f"{config.num_layers} layers, {dtype} on {options.device}, {mode}"
+        f"{run.layers} layers, {run.dtype} on {options.device}, {mode}"
     )
-    if private:
-        result.update(private)
-        print_private(private, console)
+    if run.private:
+        print_private(run.private, console)
     else:
         console.print(
-            "attention: " + ("pipelined by query chunks" if pipelined else "one chunk per layer, not pipelined")
+            "attention: " + ("pipelined by query chunks" if run.pipelined else "one chunk per layer, not pipelined")
         )
     if options.verify:
         console.print(
             f"verification {result['verify_s']:.3f} s ({100 * result['verify_s'] / prefill_s:.1f}% of the "
             f"prefill), "
             + (
-                f"keys, embedding table and calibration at start in {verify_setup_s:.2f} s"
+                f"keys, embedding table and calibration at start in {run.verify_setup_s:.2f} s"
                 if options.private
-                else f"keys computed at start in {verify_setup_s:.2f} s"
+                else f"keys computed at start in {run.verify_setup_s:.2f} s"
             )
         )
-    timed.print_table(prefill_s, console)
-    if trace_path:
-        timed.write_trace(trace_path)
-        console.print(f"timeline written to {trace_path} (open it in ui.perfetto.dev or chrome://tracing)")
-    runs = {}
-    if compare and options.private:
-        result["plain"] = plain_prefill(options, ids[:tokens], warmup)
-        result["ratio_plain"] = prefill_s / result["plain"]["prefill_s"]
-        console.print(
-            f"plain split, same run: {result['plain']['prefill_s']:.3f} s, {result['plain']['bytes'] / 1e9:.2f} GB "
-            f"moved: private / plain [bold]{result['ratio_plain']:.2f}[/bold]"
-        )
-        if private["offline_s"]:
-            from tsqp.measure.reference import time_reference
+    run.main.stats.print_table(prefill_s, console)
 
-            pads_reference = time_reference(
-                options.model_dir, "float64", "sdpa", tokens, warmup.shape[0], seed=0,
-                threads=torch.get_num_threads(), device=options.device,
-            )  # fmt: skip
-            result["reference_float64_s"] = pads_reference["prefill_s"]
-            result["ratio_pads_float64"] = private["offline_s"] / pads_reference["prefill_s"]
-            console.print(
-                f"pads for {tokens} tokens: {private['offline_s']:.3f} s against transformers' float64 prefill "
-                f"{pads_reference['prefill_s']:.3f} s: [bold]{result['ratio_pads_float64']:.2f}[/bold]"
-            )
-    if compare:
-        runs = reference_runs(options, dtype, tokens, warmup.shape[0], decode)
-        sdpa, eager = runs["sdpa"]["prefill_s"], runs["eager"]["prefill_s"]
-        result.update(
-            reference={"sdpa_s": sdpa, "eager_s": eager}, ratio_sdpa=prefill_s / sdpa, ratio_eager=prefill_s / eager
+
+def private_comparison(options: RunOptions, run: Measured, console: Console) -> dict:
+    """Private mode against the plain split on the same prompt, and (when this prefill computed pads)
+    the pads' time against transformers' float64 prefill."""
+    tokens, prefill_s = run.main.tokens, run.main.seconds
+    plain = plain_prefill(options, run.ids[:tokens], run.warmup)
+    figures = {"plain": plain, "ratio_plain": prefill_s / plain["prefill_s"]}
+    console.print(
+        f"plain split, same run: {plain['prefill_s']:.3f} s, {plain['bytes'] / 1e9:.2f} GB "
+        f"moved: private / plain [bold]{figures['ratio_plain']:.2f}[/bold]"
+    )
+    offline_s = run.private["offline_s"]
+    if offline_s:
+        pads_reference = time_reference(
+            options.model_dir, "float64", "sdpa", tokens, run.warmup.shape[0], seed=0,
+            threads=torch.get_num_threads(), device=options.device,
+        )  # fmt: skip
+        figures["reference_float64_s"] = pads_reference["prefill_s"]
+        figures["ratio_pads_float64"] = offline_s / pads_reference["prefill_s"]
+        console.print(
+            f"pads for {tokens} tokens: {offline_s:.3f} s against transformers' float64 prefill "
+            f"{pads_reference['prefill_s']:.3f} s: [bold]{figures['ratio_pads_float64']:.2f}[/bold]"
         )
-        if "full_tee" in runs:
-            full_tee = runs["full_tee"]["prefill_s"]
-            result["reference"]["full_tee_s"] = full_tee
-            result["speedup_over_full_tee"] = full_tee / prefill_s
-            console.print(
-                f"all in the TEE (transformers sdpa, float32, on {torch.get_num_threads()} CPU threads): "
-                f"{full_tee:.3f} s: the split is [bold]{full_tee / prefill_s:.1f}x[/bold] faster; "
-                f"transformers on {options.device}: {sdpa:.3f} s ({prefill_s / sdpa:.2f}x the split's time)"
-            )
-    rows = [main, *others]
-    if compare or sweep:
-        result["sweep"] = sweep_table(options, dtype, rows, runs if compare else None, warmup.shape[0], console)
-    if generation:
-        result["decode"] = decode_figures(generation, tokens, runs.get("sdpa"), console)
-    console.print(f"TEE peak RSS: {result['tee_peak_rss_bytes'] / 2**20:.0f} MiB")
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
-    return result
+    return figures
+
+
+def reference_comparison(options: RunOptions, runs: dict, prefill_s: float, console: Console) -> dict:
+    """The split's prefill against transformers' (`reference_runs`), and against all of it in the TEE."""
+    sdpa, eager = runs["sdpa"]["prefill_s"], runs["eager"]["prefill_s"]
+    figures = {
+        "reference": {"sdpa_s": sdpa, "eager_s": eager},
+        "ratio_sdpa": prefill_s / sdpa,
+        "ratio_eager": prefill_s / eager,
+    }
+    if "full_tee" in runs:
+        full_tee = runs["full_tee"]["prefill_s"]
+        figures["reference"]["full_tee_s"] = full_tee
+        figures["speedup_over_full_tee"] = full_tee / prefill_s
+        console.print(
+            f"all in the TEE (transformers sdpa, float32, on {torch.get_num_threads()} CPU threads): "
+            f"{full_tee:.3f} s: the split is [bold]{full_tee / prefill_s:.1f}x[/bold] faster; "
+            f"transformers on {options.device}: {sdpa:.3f} s ({prefill_s / sdpa:.2f}x the split's time)"
+        )
+    return figures
 
 
 def prepare_pads(tee, capacity: int) -> float:
@@ -242,8 +289,6 @@ def reference_plan(device: str, dtype: str) -> dict[str, tuple[str, str, str]]:
 def reference_runs(options: RunOptions, dtype: str, tokens: int, warmup: int, decode: int = 0) -> dict:
     """transformers on the same checkpoint and thread count (`reference_plan`): the TEE's threads, so a
     full-TEE run uses the cores the TEE has."""
-    from tsqp.measure.reference import time_reference
-
     return {
         name: time_reference(
             options.model_dir,

@@ -30,7 +30,7 @@ def client_main(options: RunOptions, index: int, threads: int, tokens: int, deco
     """One client process: attach, wait for the others, prefill and decode, report token times."""
     import torch
 
-    from tsqp.measure.bench import token_ids
+    from tsqp.measure.prompts import token_ids
     from tsqp.tee.generate import generate
 
     torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tsqp.errors import TsqpError
+from tsqp.measure.prompts import token_ids
 
 
 def time_reference(
@@ -64,8 +65,6 @@ def _measure(
         from transformers import LlamaForCausalLM
     except ImportError:
         raise TsqpError("the comparison needs transformers: pip install 'tsqp[bench]'") from None
-    from tsqp.measure.bench import token_ids
-
     torch.set_num_threads(threads)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
     model = model.eval().to(device)
