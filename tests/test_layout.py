@@ -4,7 +4,8 @@ tsqp/tee (trusted) and tsqp/api (the HTTP API the TEE process serves) never reac
 server's code, the benchmark tools or transformers; tsqp/server never reaches the TEE's; tsqp/model
 and tsqp/wire, which both sides use, reach neither.
 Checked twice: statically over every import statement (function-level ones too), and by importing
-the TEE's entry points in a fresh interpreter and looking at what got loaded.
+the TEE's entry points in a fresh interpreter and looking at what got loaded. The same statements
+must draw no import circle, and every file and function stays small enough to read at once.
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""Measurement: the split-vs-monolithic benchmark, the transformers baseline (the only importer of
-transformers), and the transport diagnosis."""
+"""Measurement: the split-vs-monolithic benchmark (`bench`), its random prompts (`prompts`), the transformers
+baseline (`reference`, the only importer of transformers), several clients at once (`load`), and the
+transport diagnosis (`diagnose`)."""
