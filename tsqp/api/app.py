@@ -141,7 +141,7 @@ class Guard:
         self.app, self.state, self.paths = app, state, paths
 
     def endpoint(self, path: str) -> str:
-        """The counter's label: a route's path, never the raw one (a client picks that)."""
+        """The counter's label: a route's path, never the raw one, so clients cannot grow the label set."""
         if path in self.paths:
             return path
         return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
