@@ -25,11 +25,11 @@ from tsqp.server.engine import Engine
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.linear import Local
+from tsqp.tee.op_weights import load_weight
 from tsqp.tee.pads import Pad
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
-from tsqp.tee.weights import load_weight
 from tsqp.wire.pad_seeds import expand, new_seed
 
 PROMPT = "What is the capital of France?"

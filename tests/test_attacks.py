@@ -44,10 +44,10 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
 from tsqp.tee.forward import TeeModel
+from tsqp.tee.op_weights import Op, load_weight, model_ops
 from tsqp.tee.pads import Pad, PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess
-from tsqp.tee.weights import Op, load_weight, model_ops
 
 PROMPT = 24
 ALPHA = 1e-4  # false-alarm probability of each chance bound: under 2e-3 for the 17 of this file

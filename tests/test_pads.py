@@ -24,11 +24,11 @@ from tsqp.stats import Stats
 from tsqp.tee import pad_pool
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.op_weights import load_weight, model_ops, product
 from tsqp.tee.pad_pool import BLOCK_ROWS, MAGIC, NONCE, PoolError, PoolReader, fill, pool_key, streams
 from tsqp.tee.pads import PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
-from tsqp.tee.weights import load_weight, model_ops, product
 from tsqp.wire.curve import generate
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 

@@ -31,11 +31,12 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.attention import KVCache
-from tsqp.tee.linear import Checked, Linear, Local, Masked, MaskedKeys, Recording, Remote, leak_bits
+from tsqp.tee.freivalds import masked_keys
+from tsqp.tee.linear import Checked, Linear, Local, Masked, Recording, Remote, leak_bits
+from tsqp.tee.op_weights import Op, model_ops
 from tsqp.tee.pads import HelperPads, PoolPads
 from tsqp.tee.remote import Synchronous
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
-from tsqp.tee.weights import Op, model_ops
 from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES
 
 PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table
@@ -107,7 +108,7 @@ class PrivateOps:
         remote: Linear = Remote(self.link, self.config, self.stats)
         if self.verify:
             seed = secrets.randbits(63) if self.options.seed is None else self.options.seed
-            keys = MaskedKeys.build(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
+            keys = masked_keys(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
             self.checked = Checked(remote, keys, self.stats)
         inner = self.checked or remote
         if self.pads is not None:

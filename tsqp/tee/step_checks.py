@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.tee.freivalds import LAMBDA, S_MAX, TINY, U32, UNIT_ROUNDOFF, VECTORS, ModelKeys
+from tsqp.tee.freivalds import U32, UNIT_ROUNDOFF, VECTORS, ModelKeys, linear_gains, ratios, score_gains, value_gain
 from tsqp.tee.remote import ChunkCheck, Request
 from tsqp.wire.protocol import Tile
 
@@ -178,8 +178,7 @@ class StepChecks:
         rhs = torch.einsum("ltgid,lkgd->lgitk", q.view(L, T, kv, group, hd), kr).reshape(L, heads, T, K)
         q_norm = torch.linalg.vector_norm(q, dim=-1).view(L, T, kv, group)
         qk_norm = (q_norm * k_sq.sqrt().mul_(scale).view(L, 1, kv, 1)).permute(0, 2, 3, 1).reshape(L, heads, T, 1)
-        row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(keys_seen)) * S_MAX
-        floor = U32 * (math.sqrt(hd) + 2 * math.sqrt(keys_seen)) * S_MAX
+        row_gain, floor = score_gains(UNIT_ROUNDOFF[ops.wire], keys_seen, hd)
         if ops.bounded_norms:
             bound = qk_norm * (row_gain + floor)
         else:
@@ -195,14 +194,14 @@ class StepChecks:
         if pos:
             weighted += probs[..., :pos] @ state.c[..., :pos].transpose(-1, -2)
         o_norm = torch.linalg.vector_norm(weighted[..., K], dim=1).unsqueeze(-1)  # (L, T, 1) >= ||O_row||
-        sums = 2 * math.sqrt(keys_seen) + 2 * math.sqrt(c.hidden_size * hd) + math.sqrt(c.q_dim)
-        magnitude = keys.omega["o"] * (2 * U32 + U32 * sums) * o_norm
+        magnitude = keys.omega["o"] * value_gain(c, keys_seen) * o_norm
         y = torch.stack(self.y["attn_out"])  # (L, T, hidden)
         if ops.bounded_norms:
             y_norm = o_norm * keys.frobenius["o"] + keys.bias_norm["o"]
         else:
             y_norm = torch.linalg.vector_norm(y, dim=2, keepdim=True)
-        bound = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(c.hidden_size)) * S_MAX * y_norm + magnitude
+        rounding, _ = linear_gains(UNIT_ROUNDOFF[ops.wire], U32, c.hidden_size, c.hidden_size)
+        bound = rounding * y_norm + magnitude
         checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
 
         self._compare(checks)
@@ -216,8 +215,8 @@ class StepChecks:
         ops, keys = self.ops, self.ops.stacked
         y = torch.stack(self.y[kind])  # (L, T, out)
         out_dim = y.shape[2]
-        rounding = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(out_dim)) * S_MAX
-        accumulation = keys.omega[kind] * (U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)))  # (L, 1, 1)
+        rounding, accumulation = linear_gains(UNIT_ROUNDOFF[ops.wire], U32, in_dim, out_dim)
+        accumulation = keys.omega[kind] * accumulation  # (L, 1, 1)
         if ops.bounded_norms:
             bound = x_norm * (keys.frobenius[kind] * rounding + accumulation) + keys.bias_norm[kind] * rounding
         else:
@@ -230,19 +229,17 @@ class StepChecks:
         worst = []
         for op in ORDER:
             lhs, rhs, bound = checks[op]
-            tolerance = bound * LAMBDA
-            ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
-            worst.append(ratio.flatten(1).amax(1))  # (L,): NaN stays NaN
+            worst.append(ratios(lhs, rhs, bound).flatten(1).amax(1))  # (L,): NaN stays NaN
         worst = torch.stack(worst).T.tolist()  # (L, ops)
-        for layer, ratios in enumerate(worst):
-            for op, ratio in zip(ORDER, ratios, strict=True):
+        for layer, layer_worst in enumerate(worst):
+            for op, ratio in zip(ORDER, layer_worst, strict=True):
                 if not ratio <= 1.0:
                     lhs, rhs, bound = checks[op]
                     ops._check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
                     ops.failure = f"integrity check failed: the server's {op} of layer {layer} result is wrong"
                     raise IntegrityError(ops.failure)
         for i, op in enumerate(ORDER):
-            ops.margin[op] = max(ops.margin.get(op, 0.0), max(ratios[i] for ratios in worst))
+            ops.margin[op] = max(ops.margin.get(op, 0.0), max(layer_worst[i] for layer_worst in worst))
             ops.checks[op.split(" ")[0]] += len(worst)
             ops.comparisons += checks[op][0].numel()
 

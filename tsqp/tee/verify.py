@@ -68,17 +68,19 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.freivalds import (
-    LAMBDA,
     S_MAX,
-    TINY,
     U32,
     UNIT_ROUNDOFF,
     VECTORS,
     LinearKey,
     ModelKeys,
     build_keys,
+    compare,
+    linear_gains,
+    score_gains,
     secret_matrix,
     times,
+    value_gain,
 )
 from tsqp.tee.remote import Call, ChunkCheck, RemoteOps, Request
 from tsqp.tee.step_checks import StackedKeys, StepChecks, stack_keys
@@ -259,9 +261,8 @@ class VerifiedOps(RemoteOps):
     ) -> None:
         """y (T, out) against xw = x w (T, K); x_norm (T, 1). The tolerance's factors are Python numbers: a
         decode step's check is a handful of tensor operations (each costs microseconds, 112 calls a token)."""
-        out_dim, in_dim = y.shape[1], key.w.shape[0]
-        rounding = (UNIT_ROUNDOFF[self.wire] + U32 * math.sqrt(out_dim)) * S_MAX  # times ||y||
-        accumulation = U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega  # times ||x||
+        rounding, accumulation = linear_gains(UNIT_ROUNDOFF[self.wire], U32, key.w.shape[0], y.shape[1])
+        accumulation *= key.omega
         if self.bounded_norms:  # ||y|| <= ||x|| ||W||_F + ||b||: the tolerance is affine in ||x||
             bound = x_norm * (rounding * key.frobenius + accumulation) + rounding * key.bias_norm
         else:
@@ -271,30 +272,16 @@ class VerifiedOps(RemoteOps):
     def _check(
         self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
     ) -> None:
-        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too).
-        count: this is a whole result (not one tile of it) for `checks`.
-
-        One ratio carries all three conditions: a zero tolerance is raised to TINY (an exact zero still
-        passes), NaN anywhere stays NaN through the maximum, and adding 0 * tolerance turns an infinite
-        tolerance into NaN (IEEE: 0 * inf is NaN), which no finite deviation could otherwise exceed."""
-        tolerance = bound * LAMBDA
-        ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
-        worst = float(ratio.max())
+        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (`freivalds.compare`: NaN and infinity fail too).
+        count: this is a whole result (not one tile of it) for `checks`."""
         self.checks[op.split(" ")[0]] += count
         self.comparisons += lhs.numel()
-        if worst <= 1.0:
-            self.margin[op] = max(self.margin.get(op, 0.0), worst)
-            return
-        deviation = (lhs - rhs).abs()
-        bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        where = f"{op} of layer {layer}" if layer is not None else op
-        self.failure = (
-            f"integrity check failed: the server's {where} result is wrong (Freivalds check at index "
-            f"{list(index)}: off by {float(deviation[index]):.3g}, tolerance "
-            f"{float(tolerance.expand_as(deviation)[index]):.3g}); stop using this server"
-        )
-        raise IntegrityError(self.failure)
+        try:
+            worst = compare(lhs, rhs, bound, f"{op} of layer {layer}" if layer is not None else op)
+        except IntegrityError as exc:
+            self.failure = str(exc)
+            raise
+        self.margin[op] = max(self.margin.get(op, 0.0), worst)
 
     def _deferred(self, pos: int | None, T: int) -> bool:
         """Whether this call's checks wait for the end of the open step (pos None: a call without one)."""
@@ -385,9 +372,7 @@ class AttentionCheck(ChunkCheck):
             lhs = (block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]).view(heads, tile.rows, VECTORS)
             qk_norm = self.qk_norm[:, rows]
             row_norm = qk_norm if ops.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
-            keys = math.sqrt(tile.keys)  # the tile's reduction length: its rounding terms, as Python numbers
-            row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * keys) * S_MAX  # times the row norm of S
-            floor = U32 * (math.sqrt(ops.config.head_dim) + 2 * keys) * S_MAX  # times ||q|| ||K|| / sqrt(hd)
+            row_gain, floor = score_gains(UNIT_ROUNDOFF[ops.wire], tile.keys, ops.config.head_dim)
             tolerance = row_norm * (row_gain + floor) if ops.bounded_norms else row_norm * row_gain + qk_norm * floor
             ops._check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
 
@@ -404,12 +389,9 @@ class AttentionCheck(ChunkCheck):
             cache = ops._session_state().c[self.layer]  # (heads, K + 1, capacity)
             weighted = torch.bmm(block, cache[:, :, : tile.keys].transpose(1, 2))  # (heads, rows, K + 1)
             self.out_rhs[rows] = weighted[:, :, :VECTORS].sum(0)
-            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
-            # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
-            # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
-            # round independently: root of the sum of squares over heads.
-            sums = 2 * math.sqrt(tile.keys) + 2 * math.sqrt(c.hidden_size * c.head_dim) + math.sqrt(c.q_dim)
-            gain = o.omega * (2 * U32 + U32 * sums)
+            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries the
+            # o_proj omega bounds. Heads round independently: root of the sum of squares over heads.
+            gain = o.omega * value_gain(c, tile.keys)
             self.o_norm[rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
             self.magnitude[rows] = gain * self.o_norm[rows]
 
@@ -418,5 +400,6 @@ class AttentionCheck(ChunkCheck):
         with ops.stats.tee("verify"):
             o, hidden = ops.keys.layers[self.layer].o, ops.config.hidden_size
             y_norm = self.o_norm * o.frobenius + o.bias_norm if ops.bounded_norms else _row_norm(y)
-            tolerance = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(hidden)) * S_MAX * y_norm + self.magnitude
+            rounding, _ = linear_gains(UNIT_ROUNDOFF[ops.wire], U32, hidden, hidden)
+            tolerance = rounding * y_norm + self.magnitude
             ops._check("attn_out", self.layer, times(y, o.s), self.out_rhs + o.bias_s, tolerance)
