@@ -22,6 +22,7 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
 from tsqp.tee import pad_pool
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.op_weights import load_weight, model_ops, product
@@ -334,8 +335,8 @@ class LyingHelper(Engine):
 
 def helper_tee(model, engine, tmp_path) -> TeeModel:
     options = PrivateOptions(pads_dir=tmp_path / "pads", helper=Synchronous(InProcess(engine)))
-    tee = TeeModel(model, InProcess(Engine(str(model))), private=options)
-    tee.attach()
+    tee = tee_model(model, InProcess(Engine(str(model))), private=options)
+    attach(tee)
     return tee
 
 
