@@ -38,8 +38,8 @@ def reference(checkpoints, model):
 
 def pipelined(tee: TeeModel, on: bool, tile: int = 8) -> TeeModel:
     """Small tiles and no minimum chunk size, so a short prompt splits into several chunks."""
-    tee.ops.attend.pipeline, tee.ops.attend.pipelined = ("on" if on else "off"), on
-    tee.ops.attend.tile, tee.ops.attend.min_chunk_scores = tile, 0
+    tee.ops.attention.pipeline, tee.ops.attention.pipelined = ("on" if on else "off"), on
+    tee.ops.attention.tile, tee.ops.attention.min_chunk_scores = tile, 0
     return tee
 
 
@@ -56,16 +56,16 @@ def prefill(tee: TeeModel, ids: torch.Tensor, steps: list[int]) -> torch.Tensor:
 def test_chunks_are_whole_tiles_covering_every_row(model):
     tee = pipelined(tee_model(model, InProcess(Engine(str(model))), verify=False), True, tile=8)
     tee.attach()
-    tee.ops.attend.pipelined = True
+    tee.ops.attention.pipelined = True
     for T, pos in ((100, 0), (37, 5), (8, 0), (1, 40)):
-        chunks = tee.ops.attend.chunks(T, pos)
+        chunks = tee.ops.attention.chunks(T, pos)
         assert chunks[0][0] == 0 and chunks[-1][1] == T
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
         assert all(start % 8 == 0 for start, _ in chunks)
         assert len(chunks) <= 8 + 1
-    assert len(tee.ops.attend.chunks(100, 0)) > 4
-    tee.ops.attend.pipelined = False
-    assert tee.ops.attend.chunks(100, 0) == [(0, 100)]
+    assert len(tee.ops.attention.chunks(100, 0)) > 4
+    tee.ops.attention.pipelined = False
+    assert tee.ops.attention.chunks(100, 0) == [(0, 100)]
 
 
 @pytest.mark.parametrize("verify", [True, False])

@@ -40,7 +40,7 @@ def run_split(
     with Client(endpoint, stats=stats, shm=shm) as client:
         tee = tee_model(model_dir, client, stats, verify=verify, pipeline=pipeline)
         tee.attach()
-        tee.ops.attend.tile, tee.ops.attend.min_chunk_scores = tile, 0
+        tee.ops.attention.tile, tee.ops.attention.min_chunk_scores = tile, 0
         tee.ops.open_session(ids.shape[0])
         logits, pos = [], 0
         for length in chunks:

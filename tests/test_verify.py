@@ -45,7 +45,7 @@ def tee_for(model, dtype: str = "float32", tile: int | None = None) -> TeeModel:
 
     tee = tee_model(model, InProcess(Engine(str(model), dtype=dtype)))
     if tile:
-        tee.ops.attend.tile = tile
+        tee.ops.attention.tile = tile
     tee.attach()
     return tee
 

@@ -67,6 +67,7 @@ class Unchecked:
     """The checker of an unverified split: every hook is a no-op."""
 
     setup_s = 0.0  # computing keys: none
+    failure = None  # what failed (a checker raises at every later call once it is set)
     immediate = NO_STEP_CHECK  # the hooks of calls outside a step
 
     def init(self, wire: torch.dtype) -> None:

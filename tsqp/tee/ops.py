@@ -3,7 +3,7 @@
 `Ops` is what `forward.TeeModel` is handed, the way tinygrad's Transformer is handed its linear layer.
 Its compositions (compose.py builds them from the options):
 
-    plain split     remote.RemoteOps(calls, checker, ServerAttention)   the server's plain protocol
+    plain split     remote.RemoteOps(Calls(link, checker), ServerAttention)   the plain protocol
     private         private.PrivateOps: Masked(Checked(Remote)) linears, TeeAttention, the TEE's embedding
     calibration     private.LinearOps: Recording(Local) linears, TeeAttention (the TEE alone)
 

@@ -61,23 +61,24 @@ class PrivateOptions:
 
 class LinearOps:
     """The forward pass's ops (`ops.Ops`) over a linear seam: the embedding from the TEE's own table, every
-    product through `linear(op, x)` (fused qkv: v stays here), attention in the TEE (`TeeAttention`)."""
+        product through `linear(op, x)` (fused qkv: v stays here), `attention` in the TEE (`TeeAttention`, the
+    seam itself is the op)."""
 
     pipelined = False
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
         """embed: the whole embedding table (None until init); linear: None until attached."""
         self.config, self.embed, self.linear, self.stats = config, embed, linear, stats
-        self.attend = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
+        self.attention = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
 
     def init(self) -> dict:
         return {}
 
     def open_session(self, capacity: int) -> None:
-        self.attend.open_session(capacity)
+        self.attention.open_session(capacity)
 
     def close_session(self) -> None:
-        self.attend.close_session()
+        self.attention.close_session()
 
     def begin_step(self, pos: int, T: int) -> None:
         """Every masked product is checked before its result is used: nothing waits for the step."""
@@ -85,7 +86,7 @@ class LinearOps:
     def _run(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         if self.linear is None:
             raise TsqpError("private mode: attach the model first (init and calibrate)")
-        if self.attend.cache is None and op.name != "lm_head":
+        if self.attention.cache is None and op.name != "lm_head":
             raise TsqpError("private mode: open a session before the per-layer calls")
         return self.linear(op, x).to(torch.float32)  # x stays float32: x + r is formed in float64 by Masked
 
@@ -96,11 +97,8 @@ class LinearOps:
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         q, k, v = self._run(Op("qkv", layer), h).split([c.q_dim, c.kv_dim, c.kv_dim], dim=1)
-        self.attend.put_values(layer, pos, v)
+        self.attention.put_values(layer, pos, v)
         return q, k
-
-    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
-        return self.attend(layer, pos, q, k, softmax_)
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inter = self.config.intermediate_size

@@ -6,7 +6,7 @@ several requests in flight, or `Synchronous` over a plain call function such as 
 results are converted to float32 copies owned by the TEE before any math touches them.
 
 `RemoteOps` is the plain split behind the `ops.Ops` interface: embedding, qkv (the server caches v),
-gate_up, down and lm_head are calls; attention is its own seam (server_attention.py); every result passes
+gate_up, down and lm_head are calls; `attention` is its own seam (server_attention.py); every result passes
 through the checker's hooks (checks.py) with what was sent.
 """
 
@@ -22,7 +22,7 @@ from tsqp.errors import ServerError, TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
 from tsqp.tee.checks import ChunkCheck, StepCheck, Unchecked
-from tsqp.tee.ops import Attention, Call, Link, Softmax
+from tsqp.tee.ops import Attention, Call, Link
 from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, Message, expect
 
 
@@ -149,7 +149,8 @@ class Calls:
         shapes: list[tuple[int, ...]],
         session: bool = True,
     ) -> Request:
-        self.checker.usable()  # nothing more is sent after a failed check
+        if self.checker.failure is not None:  # nothing more is sent after a failed check
+            self.checker.usable()
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in inputs]  # token ids stay int64
         request_id = self.link.submit(
             method,
@@ -177,7 +178,8 @@ class RemoteOps:
     """The plain split (`ops.Ops`): every product on the server, attention where `attention` runs it."""
 
     def __init__(self, calls: Calls, attention: Attention):
-        self.calls, self.attend = calls, attention
+        """attention: the seam itself is the `attention` op (the forward pass calls it directly)."""
+        self.calls, self.attention = calls, attention
         self.config, self.checker = calls.config, calls.checker
 
     @property
@@ -200,13 +202,13 @@ class RemoteOps:
 
     @property
     def pipelined(self) -> bool:
-        return self.attend.pipelined
+        return self.attention.pipelined
 
     # -- control -------------------------------------------------------------------------------
 
     def init(self) -> dict:
         info = self.calls.init()
-        self.attend.init(info)
+        self.attention.init(info)
         return info
 
     def open_session(self, capacity: int) -> None:
@@ -224,7 +226,7 @@ class RemoteOps:
             self.calls.control("close_session", session=session)
 
     def begin_step(self, pos: int, T: int) -> None:
-        self.calls.step = self.checker.begin_step(pos, T, self.attend)
+        self.calls.step = self.checker.begin_step(pos, T, self.attention)
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -241,9 +243,6 @@ class RemoteOps:
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         calls.step.qkv(layer, pos, sent, q, k)
         return q, k
-
-    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
-        return self.attend(layer, pos, q, k, softmax_)
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls, inter = self.calls, self.config.intermediate_size

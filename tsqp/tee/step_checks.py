@@ -103,6 +103,7 @@ class StepChecks(StepCheck):
     def __init__(self, verifier, pos: int, T: int):
         L = verifier.config.num_layers
         self.verifier, self.pos, self.T = verifier, pos, T
+        self.state = verifier.session_state()  # the session's attention state, moved on by `settle`
         self.x = {name: [None] * L for name in ("qkv", "gate_up", "down")}  # the inputs as sent (float32)
         self.y = {name: [None] * L for name in (*LINEAR, "attn_out")}  # the results (float32 copies)
         self.q, self.k = [None] * L, [None] * L  # scores' inputs as sent: (T, heads, hd), (T, kv, hd)
@@ -122,7 +123,7 @@ class StepChecks(StepCheck):
         self.verifier.immediate.embedding(ids, rows)  # the step's first result: nothing to gather it with
 
     def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        self.verifier.expect_qkv_at(layer, pos)
+        self.state.expect_qkv_at(layer, pos)
         self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = self._expect(pos, x), q, k
 
     def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -132,9 +133,8 @@ class StepChecks(StepCheck):
         self.x["down"][layer], self.y["down"][layer] = self._expect(None, x), y
 
     def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
-        v = self.verifier
-        with v.stats.tee("verify"):
-            state, T = v.session_state(), q.shape[0]
+        state, T = self.state, q.shape[0]
+        with self.verifier.stats.tee("verify"):
             if (pos, T) != (self.pos, self.T):
                 raise TsqpError(f"verified mode: attention at position {pos} is not part of the step at {self.pos}")
             if pos != 0 and pos != state.k_filled[layer]:
@@ -170,7 +170,7 @@ class StepChecks(StepCheck):
         ]
         if missing:
             raise TsqpError(f"verified mode: the step at position {self.pos} ended without {', '.join(missing)}")
-        keys, state, T, pos = v.stacked, v.session_state(), self.T, self.pos
+        keys, state, T, pos = v.stacked, self.state, self.T, self.pos
         L, heads, kv, group, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
         checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # op -> lhs, rhs, bound
 
@@ -272,7 +272,7 @@ class _Deferred(ChunkCheck):
     def scores(self, tile: Tile, block: torch.Tensor) -> None:
         step, v = self.step, self.step.verifier
         with v.stats.tee("verify"):
-            r, heads = v.session_state().r, block.shape[0]
+            r, heads = step.state.r, block.shape[0]
             lhs = block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]  # before the softmax overwrites it
             step.scores_s[self.layer] = lhs.view(heads, tile.rows, K)
             if not v.bounded_norms:

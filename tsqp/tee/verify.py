@@ -1,6 +1,7 @@
 """Verified mode: the TEE checks every result the untrusted server returns before anything derived from it
-leaves the TEE: call by call in a prefill, at the end of a decode step for all layers at once
-(step_checks.py; the logits come after the checks).
+leaves the TEE: call by call in a prefill (`Immediate`), at the end of a decode step for all layers at once
+(step_checks.py; the logits come after the checks). `Verifier` is the checker the plain split's ops are
+handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison.
 
 Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
 (out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
@@ -103,6 +104,11 @@ class AttentionState:
         self.k_sq = torch.zeros(L, c.num_kv_heads)  # sum_j ||k_j||^2
         self.k_filled = [0] * L
 
+    def expect_qkv_at(self, layer: int, pos: int) -> None:
+        """qkv at pos must append to (or overwrite) the positions folded into c."""
+        if pos > self.c_filled[layer]:
+            raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
+
 
 class Verifier:
     """The plain split's checker (checks.py): every result passes a Freivalds check, call by call
@@ -115,6 +121,11 @@ class Verifier:
         self.stats = stats or Stats()
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
         self.wire = torch.float32
+        # Bound result row norms from the TEE's side instead of measuring them (a pass over each result)?
+        # The row norm scales the output-rounding term of a tolerance. In float32 that term is of the order
+        # of the accumulation term, so a looser bound costs little precision: ||Y|| <= ||X|| ||W||_F + ||b||,
+        # ||S_row|| <= ||q|| ||K|| / sqrt(hd) (Cauchy-Schwarz). In bfloat16 and float16 it dominates: measured.
+        self.bounded_norms = True  # the wire dtype is float32
         self.keys: ModelKeys | None = None
         self.stacked: StackedKeys | None = None  # the layer keys stacked, for a step's checks at once
         self.defer_rows = SMALL_STEP_ROWS  # steps of up to this many tokens are checked at their end
@@ -132,7 +143,7 @@ class Verifier:
         """The server's dtype is known now: the keys are computed here, at start, not on the first call."""
         self.usable()
         if wire != self.wire:
-            self.wire, self.keys = wire, None
+            self.wire, self.keys, self.bounded_norms = wire, None, wire == torch.float32
             self.usable()
 
     def usable(self) -> None:
@@ -171,16 +182,6 @@ class Verifier:
 
     # -- the checks ----------------------------------------------------------------------------
 
-    @property
-    def bounded_norms(self) -> bool:
-        """Bound result row norms from the TEE's side instead of measuring them (a pass over each result).
-
-        The row norm scales the output-rounding term of a tolerance. In float32 that term is of the order
-        of the accumulation term, so a looser bound costs little precision: ||Y|| <= ||X|| ||W||_F + ||b||,
-        ||S_row|| <= ||q|| ||K|| / sqrt(hd) (Cauchy-Schwarz). In bfloat16 and float16 it dominates: measured.
-        """
-        return self.wire == torch.float32
-
     def check_linear(
         self, op: str, layer: int | None, y: torch.Tensor, xw: torch.Tensor, x_norm: torch.Tensor, key: LinearKey
     ) -> None:
@@ -208,13 +209,6 @@ class Verifier:
             raise
         self.margin[op] = max(self.margin.get(op, 0.0), worst)
 
-    def expect_qkv_at(self, layer: int, pos: int) -> AttentionState:
-        """The session's state, where qkv at pos appends to (or overwrites) the cached positions."""
-        state = self.session_state()
-        if pos > state.c_filled[layer]:
-            raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
-        return state
-
 
 class Immediate(StepCheck):
     """Every result checked as it comes (a prefill, or a call outside a step)."""
@@ -233,7 +227,8 @@ class Immediate(StepCheck):
     def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         v = self.verifier
         with v.stats.tee("verify"):
-            c, keys, state = v.config, v.keys.layers[layer], v.expect_qkv_at(layer, pos)
+            c, keys, state = v.config, v.keys.layers[layer], v.session_state()
+            state.expect_qkv_at(layer, pos)
             x = x.float()
             x_norm = _row_norm(x)
             proj = times(x, keys.qkv_proj)  # (T, 2K + heads K)
