@@ -114,6 +114,17 @@ def test_a_lying_server_is_caught_on_a_masked_product(tiny_model, tmp_path):
         tee.forward(token_ids(8))
 
 
+def test_attention_runs_only_where_the_protocol_keeps_v(tiny_model, tmp_path):
+    """The composer refuses what the server cannot serve: the plain protocol keeps v on the server, the
+    masked one hands it to the TEE. Nothing is sent to find out."""
+    engine = Engine(str(tiny_model))
+    with pytest.raises(TsqpError, match="attention on the tee side"):
+        tee_model(tiny_model, InProcess(engine), attention="tee")
+    with pytest.raises(TsqpError, match="attention on the server side"):
+        tee_model(tiny_model, InProcess(engine), attention="server", private=PrivateOptions(pads_dir=tmp_path))
+    assert tee_model(tiny_model, InProcess(engine), attention="server").ops.attention.pipeline == "auto"
+
+
 def test_masked_products_cross_in_float64_and_no_token_id_crosses(tiny_model, tmp_path):
     sent = []
 

@@ -216,10 +216,12 @@ class RemoteOps:
         if not isinstance(session, bytes):
             raise ServerError("server returned no session id")
         self.calls.session = session
+        self.attention.open_session(capacity)
         self.checker.open_session(capacity)
 
     def close_session(self) -> None:
         self.checker.close_session()
+        self.attention.close_session()
         self.calls.step = self.checker.immediate
         if self.calls.session is not None:
             session, self.calls.session = self.calls.session, None
