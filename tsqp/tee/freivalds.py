@@ -25,7 +25,7 @@ import torch
 from tsqp.errors import IntegrityError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
 from tsqp.model.config import LlamaConfig
-from tsqp.tee.op_weights import model_ops, op_dims, stream_rows, weight_rows
+from tsqp.tee.op_weights import Op, model_ops, op_dims, stream_rows, weight_rows
 from tsqp.wire.protocol import MASKED_DTYPE
 
 VECTORS = 2  # independent secret vectors per check (K): one pass over the data checks all of them
@@ -185,8 +185,8 @@ def embedding_rows(embed: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> t
     return e.T
 
 
-def masked_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> dict:
-    """Private mode's float64 key of every op (op_weights.Op -> LinearKey), each fused weight streamed once."""
+def masked_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> dict[Op, LinearKey]:
+    """Private mode's float64 key of every op, each fused weight streamed once."""
     keys = {}
     for op in model_ops(checkpoint.config):
         in_dim, out_dim = op_dims(checkpoint.config, op)

@@ -61,7 +61,7 @@ class PrivateOptions:
 
 class LinearOps:
     """The forward pass's ops (`ops.Ops`) over a linear seam: the embedding from the TEE's own table, every
-        product through `linear(op, x)` (fused qkv: v stays here), `attention` in the TEE (`TeeAttention`, the
+    product through `linear(op, x)` (fused qkv: v stays here), `attention` in the TEE (`TeeAttention`, the
     seam itself is the op)."""
 
     pipelined = False
@@ -72,6 +72,7 @@ class LinearOps:
         self.attention = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
 
     def init(self) -> dict:
+        """Nothing to meet: the seam is the TEE's own (a subclass meets a server)."""
         return {}
 
     def open_session(self, capacity: int) -> None:
