@@ -22,14 +22,14 @@ from transformers import AutoModelForCausalLM
 
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.linear import Local
+from tsqp.tee.op_weights import load_weight
 from tsqp.tee.pads import Pad
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
-from tsqp.tee.weights import load_weight
 from tsqp.wire.pad_seeds import expand, new_seed
 
 PROMPT = "What is the capital of France?"
@@ -55,8 +55,8 @@ def prompt_ids(model_dir: Path, vocab: int) -> list[int]:
 
 def run(model_dir: Path, bits: int, dtype: torch.dtype, ids: list[int], new_tokens: int, pads_dir: Path):
     engine = Engine(str(model_dir))
-    tee = TeeModel(model_dir, InProcess(engine), private=PrivateOptions(pads_dir=pads_dir, pad_bits=bits))
-    tee.attach()
+    tee = tee_model(model_dir, InProcess(engine), private=PrivateOptions(pads_dir=pads_dir, pad_bits=bits))
+    attach(tee)
     if dtype == torch.float32:
         checkpoint = Checkpoint(model_dir)
         tee.ops.masked.inner = Local(checkpoint, dtype=torch.float32)

@@ -176,11 +176,11 @@ def main() -> int:
     failed_workers = [i for i, w in enumerate(workers) if w.returncode not in (0, -signal.SIGKILL)]
 
     from tsqp.server.engine import Engine
-    from tsqp.tee.forward import TeeModel
+    from tsqp.tee.compose import tee_model
     from tsqp.tee.generate import generate
     from tsqp.tee.remote import InProcess
 
-    alone = TeeModel(folder, InProcess(Engine(str(folder))))
+    alone = tee_model(folder, InProcess(Engine(str(folder))))
     alone.attach()
     checked, mismatches = 0, []
     for i, lines in outputs.items():

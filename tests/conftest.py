@@ -96,9 +96,9 @@ def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def split_logits(model_dir, call, ids: torch.Tensor) -> torch.Tensor:
     """Float32 logits of a fresh session over ids, through `call` (a Client or an InProcess engine)."""
-    from tsqp.tee.forward import TeeModel
+    from tsqp.tee.compose import tee_model
 
-    tee = TeeModel(model_dir, call)
+    tee = tee_model(model_dir, call)
     tee.attach()
     tee.ops.open_session(ids.shape[0])
     logits = tee.forward(ids)

@@ -43,11 +43,11 @@ from conftest import token_ids
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import attach, tee_model
+from tsqp.tee.op_weights import Op, load_weight, model_ops
 from tsqp.tee.pads import Pad, PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess
-from tsqp.tee.weights import Op, load_weight, model_ops
 
 PROMPT = 24
 ALPHA = 1e-4  # false-alarm probability of each chance bound: under 2e-3 for the 17 of this file
@@ -118,14 +118,14 @@ def world(checkpoints, tmp_path_factory) -> World:
     w = World(path, ids, other, activations(reference, ids), activations(reference, other))
     pads = tmp_path_factory.mktemp("pads")
     server = RecordingServer(path)
-    plain = TeeModel(path, server)
-    private = TeeModel(path, server, private=PrivateOptions(pads_dir=pads))
-    fresh = TeeModel(path, server, private=PrivateOptions(pads_dir=pads))
+    plain = tee_model(path, server)
+    private = tee_model(path, server, private=PrivateOptions(pads_dir=pads))
+    fresh = tee_model(path, server, private=PrivateOptions(pads_dir=pads))
     runs = [(plain, "plain", ids), (plain, "plain again", ids), (plain, "plain other", other)]
     runs += [(private, "private", ids), (private, "private again", ids), (fresh, "private other", other)]
     for tee, name, prompt in runs:
         if name in ("plain", "private", "private other"):
-            tee.attach()  # its init is in this run's log
+            attach(tee)  # its init is in this run's log
         tee.ops.open_session(PROMPT)
         w.logits[name] = tee.forward(prompt)
         tee.ops.close_session()

@@ -13,7 +13,7 @@ from test_equivalence import FEATURES
 
 from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
@@ -50,7 +50,7 @@ def test_batched_products_equal_solo_ones(checkpoints, feature):
     engine = Engine(str(path))
     recorders = [Recorder(engine, peer=b"client-%d" % i) for i in range(3)]
     for i, recorder in enumerate(recorders):
-        tee = TeeModel(path, recorder)
+        tee = tee_model(path, recorder)
         tee.attach()
         ids = token_ids(5 + 3 * i, seed=i)
         tee.ops.open_session(ids.shape[0] + 1)  # left open: the batched replay runs in these sessions
@@ -86,7 +86,7 @@ def test_a_refused_request_gets_its_error_and_the_others_their_results(model):
 
 def test_requests_of_a_session_someone_else_owns_are_refused_in_a_batch(model):
     engine = Engine(str(model))
-    tee = TeeModel(model, InProcess(engine, peer=b"owner"))
+    tee = tee_model(model, InProcess(engine, peer=b"owner"))
     tee.attach()
     tee.ops.open_session(4)
     x = torch.randn(1, engine.config.hidden_size)
@@ -102,7 +102,7 @@ def decode_at_once(model, prompts: list[list[int]], lengths: list[int], extra_ar
     """Each prompt greedily alone (in process), then all at once by client threads on one real server
     (sockets, arenas); (the solo tokens, the concurrent ones, the server's ping after them)."""
     engine = Engine(str(model))
-    solo_tee = TeeModel(model, InProcess(engine))
+    solo_tee = tee_model(model, InProcess(engine))
     solo_tee.attach()
     alone = [generate(solo_tee, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
     results: dict[int, list[int]] = {}
@@ -113,7 +113,7 @@ def decode_at_once(model, prompts: list[list[int]], lengths: list[int], extra_ar
         def run(i: int) -> None:
             try:
                 with Client(server.endpoint, timeout_s=60) as client:
-                    tee = TeeModel(model, client)
+                    tee = tee_model(model, client)
                     tee.attach()
                     barrier.wait(timeout=60)
                     results[i] = generate(tee, prompts[i], lengths[i]).generated_ids

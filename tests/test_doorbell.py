@@ -25,7 +25,7 @@ from conftest import reference_logits, run_tsqp, token_ids, wait_for
 
 import tsqp.wire.transport
 from tsqp.errors import ProtocolError
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.launcher import ServerProcess
 from tsqp.wire import doorbell
 from tsqp.wire.arena import SHM_DIR
@@ -114,7 +114,7 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
         # the server polls for SPIN_S after each request: a ping right after another finds it awake
         # (on a loaded machine not every time, so a few tries)
         assert rung_within(client, 2000), "no ping went by the doorbell"
-        tee = TeeModel(model, client)
+        tee = tee_model(model, client)
         tee.attach()
         tee.ops.open_session(40)
         logits = tee.forward(ids)

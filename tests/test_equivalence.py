@@ -13,7 +13,7 @@ import torch
 from conftest import BASE_CONFIG, build_checkpoint, load_reference, reference_logits, rewrite_config, token_ids
 
 from tsqp.server.engine import Engine
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.remote import InProcess
 
 ATOL = 1e-4
@@ -48,7 +48,7 @@ def split_logits(
 ) -> torch.Tensor:
     """Logits from TeeModel over an in-process engine; `chunks` splits the prompt into successive calls."""
     engine = engine or Engine(str(model_dir), dtype=dtype)
-    tee = TeeModel(model_dir, InProcess(engine))
+    tee = tee_model(model_dir, InProcess(engine))
     info = tee.attach()
     assert info["dtype"] == dtype
     tee.ops.open_session(ids.shape[0])
@@ -167,7 +167,7 @@ def test_incremental_equals_full(feature_model, chunks):
 def test_last_only(feature_model):
     path, reference = feature_model("mha")
     ids = token_ids(23, seed=9)
-    tee = TeeModel(path, InProcess(Engine(str(path))))
+    tee = tee_model(path, InProcess(Engine(str(path))))
     tee.attach()
     tee.ops.open_session(ids.shape[0])
     last = tee.forward(ids, last_only=True)
@@ -180,8 +180,8 @@ def test_two_sessions_on_one_engine_do_not_mix(feature_model):
     path, reference = feature_model("gqa")
     engine = Engine(str(path))
     a_ids, b_ids = token_ids(30, seed=12), token_ids(30, seed=13)
-    a = TeeModel(path, InProcess(engine, peer=b"a"))
-    b = TeeModel(path, InProcess(engine, peer=b"b"))
+    a = tee_model(path, InProcess(engine, peer=b"a"))
+    b = tee_model(path, InProcess(engine, peer=b"b"))
     for tee in (a, b):
         tee.attach()
         tee.ops.open_session(30)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from tsqp.server.engine import Engine
 from tsqp.server.loop import Server
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import ALIGN, Arena, shm_available
 from tsqp.wire.protocol import (
@@ -528,7 +528,7 @@ def test_valid_client_after_fuzzing(harness, fuzz_model):
 
 
 def forward(model_dir: Path, call, ids: torch.Tensor) -> torch.Tensor:
-    tee = TeeModel(model_dir, call)
+    tee = tee_model(model_dir, call)
     tee.attach()
     tee.ops.open_session(ids.shape[0])
     logits = tee.forward(ids)

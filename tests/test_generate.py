@@ -17,6 +17,7 @@ from test_equivalence import FEATURES
 from tsqp.errors import ModelError, TsqpError
 from tsqp.model.presets import CHAT_TEMPLATE, preset_path, write_tokenizer
 from tsqp.server.engine import Engine
+from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.remote import InProcess
@@ -43,7 +44,7 @@ def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[in
 
 def in_process(model_dir) -> tuple[TeeModel, Engine]:
     engine = Engine(str(model_dir))
-    tee = TeeModel(model_dir, InProcess(engine))
+    tee = tee_model(model_dir, InProcess(engine))
     tee.attach()
     return tee, engine
 

@@ -26,10 +26,12 @@ import zmq
 from conftest import free_port, kill_process, reference_logits, split_logits, token_ids, wait_for
 
 from tsqp.errors import ConnectionLost, ProtocolError, ServerError, TsqpError
+from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import EVICT_IDLE_S, Engine
-from tsqp.tee.forward import TeeModel
+from tsqp.stats import Stats
+from tsqp.tee.compose import build_ops, tee_model
 from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.remote import InProcess, RemoteOps
+from tsqp.tee.remote import InProcess
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack
 from tsqp.wire.transport import Client, bind_server, make_socket
 
@@ -153,11 +155,11 @@ def test_stale_replies_are_dropped(short_dir):
 
 
 def test_reply_shapes_and_types_are_checked_by_remote_ops(tiny_model):
-    """RemoteOps holds every reply to exactly the dtype and shape it asked for, control replies included."""
+    """The plain split's ops hold every reply to exactly the dtype and shape it asked for, control replies included."""
     engine = Engine(str(tiny_model))
     honest = InProcess(engine)
-    tee = TeeModel(tiny_model, honest)
-    config = tee.config
+    checkpoint = Checkpoint(tiny_model)
+    config = checkpoint.config
 
     def lying(change):
         def call(method, args=None, tensors=(), session=None, **kw):
@@ -180,7 +182,7 @@ def test_reply_shapes_and_types_are_checked_by_remote_ops(tiny_model):
     }
     ids = token_ids(5, vocab=config.vocab_size)
     for change in cases.values():
-        ops = RemoteOps(lying(change), config)
+        ops = build_ops(checkpoint, lying(change), Stats(), verify=False)
         ops.open_session(5)
         with pytest.raises(ProtocolError, match="expected"):
             ops.embedding(ids)
@@ -193,11 +195,11 @@ def test_reply_shapes_and_types_are_checked_by_remote_ops(tiny_model):
         return lambda method, args_=None, tensors=(), session=None, **kw: Message({"id": 0, "ok": True, "args": args})
 
     with pytest.raises(ServerError, match="unknown dtype"):
-        RemoteOps(control({"dtype": ["float32"]}), config).init()
+        build_ops(checkpoint, control({"dtype": ["float32"]}), Stats(), verify=False).init()
     with pytest.raises(ServerError, match="no session id"):
-        RemoteOps(control({"session": "not-bytes"}), config).open_session(4)
+        build_ops(checkpoint, control({"session": "not-bytes"}), Stats(), verify=False).open_session(4)
     with pytest.raises(TsqpError, match="different model"):
-        TeeModel(tiny_model, control({"dtype": "float32", "fingerprint": ["x"]})).attach()
+        tee_model(tiny_model, control({"dtype": "float32", "fingerprint": ["x"]})).attach()
 
 
 def test_deadline(short_dir):
@@ -327,7 +329,7 @@ def test_sigterm_with_connected_client_exits_zero(tiny_model, short_dir):
     path = short_dir / "t.sock"
     with ServerProcess(str(tiny_model), endpoint=f"ipc://{path}", start_timeout_s=START_TIMEOUT_S) as server:
         with Client(f"ipc://{path}", timeout_s=30) as client:
-            tee = TeeModel(tiny_model, client.call)
+            tee = tee_model(tiny_model, client.call)
             tee.attach()
             tee.ops.open_session(8)  # a session still open
             server.process.send_signal(signal.SIGTERM)

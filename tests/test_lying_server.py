@@ -20,7 +20,7 @@ from conftest import assert_one_line_error, run_tsqp, wait_for
 from lying_server import KINDS, OPS, TAMPER_LAYER, CacheTamper, LyingEngine, Tamper
 
 from tsqp.errors import IntegrityError
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.remote import InProcess
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -49,10 +49,10 @@ def run(model: Path, engine: LyingEngine, verify: bool, deferred: bool = True) -
     engine.sessions.clear()
     engine.previous.clear()
     engine.tampered = 0
-    tee = TeeModel(model, InProcess(engine), verify=verify)
+    tee = tee_model(model, InProcess(engine), verify=verify)
     if verify:
-        tee.ops.generator.manual_seed(SEED)
-        tee.ops.defer_rows = tee.ops.defer_rows if deferred else 0
+        tee.ops.checker.generator.manual_seed(SEED)
+        tee.ops.checker.defer_rows = tee.ops.checker.defer_rows if deferred else 0
     tee.attach()
     outputs = []
     for i, prompt in enumerate(PROMPTS):
@@ -103,7 +103,7 @@ def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
 def test_a_failed_check_stops_every_later_call(model, engines):
     engine = engines["float32"]
     engine.plan = Tamper("down", None, "flip")
-    tee = TeeModel(model, InProcess(engine))
+    tee = tee_model(model, InProcess(engine))
     tee.attach()
     tee.ops.open_session(8)
     with pytest.raises(IntegrityError, match="down of layer 1"):

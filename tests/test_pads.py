@@ -22,13 +22,14 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
 from tsqp.tee import pad_pool
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.op_weights import load_weight, model_ops, product
 from tsqp.tee.pad_pool import BLOCK_ROWS, MAGIC, NONCE, PoolError, PoolReader, fill, pool_key, streams
 from tsqp.tee.pads import PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
-from tsqp.tee.weights import load_weight, model_ops, product
 from tsqp.wire.curve import generate
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 
@@ -334,8 +335,8 @@ class LyingHelper(Engine):
 
 def helper_tee(model, engine, tmp_path) -> TeeModel:
     options = PrivateOptions(pads_dir=tmp_path / "pads", helper=Synchronous(InProcess(engine)))
-    tee = TeeModel(model, InProcess(Engine(str(model))), private=options)
-    tee.attach()
+    tee = tee_model(model, InProcess(Engine(str(model))), private=options)
+    attach(tee)
     return tee
 
 

@@ -12,11 +12,13 @@ import torch
 from conftest import reference_logits, split_logits, token_ids
 
 from tsqp.errors import ConnectionLost, IntegrityError, TsqpError
+from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
+from tsqp.tee.compose import build_ops, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.remote import InProcess, RemoteOps
+from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import ALIGN, Regions
 from tsqp.wire.protocol import Message
 from tsqp.wire.transport import Client
@@ -36,8 +38,8 @@ def reference(checkpoints, model):
 
 def pipelined(tee: TeeModel, on: bool, tile: int = 8) -> TeeModel:
     """Small tiles and no minimum chunk size, so a short prompt splits into several chunks."""
-    tee.ops.pipeline, tee.ops.pipelined = ("on" if on else "off"), on
-    tee.ops.tile, tee.ops.min_chunk_scores = tile, 0
+    tee.ops.attention.pipeline, tee.ops.attention.pipelined = ("on" if on else "off"), on
+    tee.ops.attention.tile, tee.ops.attention.min_chunk_scores = tile, 0
     return tee
 
 
@@ -52,18 +54,18 @@ def prefill(tee: TeeModel, ids: torch.Tensor, steps: list[int]) -> torch.Tensor:
 
 
 def test_chunks_are_whole_tiles_covering_every_row(model):
-    tee = pipelined(TeeModel(model, InProcess(Engine(str(model))), verify=False), True, tile=8)
+    tee = pipelined(tee_model(model, InProcess(Engine(str(model))), verify=False), True, tile=8)
     tee.attach()
-    tee.ops.pipelined = True
+    tee.ops.attention.pipelined = True
     for T, pos in ((100, 0), (37, 5), (8, 0), (1, 40)):
-        chunks = tee.ops.chunks(T, pos)
+        chunks = tee.ops.attention.chunks(T, pos)
         assert chunks[0][0] == 0 and chunks[-1][1] == T
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
         assert all(start % 8 == 0 for start, _ in chunks)
         assert len(chunks) <= 8 + 1
-    assert len(tee.ops.chunks(100, 0)) > 4
-    tee.ops.pipelined = False
-    assert tee.ops.chunks(100, 0) == [(0, 100)]
+    assert len(tee.ops.attention.chunks(100, 0)) > 4
+    tee.ops.attention.pipelined = False
+    assert tee.ops.attention.chunks(100, 0) == [(0, 100)]
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -73,7 +75,7 @@ def test_pipelined_logits_equal_one_chunk_and_transformers(model, reference, ver
     engine = Engine(str(model))
     results = {}
     for on in (False, True):
-        tee = pipelined(TeeModel(model, InProcess(engine), verify=verify), on, tile)
+        tee = pipelined(tee_model(model, InProcess(engine), verify=verify), on, tile)
         tee.attach()
         results[on] = prefill(tee, ids, steps)
     torch.testing.assert_close(results[True], reference_logits(reference, ids), atol=ATOL, rtol=0)
@@ -94,7 +96,7 @@ class Recorder:
 
 def test_server_scores_the_next_chunk_before_the_tee_softmaxes_this_one(model):
     recorder = Recorder(Engine(str(model)))
-    tee = pipelined(TeeModel(model, recorder, verify=True), True, tile=8)
+    tee = pipelined(tee_model(model, recorder, verify=True), True, tile=8)
     tee.attach()
     softmax = tee.softmax_
 
@@ -141,7 +143,7 @@ def test_a_lie_in_a_later_chunk_is_caught(model):
         return call
 
     for target in ("scores", "attn_out"):
-        tee = pipelined(TeeModel(model, lying(target), verify=True), True, tile=8)
+        tee = pipelined(tee_model(model, lying(target), verify=True), True, tile=8)
         tee.attach()
         tee.ops.open_session(64)
         with pytest.raises(IntegrityError, match=f"{target} of layer 1"):
@@ -158,7 +160,7 @@ def test_a_failed_chunk_leaves_no_request_behind(model):
             raise TsqpError("no more scores")
         return link(method, args, tensors, session=session, reply_bytes=reply_bytes)
 
-    tee = pipelined(TeeModel(model, failing, verify=False), True, tile=8)
+    tee = pipelined(tee_model(model, failing, verify=False), True, tile=8)
     tee.attach()
     tee.ops.open_session(64)
     with pytest.raises(TsqpError, match="no more scores"):
@@ -174,11 +176,11 @@ def test_auto_pipelines_only_a_gpu_server(model):
             reply = InProcess(engine)(method, args, tensors, session=session, reply_bytes=reply_bytes)
             return Message(reply.header | {"args": reply.args | {"device": device}}, reply.tensors)
 
-        ops = RemoteOps(init, engine.config)
+        ops = build_ops(Checkpoint(model), init, Stats(), verify=False)
         ops.init()
         assert ops.pipelined is expected
     with pytest.raises(TsqpError, match="pipeline must be one of"):
-        TeeModel(model, InProcess(engine), pipeline="sometimes")
+        tee_model(model, InProcess(engine), pipeline="sometimes")
 
 
 def test_attn_out_refuses_more_tokens_than_scored(model):
@@ -317,7 +319,7 @@ def test_pipelined_through_a_server_equals_transformers(model, reference, server
     ids = token_ids(90, seed=6)
     stats = Stats()
     with Client(server.endpoint, stats=stats, shm=shm, timeout_s=30) as client:
-        tee = pipelined(TeeModel(model, client, stats), True, tile=8)
+        tee = pipelined(tee_model(model, client, stats), True, tile=8)
         tee.attach()
         logits = prefill(tee, ids, [70, 20])
         assert client.in_flight == {} and client.regions.live == {}
@@ -331,7 +333,7 @@ def test_a_pipeline_failing_halfway_leaves_the_client_usable(model, server, shm)
     """The TEE fails on the third chunk: requests still in flight are discarded, their replies drained
     as they come, and the next forward pass gives the right logits."""
     with Client(server.endpoint, shm=shm, timeout_s=30) as client:
-        tee = pipelined(TeeModel(model, client, verify=True), True, tile=8)
+        tee = pipelined(tee_model(model, client, verify=True), True, tile=8)
         tee.attach()
         softmax, tiles = tee.softmax_, []
 
@@ -360,7 +362,7 @@ def test_a_failing_draft_leaves_no_request_behind(model, server):
     """Making a chunk's attn_out draft fails (the arena cannot grow, Ctrl-C): the chunk's scores request,
     already in flight, is given up on too; nothing stays in flight or keeps its region."""
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
-        tee = pipelined(TeeModel(model, client, verify=True), True, tile=8)
+        tee = pipelined(tee_model(model, client, verify=True), True, tile=8)
         tee.attach()
         draft, drafts = client.draft, []
 
@@ -386,11 +388,11 @@ def test_a_failing_draft_leaves_no_request_behind(model, server):
 def test_a_failed_restart_keeps_the_running_key_sums(model):
     """A prefill restarted at position 0 fails before its scores pass: the TEE's running sums over the
     cached keys (what later appends are checked against) must be those of the earlier prefill."""
-    tee = pipelined(TeeModel(model, InProcess(Engine(str(model))), verify=True), True, tile=8)
+    tee = pipelined(tee_model(model, InProcess(Engine(str(model))), verify=True), True, tile=8)
     tee.attach()
     tee.ops.open_session(64)
     tee.forward(token_ids(32, seed=5))
-    state = tee.ops.state
+    state = tee.ops.checker.state
     kr, k_sq = state.kr[0].clone(), state.k_sq[0].clone()
 
     def failing(block):

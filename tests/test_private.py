@@ -15,6 +15,7 @@ from test_equivalence import FEATURES
 
 from tsqp.errors import IntegrityError, ServerError, TsqpError
 from tsqp.server.engine import Engine
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
@@ -29,8 +30,8 @@ ATOL = 1e-3  # the issue's bound; measured differences are about 1e-5 (float64 p
 def private_tee(path, pads_dir, engine: Engine | None = None, helper: Engine | None = None, seed=None) -> TeeModel:
     engine = engine or Engine(str(path))
     link = Synchronous(InProcess(helper, peer=b"helper")) if helper is not None else None
-    tee = TeeModel(path, InProcess(engine), private=PrivateOptions(pads_dir=pads_dir, helper=link, seed=seed))
-    tee.attach()
+    tee = tee_model(path, InProcess(engine), private=PrivateOptions(pads_dir=pads_dir, helper=link, seed=seed))
+    attach(tee)
     return tee
 
 
@@ -85,8 +86,8 @@ def test_the_server_keeps_no_session_or_cache_in_private_mode(tiny_model, tmp_pa
 
 def test_greedy_generation_equals_plain_mode_for_32_tokens(tiny_model, tmp_path):
     prompt = token_ids(9, seed=3).tolist()
-    plain = TeeModel(tiny_model, InProcess(Engine(str(tiny_model))))
-    plain.attach()
+    plain = tee_model(tiny_model, InProcess(Engine(str(tiny_model))))
+    attach(plain)
     expected = generate(plain, prompt, 32).generated_ids
     private = private_tee(tiny_model, tmp_path / "pads")
     assert generate(private, prompt, 32).generated_ids == expected
@@ -113,6 +114,17 @@ def test_a_lying_server_is_caught_on_a_masked_product(tiny_model, tmp_path):
         tee.forward(token_ids(8))
 
 
+def test_attention_runs_only_where_the_protocol_keeps_v(tiny_model, tmp_path):
+    """The composer refuses what the server cannot serve: the plain protocol keeps v on the server, the
+    masked one hands it to the TEE. Nothing is sent to find out."""
+    engine = Engine(str(tiny_model))
+    with pytest.raises(TsqpError, match="attention on the tee side"):
+        tee_model(tiny_model, InProcess(engine), attention="tee")
+    with pytest.raises(TsqpError, match="attention on the server side"):
+        tee_model(tiny_model, InProcess(engine), attention="server", private=PrivateOptions(pads_dir=tmp_path))
+    assert tee_model(tiny_model, InProcess(engine), attention="server").ops.attention.pipeline == "auto"
+
+
 def test_masked_products_cross_in_float64_and_no_token_id_crosses(tiny_model, tmp_path):
     sent = []
 
@@ -121,8 +133,8 @@ def test_masked_products_cross_in_float64_and_no_token_id_crosses(tiny_model, tm
             sent.append((method, [t.dtype for t in tensors]))
             return super().__call__(method, args, tensors, session, reply_bytes)
 
-    tee = TeeModel(tiny_model, Recording(Engine(str(tiny_model))), private=PrivateOptions(pads_dir=tmp_path / "p"))
-    tee.attach()
+    tee = tee_model(tiny_model, Recording(Engine(str(tiny_model))), private=PrivateOptions(pads_dir=tmp_path / "p"))
+    attach(tee)
     logits_of(tee, token_ids(10))
     methods = {method for method, _ in sent}
     assert methods == {"init", "masked_linear"}
@@ -135,8 +147,8 @@ def test_several_private_clients_on_one_server_get_what_they_get_alone(tiny_mode
 
         def run(prompt, results, i):
             with Client(server.endpoint, timeout_s=30) as client:
-                tee = TeeModel(tiny_model, client, private=PrivateOptions(pads_dir=tmp_path / f"pads-{i}"))
-                tee.attach()
+                tee = tee_model(tiny_model, client, private=PrivateOptions(pads_dir=tmp_path / f"pads-{i}"))
+                attach(tee)
                 results[i] = generate(tee, prompt, 12).generated_ids
                 tee.ops.close()
 
@@ -167,9 +179,9 @@ def test_a_private_only_server_holds_float64_weights_and_refuses_plain_calls(tin
     ids = token_ids(11)
     logits = logits_of(private_tee(tiny_model, tmp_path / "pads", engine=engine), ids)
     torch.testing.assert_close(logits, reference_logits(tiny_reference, ids), atol=ATOL, rtol=0)
-    plain = TeeModel(tiny_model, InProcess(engine))
+    plain = tee_model(tiny_model, InProcess(engine))
     with pytest.raises(ServerError, match="--private-only"):
-        plain.attach()
+        attach(plain)
         plain.ops.open_session(4)
         plain.forward(ids[:4])
 
@@ -182,9 +194,9 @@ def test_a_helper_that_is_the_server_itself_is_refused(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("bits", [0, 7, 29, -3])
 def test_pad_scales_outside_the_measured_range_are_refused(tiny_model, tmp_path, bits):
-    tee = TeeModel(tiny_model, InProcess(Engine(str(tiny_model))), private=PrivateOptions(tmp_path, pad_bits=bits))
+    tee = tee_model(tiny_model, InProcess(Engine(str(tiny_model))), private=PrivateOptions(tmp_path, pad_bits=bits))
     with pytest.raises(TsqpError, match="--pad-bits"):
-        tee.attach()
+        attach(tee)
 
 
 class FailingEngine(Engine):

@@ -71,10 +71,10 @@ def tokenizer(smol):
 @pytest.fixture(scope="module")
 def tee(smol):
     from tsqp.server.engine import Engine
-    from tsqp.tee.forward import TeeModel
+    from tsqp.tee.compose import tee_model
     from tsqp.tee.remote import InProcess
 
-    model = TeeModel(smol[0], InProcess(Engine(str(smol[0]))))
+    model = tee_model(smol[0], InProcess(Engine(str(smol[0]))))
     model.attach()
     return model
 

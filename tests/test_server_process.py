@@ -17,6 +17,7 @@ import zmq
 from conftest import assert_one_line_error, free_port, kill_process, reference_logits, run_tsqp, split_logits, token_ids
 
 from tsqp.errors import ConnectionLost, TsqpError
+from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.wire.protocol import PROTOCOL_VERSION, pack, unpack
@@ -64,7 +65,7 @@ def test_logits_over_tcp(tiny_model, tiny_reference):
         # a second client on the same server, incremental this time
         ids = token_ids(20, seed=2)
         with Client(endpoint, timeout_s=30) as client:
-            tee = TeeModel(tiny_model, client.call)
+            tee = tee_model(tiny_model, client.call)
             tee.attach()
             tee.ops.open_session(20)
             got = torch.cat([tee.forward(ids[:12]), tee.forward(ids[12:], pos=12)])
@@ -74,7 +75,7 @@ def test_logits_over_tcp(tiny_model, tiny_reference):
 def test_fingerprint_mismatch_is_refused(server, other_model):
     """A TEE whose folder holds another model (same config, other seed) refuses the server."""
     with Client(server.endpoint, timeout_s=30) as client:
-        tee = TeeModel(other_model, client.call)
+        tee = tee_model(other_model, client.call)
         with pytest.raises(TsqpError, match="different model"):
             tee.attach()
         assert tee.ops.session is None
@@ -296,7 +297,7 @@ def test_server_killed_mid_run(tiny_model, short_dir, transport, use_alive):
     endpoint = f"ipc://{short_dir}/k.sock" if transport == "ipc" else f"tcp://127.0.0.1:{free_port()}"
     with ServerProcess(str(tiny_model), endpoint=endpoint, start_timeout_s=START_TIMEOUT_S) as server:
         with Client(endpoint, timeout_s=60, alive=server.exit_reason if use_alive else None) as client:
-            tee = TeeModel(tiny_model, client.call)
+            tee = tee_model(tiny_model, client.call)
             tee.attach()
             error, seconds = run_until_killed(tee, server.process, token_ids(40))
         assert server.process.wait(timeout=10) == -signal.SIGKILL

@@ -16,7 +16,7 @@ import torch
 from conftest import token_ids
 
 from tsqp.errors import ServerError
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.sampling import SamplingOptions
@@ -37,7 +37,7 @@ class TeeClient:
 
     def __init__(self, model_dir, endpoint: str):
         self.client = Client(endpoint, timeout_s=30)
-        self.tee = TeeModel(model_dir, self.client.call, self.client.stats)
+        self.tee = tee_model(model_dir, self.client.call, self.client.stats)
         self.tee.attach()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from conftest import token_ids
 
 from tsqp.errors import IntegrityError
 from tsqp.server.engine import Engine
+from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.remote import InProcess
 from tsqp.tee.step_checks import StepChecks
@@ -27,9 +28,9 @@ def model(checkpoints):
 
 
 def tee_for(model, engine=None, deferred: bool = True, dtype: str = "float32") -> TeeModel:
-    tee = TeeModel(model, InProcess(engine or Engine(str(model), dtype=dtype)))
-    tee.ops.generator.manual_seed(SEED)
-    tee.ops.defer_rows = tee.ops.defer_rows if deferred else 0
+    tee = tee_model(model, InProcess(engine or Engine(str(model), dtype=dtype)))
+    tee.ops.checker.generator.manual_seed(SEED)
+    tee.ops.checker.defer_rows = tee.ops.checker.defer_rows if deferred else 0
     tee.attach()
     return tee
 
@@ -51,10 +52,10 @@ def test_decode_steps_are_checked_once_each_with_the_same_results(model, monkeyp
     assert settled == [20, 21, 22, 23, 24]  # each decode step once; the prefill is checked as it goes
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)  # the checks do not touch what the forward pass computes
-    assert deferred.ops.checks == immediate.ops.checks
-    assert deferred.ops.comparisons == immediate.ops.comparisons
-    assert set(deferred.ops.margin) == set(immediate.ops.margin)
-    assert max(deferred.ops.margin.values()) < 0.6  # honest results stay well inside the tolerance
+    assert deferred.ops.checker.checks == immediate.ops.checker.checks
+    assert deferred.ops.checker.comparisons == immediate.ops.checker.comparisons
+    assert set(deferred.ops.checker.margin) == set(immediate.ops.checker.margin)
+    assert max(deferred.ops.checker.margin.values()) < 0.6  # honest results stay well inside the tolerance
 
 
 def test_a_step_abandoned_half_way_leaves_the_attention_state(model):
@@ -62,7 +63,7 @@ def test_a_step_abandoned_half_way_leaves_the_attention_state(model):
     tee.ops.open_session(16)
     tee.forward(token_ids(12, seed=4))
     tee.forward(token_ids(1, seed=5), pos=12)
-    state = tee.ops.state
+    state = tee.ops.checker.state
     before = (state.c.clone(), state.kr.clone(), state.k_sq.clone(), list(state.c_filled), list(state.k_filled))
     real, calls = tee.softmax_, []
 

@@ -28,7 +28,7 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import Ranks, shards
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PrivateOptions
@@ -108,14 +108,14 @@ def test_logits_equal_transformers(sharded, name):
     path, reference, server = sharded(name)
     ids = token_ids(37, vocab=CONFIGS[name].get("vocab_size", 200), seed=37)
     with Client(server.endpoint, timeout_s=60, alive=server.exit_reason) as client:
-        tee = TeeModel(path, client.call)
-        tee.attach()
+        tee = tee_model(path, client.call)
+        attach(tee)
         tee.ops.open_session(ids.shape[0])
         logits = torch.cat([tee.forward(ids[:30]), tee.forward(ids[30:], pos=30)])
         tee.ops.close_session()
     torch.testing.assert_close(logits, reference_logits(reference, ids), atol=ATOL, rtol=0)
-    assert set(tee.ops.checks) == {"embedding", "qkv", "scores", "attn_out", "gate_up", "down", "lm_head"}
-    assert max(tee.ops.margin.values()) < 0.5  # the assembled results sit as deep inside the tolerance
+    assert set(tee.ops.checker.checks) == {"embedding", "qkv", "scores", "attn_out", "gate_up", "down", "lm_head"}
+    assert max(tee.ops.checker.margin.values()) < 0.5  # the assembled results sit as deep inside the tolerance
 
 
 def test_init_reply_is_the_unsharded_servers(sharded):
@@ -134,16 +134,16 @@ def unsharded_tokens(checkpoints):
     engine = Engine(str(path))
     tokens = []
     for seed in (1, 2):
-        tee = TeeModel(path, InProcess(engine))
-        tee.attach()
+        tee = tee_model(path, InProcess(engine))
+        attach(tee)
         tokens.append(generate(tee, token_ids(6, seed=seed).tolist(), NEW_TOKENS).generated_ids)
     return tokens
 
 
 def sharded_tokens(path, endpoint: str, seed: int, start: threading.Barrier | None = None) -> list[int]:
     with Client(endpoint, timeout_s=60) as client:
-        tee = TeeModel(path, client.call)
-        tee.attach()
+        tee = tee_model(path, client.call)
+        attach(tee)
         if start is not None:
             start.wait(timeout=60)
         return generate(tee, token_ids(6, seed=seed).tolist(), NEW_TOKENS).generated_ids
@@ -181,16 +181,16 @@ def test_private_mode_on_a_sharded_server(sharded, tmp_path):
     ids = token_ids(11, vocab=201, seed=11)
     expected = reference_logits(reference, ids)
     with Client(server.endpoint, timeout_s=60) as client:
-        tee = TeeModel(path, client.call, private=PrivateOptions(pads_dir=tmp_path / "pads"))
-        tee.attach()
+        tee = tee_model(path, client.call, private=PrivateOptions(pads_dir=tmp_path / "pads"))
+        attach(tee)
         tee.ops.open_session(ids.shape[0])
         logits = tee.forward(ids)
         tee.ops.close_session()
         tee.ops.close()
         torch.testing.assert_close(logits, expected, atol=PRIVATE_ATOL, rtol=0)
         helper = PrivateOptions(pads_dir=tmp_path / "none", helper=Synchronous(client.call))
-        tee = TeeModel(path, InProcess(Engine(str(path))), private=helper)
-        tee.attach()
+        tee = tee_model(path, InProcess(Engine(str(path))), private=helper)
+        attach(tee)
         tee.ops.open_session(ids.shape[0])
         logits = tee.forward(ids)
         tee.ops.close()

@@ -12,7 +12,7 @@ import torch
 from conftest import reference_logits, token_ids, wait_for
 
 from tsqp.stats import Stats
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.compose import tee_model
 from tsqp.tee.launcher import ServerProcess
 from tsqp.wire.arena import SHM_DIR, Arena, sweep_stale
 from tsqp.wire.protocol import query_tiles
@@ -38,9 +38,9 @@ def run_split(
     """Logits of ids fed in the given chunk lengths, and the client's counters."""
     stats = Stats()
     with Client(endpoint, stats=stats, shm=shm) as client:
-        tee = TeeModel(model_dir, client, stats, verify=verify, pipeline=pipeline)
+        tee = tee_model(model_dir, client, stats, verify=verify, pipeline=pipeline)
         tee.attach()
-        tee.ops.tile, tee.ops.min_chunk_scores = tile, 0
+        tee.ops.attention.tile, tee.ops.attention.min_chunk_scores = tile, 0
         tee.ops.open_session(ids.shape[0])
         logits, pos = [], 0
         for length in chunks:

@@ -2,7 +2,7 @@
 
 The honest server must pass every Freivalds check, thousands of them, for float32, bfloat16 and
 float16 servers, for MHA, GQA and MQA, with biases and with tied or separate embeddings, at lengths 1,
-prime and above 256, in prefill and decode. `VerifiedOps.margin` records the largest ratio of an honest
+prime and above 256, in prefill and decode. `Verifier.margin` records the largest ratio of an honest
 discrepancy to its tolerance; it must stay well below 1.
 """
 
@@ -15,10 +15,11 @@ import torch
 from conftest import reference_logits, run_tsqp, token_ids
 
 from tsqp.errors import IntegrityError, TsqpError
+from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.freivalds import VECTORS
 from tsqp.tee.remote import InProcess
-from tsqp.tee.verify import VerifiedOps
+from tsqp.tee.verify import Verifier
 
 SHAPES = {
     "mha": dict(),
@@ -42,9 +43,9 @@ def models(checkpoints):
 def tee_for(model, dtype: str = "float32", tile: int | None = None) -> TeeModel:
     from tsqp.server.engine import Engine
 
-    tee = TeeModel(model, InProcess(Engine(str(model), dtype=dtype)))
+    tee = tee_model(model, InProcess(Engine(str(model), dtype=dtype)))
     if tile:
-        tee.ops.tile = tile
+        tee.ops.attention.tile = tile
     tee.attach()
     return tee
 
@@ -53,7 +54,7 @@ def tee_for(model, dtype: str = "float32", tile: int | None = None) -> TeeModel:
 @pytest.mark.parametrize("length", [1, 13, 300])
 def test_verified_logits_equal_transformers(checkpoints, models, name, length):
     tee = tee_for(models[name])
-    assert isinstance(tee.ops, VerifiedOps)
+    assert isinstance(tee.ops.checker, Verifier)
     ids = token_ids(length, seed=length)
     tee.ops.open_session(length)
     logits = tee.forward(ids)
@@ -61,7 +62,7 @@ def test_verified_logits_equal_transformers(checkpoints, models, name, length):
     expected = reference_logits(checkpoints.reference(f"verify-{name}"), ids)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     layers = tee.config.num_layers
-    assert tee.ops.checks == {
+    assert tee.ops.checker.checks == {
         "embedding": 1,
         "qkv": 2 * layers,
         "scores": layers,
@@ -83,7 +84,7 @@ def test_decode_steps_are_verified_and_exact(models):
     tee.ops.open_session(40)
     steps = [tee.forward(ids[:30])] + [tee.forward(ids[p : p + 1], pos=p) for p in range(30, 40)]
     torch.testing.assert_close(torch.cat(steps), expected, atol=1e-4, rtol=1e-4)
-    assert tee.ops.checks["scores"] == whole.config.num_layers * (1 + 10)
+    assert tee.ops.checker.checks["scores"] == whole.config.num_layers * (1 + 10)
 
 
 def test_honest_server_passes_thousands_of_checks(models):
@@ -99,9 +100,9 @@ def test_honest_server_passes_thousands_of_checks(models):
                 tee.forward(token_ids(17, seed=3), pos=312)  # a second, prime-length chunk
                 tee.forward(token_ids(13, seed=4))  # start over at position 0 in the same session
                 tee.ops.close_session()
-                checks += sum(tee.ops.checks.values())
-                comparisons += tee.ops.comparisons
-                for op, ratio in tee.ops.margin.items():
+                checks += sum(tee.ops.checker.checks.values())
+                comparisons += tee.ops.checker.comparisons
+                for op, ratio in tee.ops.checker.margin.items():
                     margin[dtype, op] = max(margin.get((dtype, op), 0.0), ratio)
     print(
         f"honest server: {checks} checks, {comparisons} row comparisons, no false alarm; "
@@ -120,7 +121,7 @@ def test_keys_hold_the_products_of_the_checkpoint_weights(models):
     tee = tee_for(model)
     tee.ops.open_session(4)
     tee.forward(token_ids(4))  # the keys are computed on the first call
-    keys, c = tee.ops.keys, tee.config
+    keys, c = tee.ops.checker.keys, tee.config
     weights = dict(Checkpoint(model).tensors(Checkpoint(model).where))
     p = "model.layers.1."
     layer = keys.layers[1]
@@ -151,7 +152,7 @@ def test_non_finite_results_fail(models, value):
             reply.tensors[0].view(-1)[7] = value
         return reply
 
-    tee = TeeModel(model, call)
+    tee = tee_model(model, call)
     tee.attach()
     tee.ops.open_session(6)
     with pytest.raises(IntegrityError, match="gate_up \\(gate\\) of layer 0"):

@@ -1,4 +1,5 @@
-"""Attention inside the TEE (private mode): the session's KV cache and the causal softmax(q k^T) v.
+"""Attention inside the TEE (private mode): the session's KV cache, the causal softmax(q k^T) v, and the
+attention seam over them (`TeeAttention`).
 
 q k^T multiplies two secrets, so an additive pad on one side does not survive it cheaply; kept here it
 costs about 4% of a prefill's linear work (DESIGN.md section 6). No score, probability, key or value
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from tsqp.errors import TsqpError
 from tsqp.model.config import LlamaConfig
+from tsqp.stats import Stats
 
 
 class KVCache:
@@ -50,3 +52,37 @@ class KVCache:
             visible = torch.arange(end)[None, :] <= torch.arange(pos, end)[:, None]
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(T, heads * hd)
+
+
+class TeeAttention:
+    """Attention in the TEE (`ops.Attention`): the session's KVCache here, o_proj through the linear seam.
+
+    The values come with qkv (`put_values`), so the ops that use it are those whose qkv returns v: a linear
+    seam's fused qkv (private.LinearOps), never the server's plain qkv, which caches v itself."""
+
+    pipelined = False  # nothing crosses between the two products
+
+    def __init__(self, config: LlamaConfig, o_proj, stats: Stats):
+        """o_proj: (layer, out (T, q_dim)) -> out W_o^T + b_o (T, hidden), through the linear seam."""
+        self.config, self.o_proj, self.stats = config, o_proj, stats
+        self.cache: KVCache | None = None
+
+    def open_session(self, capacity: int) -> None:
+        if capacity < 1 or capacity > self.config.max_position_embeddings:
+            raise TsqpError(f"a session holds 1 to {self.config.max_position_embeddings} positions, not {capacity}")
+        self.cache = KVCache(self.config, capacity)
+
+    def close_session(self) -> None:
+        self.cache = None
+
+    def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
+        """v (T, kv_dim) from qkv at positions [pos, pos + T)."""
+        if self.cache is None:
+            raise TsqpError("private mode: open a session before the per-layer calls")
+        self.cache.put_values(layer, pos, v.reshape(-1, self.config.num_kv_heads, self.config.head_dim))
+
+    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
+        """softmax_: unused (the fused kernel runs it)."""
+        with self.stats.tee("attention"):
+            out = self.cache.attend(layer, pos, q, k)  # (T, q_dim)
+        return self.o_proj(layer, out)

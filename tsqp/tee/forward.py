@@ -1,8 +1,9 @@
-"""The TEE side of the model: the LLaMA forward pass with every weight product sent to the server.
+"""The TEE side of the model: the LLaMA forward pass, every weight product through the ops it is handed.
 
 It reads top to bottom like DESIGN.md section 1. The TEE holds only the RMSNorm gains and the rope
-parameters, read from its own copy of the model folder; `self.ops` (a `remote.RemoteOps`, by default the
-`verify.VerifiedOps` that checks every result) does the rest.
+parameters, read from its own copy of the model folder; `self.ops` (`ops.Ops`, composed by compose.py:
+the plain split with its checks, or private mode) does the rest, the way tinygrad's Transformer is
+handed its linear layer.
 """
 
 from __future__ import annotations
@@ -15,54 +16,30 @@ import torch.nn.functional as F
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.stats import Stats
-from tsqp.tee.private import PrivateOps, PrivateOptions
-from tsqp.tee.remote import Call, RemoteOps
+from tsqp.tee.ops import Ops
 from tsqp.tee.rope import Rotary
-from tsqp.tee.verify import VerifiedOps
 from tsqp.tuning import SMALL_STEP_ROWS, one_thread
 
 
 class TeeModel:
-    def __init__(
-        self,
-        model_dir: str | Path,
-        call: Call,
-        stats: Stats | None = None,
-        verify: bool = True,
-        pipeline: str = "auto",
-        private: PrivateOptions | None = None,
-    ):
-        """call: how requests reach the server (a `transport.Client`, a `remote.InProcess`, a call function).
-
-        verify: check every result with `verify.VerifiedOps` (Freivalds); off only for measurements.
-        pipeline: on, off, or auto (on when the server reports a GPU device): see `remote.RemoteOps.attention`.
-        private: private mode (`private.PrivateOps`): embedding and attention in the TEE, every linear input
-        masked with a fresh pad; None: the plain split.
-        """
-        checkpoint = Checkpoint(model_dir)
+    def __init__(self, model: str | Path | Checkpoint, ops: Ops, stats: Stats | None = None):
+        """model: the TEE's own copy of the model (a folder or its Checkpoint); ops: where the rest runs."""
+        checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
         self.config = c = checkpoint.config
         self.fingerprint = checkpoint.fingerprint()
         self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
         self.rotary = Rotary(c)
         self.stats = stats or Stats()
-        self.private = private is not None
-        if private is not None:
-            self.ops = PrivateOps(call, c, checkpoint, self.fingerprint, private, self.stats, verify=verify)
-        elif verify:
-            self.ops = VerifiedOps(call, c, checkpoint, self.stats, pipeline=pipeline)
-        else:
-            self.ops = RemoteOps(call, c, pipeline=pipeline, stats=self.stats)
+        self.ops = ops
 
     def attach(self) -> dict:
-        """Checks the server runs this very model (same fingerprint) before anything is sent."""
+        """Meets the server and checks it runs this very model (same fingerprint) before anything is sent."""
         info = self.ops.init()
         if info.get("fingerprint") != self.fingerprint:
             raise TsqpError(
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
-        if self.private:
-            self.ops.calibrate(self)  # the pad scales, from the TEE's own weights: nothing is sent
         return info
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,30 +1,99 @@
-"""The TEE's secret Freivalds keys: random vectors and their products with the checkpoint's weights.
+"""Freivalds' test, once for every check: the secret keys, the tolerance, the comparison.
 
-Computed once per TEE process from its own checkpoint, streaming one weight at a time and keeping only
-vectors: for each linear weight W (out, in) a secret s (out, K) and w = W^T s (in, K); for the
-embedding E s (vocab, K); per layer the fold z_h = W_v[g(h)]^T (W_o[:, h]^T s_o) that lets
-`verify.VerifiedOps` check v_proj, the cached V, P @ V and o_proj at once. Weights are rounded to the
-server's dtype first, as the server holds them. For TinyLlama-1.1B the keys take 18 MiB.
+Keys. Computed once per TEE process from its own checkpoint, streaming one weight at a time and keeping
+only vectors: for each linear weight W (out, in) a secret s (out, K) and w = W^T s (in, K) (`linear_key`);
+for the embedding E s (vocab, K); per layer the fold z_h = W_v[g(h)]^T (W_o[:, h]^T s_o) that lets the
+plain checks (verify.py) cover v_proj, the cached V, P @ V and o_proj at once. Weights are rounded to the
+server's dtype first, as the server holds them. Plain mode's keys are float32 per projection
+(`build_keys`), private mode's float64 per fused op (`masked_keys`).
+
+Tolerance. An honest result carries the rounding of its dtype (unit roundoff u) and of the float sums
+that formed it and the check (accumulation unit: U32 in float32, U64 in float64); `linear_gains` turns
+them into the two factors of a linear's bound, `score_gains` and `value_gain` those of attention's.
+verify.py's docstring derives them. Comparison: `ratios` and `compare`, |lhs - rhs| against LAMBDA
+times the bound, with one rule for zero, NaN and infinite tolerances.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from tsqp.errors import IntegrityError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
 from tsqp.model.config import LlamaConfig
+from tsqp.tee.op_weights import Op, model_ops, op_dims, stream_rows, weight_rows
+from tsqp.wire.protocol import MASKED_DTYPE
 
 VECTORS = 2  # independent secret vectors per check (K): one pass over the data checks all of them
 S_MAX = 2.0  # secret entries are +-[1, 2)
-# The tolerances (verify.py derives them):
 LAMBDA = 4.0  # tolerance multiplier over the rounding-error bounds
-U32 = 2.0**-24
+U32 = 2.0**-24  # float32 unit roundoff: the accumulation unit of plain mode's sums
+U64 = 2.0**-53  # float64 unit roundoff: private mode's masked products and their checks
 TINY = 1e-38  # a zero tolerance, raised to this in the ratio: an exact zero deviation passes
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-CHUNK_ELEMENTS = 1 << 22  # weight rows converted to float32 at a time while the keys are computed
+UNIT_ROUNDOFF = {torch.float64: U64, torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 EMBED = "model.embed_tokens.weight"
+
+
+# -- tolerance and comparison ------------------------------------------------------------------
+
+
+def linear_gains(u: float, unit: float, in_dim: int, out_dim: int) -> tuple[float, float]:
+    """The bound of a row of y = x W^T + b checked against one secret vector is
+    rounding ||y|| + accumulation omega ||x||: (rounding, accumulation) for a result in a dtype of unit
+    roundoff u, summed in a dtype of unit `unit` (the server's products and the TEE's checks)."""
+    rounding = (u + unit * math.sqrt(out_dim)) * S_MAX  # times ||y||
+    accumulation = unit * (math.sqrt(in_dim) + math.sqrt(out_dim))  # times omega ||x||
+    return rounding, accumulation
+
+
+def score_gains(u: float, keys: int, head_dim: int) -> tuple[float, float]:
+    """A row of scores over `keys` keys: (times the row norm of S, times ||q|| ||K|| / sqrt(hd))."""
+    row_gain = (2 * u + U32 * math.sqrt(keys)) * S_MAX
+    floor = U32 * (math.sqrt(head_dim) + 2 * math.sqrt(keys)) * S_MAX
+    return row_gain, floor
+
+
+def value_gain(config: LlamaConfig, keys: int) -> float:
+    """attn_out's bound on what the TEE never sees, times omega_o sum_h P_h ||v||: V and P @ V rounded (the
+    server keeps its value path in float32, engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj,
+    P @ V, c and o_proj."""
+    c = config
+    sums = 2 * math.sqrt(keys) + 2 * math.sqrt(c.hidden_size * c.head_dim) + math.sqrt(c.q_dim)
+    return 2 * U32 + U32 * sums
+
+
+def ratios(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """|lhs - rhs| / (LAMBDA bound), elementwise: a check passes where it is at most 1.
+
+    One ratio carries all three rules: a zero tolerance is raised to TINY (an exact zero still passes), NaN
+    stays NaN (it fails every comparison), and adding 0 * tolerance turns an infinite tolerance into NaN
+    (IEEE: 0 * inf is NaN), which no finite deviation could otherwise exceed."""
+    tolerance = bound * LAMBDA
+    return (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
+
+
+def compare(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, what: str, who: str = "server") -> float:
+    """The largest ratio (`ratios`) when it is at most 1; raises IntegrityError naming `what` and the first
+    element that failed otherwise."""
+    worst = float(ratios(lhs, rhs, bound).max())
+    if worst <= 1.0:
+        return worst
+    tolerance = bound * LAMBDA
+    deviation = (lhs - rhs).abs()
+    bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    raise IntegrityError(
+        f"integrity check failed: the {who}'s {what} result is wrong (Freivalds check at index {list(index)}: "
+        f"off by {float(deviation[index]):.3g}, tolerance {float(tolerance.expand_as(deviation)[index]):.3g}); "
+        f"stop using this {who}"
+    )
+
+
+# -- keys --------------------------------------------------------------------------------------
 
 
 def secret_matrix(generator: torch.Generator, n: int) -> torch.Tensor:
@@ -83,28 +152,47 @@ class ModelKeys:
     layers: list[LayerKeys]
 
 
-def project(weight: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> LinearKey:
-    """W (out, in) and its secret s (out, K) -> the key, converting a few rows at a time to float32."""
-    out_dim, in_dim = weight.shape
-    w, col_sq = torch.zeros(VECTORS, in_dim), torch.zeros(in_dim)
-    step = max(1, CHUNK_ELEMENTS // in_dim)
-    for start in range(0, out_dim, step):
-        rows = weight[start : start + step].to(wire).float()
+def linear_key(
+    chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor | None]], s: torch.Tensor, in_dim: int, dtype: torch.dtype
+) -> LinearKey:
+    """W's key from its rows streamed as (first row, rows (n, in) in dtype, their bias or None), for the secret
+    s (out, K); each chunk of rows is overwritten here (squared in place)."""
+    w, col_sq = torch.zeros(VECTORS, in_dim, dtype=dtype), torch.zeros(in_dim, dtype=dtype)
+    bias_s, bias_sq = torch.zeros(VECTORS, dtype=dtype), 0.0
+    for start, rows, bias in chunks:
+        part = s[start : start + rows.shape[0]]
         for k in range(VECTORS):  # matrix-vector products: far faster here than a product with K columns
-            w[k].addmv_(rows.T, s[start : start + step, k])
-        col_sq.add_(rows.square().sum(0))
-    return LinearKey(s, w.T, S_MAX * col_sq.max().sqrt().item(), col_sq.sum().sqrt().item())
+            w[k].addmv_(rows.T, part[:, k])
+        col_sq.add_(rows.square_().sum(0))
+        if bias is not None:
+            bias_s, bias_sq = bias_s + bias @ part, bias_sq + float(bias.square().sum())
+    omega, frobenius = S_MAX * col_sq.max().sqrt().item(), col_sq.sum().sqrt().item()
+    return LinearKey(by_columns(s), by_columns(w.T), omega, frobenius, bias_s, math.sqrt(bias_sq))
+
+
+def project(weight: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> LinearKey:
+    """W (out, in) and its secret s (out, K) -> the float32 key (its bias added later), a few rows at a time."""
+    chunks = ((start, rows, None) for start, rows in stream_rows(weight, wire, torch.float32))
+    return linear_key(chunks, s, weight.shape[1], torch.float32)
 
 
 def embedding_rows(embed: torch.Tensor, s: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
     """E (vocab, hidden) -> E s (vocab, K)."""
-    step = max(1, CHUNK_ELEMENTS // embed.shape[1])
     e = torch.empty(VECTORS, embed.shape[0])
-    for start in range(0, embed.shape[0], step):
-        rows = embed[start : start + step].to(wire).float()
+    for start, rows in stream_rows(embed, wire, torch.float32):
         for k in range(VECTORS):
-            torch.mv(rows, s[:, k], out=e[k, start : start + step])
+            torch.mv(rows, s[:, k], out=e[k, start : start + rows.shape[0]])
     return e.T
+
+
+def masked_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> dict[Op, LinearKey]:
+    """Private mode's float64 key of every op, each fused weight streamed once."""
+    keys = {}
+    for op in model_ops(checkpoint.config):
+        in_dim, out_dim = op_dims(checkpoint.config, op)
+        s = secret_matrix(generator, out_dim).to(MASKED_DTYPE)  # (out, K)
+        keys[op] = linear_key(weight_rows(checkpoint, op, wire, MASKED_DTYPE), s, in_dim, MASKED_DTYPE)
+    return keys
 
 
 def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> ModelKeys:

@@ -7,7 +7,7 @@ one thing, the way tinygrad hands its model the linear layer:
 `Op` names one linear of the model: qkv (q, k and v fused), o_proj, gate_up, down (each with its layer)
 and lm_head. `Remote` sends an op to the server as `masked_linear`; the server computes in float64 and
 never sees an unmasked activation. `Checked` runs a Freivalds check on every product, masked or not
-(the TEE knows the x + r it sent), with float64 keys (`MaskedKeys.build`) and a float64 tolerance.
+(the TEE knows the x + r it sent), with float64 keys (`freivalds.masked_keys`) and a float64 tolerance.
 `Masked` adds the pad r = s z and removes s (z W^T) from the result: (x + r) W^T + b - r W^T.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +22,9 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
-from tsqp.tee.freivalds import S_MAX, VECTORS, LinearKey, by_columns, secret_matrix, times
-from tsqp.tee.weights import Op, model_ops, op_dims, product, weight_rows
+from tsqp.tee.freivalds import U64, LinearKey, compare, linear_gains, times
+from tsqp.tee.op_weights import Op, op_dims, product
 from tsqp.wire.protocol import MASKED_DTYPE, expect
-
-U64 = 2.0**-53  # float64 unit roundoff: the server's masked products and the TEE's checks
-LAMBDA = 4.0  # tolerance multiplier, as in verify.py
-
 
 Linear = Callable[[Op, torch.Tensor], torch.Tensor]  # (op, x (T, in)) -> x W^T + b (T, out)
 
@@ -54,39 +49,6 @@ class Remote:
         return self.collect(op, self.submit(op, x), x.shape[0])
 
 
-@dataclass
-class MaskedKeys:
-    """Float64 Freivalds keys of every op, secret vectors drawn from the TEE's generator."""
-
-    keys: dict[Op, LinearKey]
-
-    @classmethod
-    def build(cls, checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Generator) -> MaskedKeys:
-        """Streams each weight once from the TEE's checkpoint (`weight_rows`, float64 chunks)."""
-        keys = {}
-        for op in model_ops(checkpoint.config):
-            in_dim, out_dim = op_dims(checkpoint.config, op)
-            s = secret_matrix(generator, out_dim).to(MASKED_DTYPE)  # (out, K)
-            w = torch.zeros(VECTORS, in_dim, dtype=MASKED_DTYPE)
-            col_sq = torch.zeros(in_dim, dtype=MASKED_DTYPE)
-            bias_s, bias_sq = torch.zeros(VECTORS, dtype=MASKED_DTYPE), 0.0
-            for start, rows, bias in weight_rows(checkpoint, op, wire, MASKED_DTYPE):
-                part = s[start : start + rows.shape[0]]
-                w.addmm_(part.T, rows)
-                col_sq.add_(rows.square_().sum(0))  # in place: the chunk's buffer is refilled next
-                if bias is not None:
-                    bias_s, bias_sq = bias_s + bias @ part, bias_sq + float(bias.square().sum())
-            keys[op] = LinearKey(
-                by_columns(s),
-                by_columns(w.T),
-                S_MAX * col_sq.max().sqrt().item(),
-                col_sq.sum().sqrt().item(),
-                bias_s,
-                math.sqrt(bias_sq),
-            )
-        return cls(keys)
-
-
 class Checked:
     """Every product passes a float64 Freivalds check before it is used: y s == x w + b s.
 
@@ -98,7 +60,7 @@ class Checked:
     2^-53 sqrt(in) times |r| |W|, 2^(k-53) sqrt(in) of the unmasked result for pads 2^k larger than x.
     """
 
-    def __init__(self, inner: Linear, keys: MaskedKeys, stats: Stats):
+    def __init__(self, inner: Linear, keys: dict[Op, LinearKey], stats: Stats):
         self.inner, self.keys, self.stats = inner, keys, stats
         self.checks = 0
         self.margin: dict[str, float] = {}  # op name -> largest |lhs - rhs| / tolerance seen
@@ -117,30 +79,20 @@ class Checked:
     def check(self, op: Op, x: torch.Tensor, y: torch.Tensor, bias: bool, who: str = "server") -> None:
         """y (T, out) against x (T, in), both float64; bias: y includes the op's bias (a pad does not)."""
         with self.stats.tee("verify"):
-            key = self.keys.keys[op]
-            out_dim, in_dim = y.shape[1], x.shape[1]
+            key = self.keys[op]
+            rounding, accumulation = linear_gains(U64, U64, x.shape[1], y.shape[1])
             x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
             y_norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-            tolerance = LAMBDA * (
-                (U64 + U64 * math.sqrt(out_dim)) * S_MAX * y_norm
-                + U64 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega * x_norm
-            )
+            bound = rounding * y_norm + accumulation * key.omega * x_norm
             lhs = times(y, key.s)
             rhs = times(x, key.w) + (key.bias_s if bias else 0.0)
-            deviation = (lhs - rhs).abs()
             self.checks += 1
-            bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
-            if not bad.any():
-                ratio = float((deviation / tolerance).nan_to_num(0.0).max())
-                self.margin[op.name] = max(self.margin.get(op.name, 0.0), ratio)
-                return
-            index = [int(i) for i in bad.nonzero()[0]]
-            self.failure = (
-                f"integrity check failed: the {who}'s {'pad for ' if who == 'helper' else ''}{op} result is wrong "
-                f"(Freivalds check at index {index}: off by {float(deviation[tuple(index)]):.3g}, tolerance "
-                f"{float(tolerance.expand_as(deviation)[tuple(index)]):.3g}); stop using this {who}"
-            )
-            raise IntegrityError(self.failure)
+            try:
+                worst = compare(lhs, rhs, bound, f"{'pad for ' if who == 'helper' else ''}{op}", who)
+            except IntegrityError as exc:
+                self.failure = str(exc)
+                raise
+            self.margin[op.name] = max(self.margin.get(op.name, 0.0), worst)
 
 
 class Local:

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.tee.weights import Op, model_ops, op_dims, product
+from tsqp.tee.op_weights import Op, model_ops, op_dims, product
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
 
@@ -134,7 +134,7 @@ def fill(
 ) -> tuple[Path, float]:
     """Computes pads for `tokens` rows of every op (the LM head's too) into a new pool file in folder.
 
-    Each op's weight is streamed in chunks (`weights.weight_rows`), once per group of blocks (at most
+    Each op's weight is streamed in chunks (`op_weights.weight_rows`), once per group of blocks (at most
     FILL_BYTES of pads at a time). Written to a temporary name: an interrupted fill leaves no pool behind.
     publish: rename it to a pool name any client may claim (`tsqp pads`); else its `.partial` path is
     returned for the caller to claim at once (a client filling for itself: no other client can take it).

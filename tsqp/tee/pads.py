@@ -23,8 +23,8 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
 from tsqp.tee.linear import Checked
+from tsqp.tee.op_weights import Op, op_dims
 from tsqp.tee.pad_pool import PoolClaimed, PoolError, PoolReader, fill, pool_files, pool_key, streams
-from tsqp.tee.weights import Op, op_dims
 from tsqp.wire.pad_seeds import expand, new_seed
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 

@@ -6,14 +6,16 @@
     attention   in the TEE over its own KV cache (attention.py): no q, k, v, score or probability crosses
 
 What the server still learns: how many tokens each call carries, the order and timing of calls
-(docs/threat-model.md). The linear seam is small layers (linear.py): the Freivalds check on every
-masked product and the remote call (made in `init`), under the mask (added by `calibrate`, once the pad
-scales are known: nothing is sent before); the pads come from a pool computed in the TEE or from a
+(docs/threat-model.md). `LinearOps` is the forward pass's ops over a linear seam with attention in the
+TEE; `PrivateOps` is its private composition: the seam is small layers (linear.py), the Freivalds check
+on every masked product and the remote call (made in `init`), under the mask (`install_scales`, once the
+pad scales are known: nothing is sent before); the pads come from a pool computed in the TEE or from a
 helper server (pads.py).
 
 Pad scales: one per linear, fixed for the process, 2^PAD_BITS times the largest input that linear saw
-on a public calibration text run through the model in the TEE itself (`calibrate`, from the TEE's own
-weights, one op at a time). A scale never depends on the values of the row it masks.
+on a public calibration text run through the model in the TEE itself (compose.calibrate: a TeeModel over
+`LinearOps` whose linear is `Recording(Local)`, from the TEE's own weights, one op at a time). A scale
+never depends on the values of the row it masks.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ from pathlib import Path
 
 import torch
 
-from tsqp.errors import ServerError, TsqpError
+from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
-from tsqp.tee.attention import KVCache
-from tsqp.tee.linear import Checked, Linear, Local, Masked, MaskedKeys, Recording, Remote, leak_bits
+from tsqp.tee.attention import TeeAttention
+from tsqp.tee.freivalds import masked_keys
+from tsqp.tee.linear import Checked, Linear, Masked, Remote, leak_bits
+from tsqp.tee.op_weights import Op, model_ops
+from tsqp.tee.ops import Link
 from tsqp.tee.pads import HelperPads, PoolPads
-from tsqp.tee.remote import Synchronous
+from tsqp.tee.remote import server_dtype
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
-from tsqp.tee.weights import Op, model_ops
-from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES
 
 PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table
 PAD_BITS_RANGE = (8, 28)  # below: pads too small to hide much; above: x drowns in float64 rounding
@@ -56,118 +59,35 @@ class PrivateOptions:
     seed: int | None = None  # the Freivalds generator's seed, for tests only
 
 
-class PrivateOps:
-    """The forward pass's ops (as remote.RemoteOps has them) for private mode."""
+class LinearOps:
+    """The forward pass's ops (`ops.Ops`) over a linear seam: the embedding from the TEE's own table, every
+    product through `linear(op, x)` (fused qkv: v stays here), `attention` in the TEE (`TeeAttention`, the
+    seam itself is the op)."""
 
     pipelined = False
 
-    def __init__(
-        self,
-        call,
-        config: LlamaConfig,
-        checkpoint: Checkpoint,
-        fingerprint: str,
-        options: PrivateOptions,
-        stats: Stats,
-        verify: bool = True,
-    ):
-        self.link = call if hasattr(call, "submit") else Synchronous(call)
-        self.config, self.checkpoint, self.fingerprint = config, checkpoint, fingerprint
-        self.options, self.stats, self.verify = options, stats, verify
-        self.wire = torch.float32  # the server's dtype, known after init: the pads' weights are rounded to it
-        self.embed: torch.Tensor | None = None
-        self.cache: KVCache | None = None
-        self.linear: Linear | None = None  # what the forward pass's products go through
-        self.unmasked: Linear | None = None  # the check and the remote call, under the mask
-        self.masked: Masked | None = None
-        self.checked: Checked | None = None
-        self.pads = None
-        self.scales: dict[Op, float] = {}
-        self.setup_s = 0.0  # keys, embedding table and calibration, at start
-        self.calibration_s = 0.0
-
-    @property
-    def wire_name(self) -> str:
-        return str(self.wire).removeprefix("torch.")
-
-    # -- control -------------------------------------------------------------------------------
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
+        """embed: the whole embedding table (None until init); linear: None until attached."""
+        self.config, self.embed, self.linear, self.stats = config, embed, linear, stats
+        self.attention = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
 
     def init(self) -> dict:
-        low, high = PAD_BITS_RANGE
-        if not low <= self.options.pad_bits <= high:
-            raise TsqpError(f"--pad-bits must be in [{low}, {high}], not {self.options.pad_bits}")
-        info = self.link.wait(self.link.submit("init", {"private": True})).args
-        if info.get("dtype") not in FLOAT_DTYPES:
-            raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
-        if self.options.helper is not None:
-            check_helper(self.options.helper, info)
-        start = time.perf_counter()
-        self.wire = DTYPES[info["dtype"]]
-        self.embed = self.checkpoint.tensor("model.embed_tokens.weight")  # whole: no offsets name the tokens
-        remote: Linear = Remote(self.link, self.config, self.stats)
-        if self.verify:
-            seed = secrets.randbits(63) if self.options.seed is None else self.options.seed
-            keys = MaskedKeys.build(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
-            self.checked = Checked(remote, keys, self.stats)
-        inner = self.checked or remote
-        if self.pads is not None:
-            self.pads.close()
-        if self.options.helper is not None:
-            self.pads = HelperPads(self.options.helper, self.config, self.checked, self.stats)
-        else:
-            self.pads = PoolPads(self.checkpoint, self.fingerprint, self.wire, self.options.pads_dir, self.stats)
-        self.linear = None  # calibrate() masks it: nothing is sent before the pad scales are known
-        self.unmasked = inner
-        self.setup_s = time.perf_counter() - start
-        return info
-
-    def calibrate(self, tee) -> None:
-        """Pad scales from the largest input of each linear on CALIBRATION_TEXT, computed in the TEE alone."""
-        start = time.perf_counter()
-        recording = Recording(Local(self.checkpoint, self.wire))
-        self.linear = recording
-        ids = calibration_ids(self.checkpoint.dir, self.config)
-        try:
-            self.cache = KVCache(self.config, ids.shape[0])
-            tee.forward(ids)
-        except BaseException:
-            self.linear = None  # nothing computes until a calibration has passed
-            raise
-        finally:
-            self.cache = None
-        bits = self.options.pad_bits
-        self.scales = {
-            op: 2.0 ** (bits + math.ceil(math.log2(max(recording.largest.get(op, 1.0), 2.0**-30))))
-            for op in model_ops(self.config)
-        }
-        self.masked = Masked(self.unmasked, self.pads, self.scales, self.stats)
-        self.linear = self.masked
-        seconds = time.perf_counter() - start
-        self.calibration_s = seconds
-        self.setup_s += seconds
+        """Nothing to meet: the seam is the TEE's own (a subclass meets a server)."""
+        return {}
 
     def open_session(self, capacity: int) -> None:
-        if capacity < 1 or capacity > self.config.max_position_embeddings:
-            raise TsqpError(f"a session holds 1 to {self.config.max_position_embeddings} positions, not {capacity}")
-        self.cache = KVCache(self.config, capacity)
-        self.pads.reserve(capacity)  # computing missing pads now is offline work, not the prefill's
-
-    def begin_step(self, pos: int, T: int) -> None:
-        """Private mode checks each masked product before its result is used: nothing waits for the step."""
+        self.attention.open_session(capacity)
 
     def close_session(self) -> None:
-        self.cache = None
+        self.attention.close_session()
 
-    def close(self) -> None:
-        if self.pads is not None:
-            self.pads.close()
-
-    # -- the forward pass's ops ----------------------------------------------------------------
+    def begin_step(self, pos: int, T: int) -> None:
+        """Every masked product is checked before its result is used: nothing waits for the step."""
 
     def _run(self, op: Op, x: torch.Tensor) -> torch.Tensor:
         if self.linear is None:
             raise TsqpError("private mode: attach the model first (init and calibrate)")
-        if self.cache is None and op.name != "lm_head":
+        if self.attention.cache is None and op.name != "lm_head":
             raise TsqpError("private mode: open a session before the per-layer calls")
         return self.linear(op, x).to(torch.float32)  # x stays float32: x + r is formed in float64 by Masked
 
@@ -178,13 +98,8 @@ class PrivateOps:
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         q, k, v = self._run(Op("qkv", layer), h).split([c.q_dim, c.kv_dim, c.kv_dim], dim=1)
-        self.cache.put_values(layer, pos, v.reshape(-1, c.num_kv_heads, c.head_dim))
+        self.attention.put_values(layer, pos, v)
         return q, k
-
-    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
-        with self.stats.tee("attention"):
-            out = self.cache.attend(layer, pos, q, k)  # (T, q_dim)
-        return self._run(Op("o_proj", layer), out)
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inter = self.config.intermediate_size
@@ -199,7 +114,77 @@ class PrivateOps:
         chunks = [self._run(Op("lm_head"), part) for part in x.split(LM_HEAD_ROWS)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
-    # -- figures -------------------------------------------------------------------------------
+
+class PrivateOps(LinearOps):
+    """Private mode: `LinearOps` whose seam is Masked(Checked(Remote)), or Masked(Remote) unverified."""
+
+    def __init__(self, link: Link, checkpoint: Checkpoint, options: PrivateOptions, stats: Stats, verify: bool = True):
+        super().__init__(checkpoint.config, None, None, stats)
+        self.link, self.checkpoint = link, checkpoint
+        self.options, self.verify = options, verify
+        self.wire = torch.float32  # the server's dtype, known after init: the pads' weights are rounded to it
+        self.unmasked: Linear | None = None  # the check and the remote call, under the mask
+        self.masked: Masked | None = None
+        self.checked: Checked | None = None
+        self.pads = None
+        self.scales: dict[Op, float] = {}
+        self.setup_s = 0.0  # keys, embedding table and calibration, at start
+        self.calibration_s = 0.0
+
+    @property
+    def wire_name(self) -> str:
+        return str(self.wire).removeprefix("torch.")
+
+    def init(self) -> dict:
+        """Meets the private server (and the helper), makes the keys and the pad source; the seam stays
+        closed (`linear` None) until `install_scales`."""
+        low, high = PAD_BITS_RANGE
+        if not low <= self.options.pad_bits <= high:
+            raise TsqpError(f"--pad-bits must be in [{low}, {high}], not {self.options.pad_bits}")
+        info = self.link.wait(self.link.submit("init", {"private": True})).args
+        wire = server_dtype(info)
+        if self.options.helper is not None:
+            check_helper(self.options.helper, info)
+        start = time.perf_counter()
+        self.wire = wire
+        self.embed = self.checkpoint.tensor("model.embed_tokens.weight")  # whole: no offsets name the tokens
+        remote: Linear = Remote(self.link, self.config, self.stats)
+        if self.verify:
+            seed = secrets.randbits(63) if self.options.seed is None else self.options.seed
+            keys = masked_keys(self.checkpoint, self.wire, torch.Generator().manual_seed(seed))
+            self.checked = Checked(remote, keys, self.stats)
+        if self.pads is not None:
+            self.pads.close()
+        if self.options.helper is not None:
+            self.pads = HelperPads(self.options.helper, self.config, self.checked, self.stats)
+        else:
+            fingerprint = self.checkpoint.fingerprint()  # the TEE's own: pools are made from its weights
+            self.pads = PoolPads(self.checkpoint, fingerprint, self.wire, self.options.pads_dir, self.stats)
+        self.linear = None  # install_scales masks it: nothing is sent before the pad scales are known
+        self.unmasked = self.checked or remote
+        self.setup_s = time.perf_counter() - start
+        return info
+
+    def install_scales(self, largest: dict[Op, float], seconds: float) -> None:
+        """The pad scales from each linear's largest calibration input (`seconds` to find them): the seam
+        is masked from now on."""
+        bits = self.options.pad_bits
+        self.scales = {
+            op: 2.0 ** (bits + math.ceil(math.log2(max(largest.get(op, 1.0), 2.0**-30))))
+            for op in model_ops(self.config)
+        }
+        self.masked = Masked(self.unmasked, self.pads, self.scales, self.stats)
+        self.linear = self.masked
+        self.calibration_s = seconds
+        self.setup_s += seconds
+
+    def open_session(self, capacity: int) -> None:
+        super().open_session(capacity)
+        self.pads.reserve(capacity)  # computing missing pads now is offline work, not the prefill's
+
+    def close(self) -> None:
+        if self.pads is not None:
+            self.pads.close()
 
     def leak_bound_bits(self) -> float:
         """The bound on what one masked coordinate revealed, over every input masked so far."""

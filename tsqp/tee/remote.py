@@ -1,23 +1,19 @@
-"""The TEE side's typed view of the server: one method per call, each reply checked before it is used.
+"""The plain split's ops: one server call per weight product, each reply checked before it is used.
 
-`RemoteOps` is the seam between the forward pass and whatever carries the calls: a socket client
-(`transport.Client`, which can keep several requests in flight), the in-process twin (`InProcess`)
-that tests use, or any call function (wrapped in `Synchronous`). Every reply must hold exactly the
-dtype and shape that was asked for; results are converted to float32 copies owned by the TEE before
-any math touches them.
+`Calls` is the typed view of the server: one request per call, over a `Link` (a socket client that can keep
+several requests in flight, or `Synchronous` over a plain call function such as the in-process twin
+`InProcess` that tests use). Every reply must hold exactly the dtype and shape that was asked for;
+results are converted to float32 copies owned by the TEE before any math touches them.
 
-Attention is pipelined by query chunks (`RemoteOps.attention`): the server scores the next chunks
-while the TEE runs the softmax of this one, and each chunk's attn_out queues behind them, so neither
-side waits for the other while there is work. A chunk is a run of whole query tiles, so the bytes
-are those of one call.
+`RemoteOps` is the plain split behind the `ops.Ops` interface: embedding, qkv (the server caches v),
+gate_up, down and lm_head are calls; `attention` is its own seam (server_attention.py); every result passes
+through the checker's hooks (checks.py) with what was sent.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +21,16 @@ import torch
 from tsqp.errors import ServerError, TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
-from tsqp.wire.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
-from tsqp.wire.transport import Draft
+from tsqp.tee.checks import ChunkCheck, StepCheck, Unchecked
+from tsqp.tee.ops import Attention, Call, Link
+from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, Message, expect
 
-Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
-Softmax = Callable[[torch.Tensor], torch.Tensor]  # a tile's scores (heads, rows, keys) -> probs, in place
 
-PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split
-MIN_CHUNK_SCORES = 1 << 20  # packed scores per chunk at least: a smaller call is one chunk (a decode step)
-LOOKAHEAD = 3  # score chunks submitted ahead: two in flight while the TEE works on one
-PIPELINE_MODES = ("auto", "on", "off")
+@dataclass
+class LocalDraft:
+    """A draft of a link without an arena: private tensors."""
+
+    tensors: list[torch.Tensor]
 
 
 class Synchronous:
@@ -47,7 +43,7 @@ class Synchronous:
         self.replies: dict[int, Message | Exception] = {}
 
     def submit(
-        self, method: str, args=None, tensors=(), session=None, reply_bytes: int = 0, draft: Draft | None = None
+        self, method: str, args=None, tensors=(), session=None, reply_bytes: int = 0, draft: LocalDraft | None = None
     ) -> int:
         request_id = next(self.ids)
         if draft is not None:
@@ -58,10 +54,10 @@ class Synchronous:
             self.replies[request_id] = exc
         return request_id
 
-    def draft(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], reply_bytes: int = 0) -> Draft:
-        return Draft(0, [torch.empty(shape, dtype=dtype) for dtype, shape in specs])
+    def draft(self, specs: list[tuple[torch.dtype, tuple[int, ...]]], reply_bytes: int = 0) -> LocalDraft:
+        return LocalDraft([torch.empty(shape, dtype=dtype) for dtype, shape in specs])
 
-    def drop(self, draft: Draft) -> None:
+    def drop(self, draft: LocalDraft) -> None:
         pass
 
     def wait(self, request_id: int) -> Message:
@@ -88,23 +84,6 @@ class Request:
     check: ChunkCheck | None = None  # attn_out: what its result must match (verified mode)
 
 
-class ChunkCheck:
-    """Checks one attention chunk tile by tile, while each tile is in cache (verify.AttentionCheck);
-    this one, for unverified mode, checks nothing."""
-
-    def scores(self, tile: Tile, block: torch.Tensor) -> None:
-        """block (heads, rows, keys): a tile of scores as the server sent it, before it is used."""
-
-    def probs(self, tile: Tile, block: torch.Tensor) -> None:
-        """block (heads, rows, keys): the tile's probabilities exactly as sent to the server."""
-
-    def scores_done(self) -> None:
-        """Every tile of the chunk's scores passed."""
-
-    def attn_out(self, y: torch.Tensor) -> None:
-        """y (T, hidden): the server's o_proj(P V) for the chunk."""
-
-
 class InProcess:
     """Calls an Engine directly, as the socket server would (same validation, no sockets)."""
 
@@ -123,69 +102,46 @@ class InProcess:
         return Message({"id": 0, "ok": True, "args": reply_args}, results)
 
 
-class RemoteOps:
-    def __init__(
-        self,
-        call,
-        config: LlamaConfig,
-        wire_dtype: str = "float32",
-        tile: int = DEFAULT_QUERY_TILE,
-        pipeline: str = "auto",
-        stats: Stats | None = None,
-    ):
-        """call: a `transport.Client`, an `InProcess`, or a call function.
+def server_dtype(info: dict) -> torch.dtype:
+    """The dtype the server's init reply names, which the TEE's keys and pads are rounded to."""
+    if info.get("dtype") not in FLOAT_DTYPES:
+        raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
+    return DTYPES[info["dtype"]]
 
-        pipeline: on, off, or auto: on when the server reports a device other than the CPU (a CPU server
-        on the TEE's host computes on the TEE's cores, where overlapping the two only makes them compete).
-        """
-        if pipeline not in PIPELINE_MODES:
-            raise TsqpError(f"pipeline must be one of {', '.join(PIPELINE_MODES)}, not {pipeline!r}")
-        self.link = call if hasattr(call, "submit") else Synchronous(call)
-        self.tile = tile  # query rows per packed score tile
-        self.pipeline = pipeline
-        self.pipelined = pipeline == "on"
-        self.min_chunk_scores = MIN_CHUNK_SCORES
+
+def link_of(call: Link | Call) -> Link:
+    """A link as given (it has `submit`), or `Synchronous` over a call function."""
+    return call if hasattr(call, "submit") else Synchronous(call)
+
+
+class Calls:
+    """Requests to the server, typed: the link, the wire dtype, the open session and the checker."""
+
+    def __init__(self, link: Link, config: LlamaConfig, checker=None, stats: Stats | None = None):
+        """checker: `checks.Unchecked` (the default) or `verify.Verifier`."""
+        self.link = link
         self.config = config
-        self.wire = DTYPES[wire_dtype]
+        self.checker = checker or Unchecked()
+        self.wire = torch.float32
         self.session: bytes | None = None
+        self.step: StepCheck = self.checker.immediate  # the open step's checks (call by call outside one)
         self.stats = stats or Stats()
 
     @property
     def wire_name(self) -> str:
         return str(self.wire).removeprefix("torch.")
 
-    # -- control -------------------------------------------------------------------------------
-
-    def init(self) -> dict:
-        """The server's description of itself; its dtype becomes the wire dtype."""
-        info = self._control("init").args
-        if info.get("dtype") not in FLOAT_DTYPES:
-            raise ServerError(f"server reports an unknown dtype {info.get('dtype')!r}")
-        self.wire = DTYPES[info["dtype"]]
-        if self.pipeline == "auto":
-            self.pipelined = not str(info.get("device", "cpu")).startswith("cpu")
-        return info
-
-    def open_session(self, capacity: int) -> None:
-        session = self._control("open_session", {"capacity": capacity}).args.get("session")
-        if not isinstance(session, bytes):
-            raise ServerError("server returned no session id")
-        self.session = session
-
-    def close_session(self) -> None:
-        if self.session is not None:
-            session, self.session = self.session, None
-            self._control("close_session", session=session)
-
-    def begin_step(self, pos: int, T: int) -> None:
-        """A forward pass of T tokens at pos begins (verified mode may wait for its end to check it)."""
-
-    def _control(self, method: str, args: dict | None = None, session: bytes | None = None) -> Message:
+    def control(self, method: str, args: dict | None = None, session: bytes | None = None) -> Message:
         return self.link.wait(self.link.submit(method, args, session=session))
 
-    # -- calls ---------------------------------------------------------------------------------
+    def init(self) -> dict:
+        """The server's description of itself; its dtype becomes the wire dtype (and the checker's keys')."""
+        info = self.control("init").args
+        self.wire = server_dtype(info)
+        self.checker.init(self.wire)
+        return info
 
-    def _submit(
+    def submit(
         self,
         method: str,
         args: dict,
@@ -193,6 +149,8 @@ class RemoteOps:
         shapes: list[tuple[int, ...]],
         session: bool = True,
     ) -> Request:
+        if self.checker.failure is not None:  # nothing more is sent after a failed check
+            self.checker.usable()
         sent = [t.to(self.wire) if t.is_floating_point() else t for t in inputs]  # token ids stay int64
         request_id = self.link.submit(
             method,
@@ -203,139 +161,111 @@ class RemoteOps:
         )
         return Request(request_id, method, shapes, sent, args.get("layer"), args.get("pos", 0))
 
-    def _collect(self, request: Request) -> list[torch.Tensor]:
+    def collect(self, request: Request) -> list[torch.Tensor]:
         request.collected = True
         reply = self.link.wait(request.id)
         expect(reply.tensors, [(self.wire, shape) for shape in request.shapes], request.method)
         with self.stats.tee("copy"):
             return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
 
-    def _run(
+    def run(
         self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
     ) -> list[torch.Tensor]:
-        return self._collect(self._submit(method, args, inputs, shapes, session))
+        return self.collect(self.submit(method, args, inputs, shapes, session))
+
+
+class RemoteOps:
+    """The plain split (`ops.Ops`): every product on the server, attention where `attention` runs it."""
+
+    def __init__(self, calls: Calls, attention: Attention):
+        """attention: the seam itself is the `attention` op (the forward pass calls it directly)."""
+        self.calls, self.attention = calls, attention
+        self.config, self.checker = calls.config, calls.checker
+
+    @property
+    def link(self) -> Link:
+        return self.calls.link
+
+    @property
+    def wire_name(self) -> str:
+        return self.calls.wire_name
+
+    @property
+    def session(self) -> bytes | None:
+        """The open session's id on the server."""
+        return self.calls.session
+
+    @property
+    def setup_s(self) -> float:
+        """Computing the verification keys at start."""
+        return self.checker.setup_s
+
+    @property
+    def pipelined(self) -> bool:
+        return self.attention.pipelined
+
+    # -- control -------------------------------------------------------------------------------
+
+    def init(self) -> dict:
+        info = self.calls.init()
+        self.attention.init(info)
+        return info
+
+    def open_session(self, capacity: int) -> None:
+        session = self.calls.control("open_session", {"capacity": capacity}).args.get("session")
+        if not isinstance(session, bytes):
+            raise ServerError("server returned no session id")
+        self.calls.session = session
+        self.attention.open_session(capacity)
+        self.checker.open_session(capacity)
+
+    def close_session(self) -> None:
+        self.checker.close_session()
+        self.attention.close_session()
+        self.calls.step = self.checker.immediate
+        if self.calls.session is not None:
+            session, self.calls.session = self.calls.session, None
+            self.calls.control("close_session", session=session)
+
+    def begin_step(self, pos: int, T: int) -> None:
+        self.calls.step = self.checker.begin_step(pos, T, self.attention)
+
+    # -- calls ---------------------------------------------------------------------------------
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (T,) int64 -> (T, hidden)."""
-        return self._run("embedding", {}, [ids], [(ids.shape[0], self.config.hidden_size)], session=False)[0]
+        (rows,) = self.calls.run("embedding", {}, [ids], [(ids.shape[0], self.config.hidden_size)], session=False)
+        self.calls.step.embedding(ids, rows)
+        return rows
 
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v."""
-        T, c = h.shape[0], self.config
-        (qk,) = self._run("qkv", {"layer": layer, "pos": pos}, [h], [(T, c.q_dim + c.kv_dim)])
+        calls, c = self.calls, self.config
+        sent = h.to(calls.wire)
+        (qk,) = calls.run("qkv", {"layer": layer, "pos": pos}, [sent], [(h.shape[0], c.q_dim + c.kv_dim)])
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
+        calls.step.qkv(layer, pos, sent, q, k)
         return q, k
 
-    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
-        """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE
-        at positions [pos, pos+T); softmax_ runs on the TEE, in place on each query tile of scores.
-
-        Two round trips per query chunk, pipelined: while the TEE works on one chunk the server has the
-        next two chunks' scores to compute (LOOKAHEAD), and each chunk's attn_out is submitted as soon as
-        its probabilities are ready.
-        """
-        chunks = self.chunks(q.shape[0], pos)
-        upcoming = iter(chunks)
-        scoring: deque[Request] = deque()
-        outputs: list[Request] = []
-
-        def score_next() -> None:
-            for start, end in itertools.islice(upcoming, 1):
-                scoring.append(self.submit_scores(layer, pos + start, q[start:end], k[start:end]))
-
-        try:
-            for _ in range(LOOKAHEAD):
-                score_next()
-            for start, end in chunks:
-                outputs.append(self.attend(scoring.popleft(), end - start, softmax_))
-                score_next()  # after the chunk's attn_out: the scores reply was read in place until then
-            return torch.cat([self.collect_attn_out(request) for request in outputs])
-        except BaseException:
-            for request in (*scoring, *outputs):
-                if not request.collected:
-                    self.link.discard(request.id)
-            raise
-
-    def attend(self, scores: Request, T: int, softmax_: Softmax) -> Request:
-        """A chunk's scores in, its probabilities out: the attn_out request, submitted.
-
-        One pass per query tile while it is in cache: the tile is copied out of the reply (the arena is
-        untrusted; never read twice), checked, softmaxed in place, written into the attn_out request's
-        inputs (in the arena, drafted before the scores are read) and folded into the attn_out check.
-        """
-        layer, pos, heads, wire = scores.layer, scores.pos, self.config.num_heads, self.wire
-        tiles, total = query_tiles(T, pos, heads, self.tile)
-        draft = None
-        try:
-            draft = self.link.draft([(wire, (total,))], reply_bytes=T * self.config.hidden_size * wire.itemsize)
-            check = self.chunk_check(scores, T)  # from the TEE's own q, k: while the server computes
-            scores.collected = True
-            reply = self.link.wait(scores.id)
-            expect(reply.tensors, [(wire, (total,))], "scores")
-            (received,), (probs,) = reply.tensors, draft.tensors
-            buffer = torch.empty(max(heads * t.rows * t.keys for t in tiles))
-            for t in tiles:
-                span = slice(t.offset, t.offset + heads * t.rows * t.keys)
-                block = buffer[: span.stop - span.start].view(heads, t.rows, t.keys)
-                with self.stats.tee("copy"):
-                    block.view(-1).copy_(received[span])  # scaled by 1/sqrt(hd), packed
-                check.scores(t, block)
-                softmax_(block)
-                with self.stats.tee("copy"):
-                    if wire == torch.float32:
-                        probs[span].copy_(block.view(-1))
-                    else:  # round once, privately: the check must see what the server gets
-                        rounded = block.to(wire)
-                        probs[span].copy_(rounded.view(-1))
-                        block.copy_(rounded)
-                check.probs(t, block)
-            check.scores_done()
-            args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
-            request_id = self.link.submit("attn_out", args, session=self.session, draft=draft)
-        except BaseException:
-            if draft is not None:
-                self.link.drop(draft)
-            if not scores.collected:
-                self.link.discard(scores.id)
-            raise
-        return Request(request_id, "attn_out", [(T, self.config.hidden_size)], [], layer, pos, check=check)
-
-    def chunk_check(self, scores: Request, T: int) -> ChunkCheck:
-        """What the tiles of a chunk are checked against (nothing, unless verified)."""
-        return ChunkCheck()
-
-    def chunks(self, T: int, pos: int) -> list[tuple[int, int]]:
-        """Query rows [start, end) per chunk: runs of whole tiles of about equal packed size."""
-        if not self.pipelined:
-            return [(0, T)]
-        tiles, total = query_tiles(T, pos, self.config.num_heads, self.tile)
-        budget = max(total / PIPELINE_CHUNKS, self.min_chunk_scores)
-        chunks, start, size = [], 0, 0
-        for t in tiles:
-            size += self.config.num_heads * t.rows * t.keys
-            if size >= budget or t is tiles[-1]:
-                chunks.append((start, t.row + t.rows))
-                start, size = t.row + t.rows, 0
-        return chunks
-
-    def submit_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> Request:
-        """q (T, heads, hd), k (T, kv_heads, hd) -> scores packed by query tiles (protocol.query_tiles)."""
-        _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile)
-        return self._submit("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])
-
-    def collect_attn_out(self, request: Request) -> torch.Tensor:
-        (y,) = self._collect(request)
-        request.check.attn_out(y)
-        return y
-
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T, inter = h.shape[0], self.config.intermediate_size
-        (gate_up,) = self._run("gate_up", {"layer": layer}, [h], [(T, 2 * inter)])
+        calls, inter = self.calls, self.config.intermediate_size
+        sent = h.to(calls.wire)
+        (gate_up,) = calls.run("gate_up", {"layer": layer}, [sent], [(h.shape[0], 2 * inter)])
         gate, up = gate_up.split([inter, inter], dim=1)
+        calls.step.gate_up(layer, sent, gate, up)
         return gate, up
 
     def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        return self._run("down", {"layer": layer}, [a], [(a.shape[0], self.config.hidden_size)])[0]
+        calls = self.calls
+        sent = a.to(calls.wire)
+        (y,) = calls.run("down", {"layer": layer}, [sent], [(a.shape[0], self.config.hidden_size)])
+        calls.step.down(layer, sent, y)
+        return y
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run("lm_head", {}, [x], [(x.shape[0], self.config.vocab_size)], session=False)[0]
+        calls = self.calls
+        step, calls.step = calls.step, self.checker.immediate  # the step ends here
+        step.layers_done()  # the layers' checks pass before anything else is asked
+        sent = x.to(calls.wire)
+        (y,) = calls.run("lm_head", {}, [sent], [(x.shape[0], self.config.vocab_size)], session=False)
+        step.lm_head(sent, y)
+        return y

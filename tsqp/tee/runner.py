@@ -11,6 +11,7 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.presets import cache_dir
 from tsqp.stats import Stats
+from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PAD_BITS, PrivateOptions
@@ -31,7 +32,7 @@ class RunOptions:
     transport: str = "auto"  # shm | zmq | auto: shm when the server is on this host
     arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
     curve_keys: Path | None = None  # CurveZMQ key folder (tsqp keys DIR); the private server gets it too
-    verify: bool = True  # Freivalds-check every server result (verify.VerifiedOps)
+    verify: bool = True  # Freivalds-check every server result (verify.Verifier)
     doorbell: bool = True  # lone small requests through the arena's doorbell instead of ZeroMQ (shm only)
     pipeline: str = "auto"  # on | off | auto: attention chunks overlap TEE and server when the server is a GPU
     private: bool = False  # private mode (tee/private.py): the server sees only masked activations
@@ -96,12 +97,12 @@ def open_model(
     with ExitStack() as stack:
         private = stack.enter_context(private_options(options, stats)) if options.private else None
         client = stack.enter_context(open_client(options, stats, server))
-        tee = TeeModel(
+        tee = tee_model(
             options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline, private=private
         )
         if private is not None:
             stack.callback(tee.ops.close)
-        tee.attach()  # computes the verification keys: the start-up allocations are over
+        attach(tee)  # computes the verification keys (and calibrates): the start-up allocations are over
         keep_freed_memory()
         yield tee
 

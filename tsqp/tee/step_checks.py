@@ -1,6 +1,6 @@
 """Verified mode a decode step at a time: every layer's checks gathered while the step runs, made at its end.
 
-`verify.VerifiedOps` checks each result as it comes: in a decode step that is seven checks a layer (q, k,
+`verify.Immediate` checks each result as it comes: in a decode step that is seven checks a layer (q, k,
 scores, attn_out, gate, up, down), each a dozen tensor operations on a row or two, and each operation
 costs microseconds of dispatch whatever its size (more right after the server's product has swept the
 caches). For TinyLlama-1.1B that was 55 to 62 ms of a 530 ms token. Here the same checks, with the same
@@ -9,7 +9,7 @@ stacked: one batched product per kind of check and one comparison for all of the
 operations a step whatever the depth of the model.
 
 Why waiting is sound in plain mode: nothing computed from an unchecked result leaves the TEE before
-the checks pass (the logits come after them, `VerifiedOps.lm_head` settles the step first), and what
+the checks pass (the logits come after them: `remote.RemoteOps.lm_head` settles the step first), and what
 the TEE sends the server meanwhile the server sees in plain mode anyway. A failure names the first
 failing op in forward order, as an immediate check would have, and every later call fails as before.
 What a check compares is fixed when the result arrives (the score tile's product with r is taken
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.tee.freivalds import LAMBDA, S_MAX, TINY, U32, UNIT_ROUNDOFF, VECTORS, ModelKeys
-from tsqp.tee.remote import ChunkCheck, Request
+from tsqp.tee.checks import ChunkCheck, StepCheck
+from tsqp.tee.freivalds import U32, UNIT_ROUNDOFF, VECTORS, ModelKeys, linear_gains, ratios, score_gains, value_gain
 from tsqp.wire.protocol import Tile
 
 K = VECTORS
@@ -90,18 +90,20 @@ def stack_keys(keys: ModelKeys) -> StackedKeys:
     )
 
 
-class StepChecks:
-    """One step's results per layer, as `VerifiedOps` hands them over, and `settle`, which checks them all.
+class StepChecks(StepCheck):
+    """One step's results per layer, as the plain split's ops hand them over, and `settle`, which checks them
+    all when the layers are done.
 
-    Taken for a step of at most `VerifiedOps.defer_rows` tokens whose attention is one query tile in one
+    Taken for a step of at most `Verifier.defer_rows` tokens whose attention is one query tile in one
     chunk (a decode step); longer steps are checked call by call, where the products are large enough
     that dispatch does not matter. Results are kept by reference until `settle`: the forward pass must
     not write them in place (it does not: RoPE, SiLU and the residuals make new tensors; the tests
     compare logits and check counts with call-by-call checking)."""
 
-    def __init__(self, ops, pos: int, T: int):
-        L = ops.config.num_layers
-        self.ops, self.pos, self.T = ops, pos, T
+    def __init__(self, verifier, pos: int, T: int):
+        L = verifier.config.num_layers
+        self.verifier, self.pos, self.T = verifier, pos, T
+        self.state = verifier.session_state()  # the session's attention state, moved on by `settle`
         self.x = {name: [None] * L for name in ("qkv", "gate_up", "down")}  # the inputs as sent (float32)
         self.y = {name: [None] * L for name in (*LINEAR, "attn_out")}  # the results (float32 copies)
         self.q, self.k = [None] * L, [None] * L  # scores' inputs as sent: (T, heads, hd), (T, kv, hd)
@@ -109,40 +111,57 @@ class StepChecks:
         self.score_norms = [None] * L  # the tiles' row norms (heads, T, 1), where they are measured
         self.probs = [None] * L  # the probabilities as sent (heads, T, keys)
 
-    def covers(self, pos: int, T: int) -> bool:
-        return (pos, T) == (self.pos, self.T)
+    def _expect(self, pos: int | None, x: torch.Tensor) -> torch.Tensor:
+        """x (T, n) as sent, as float32, once its call is found part of the step (pos None: a call without one)."""
+        if x.shape[0] != self.T or (pos is not None and pos != self.pos):
+            raise TsqpError(f"verified mode: a call of {x.shape[0]} tokens inside the step of {self.T} at {self.pos}")
+        return x.float()
 
     # -- what the calls hand over --------------------------------------------------------------
 
-    def qkv(self, layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = x, q, k
+    def embedding(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self.verifier.immediate.embedding(ids, rows)  # the step's first result: nothing to gather it with
+
+    def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.state.expect_qkv_at(layer, pos)
+        self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = self._expect(pos, x), q, k
 
     def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
-        self.x["gate_up"][layer], self.y["gate"][layer], self.y["up"][layer] = x, gate, up
+        self.x["gate_up"][layer], self.y["gate"][layer], self.y["up"][layer] = self._expect(None, x), gate, up
 
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x["down"][layer], self.y["down"][layer] = x, y
+        self.x["down"][layer], self.y["down"][layer] = self._expect(None, x), y
 
-    def attention(self, scores: Request, T: int) -> ChunkCheck:
-        layer, pos, state = scores.layer, scores.pos, self.ops._session_state()
-        if not self.covers(pos, T):
-            raise TsqpError(f"verified mode: attention at position {pos} is not part of the step at {self.pos}")
-        if pos != 0 and pos != state.k_filled[layer]:
-            raise TsqpError(
-                f"verified mode: scores of layer {layer} at position {pos} must append to the "
-                f"{state.k_filled[layer]} cached keys (or restart at 0)"
-            )
-        if self.x["qkv"][layer] is None:
-            raise TsqpError(f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first")
-        self.q[layer], self.k[layer] = (t.float() for t in scores.sent)
-        return _Deferred(self, layer)
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
+        state, T = self.state, q.shape[0]
+        with self.verifier.stats.tee("verify"):
+            if (pos, T) != (self.pos, self.T):
+                raise TsqpError(f"verified mode: attention at position {pos} is not part of the step at {self.pos}")
+            if pos != 0 and pos != state.k_filled[layer]:
+                raise TsqpError(
+                    f"verified mode: scores of layer {layer} at position {pos} must append to the "
+                    f"{state.k_filled[layer]} cached keys (or restart at 0)"
+                )
+            if self.x["qkv"][layer] is None:
+                raise TsqpError(
+                    f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first"
+                )
+            self.q[layer], self.k[layer] = q.float(), k.float()
+            return _Deferred(self, layer)
+
+    def layers_done(self) -> None:
+        with self.verifier.stats.tee("verify"):
+            self.settle()
+
+    def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.verifier.immediate.lm_head(x, y)
 
     # -- the checks ----------------------------------------------------------------------------
 
     def settle(self) -> None:
         """Makes every check of the step; raises IntegrityError naming the first failing op in forward order.
         The attention state moves on to the step's positions only when all pass."""
-        ops, c = self.ops, self.ops.config
+        v, c = self.verifier, self.verifier.config
         # `is None`, not `None in`: that compares None with every tensor by Tensor.__eq__ (0.74 ms a list of 22)
         missing = [
             name
@@ -151,7 +170,7 @@ class StepChecks:
         ]
         if missing:
             raise TsqpError(f"verified mode: the step at position {self.pos} ended without {', '.join(missing)}")
-        keys, state, T, pos = ops.stacked, ops._session_state(), self.T, self.pos
+        keys, state, T, pos = v.stacked, self.state, self.T, self.pos
         L, heads, kv, group, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
         checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # op -> lhs, rhs, bound
 
@@ -178,9 +197,8 @@ class StepChecks:
         rhs = torch.einsum("ltgid,lkgd->lgitk", q.view(L, T, kv, group, hd), kr).reshape(L, heads, T, K)
         q_norm = torch.linalg.vector_norm(q, dim=-1).view(L, T, kv, group)
         qk_norm = (q_norm * k_sq.sqrt().mul_(scale).view(L, 1, kv, 1)).permute(0, 2, 3, 1).reshape(L, heads, T, 1)
-        row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(keys_seen)) * S_MAX
-        floor = U32 * (math.sqrt(hd) + 2 * math.sqrt(keys_seen)) * S_MAX
-        if ops.bounded_norms:
+        row_gain, floor = score_gains(UNIT_ROUNDOFF[v.wire], keys_seen, hd)
+        if v.bounded_norms:
             bound = qk_norm * (row_gain + floor)
         else:
             bound = torch.stack(self.score_norms) * row_gain + qk_norm * floor
@@ -195,14 +213,14 @@ class StepChecks:
         if pos:
             weighted += probs[..., :pos] @ state.c[..., :pos].transpose(-1, -2)
         o_norm = torch.linalg.vector_norm(weighted[..., K], dim=1).unsqueeze(-1)  # (L, T, 1) >= ||O_row||
-        sums = 2 * math.sqrt(keys_seen) + 2 * math.sqrt(c.hidden_size * hd) + math.sqrt(c.q_dim)
-        magnitude = keys.omega["o"] * (2 * U32 + U32 * sums) * o_norm
+        magnitude = keys.omega["o"] * value_gain(c, keys_seen) * o_norm
         y = torch.stack(self.y["attn_out"])  # (L, T, hidden)
-        if ops.bounded_norms:
+        if v.bounded_norms:
             y_norm = o_norm * keys.frobenius["o"] + keys.bias_norm["o"]
         else:
             y_norm = torch.linalg.vector_norm(y, dim=2, keepdim=True)
-        bound = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(c.hidden_size)) * S_MAX * y_norm + magnitude
+        rounding, _ = linear_gains(UNIT_ROUNDOFF[v.wire], U32, c.hidden_size, c.hidden_size)
+        bound = rounding * y_norm + magnitude
         checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
 
         self._compare(checks)
@@ -212,39 +230,37 @@ class StepChecks:
         state.c_filled[:] = state.k_filled[:] = [keys_seen] * L
 
     def _linear(self, kind: str, xw: torch.Tensor, x_norm: torch.Tensor, in_dim: int):
-        """verify.VerifiedOps._check_linear over the stacked layers: (lhs, rhs, bound)."""
-        ops, keys = self.ops, self.ops.stacked
+        """verify.Verifier.check_linear over the stacked layers: (lhs, rhs, bound)."""
+        v, keys = self.verifier, self.verifier.stacked
         y = torch.stack(self.y[kind])  # (L, T, out)
         out_dim = y.shape[2]
-        rounding = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(out_dim)) * S_MAX
-        accumulation = keys.omega[kind] * (U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)))  # (L, 1, 1)
-        if ops.bounded_norms:
+        rounding, accumulation = linear_gains(UNIT_ROUNDOFF[v.wire], U32, in_dim, out_dim)
+        accumulation = keys.omega[kind] * accumulation  # (L, 1, 1)
+        if v.bounded_norms:
             bound = x_norm * (keys.frobenius[kind] * rounding + accumulation) + keys.bias_norm[kind] * rounding
         else:
             bound = torch.linalg.vector_norm(y, dim=2, keepdim=True).mul_(rounding) + x_norm * accumulation
         return y @ keys.s[kind], xw + keys.bias_s[kind], bound
 
     def _compare(self, checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """verify.VerifiedOps._check for all of them: one ratio per op and layer, read in one go."""
-        ops = self.ops
+        """verify.Verifier.check for all of them: one ratio per op and layer, read in one go."""
+        v = self.verifier
         worst = []
         for op in ORDER:
             lhs, rhs, bound = checks[op]
-            tolerance = bound * LAMBDA
-            ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
-            worst.append(ratio.flatten(1).amax(1))  # (L,): NaN stays NaN
+            worst.append(ratios(lhs, rhs, bound).flatten(1).amax(1))  # (L,): NaN stays NaN
         worst = torch.stack(worst).T.tolist()  # (L, ops)
-        for layer, ratios in enumerate(worst):
-            for op, ratio in zip(ORDER, ratios, strict=True):
+        for layer, layer_worst in enumerate(worst):
+            for op, ratio in zip(ORDER, layer_worst, strict=True):
                 if not ratio <= 1.0:
                     lhs, rhs, bound = checks[op]
-                    ops._check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
-                    ops.failure = f"integrity check failed: the server's {op} of layer {layer} result is wrong"
-                    raise IntegrityError(ops.failure)
+                    v.check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
+                    v.failure = f"integrity check failed: the server's {op} of layer {layer} result is wrong"
+                    raise IntegrityError(v.failure)
         for i, op in enumerate(ORDER):
-            ops.margin[op] = max(ops.margin.get(op, 0.0), max(ratios[i] for ratios in worst))
-            ops.checks[op.split(" ")[0]] += len(worst)
-            ops.comparisons += checks[op][0].numel()
+            v.margin[op] = max(v.margin.get(op, 0.0), max(layer_worst[i] for layer_worst in worst))
+            v.checks[op.split(" ")[0]] += len(worst)
+            v.comparisons += checks[op][0].numel()
 
 
 class _Deferred(ChunkCheck):
@@ -254,12 +270,12 @@ class _Deferred(ChunkCheck):
         self.step, self.layer = step, layer
 
     def scores(self, tile: Tile, block: torch.Tensor) -> None:
-        step, ops = self.step, self.step.ops
-        with ops.stats.tee("verify"):
-            r, heads = ops._session_state().r, block.shape[0]
+        step, v = self.step, self.step.verifier
+        with v.stats.tee("verify"):
+            r, heads = step.state.r, block.shape[0]
             lhs = block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]  # before the softmax overwrites it
             step.scores_s[self.layer] = lhs.view(heads, tile.rows, K)
-            if not ops.bounded_norms:
+            if not v.bounded_norms:
                 step.score_norms[self.layer] = torch.linalg.vector_norm(block, dim=2, keepdim=True)
 
     def probs(self, tile: Tile, block: torch.Tensor) -> None:

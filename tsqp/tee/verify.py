@@ -1,6 +1,7 @@
 """Verified mode: the TEE checks every result the untrusted server returns before anything derived from it
-leaves the TEE: call by call in a prefill, at the end of a decode step for all layers at once
-(step_checks.py; the logits come after the checks).
+leaves the TEE: call by call in a prefill (`Immediate`), at the end of a decode step for all layers at once
+(step_checks.py; the logits come after the checks). `Verifier` is the checker the plain split's ops are
+handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison.
 
 Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
 (out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
@@ -43,7 +44,7 @@ rounding of the server's V and P @ V, which the TEE never sees, by omega_o sum_j
 2-norm. In float32 the output-rounding term is no larger than the accumulation terms, so the row norms
 are bounded from the TEE's side (||Y|| <= ||X|| ||W||_F + ||b||, Cauchy-Schwarz for scores) instead of
 measured: one pass less over every result. LAMBDA = 4 over these bounds: honest discrepancies stay
-below 0.4 of the tolerance (`VerifiedOps.margin`) in the tests and on cuBLAS at the 1.1B shape.
+below 0.4 of the tolerance (`Verifier.margin`) in the tests and on cuBLAS at the 1.1B shape.
 
 What the tolerance lets through: per row, changes D with |D s| below it, i.e. of the size of the
 rounding noise: at the 1.1B shape about 1e-4 of |Y s| in float32 (1e-3 with bounded norms), 0.004 in
@@ -67,20 +68,22 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
+from tsqp.tee.checks import ChunkCheck, StepCheck
 from tsqp.tee.freivalds import (
-    LAMBDA,
     S_MAX,
-    TINY,
     U32,
     UNIT_ROUNDOFF,
     VECTORS,
     LinearKey,
     ModelKeys,
     build_keys,
+    compare,
+    linear_gains,
+    score_gains,
     secret_matrix,
     times,
+    value_gain,
 )
-from tsqp.tee.remote import Call, ChunkCheck, RemoteOps, Request
 from tsqp.tee.step_checks import StackedKeys, StepChecks, stack_keys
 from tsqp.tuning import SMALL_STEP_ROWS
 from tsqp.wire.protocol import Tile, query_tiles
@@ -101,29 +104,32 @@ class AttentionState:
         self.k_sq = torch.zeros(L, c.num_kv_heads)  # sum_j ||k_j||^2
         self.k_filled = [0] * L
 
+    def expect_qkv_at(self, layer: int, pos: int) -> None:
+        """qkv at pos must append to (or overwrite) the positions folded into c."""
+        if pos > self.c_filled[layer]:
+            raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
 
-class VerifiedOps(RemoteOps):
-    """RemoteOps whose every result passes a Freivalds check: as it comes, or at the end of a decode step
-    (`begin_step`), before the step's logits are returned."""
 
-    def __init__(
-        self,
-        call: Call,
-        config: LlamaConfig,
-        checkpoint: Checkpoint,
-        stats: Stats | None = None,
-        seed: int | None = None,
-        **kwargs,
-    ):
+class Verifier:
+    """The plain split's checker (checks.py): every result passes a Freivalds check, call by call
+    (`immediate`), or at the end of a decode step for all its layers at once (`begin_step`), before the
+    step's logits are returned."""
+
+    def __init__(self, checkpoint: Checkpoint, stats: Stats | None = None, seed: int | None = None):
         """seed: for tests only; by default 63 secret bits the server cannot know."""
-        super().__init__(call, config, stats=stats, **kwargs)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.config = checkpoint, checkpoint.config
+        self.stats = stats or Stats()
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+        self.wire = torch.float32
+        # Bound result row norms from the TEE's side instead of measuring them (a pass over each result)?
+        # The row norm scales the output-rounding term of a tolerance. In float32 that term is of the order
+        # of the accumulation term, so a looser bound costs little precision: ||Y|| <= ||X|| ||W||_F + ||b||,
+        # ||S_row|| <= ||q|| ||K|| / sqrt(hd) (Cauchy-Schwarz). In bfloat16 and float16 it dominates: measured.
+        self.bounded_norms = True  # the wire dtype is float32
         self.keys: ModelKeys | None = None
         self.stacked: StackedKeys | None = None  # the layer keys stacked, for a step's checks at once
         self.defer_rows = SMALL_STEP_ROWS  # steps of up to this many tokens are checked at their end
-        self.step: StepChecks | None = None  # the open step's checks, when they wait for its end
-        self.keys_dtype: torch.dtype | None = None
+        self.immediate = Immediate(self)
         self.state: AttentionState | None = None
         self.setup_s = 0.0  # computing the keys from the checkpoint
         self.checks: Counter[str] = Counter()  # op -> results verified
@@ -133,191 +139,129 @@ class VerifiedOps(RemoteOps):
 
     # -- control -------------------------------------------------------------------------------
 
-    def init(self) -> dict:
+    def init(self, wire: torch.dtype) -> None:
         """The server's dtype is known now: the keys are computed here, at start, not on the first call."""
-        info = super().init()
-        self._usable()
-        return info
+        self.usable()
+        if wire != self.wire:
+            self.wire, self.keys, self.bounded_norms = wire, None, wire == torch.float32
+            self.usable()
+
+    def usable(self) -> None:
+        """Raises if an earlier check failed; makes the keys of the wire dtype if they are not made yet."""
+        if self.failure is not None:
+            raise IntegrityError(f"an earlier {self.failure}")
+        if self.keys is None:
+            start = time.perf_counter()
+            self.keys = build_keys(self.checkpoint, self.wire, self.generator)
+            self.stacked = stack_keys(self.keys)
+            self.setup_s = time.perf_counter() - start
 
     def open_session(self, capacity: int) -> None:
-        super().open_session(capacity)
         self.state = AttentionState(self.config, capacity, self.generator)
 
     def close_session(self) -> None:
-        self.state = self.step = None
-        super().close_session()
+        self.state = None
 
-    def begin_step(self, pos: int, T: int) -> None:
+    def begin_step(self, pos: int, T: int, attention) -> StepCheck:
         """A forward pass of T tokens at pos begins: a decode-sized one (at most `defer_rows` tokens, one
         query tile, one attention chunk) has its layers' checks made at its end, all at once
         (step_checks.py); a longer one call by call. A step left unfinished is dropped unchecked: its
         results were never released, and the attention state had not moved on."""
-        self._usable()
-        tiles, _ = query_tiles(T, pos, self.config.num_heads, self.tile)
-        small = T <= self.defer_rows and len(tiles) == 1 and len(self.chunks(T, pos)) == 1
-        self.step = StepChecks(self, pos, T) if small and self.state is not None else None
+        self.usable()
+        if T > self.defer_rows or self.state is None:
+            return self.immediate
+        tiles, _ = query_tiles(T, pos, self.config.num_heads, attention.tile)
+        if len(tiles) == 1 and len(attention.chunks(T, pos)) == 1:
+            return StepChecks(self, pos, T)
+        return self.immediate
 
-    # -- verified calls ------------------------------------------------------------------------
+    def session_state(self) -> AttentionState:
+        if self.state is None:
+            raise TsqpError("verified mode: open a session before the per-layer calls")
+        return self.state
 
-    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        self._usable()
-        rows = super().embedding(ids)
-        with self.stats.tee("verify"):
-            keys = self.keys
+    # -- the checks ----------------------------------------------------------------------------
+
+    def check_linear(
+        self, op: str, layer: int | None, y: torch.Tensor, xw: torch.Tensor, x_norm: torch.Tensor, key: LinearKey
+    ) -> None:
+        """y (T, out) against xw = x w (T, K); x_norm (T, 1). The tolerance's factors are Python numbers: a
+        decode step's check is a handful of tensor operations (each costs microseconds)."""
+        rounding, accumulation = linear_gains(UNIT_ROUNDOFF[self.wire], U32, key.w.shape[0], y.shape[1])
+        accumulation *= key.omega
+        if self.bounded_norms:  # ||y|| <= ||x|| ||W||_F + ||b||: the tolerance is affine in ||x||
+            bound = x_norm * (rounding * key.frobenius + accumulation) + rounding * key.bias_norm
+        else:
+            bound = _row_norm(y).mul_(rounding).add_(x_norm, alpha=accumulation)
+        self.check(op, layer, times(y, key.s), xw + key.bias_s if key.bias_norm else xw, bound)
+
+    def check(
+        self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
+    ) -> None:
+        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (`freivalds.compare`: NaN and infinity fail too).
+        count: this is a whole result (not one tile of it) for `checks`."""
+        self.checks[op.split(" ")[0]] += count
+        self.comparisons += lhs.numel()
+        try:
+            worst = compare(lhs, rhs, bound, f"{op} of layer {layer}" if layer is not None else op)
+        except IntegrityError as exc:
+            self.failure = str(exc)
+            raise
+        self.margin[op] = max(self.margin.get(op, 0.0), worst)
+
+
+class Immediate(StepCheck):
+    """Every result checked as it comes (a prefill, or a call outside a step)."""
+
+    def __init__(self, verifier: Verifier):
+        self.verifier = verifier
+
+    def embedding(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            keys = v.keys
             lhs = times(rows, keys.embed_s)
-            scale = 2 * U32 * math.sqrt(self.config.hidden_size) * S_MAX  # the TEE's own float32 sums
-            self._check("embedding", None, lhs, keys.embed_e[ids], scale * _row_norm(rows))
-        return rows
+            scale = 2 * U32 * math.sqrt(v.config.hidden_size) * S_MAX  # the TEE's own float32 sums
+            v.check("embedding", None, lhs, keys.embed_e[ids], scale * _row_norm(rows))
 
-    def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._usable()
-        sent = h.to(self.wire)
-        q, k = super().qkv(layer, pos, sent)
-        with self.stats.tee("verify"):
-            c, keys, state = self.config, self.keys.layers[layer], self._session_state()
-            x = sent.float()
-            if pos > state.c_filled[layer]:
-                raise TsqpError(f"verified mode: qkv of layer {layer} at position {pos} skips cached positions")
-            if self._deferred(pos, x.shape[0]):
-                self.step.qkv(layer, x, q, k)
-                return q, k
+    def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            c, keys, state = v.config, v.keys.layers[layer], v.session_state()
+            state.expect_qkv_at(layer, pos)
+            x = x.float()
             x_norm = _row_norm(x)
             proj = times(x, keys.qkv_proj)  # (T, 2K + heads K)
-            self._check_linear("qkv (q)", layer, q, proj[:, :VECTORS], x_norm, keys.q)
-            self._check_linear("qkv (k)", layer, k, proj[:, VECTORS : 2 * VECTORS], x_norm, keys.k)
+            v.check_linear("qkv (q)", layer, q, proj[:, :VECTORS], x_norm, keys.q)
+            v.check_linear("qkv (k)", layer, k, proj[:, VECTORS : 2 * VECTORS], x_norm, keys.k)
             T = x.shape[0]
             cache = state.c[layer][:, :, pos : pos + T]  # (heads, K + 1, T)
             cache[:, :VECTORS] = (proj[:, 2 * VECTORS :].view(T, c.num_heads, VECTORS) + keys.beta).permute(1, 2, 0)
             cache[:, VECTORS] = x_norm.view(1, T) * keys.v_gain[:, None] + keys.v_bias_norm[:, None]
             state.c_filled[layer] = pos + T
-        return q, k
 
-    def submit_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> Request:
-        self._usable()
-        return super().submit_scores(layer, pos, q, k)
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
+        return AttentionCheck(self.verifier, layer, pos, q, k, tile)
 
-    def chunk_check(self, scores: Request, T: int) -> ChunkCheck:
-        self._usable()
-        if self.step is not None:
-            with self.stats.tee("verify"):
-                return self.step.attention(scores, T)
-        return AttentionCheck(self, scores, T)
-
-    def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._usable()
-        sent = h.to(self.wire)
-        gate, up = super().gate_up(layer, sent)
-        with self.stats.tee("verify"):
-            keys, x = self.keys.layers[layer], sent.float()
-            if self._deferred(None, x.shape[0]):
-                self.step.gate_up(layer, x, gate, up)
-                return gate, up
+    def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            keys, x = v.keys.layers[layer], x.float()
             proj, x_norm = times(x, keys.mlp_proj), _row_norm(x)
-            self._check_linear("gate_up (gate)", layer, gate, proj[:, :VECTORS], x_norm, keys.gate)
-            self._check_linear("gate_up (up)", layer, up, proj[:, VECTORS:], x_norm, keys.up)
-        return gate, up
+            v.check_linear("gate_up (gate)", layer, gate, proj[:, :VECTORS], x_norm, keys.gate)
+            v.check_linear("gate_up (up)", layer, up, proj[:, VECTORS:], x_norm, keys.up)
 
-    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        self._usable()
-        sent = a.to(self.wire)
-        y = super().down(layer, sent)
-        with self.stats.tee("verify"):
-            keys, x = self.keys.layers[layer], sent.float()
-            if self._deferred(None, x.shape[0]):
-                self.step.down(layer, x, y)
-                return y
-            self._check_linear("down", layer, y, times(x, keys.down.w), _row_norm(x), keys.down)
-        return y
+    def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            keys, x = v.keys.layers[layer], x.float()
+            v.check_linear("down", layer, y, times(x, keys.down.w), _row_norm(x), keys.down)
 
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        self._usable()
-        if self.step is not None:  # the layers are done: their checks pass before anything else is asked
-            step, self.step = self.step, None
-            with self.stats.tee("verify"):
-                step.settle()
-        sent = x.to(self.wire)
-        y = super().lm_head(sent)
-        with self.stats.tee("verify"):
-            head, x = self.keys.head, sent.float()
-            self._check_linear("lm_head", None, y, times(x, head.w), _row_norm(x), head)
-        return y
-
-    # -- the checks ----------------------------------------------------------------------------
-
-    @property
-    def bounded_norms(self) -> bool:
-        """Bound result row norms from the TEE's side instead of measuring them (a pass over each result).
-
-        The row norm scales the output-rounding term of a tolerance. In float32 that term is of the order
-        of the accumulation term, so a looser bound costs little precision: ||Y|| <= ||X|| ||W||_F + ||b||,
-        ||S_row|| <= ||q|| ||K|| / sqrt(hd) (Cauchy-Schwarz). In bfloat16 and float16 it dominates: measured.
-        """
-        return self.wire == torch.float32
-
-    def _check_linear(
-        self, op: str, layer: int | None, y: torch.Tensor, xw: torch.Tensor, x_norm: torch.Tensor, key: LinearKey
-    ) -> None:
-        """y (T, out) against xw = x w (T, K); x_norm (T, 1). The tolerance's factors are Python numbers: a
-        decode step's check is a handful of tensor operations (each costs microseconds, 112 calls a token)."""
-        out_dim, in_dim = y.shape[1], key.w.shape[0]
-        rounding = (UNIT_ROUNDOFF[self.wire] + U32 * math.sqrt(out_dim)) * S_MAX  # times ||y||
-        accumulation = U32 * (math.sqrt(in_dim) + math.sqrt(out_dim)) * key.omega  # times ||x||
-        if self.bounded_norms:  # ||y|| <= ||x|| ||W||_F + ||b||: the tolerance is affine in ||x||
-            bound = x_norm * (rounding * key.frobenius + accumulation) + rounding * key.bias_norm
-        else:
-            bound = _row_norm(y).mul_(rounding).add_(x_norm, alpha=accumulation)
-        self._check(op, layer, times(y, key.s), xw + key.bias_s if key.bias_norm else xw, bound)
-
-    def _check(
-        self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
-    ) -> None:
-        """Fails unless |lhs - rhs| <= LAMBDA * bound everywhere (NaN and infinity fail too).
-        count: this is a whole result (not one tile of it) for `checks`.
-
-        One ratio carries all three conditions: a zero tolerance is raised to TINY (an exact zero still
-        passes), NaN anywhere stays NaN through the maximum, and adding 0 * tolerance turns an infinite
-        tolerance into NaN (IEEE: 0 * inf is NaN), which no finite deviation could otherwise exceed."""
-        tolerance = bound * LAMBDA
-        ratio = (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
-        worst = float(ratio.max())
-        self.checks[op.split(" ")[0]] += count
-        self.comparisons += lhs.numel()
-        if worst <= 1.0:
-            self.margin[op] = max(self.margin.get(op, 0.0), worst)
-            return
-        deviation = (lhs - rhs).abs()
-        bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
-        index = tuple(int(i) for i in bad.nonzero()[0])
-        where = f"{op} of layer {layer}" if layer is not None else op
-        self.failure = (
-            f"integrity check failed: the server's {where} result is wrong (Freivalds check at index "
-            f"{list(index)}: off by {float(deviation[index]):.3g}, tolerance "
-            f"{float(tolerance.expand_as(deviation)[index]):.3g}); stop using this server"
-        )
-        raise IntegrityError(self.failure)
-
-    def _deferred(self, pos: int | None, T: int) -> bool:
-        """Whether this call's checks wait for the end of the open step (pos None: a call without one)."""
-        if self.step is None:
-            return False
-        if T != self.step.T or (pos is not None and pos != self.step.pos):
-            raise TsqpError(f"verified mode: a call of {T} tokens inside the step of {self.step.T} at {self.step.pos}")
-        return True
-
-    def _usable(self) -> None:
-        if self.failure is not None:
-            raise IntegrityError(f"an earlier {self.failure}")
-        if self.keys_dtype != self.wire:  # first call after init(): the server's dtype is known now
-            start = time.perf_counter()
-            self.keys = build_keys(self.checkpoint, self.wire, self.generator)
-            self.stacked = stack_keys(self.keys)
-            self.keys_dtype = self.wire
-            self.setup_s = time.perf_counter() - start
-
-    def _session_state(self) -> AttentionState:
-        if self.state is None:
-            raise TsqpError("verified mode: open a session before the per-layer calls")
-        return self.state
+    def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            head, x = v.keys.head, x.float()
+            v.check_linear("lm_head", None, y, times(x, head.w), _row_norm(x), head)
 
 
 def _row_norm(x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +270,7 @@ def _row_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class AttentionCheck(ChunkCheck):
-    """One attention chunk's checks, fed tile by tile (`remote.RemoteOps.attend`).
+    """One attention chunk's checks, fed tile by tile (`server_attention.ServerAttention.attend`).
 
     scores: S r over each tile's keys must equal q (K^T r) / sqrt(hd), where K^T r and sum ||k_j||^2
     are the totals of earlier calls plus this chunk's keys up to the tile's last row; that side is
@@ -334,10 +278,10 @@ class AttentionCheck(ChunkCheck):
     the probabilities as sent; compared with y s_o when the server's result comes.
     """
 
-    def __init__(self, ops: VerifiedOps, scores: Request, T: int):
-        self.ops, self.layer, self.pos = ops, scores.layer, scores.pos
-        c, state, layer, pos = ops.config, ops._session_state(), scores.layer, scores.pos
-        with ops.stats.tee("verify"):
+    def __init__(self, verifier: Verifier, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int):
+        self.verifier, self.layer, self.pos = verifier, layer, pos
+        c, state, T = verifier.config, verifier.session_state(), q.shape[0]
+        with verifier.stats.tee("verify"):
             if pos != 0 and pos != state.k_filled[layer]:
                 raise TsqpError(
                     f"verified mode: scores of layer {layer} at position {pos} must append to the "
@@ -347,9 +291,9 @@ class AttentionCheck(ChunkCheck):
                 raise TsqpError(
                     f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first"
                 )
-            q, k = (t.float() for t in scores.sent)  # (T, heads, hd), (T, kv, hd) as sent
+            q, k = q.float(), k.float()  # (T, heads, hd), (T, kv, hd) as sent
             heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-            tiles, _ = query_tiles(T, pos, heads, ops.tile)
+            tiles, _ = query_tiles(T, pos, heads, tile)
             kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
             r, flat = state.r[pos : pos + T].T, k.reshape(T, kv * hd)  # (K, T), (T, kv hd)
             if len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
@@ -378,45 +322,41 @@ class AttentionCheck(ChunkCheck):
         self.T = T
 
     def scores(self, tile: Tile, block: torch.Tensor) -> None:
-        ops, rows = self.ops, slice(tile.row, tile.row + tile.rows)
-        with ops.stats.tee("verify"):
-            heads, r = block.shape[0], ops._session_state().r
+        v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
+        with v.stats.tee("verify"):
+            heads, r = block.shape[0], v.session_state().r
             # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
             lhs = (block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]).view(heads, tile.rows, VECTORS)
             qk_norm = self.qk_norm[:, rows]
-            row_norm = qk_norm if ops.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
-            keys = math.sqrt(tile.keys)  # the tile's reduction length: its rounding terms, as Python numbers
-            row_gain = (2 * UNIT_ROUNDOFF[ops.wire] + U32 * keys) * S_MAX  # times the row norm of S
-            floor = U32 * (math.sqrt(ops.config.head_dim) + 2 * keys) * S_MAX  # times ||q|| ||K|| / sqrt(hd)
-            tolerance = row_norm * (row_gain + floor) if ops.bounded_norms else row_norm * row_gain + qk_norm * floor
-            ops._check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
+            row_norm = qk_norm if v.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
+            row_gain, floor = score_gains(UNIT_ROUNDOFF[v.wire], tile.keys, v.config.head_dim)
+            tolerance = row_norm * (row_gain + floor) if v.bounded_norms else row_norm * row_gain + qk_norm * floor
+            v.check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
 
     def scores_done(self) -> None:
-        ops, state = self.ops, self.ops._session_state()
-        ops.checks["scores"] += 1
+        v, state = self.verifier, self.verifier.session_state()
+        v.checks["scores"] += 1
         state.kr[self.layer], state.k_sq[self.layer] = self.kr_total, self.k_sq_total
         state.k_filled[self.layer] = self.pos + self.T
 
     def probs(self, tile: Tile, block: torch.Tensor) -> None:
-        ops, rows = self.ops, slice(tile.row, tile.row + tile.rows)
-        with ops.stats.tee("verify"):
-            c, o = ops.config, ops.keys.layers[self.layer].o
-            cache = ops._session_state().c[self.layer]  # (heads, K + 1, capacity)
+        v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
+        with v.stats.tee("verify"):
+            c, o = v.config, v.keys.layers[self.layer].o
+            cache = v.session_state().c[self.layer]  # (heads, K + 1, capacity)
             weighted = torch.bmm(block, cache[:, :, : tile.keys].transpose(1, 2))  # (heads, rows, K + 1)
             self.out_rhs[rows] = weighted[:, :, :VECTORS].sum(0)
-            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries
-            # the o_proj omega bounds: V and P @ V rounded (the server keeps its value path in float32,
-            # engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj, P @ V, c and o_proj. Heads
-            # round independently: root of the sum of squares over heads.
-            sums = 2 * math.sqrt(tile.keys) + 2 * math.sqrt(c.hidden_size * c.head_dim) + math.sqrt(c.q_dim)
-            gain = o.omega * (2 * U32 + U32 * sums)
+            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries the
+            # o_proj omega bounds. Heads round independently: root of the sum of squares over heads.
+            gain = o.omega * value_gain(c, tile.keys)
             self.o_norm[rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
             self.magnitude[rows] = gain * self.o_norm[rows]
 
     def attn_out(self, y: torch.Tensor) -> None:
-        ops = self.ops
-        with ops.stats.tee("verify"):
-            o, hidden = ops.keys.layers[self.layer].o, ops.config.hidden_size
-            y_norm = self.o_norm * o.frobenius + o.bias_norm if ops.bounded_norms else _row_norm(y)
-            tolerance = (UNIT_ROUNDOFF[ops.wire] + U32 * math.sqrt(hidden)) * S_MAX * y_norm + self.magnitude
-            ops._check("attn_out", self.layer, times(y, o.s), self.out_rhs + o.bias_s, tolerance)
+        v = self.verifier
+        with v.stats.tee("verify"):
+            o, hidden = v.keys.layers[self.layer].o, v.config.hidden_size
+            y_norm = self.o_norm * o.frobenius + o.bias_norm if v.bounded_norms else _row_norm(y)
+            rounding, _ = linear_gains(UNIT_ROUNDOFF[v.wire], U32, hidden, hidden)
+            tolerance = rounding * y_norm + self.magnitude
+            v.check("attn_out", self.layer, times(y, o.s), self.out_rhs + o.bias_s, tolerance)

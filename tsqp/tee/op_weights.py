@@ -1,9 +1,10 @@
-"""The model's linear ops as private mode names them, and their weights streamed from the TEE's checkpoint.
+"""The op table (the model's linears as private mode names them) and their weights streamed from the TEE's
+checkpoint.
 
 `Op` is one linear of a forward pass: qkv (q, k and v fused), o_proj, gate_up, down (each with its layer)
 and lm_head. `weight_rows` reads an op's fused weight from the checkpoint a chunk at a time, rounded to
 the server's dtype as the server holds it; the pads (pad_pool.py), the float64 Freivalds keys and the
-calibration (linear.py) are all computed from it without a whole float64 copy of any weight.
+calibration are all computed from it without a whole float64 copy of any weight.
 """
 
 from __future__ import annotations
@@ -77,27 +78,37 @@ def load_weight(
 CHUNK_BYTES = 64 << 20  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
 
 
+def stream_rows(
+    weight: torch.Tensor, wire: torch.dtype, dtype: torch.dtype, buffer: torch.Tensor | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, rows in dtype) over one weight (out, in) as stored, CHUNK_BYTES at a time, each chunk rounded
+    to the server's dtype (as it holds the weight) and converted into one buffer that every chunk reuses
+    (a fresh copy of every chunk costs more than the products made with it: the pages are new each time).
+    The chunk is the caller's to overwrite until the next one. buffer: one to reuse, as wide as the weight."""
+    step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
+    if buffer is None or buffer.shape[1] != weight.shape[1]:
+        buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
+    step = min(step, buffer.shape[0])
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step]
+        chunk = buffer[: rows.shape[0]]
+        chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
+        yield start, chunk
+
+
 def weight_rows(
     checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype, bias: bool = True
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(first output row, W rows in dtype, their bias or None) over an op's fused weight, CHUNK_BYTES at a time.
-
-    Each weight is read once as stored; its rows are rounded to the server's dtype and converted into one
-    buffer that every chunk reuses (allocating a fresh float64 copy of every weight cost more than the
-    products here: the pages are new each time)."""
+    """(first output row, W rows in dtype, their bias or None) over an op's fused weight (`stream_rows` per part)."""
     buffer, row = None, 0
     for weight_name, bias_name in weight_names(checkpoint, op):
         weight = checkpoint.tensor(weight_name)
         b = checkpoint.tensor(bias_name).to(wire).to(dtype) if bias and bias_name is not None else None
-        step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
         if buffer is None:
+            step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
             buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
-        step = min(step, buffer.shape[0])
-        for start in range(0, weight.shape[0], step):
-            rows = weight[start : start + step]
-            chunk = buffer[: rows.shape[0]]
-            chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
-            yield row + start, chunk, None if b is None else b[start : start + rows.shape[0]]
+        for start, chunk in stream_rows(weight, wire, dtype, buffer):
+            yield row + start, chunk, None if b is None else b[start : start + chunk.shape[0]]
         row += weight.shape[0]
         del weight
 

@@ -1,0 +1,85 @@
+"""What the plain split's ops tell a checker, and the checker that checks nothing.
+
+`remote.RemoteOps` and `server_attention.ServerAttention` are handed a checker and call it at fixed
+points; the checker decides what to do with each result:
+
+    Unchecked               nothing (measurements only)
+    verify.Verifier         Freivalds' test on every result: per step it hands out a `StepCheck`,
+                            verify.Immediate (call by call, a prefill) or step_checks.StepChecks (a decode
+                            step's layers gathered and checked at once at its end, before the logits)
+
+A step's hooks get what was sent (x as the server received it, in the wire dtype) and the float32 copies
+of what came back. Attention is checked chunk by chunk, tile by tile while each tile is in cache: the hook
+`attention` hands out a `ChunkCheck` for one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tsqp.wire.protocol import Tile
+
+
+class ChunkCheck:
+    """Checks one attention chunk tile by tile; this one checks nothing."""
+
+    def scores(self, tile: Tile, block: torch.Tensor) -> None:
+        """block (heads, rows, keys): a tile of scores as the server sent it, before it is used."""
+
+    def probs(self, tile: Tile, block: torch.Tensor) -> None:
+        """block (heads, rows, keys): the tile's probabilities exactly as sent to the server."""
+
+    def scores_done(self) -> None:
+        """Every tile of the chunk's scores passed."""
+
+    def attn_out(self, y: torch.Tensor) -> None:
+        """y (T, hidden): the server's o_proj(P V) for the chunk."""
+
+
+class StepCheck:
+    """One forward step's hooks, in forward order; this one checks nothing."""
+
+    def embedding(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """ids (T,), rows (T, hidden)."""
+
+    def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """x (T, hidden) as sent; q (T, q_dim), k (T, kv_dim)."""
+
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
+        """A chunk's scores were asked for q (T, heads, hd), k (T, kv, hd) as sent, in tiles of `tile` rows."""
+        return NO_CHUNK_CHECK
+
+    def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None: ...
+
+    def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+    def layers_done(self) -> None:
+        """Every layer's result came; lm_head is asked next (nothing derived may leave before it passes)."""
+
+    def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+NO_CHUNK_CHECK = ChunkCheck()
+NO_STEP_CHECK = StepCheck()
+
+
+class Unchecked:
+    """The checker of an unverified split: every hook is a no-op."""
+
+    setup_s = 0.0  # computing keys: none
+    failure = None  # what failed (a checker raises at every later call once it is set)
+    immediate = NO_STEP_CHECK  # the hooks of calls outside a step
+
+    def init(self, wire: torch.dtype) -> None:
+        """The server's dtype is known."""
+
+    def usable(self) -> None:
+        """Raises if an earlier check failed (before anything more is sent)."""
+
+    def open_session(self, capacity: int) -> None: ...
+
+    def close_session(self) -> None: ...
+
+    def begin_step(self, pos: int, T: int, attention) -> StepCheck:
+        """The hooks of a step's calls up to lm_head. attention: the step's ServerAttention (its chunks)."""
+        return NO_STEP_CHECK

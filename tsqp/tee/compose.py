@@ -1,0 +1,85 @@
+"""The one place where the run's modes become compositions of ops (`ops.Ops`) for a `TeeModel`.
+
+    plain, verified     RemoteOps(Calls(link, Verifier), ServerAttention)
+    plain, unverified   RemoteOps(Calls(link, Unchecked), ServerAttention)
+    private             PrivateOps: Masked(Checked(Remote)) linears (Masked(Remote) unverified), TeeAttention,
+                        pads from the pool or from a helper (PrivateOptions.helper)
+
+`attach` meets the server (TeeModel.attach: the fingerprint) and then, in private mode, runs the
+calibration here (`calibrate`): a TeeModel over `LinearOps` whose linear is `Recording(Local)`, in the
+TEE alone, whose largest inputs set the pad scales that open the masked seam.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tsqp.errors import TsqpError
+from tsqp.model.checkpoint import Checkpoint
+from tsqp.stats import Stats
+from tsqp.tee.checks import Unchecked
+from tsqp.tee.forward import TeeModel
+from tsqp.tee.linear import Local, Recording
+from tsqp.tee.ops import Call, Link, Ops
+from tsqp.tee.private import LinearOps, PrivateOps, PrivateOptions, calibration_ids
+from tsqp.tee.remote import Calls, RemoteOps, link_of
+from tsqp.tee.server_attention import ServerAttention
+from tsqp.tee.verify import Verifier
+
+ATTENTION = ("server", "tee")  # where attention runs: ServerAttention, TeeAttention
+
+
+def build_ops(
+    checkpoint: Checkpoint,
+    call: Link | Call,
+    stats: Stats,
+    verify: bool = True,
+    pipeline: str = "auto",
+    private: PrivateOptions | None = None,
+    attention: str | None = None,
+) -> Ops:
+    """call: a `transport.Client`, a `remote.InProcess`, or a call function.
+
+    verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
+    the server reports a GPU device): see server_attention.py. private: private mode's options; None: the
+    plain split. attention: server or tee; by default where the mode runs it (the only place it can)."""
+    attention = attention or ("tee" if private is not None else "server")
+    if attention not in ATTENTION or (attention == "tee") != (private is not None):
+        raise TsqpError(
+            f"attention on the {attention} side is not served in this mode: the plain protocol keeps v on the "
+            "server (attention there), private mode's masked qkv returns it to the TEE (attention here)"
+        )
+    link = link_of(call)
+    if private is not None:
+        return PrivateOps(link, checkpoint, private, stats, verify=verify)
+    calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
+    return RemoteOps(calls, ServerAttention(calls, pipeline))
+
+
+def tee_model(model: str | Path | Checkpoint, call: Link | Call, stats: Stats | None = None, **modes) -> TeeModel:
+    """A TeeModel over the ops the modes compose (`build_ops`'s keywords), not yet attached."""
+    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    stats = stats or Stats()
+    return TeeModel(checkpoint, build_ops(checkpoint, call, stats, **modes), stats)
+
+
+def attach(tee: TeeModel) -> dict:
+    """TeeModel.attach (the server's fingerprint), then private mode's calibration: nothing is sent before."""
+    info = tee.attach()
+    if isinstance(tee.ops, PrivateOps):
+        calibrate(tee.ops, tee.stats)
+    return info
+
+
+def calibrate(ops: PrivateOps, stats: Stats) -> None:
+    """The pad scales from the largest input of each linear on the calibration text, computed in the TEE
+    alone (its own weights, streamed), installed into ops."""
+    start = time.perf_counter()
+    checkpoint = ops.checkpoint
+    recording = Recording(Local(checkpoint, ops.wire))
+    alone = LinearOps(checkpoint.config, ops.embed, recording, stats)
+    ids = calibration_ids(checkpoint.dir, checkpoint.config)
+    alone.open_session(ids.shape[0])
+    TeeModel(checkpoint, alone, stats).forward(ids)
+    ops.install_scales(recording.largest, time.perf_counter() - start)
