@@ -150,7 +150,6 @@ PENDING_SPLIT = {
     "tsqp/server/engine.py",
     "tsqp/server/loop.py",
     "tsqp/server/parallel.py",
-    "tsqp/tee/verify.py",
     "tsqp/wire/transport.py",
 }
 
