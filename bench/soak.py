@@ -101,7 +101,7 @@ def start_server(folder: Path, endpoint: str) -> subprocess.Popen:
 
 def ping(endpoint: str, wait_s: float = 10.0) -> dict:
     from tsqp.errors import ConnectionLost
-    from tsqp.wire.transport import Client
+    from tsqp.wire.client import Client
 
     deadline = time.monotonic() + wait_s
     while True:

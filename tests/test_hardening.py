@@ -30,8 +30,9 @@ from tsqp.server.engine import EVICT_IDLE_S, Engine
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess, RemoteOps
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack
-from tsqp.wire.transport import Client, bind_server, make_socket
+from tsqp.wire.transport import bind_server, make_socket
 
 START_TIMEOUT_S = 60.0
 ATOL = 1e-4
@@ -217,7 +218,7 @@ def test_message_size_bound(short_dir):
     endpoint = f"ipc://{short_dir}/f.sock"
     with FakeServer(endpoint, [answer(tensors=[torch.zeros(4096)])]):
         with Client(endpoint) as client:
-            assert client.sock.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE_BYTES
+            assert client.link.sock.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE_BYTES
         dealer = make_socket(zmq.Context.instance(), zmq.DEALER, max_message_bytes=1024)
         monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         dealer.connect(endpoint)

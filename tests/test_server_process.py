@@ -19,8 +19,8 @@ from conftest import assert_one_line_error, free_port, kill_process, reference_l
 from tsqp.errors import ConnectionLost, TsqpError
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import PROTOCOL_VERSION, pack, unpack
-from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 REPLY_TIMEOUT_MS = 10_000

@@ -20,7 +20,7 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.sampling import SamplingOptions
-from tsqp.wire.transport import Client
+from tsqp.wire.client import Client
 
 NEW_TOKENS = 24
 UNKNOWN = "unknown or expired session"

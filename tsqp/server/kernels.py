@@ -32,10 +32,11 @@ on the CPU, and only after a self-test on first use gives the same product as to
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
+
+from tsqp import env
 
 _ONEDNN: bool | None = None  # decided on first use
 ONEDNN_MIN_WEIGHTS = 1 << 20  # elements of a weight below which MKL's smaller per-call cost wins
@@ -49,7 +50,7 @@ _PACKED: dict[int, torch.Tensor | None] = {}  # id(weight) -> its packed copy, o
 
 def choice() -> str:
     """`TSQP_CPU_LINEAR`: auto, onednn or mkl (read on every product: tests and benchmarks switch it)."""
-    return os.environ.get("TSQP_CPU_LINEAR", "auto")
+    return env.read("TSQP_CPU_LINEAR")
 
 
 def onednn_usable() -> bool:

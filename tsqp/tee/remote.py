@@ -25,8 +25,8 @@ import torch
 from tsqp.errors import ServerError, TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.stats import Stats
+from tsqp.wire.placement import Draft
 from tsqp.wire.protocol import DEFAULT_QUERY_TILE, DTYPES, FLOAT_DTYPES, Message, Tile, expect, query_tiles
-from tsqp.wire.transport import Draft
 
 Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
 Softmax = Callable[[torch.Tensor], torch.Tensor]  # a tile's scores (heads, rows, keys) -> probs, in place

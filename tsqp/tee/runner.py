@@ -15,8 +15,9 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PAD_BITS, PrivateOptions
 from tsqp.tuning import keep_freed_memory
+from tsqp.wire.client import CONNECT_TIMEOUT_S, Client
 from tsqp.wire.curve import client_keys
-from tsqp.wire.transport import CONNECT_TIMEOUT_S, Client, check_endpoint, use_shm
+from tsqp.wire.transport import check_endpoint, use_shm
 
 
 @dataclass

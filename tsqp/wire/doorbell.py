@@ -11,7 +11,7 @@ written to the first bytes of the arena, which both processes map, while the oth
     offset 256   request header (msgpack, as protocol.pack makes it), SLOT_BYTES at most
     256 + SLOT   reply header
 
-Each side spins only for a short while (SPIN_S) after its last message; a side that does not spin says
+Each side polls only for a short while after its last message; a side that does not spin says
 so in its flag, and the other then uses ZeroMQ instead. The doorbell carries one request at a time
 and only headers: tensors lie in the arena anyway (a request with ZeroMQ frames goes by ZeroMQ).
 The flags are single bytes (a store of one byte is never torn); a flag changes after the bytes it
@@ -31,7 +31,7 @@ server polls the doorbells for SERVER_SPIN_S after each reply, yielding its core
 it, so the next request of a decode step, a TEE step later, finds it awake.
 
 The client first naps, as Linux's block layer polls a fast disk ("hybrid polling"): it sleeps on the
-wake word until shortly before the reply is due by that method's last replies, then polls for the spin
+wake word until shortly before the reply is due by that method's last replies (waiting.py), then polls for the spin
 time (`TSQP_DOORBELL_SPIN_MS`, 0 by default), then sleeps until the server's wake. A polling client is
 a runnable process on cores the server and other clients share, so by default it does not poll; a
 reply that comes during the nap wakes it, so a nap too long costs only the wake-up
@@ -45,9 +45,9 @@ import os
 import platform
 import struct
 
+from tsqp import env
+
 SLOT_BYTES = 16 * 1024
-SPIN_S = float(os.environ.get("TSQP_DOORBELL_SPIN_MS", "0")) / 1000  # the client's poll for its reply, then it sleeps
-NAP = os.environ.get("TSQP_DOORBELL_NAP", "1") != "0"  # sleep until a reply is nearly due, then poll
 ZMQ_SPIN_S = 0.02  # the same where the client sleeps on ZeroMQ instead (no futex: inside an enclave)
 SERVER_SPIN_S = 0.02  # how long the server polls after a reply, yielding its core: a TEE step is shorter
 REQUEST_FLAG, REQUEST_LENGTH = 0, 8
@@ -90,7 +90,7 @@ _LIBC = _libc() if platform.system() == "Linux" and supported() else None
 
 def futex_usable() -> bool:
     """Whether the client may sleep on the wake word: Linux on x86-64, outside an enclave."""
-    if _LIBC is None or os.environ.get("TSQP_DOORBELL_FUTEX", "1") == "0":
+    if _LIBC is None or not env.read("TSQP_DOORBELL_FUTEX"):
         return False
     return not os.path.exists("/dev/attestation")  # Gramine's pseudo-files: the futex would be the LibOS's
 
