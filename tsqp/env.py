@@ -57,7 +57,9 @@ VARIABLES = (
         "auto",
         "a CPU server's linear kernels: `auto` (measured per host), `unpacked`, `onednn`, `mkl` (server/kernels.py)",
     ),
-    Variable("TSQP_DOORBELL_SPIN_MS", float, 0.0, "how long a client polls the doorbell for its reply, then sleeps"),
+    Variable(
+        "TSQP_DOORBELL_SPIN_MS", float, 0.0, "milliseconds a client polls the doorbell for its reply before it sleeps"
+    ),
     Variable(
         "TSQP_DOORBELL_NAP", bool, True, "`0`: no nap until a doorbell reply is nearly due (tsqp/wire/doorbell.py)"
     ),
