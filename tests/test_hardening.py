@@ -342,7 +342,8 @@ def test_kill9_of_client_stops_its_private_server(tiny_model):
     """A client killed with -9 takes its private server with it (PR_SET_PDEATHSIG): no orphan holds the GPU."""
     script = textwrap.dedent(f"""
         import sys, time
-        from tsqp.tee.runner import RunOptions, open_model
+        from tsqp.options import RunOptions
+        from tsqp.tee.runner import open_model
         with open_model(RunOptions(model_dir={str(tiny_model)!r}, start_timeout_s=60)) as tee:
             print(tee.ops.link.endpoint, flush=True)
             time.sleep(120)

@@ -15,9 +15,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tsqp.options import RunOptions
 from tsqp.stats import Stats
 from tsqp.tee.generate import Generation, generate
-from tsqp.tee.runner import RunOptions, open_model
+from tsqp.tee.runner import open_model
 
 WARMUP_TOKENS = 16
 
