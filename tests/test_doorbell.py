@@ -112,7 +112,7 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert client.call("ping").header["ok"] is True
         assert client.doorbell is not None
-        # the server polls for SPIN_S after each request: a ping right after another finds it awake
+        # the server polls for SERVER_SPIN_S after each request: a ping right after another finds it awake
         # (on a loaded machine not every time, so a few tries)
         assert rung_within(client, 2000), "no ping went by the doorbell"
         tee = TeeModel(model, client)

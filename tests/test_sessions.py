@@ -1,7 +1,7 @@
 """Server-side sessions over a real server subprocess: several TEE clients at once, isolation between
 them, and the session lifetime (close, idle timeout, memory cap).
 
-Every client is its own `transport.Client` with its own ZeroMQ socket, as separate TEE processes are.
+Every client is its own `client.Client` with its own ZeroMQ socket, as separate TEE processes are.
 """
 
 from __future__ import annotations

@@ -55,29 +55,14 @@ def flag_fields(group: type) -> list[dataclasses.Field]:
 
 def add_options(parser: argparse.ArgumentParser, group: type) -> None:
     """Adds a group's flags to a parser, their defaults read from the environment now."""
-    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    exclusive: dict[str, Any] = {}  # name -> its mutually exclusive group
     for f in flag_fields(group):
-        meta = f.metadata
+        meta, kwargs = f.metadata, _flag_kwargs(f)
         name = meta["flag"] or "--" + f.name.replace("_", "-")
-        kwargs = {"help": meta["help"]}
-        if meta["env_var"] is not None:
-            kwargs["default"] = env.read(meta["env_var"])
-        elif meta["env_default"] is not None:
-            kwargs["default"] = meta["env_default"]()
-        else:
-            kwargs["default"] = f.default
-        if isinstance(f.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
-        elif (parse := meta["parse"] or _number_type(f.default)) is not None:
-            kwargs["type"] = parse
-        if meta["choices"] is not None:
-            kwargs["choices"] = meta["choices"]
-        if meta["metavar"] is not None:
-            kwargs["metavar"] = meta["metavar"]
-        if not name.startswith("-"):  # positional: its name is its dest
-            parser.add_argument(name, **{k: v for k, v in kwargs.items() if k != "default"})
+        if not name.startswith("-"):  # positional: its name is its dest, and it has no default
+            del kwargs["default"]
+            parser.add_argument(name, **kwargs)
             continue
-        kwargs["dest"] = f.name
         target = parser
         if meta["exclusive"] is not None:
             if meta["exclusive"] not in exclusive:
@@ -85,7 +70,26 @@ def add_options(parser: argparse.ArgumentParser, group: type) -> None:
             target = exclusive[meta["exclusive"]]
         elif meta["required"]:
             kwargs["required"] = True
-        target.add_argument(name, **kwargs)
+        target.add_argument(name, dest=f.name, **kwargs)
+
+
+def _flag_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """add_argument's help, default (from the environment where the field names a variable), action or
+    type, choices and metavar for one field."""
+    meta = f.metadata
+    if meta["env_var"] is not None:
+        default = env.read(meta["env_var"])
+    else:
+        default = meta["env_default"]() if meta["env_default"] is not None else f.default
+    kwargs = {"help": meta["help"], "default": default}
+    if isinstance(f.default, bool):  # --flag, or --flag/--no-flag when it is on by default
+        kwargs["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
+    elif (parse := meta["parse"] or _number_type(f.default)) is not None:
+        kwargs["type"] = parse
+    for key in ("choices", "metavar"):
+        if meta[key] is not None:
+            kwargs[key] = meta[key]
+    return kwargs
 
 
 def _number_type(default: Any) -> type | None:

@@ -26,7 +26,7 @@ Sleeping without ZeroMQ. A client whose reply is not there yet sleeps on a futex
 wakes it (one system call; a ZeroMQ reply costs three thread hand-offs). The wait compares the word in
 the kernel, so a wake that comes first is never lost. Inside a Gramine enclave futexes are the LibOS's
 own and a host process cannot wake one: there (`TSQP_DOORBELL_FUTEX=0`, which the manifest sets, or
-/dev/attestation present) the client sleeps on ZeroMQ instead, after polling for ZMQ_SPIN_S. The
+/dev/attestation present) the client sleeps on ZeroMQ instead, after polling a while (waiting.py). The
 server polls the doorbells for SERVER_SPIN_S after each reply, yielding its core to anyone who wants
 it, so the next request of a decode step, a TEE step later, finds it awake.
 
@@ -48,7 +48,6 @@ import struct
 from tsqp import env
 
 SLOT_BYTES = 16 * 1024
-ZMQ_SPIN_S = 0.02  # the same where the client sleeps on ZeroMQ instead (no futex: inside an enclave)
 SERVER_SPIN_S = 0.02  # how long the server polls after a reply, yielding its core: a TEE step is shorter
 REQUEST_FLAG, REQUEST_LENGTH = 0, 8
 SERVER_AWAKE = 64

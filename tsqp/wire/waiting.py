@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from tsqp import env
 from tsqp.errors import ProtocolError
 from tsqp.wire.arena import Arena
-from tsqp.wire.doorbell import ZMQ_SPIN_S, Doorbell, futex_usable
+from tsqp.wire.doorbell import Doorbell, futex_usable
 from tsqp.wire.protocol import Message, unpack
 
+ZMQ_SPIN_S = 0.02  # the client's poll where it sleeps on ZeroMQ, not the wake word (inside an enclave)
 DOORBELL_POLL_MS = 5  # waiting for a doorbell reply: how often the slot is looked at between ZeroMQ polls
 
 Received = tuple[Message, int, float]  # a reply, bytes received in frames, seconds to unpack it
@@ -42,7 +43,7 @@ class DoorbellWait:
     def __init__(self):
         self.futex = futex_usable()  # a rung request's wait sleeps on the arena's wake word
         self.spin_s = env.read("TSQP_DOORBELL_SPIN_MS") / 1000  # polls the slot this long, then sleeps
-        self.zmq_spin_s = ZMQ_SPIN_S  # the same where it sleeps on ZeroMQ instead (no futex)
+        self.zmq_spin_s = ZMQ_SPIN_S  # polls this long where it sleeps on ZeroMQ instead (no futex)
         self.nap = env.read("TSQP_DOORBELL_NAP")  # sleeps until a reply is nearly due, then polls
         self.slice_s = DOORBELL_POLL_MS / 1000  # the longest sleep between looks at the link
         self.reply_due: dict[str, float] = {}  # per method: seconds from a rung request to its reply, lately
@@ -61,7 +62,7 @@ class DoorbellWait:
         return None
 
     def _nap(self, request: InFlight) -> None:
-        """Sleeps on the wake word until SPIN_S / 2 before the reply is due by this method's last replies.
+        """Sleeps on the wake word until spin_s / 2 before the reply is due by this method's last replies.
         A reply that comes sooner wakes it; it lasts no longer than a slice, so a dead server is noticed."""
         due = self.reply_due.get(request.method)
         if due is None:
