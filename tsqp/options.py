@@ -19,8 +19,9 @@ from typing import Any
 
 from tsqp import env
 from tsqp.model.sources import model_names
+from tsqp.tee.launcher import DEFAULT_START_TIMEOUT_S
 from tsqp.tee.private import PAD_BITS
-from tsqp.wire.client import CONNECT_TIMEOUT_S
+from tsqp.wire.client import CONNECT_TIMEOUT_S, REPLY_TIMEOUT_S
 from tsqp.wire.protocol import FLOAT_DTYPES
 from tsqp.wire.transport import endpoint_from_env
 
@@ -164,7 +165,12 @@ class RunOptions:
         "$LLAMA_GPU_PORT); without one a private server is started",
         env_default=endpoint_from_env,
     )
-    timeout_s: float = option("seconds to wait for one reply (default 600)", 600.0, flag="--timeout", metavar="TIMEOUT")
+    timeout_s: float = option(
+        f"seconds to wait for one reply (default {REPLY_TIMEOUT_S:g})",
+        REPLY_TIMEOUT_S,
+        flag="--timeout",
+        metavar="TIMEOUT",
+    )
     connect_timeout_s: float = option(
         "seconds to wait for the server (--connect, --helper) to take the connection at all "
         f"(default {CONNECT_TIMEOUT_S:g})",
@@ -173,8 +179,8 @@ class RunOptions:
         metavar="SECONDS",
     )
     start_timeout_s: float = option(
-        "seconds to wait for a private server to load its weights (default 600)",
-        600.0,
+        f"seconds to wait for a private server to load its weights (default {DEFAULT_START_TIMEOUT_S:g})",
+        DEFAULT_START_TIMEOUT_S,
         flag="--start-timeout",
         metavar="START_TIMEOUT",
     )

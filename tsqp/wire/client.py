@@ -33,6 +33,7 @@ from tsqp.wire.placement import Draft, Placement
 from tsqp.wire.protocol import Message, nbytes_of, pack, unpack
 from tsqp.wire.waiting import DoorbellWait, InFlight, Received
 
+REPLY_TIMEOUT_S = 600.0  # how long a call waits for its reply from a server that took the connection
 CONNECT_TIMEOUT_S = 10.0  # a call made before any server completed the handshake waits this long for one
 MAX_ERROR_CHARS = 300  # of a server's error text shown to the user
 
@@ -48,7 +49,7 @@ class Client:
         endpoint: str,
         *,
         context: zmq.Context | None = None,
-        timeout_s: float = 600.0,
+        timeout_s: float = REPLY_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         stats: Stats | None = None,
         alive: Callable[[], str | None] | None = None,

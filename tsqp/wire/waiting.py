@@ -26,6 +26,8 @@ Received = tuple[Message, int, float]  # a reply, bytes received in frames, seco
 
 @dataclass
 class InFlight:
+    """A request sent and not yet answered: what its wait (which doorbell flag) and the statistics need."""
+
     method: str
     start: float  # perf_counter when submit began
     serialize_s: float
