@@ -1,16 +1,18 @@
-"""`tsqp` command line: flags with environment-variable defaults, parsed here and nowhere else.
+"""`tsqp` command line: each subcommand's flags are the fields of its option groups (tsqp/options.py),
+with environment-variable defaults (tsqp/env.py) read when the parser is built.
 
 tsqp serve    --model DIR [--device cpu|cuda:N] [--dtype ...] [--listen ENDPOINT]
 tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
 tsqp generate [--model DIR | --preset NAME] (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-new-tokens N]
               [--temperature T] [--top-k K] [--top-p P] [--seed S] [--connect ENDPOINT] [--json]
 tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--json FILE]
+tsqp diagnose [--model DIR | --preset NAME] [--sizes 8,32,128] [--rounds N]   (transport, latency, bandwidth)
 tsqp api      --model M [--host H] [--port P] [--api-key KEY] [--tls] [--private]   (OpenAI-compatible HTTP API)
 tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
 tsqp preset   NAME            (writes or fetches the preset checkpoint and prints its folder)
+tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
 
 --model takes a Hugging Face folder, a GGUF file or a preset name everywhere (--preset NAME: the same).
-tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
 """
 
 from __future__ import annotations
