@@ -67,8 +67,9 @@ def worker(args: argparse.Namespace) -> None:
     from tsqp.errors import TsqpError
     from tsqp.model.config import LlamaConfig
     from tsqp.model.sources import resolve_model
+    from tsqp.options import RunOptions
     from tsqp.tee.generate import generate
-    from tsqp.tee.runner import RunOptions, open_model
+    from tsqp.tee.runner import open_model
 
     folder = resolve_model(args.model)
     options = RunOptions(model_dir=folder, connect=args.endpoint, timeout_s=30, connect_timeout_s=5)
@@ -101,7 +102,7 @@ def start_server(folder: Path, endpoint: str) -> subprocess.Popen:
 
 def ping(endpoint: str, wait_s: float = 10.0) -> dict:
     from tsqp.errors import ConnectionLost
-    from tsqp.wire.transport import Client
+    from tsqp.wire.client import Client
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -193,7 +194,8 @@ def main() -> int:
             checked += 1
     after = {}
     if not crashed:
-        from tsqp.tee.runner import RunOptions, open_model
+        from tsqp.options import RunOptions
+        from tsqp.tee.runner import open_model
 
         with open_model(RunOptions(model_dir=folder, connect=endpoint)) as tee:  # a new client sweeps dead arenas
             tee.ops.open_session(1)

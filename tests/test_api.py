@@ -365,9 +365,9 @@ def test_plain_http_on_a_public_host_is_refused():
 
 
 def test_insecure_http_and_operator_certificates_pass_the_check(tmp_path):
-    from tsqp.api.serve import ApiOptions, check_options
+    from tsqp.api.serve import check_options
     from tsqp.errors import TsqpError
-    from tsqp.tee.runner import RunOptions
+    from tsqp.options import ApiOptions, RunOptions
 
     run = RunOptions(model_dir=tmp_path)
     check_options(ApiOptions(run=run, name="m", host="0.0.0.0", insecure_http=True))

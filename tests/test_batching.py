@@ -17,8 +17,8 @@ from tsqp.tee.compose import tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import Message
-from tsqp.wire.transport import Client
 
 LAST_BITS = 1e-5  # row-batched GEMMs may block differently from one-row ones: last-bit differences only
 

@@ -20,8 +20,9 @@ import zmq
 from conftest import assert_one_line_error, free_port, run_tsqp
 
 from tsqp.errors import ConnectionLost
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import pack
-from tsqp.wire.transport import Client, make_socket
+from tsqp.wire.transport import make_socket
 
 CONNECT_TIMEOUT = "2"
 BOUND_S = 30  # wall clock of one failing command, interpreter start and imports included

@@ -26,8 +26,8 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.server.engine import Engine
 from tsqp.server.loop import Server
 from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.client import Client
 from tsqp.wire.curve import CurveKeys, client_keys, generate, server_keys
-from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 REFUSAL_S = 3.0  # a refused client must hear so well before any reply deadline

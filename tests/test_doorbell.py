@@ -23,14 +23,15 @@ import pytest
 import torch
 from conftest import reference_logits, run_tsqp, token_ids, wait_for
 
-import tsqp.wire.transport
 from tsqp.errors import ProtocolError
 from tsqp.tee.compose import tee_model
 from tsqp.tee.launcher import ServerProcess
 from tsqp.wire import doorbell
 from tsqp.wire.arena import SHM_DIR
+from tsqp.wire.client import Client
 from tsqp.wire.doorbell import CONTROL_BYTES, REPLY_LENGTH, REQUEST_LENGTH, SLOT_BYTES, Doorbell
-from tsqp.wire.transport import Client, private_endpoint
+from tsqp.wire.transport import private_endpoint
+from tsqp.wire.waiting import DoorbellWait
 
 pytestmark = pytest.mark.skipif(
     not (SHM_DIR.is_dir() and doorbell.supported()), reason="needs /dev/shm and an x86-64 processor"
@@ -111,7 +112,7 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         assert client.call("ping").header["ok"] is True
         assert client.doorbell is not None
-        # the server polls for SPIN_S after each request: a ping right after another finds it awake
+        # the server polls for SERVER_SPIN_S after each request: a ping right after another finds it awake
         # (on a loaded machine not every time, so a few tries)
         assert rung_within(client, 2000), "no ping went by the doorbell"
         tee = tee_model(model, client)
@@ -121,44 +122,46 @@ def test_calls_go_by_the_doorbell_and_give_the_same_logits(checkpoints, model, s
     torch.testing.assert_close(logits, reference_logits(checkpoints.reference("doorbell-gqa"), ids), atol=1e-4, rtol=0)
 
 
-def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server, monkeypatch):
-    monkeypatch.setattr(tsqp.wire.transport, "ZMQ_SPIN_S", 0.0)  # gives up polling at once: the server must notice
+def test_a_client_that_stopped_polling_gets_its_reply_by_zeromq(server):
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
-        client.futex = False  # as in an enclave: it sleeps on ZeroMQ, not on the wake word
+        client.waiter.zmq_spin_s = 0.0  # gives up polling at once: the server must notice
+        client.waiter.futex = False  # as in an enclave: it sleeps on ZeroMQ, not on the wake word
         assert rung_within(client, 2000)
         for _ in range(100):
             assert client.call("ping").header["ok"] is True
-        assert client.doorbell_requests > client.doorbell_replies, "no rung request was answered by ZeroMQ"
+        assert client.doorbell_requests > client.waiter.replies, "no rung request was answered by ZeroMQ"
 
 
 @pytest.mark.skipif(not doorbell.futex_usable(), reason="needs Linux futexes outside an enclave")
 def test_a_client_asleep_on_the_wake_word_gets_its_reply_in_the_slot(server, monkeypatch):
-    monkeypatch.setattr(tsqp.wire.transport, "SPIN_S", 0.0)  # sleeps at once: only the server's wake ends it
+    monkeypatch.setenv("TSQP_DOORBELL_SPIN_MS", "0")  # sleeps at once: only the server's wake ends it
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        assert client.waiter.spin_s == 0.0, "read when the client is made"
         assert rung_within(client, 2000)
-        replies, start = client.doorbell_replies, client.doorbell_requests
+        replies, start = client.waiter.replies, client.doorbell_requests
         for _ in range(100):
             assert client.call("ping").header["ok"] is True
         rung = client.doorbell_requests - start
-        assert rung > 0 and client.doorbell_replies - replies == rung, "a rung request was answered by ZeroMQ"
+        assert rung > 0 and client.waiter.replies - replies == rung, "a rung request was answered by ZeroMQ"
 
 
 @pytest.mark.skipif(not doorbell.futex_usable(), reason="needs Linux futexes outside an enclave")
 def test_a_client_napping_until_its_reply_is_due_is_woken_by_an_early_reply(server, monkeypatch):
-    monkeypatch.setattr(tsqp.wire.transport, "NAP", True)
-    monkeypatch.setattr(tsqp.wire.transport, "DOORBELL_POLL_MS", 5000)  # naps and sleeps of 5 s unless woken
+    monkeypatch.setenv("TSQP_DOORBELL_NAP", "1")
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
+        assert client.waiter.nap, "read when the client is made"
+        client.waiter.slice_s = 5.0  # naps and sleeps of 5 s unless woken
         assert rung_within(client, 2000)
-        assert 0 < client.reply_due["ping"] < 1.0, "the client learns when a ping's reply is due"
+        assert 0 < client.waiter.reply_due["ping"] < 1.0, "the client learns when a ping's reply is due"
         rung, slow = client.doorbell_requests, 0
         for _ in range(20):
-            client.reply_due["ping"] = 5.0  # as if pings took 5 s: it naps (a slice at a time) unless woken
+            client.waiter.reply_due["ping"] = 5.0  # as if pings took 5 s: it naps (a slice at a time) unless woken
             started = time.perf_counter()
             assert client.call("ping").header["ok"] is True
             slow += time.perf_counter() - started > 2.5
         assert client.doorbell_requests > rung, "no ping went by the doorbell"
         assert slow == 0, "a nap outlasted its reply: the server's wake did not end it"
-        assert client.reply_due["ping"] < 5.0
+        assert client.waiter.reply_due["ping"] < 5.0
 
 
 def test_a_nap_lasts_at_most_a_sleepers_slice(block):
@@ -166,10 +169,11 @@ def test_a_nap_lasts_at_most_a_sleepers_slice(block):
     if not bell.word:
         pytest.skip("no futex here")
     flag = bell.ring(b"nobody answers")
-    client = types.SimpleNamespace(reply_due={"qkv": 60.0})  # a prefill's qkv took a minute
-    request = types.SimpleNamespace(method="qkv", sent_at=time.perf_counter())
+    waiter = DoorbellWait()
+    waiter.reply_due["qkv"] = 60.0  # a prefill's qkv took a minute
+    request = types.SimpleNamespace(method="qkv", sent_at=time.perf_counter(), bell=bell, flag=flag)
     started = time.perf_counter()
-    Client._nap(client, request, bell, flag)
+    waiter._nap(request)
     assert time.perf_counter() - started < 1.0, "the nap outlasted a sleeper's slice: a dead server is noticed late"
 
 
@@ -288,4 +292,4 @@ def test_a_discarded_request_answered_in_the_slot_is_dropped_at_the_next_submit(
         client.discard(request_id)
         assert request_id in client.in_flight, "its reply is in the slot: nothing by ZeroMQ will free it"
         assert client.call("ping").header["ok"] is True
-        assert client.in_flight == {} and client.regions.live == {}
+        assert client.in_flight == {} and client.placement.regions.live == {}

@@ -32,6 +32,7 @@ from tsqp.server.loop import Server
 from tsqp.tee.compose import tee_model
 from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import ALIGN, Arena, shm_available
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import (
     DTYPES,
     MAX_NDIM,
@@ -42,7 +43,7 @@ from tsqp.wire.protocol import (
     query_tiles,
     unpack,
 )
-from tsqp.wire.transport import Client, make_socket
+from tsqp.wire.transport import make_socket
 
 ARENA_BYTES = 1 << 20
 MAX_SERVE_S = 2.0  # one hostile message may not keep the server busy longer than this

@@ -32,8 +32,9 @@ from tsqp.stats import Stats
 from tsqp.tee.compose import build_ops, tee_model
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, pack
-from tsqp.wire.transport import Client, bind_server, make_socket
+from tsqp.wire.transport import bind_server, make_socket
 
 START_TIMEOUT_S = 60.0
 ATOL = 1e-4
@@ -219,7 +220,7 @@ def test_message_size_bound(short_dir):
     endpoint = f"ipc://{short_dir}/f.sock"
     with FakeServer(endpoint, [answer(tensors=[torch.zeros(4096)])]):
         with Client(endpoint) as client:
-            assert client.sock.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE_BYTES
+            assert client.link.sock.getsockopt(zmq.MAXMSGSIZE) == MAX_MESSAGE_BYTES
         dealer = make_socket(zmq.Context.instance(), zmq.DEALER, max_message_bytes=1024)
         monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         dealer.connect(endpoint)
@@ -343,7 +344,8 @@ def test_kill9_of_client_stops_its_private_server(tiny_model):
     """A client killed with -9 takes its private server with it (PR_SET_PDEATHSIG): no orphan holds the GPU."""
     script = textwrap.dedent(f"""
         import sys, time
-        from tsqp.tee.runner import RunOptions, open_model
+        from tsqp.options import RunOptions
+        from tsqp.tee.runner import open_model
         with open_model(RunOptions(model_dir={str(tiny_model)!r}, start_timeout_s=60)) as tee:
             print(tee.ops.link.endpoint, flush=True)
             time.sleep(120)

@@ -62,9 +62,9 @@ def test_imports_respect_the_boundary(folder):
 
 
 def test_every_module_lives_in_a_side():
-    """Top level keeps only the command line and what every side shares."""
+    """Top level keeps only the command line (cli, its options) and what every side shares (env: the variables)."""
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__", "__main__", "cli", "errors", "stats", "tuning"]
+    assert top == ["__init__", "__main__", "cli", "env", "errors", "options", "stats", "tuning"]
 
 
 def test_tee_entry_points_load_no_server_or_transformers():
@@ -144,13 +144,9 @@ MAX_FUNCTION_LINES = 80
 # for a function (methods and nested functions by their dotted name). Emptied as the splits land; an entry
 # that no longer offends fails the test below, so the list cannot outlive its reason.
 PENDING_SPLIT = {
-    "tsqp/cli.py",
-    "tsqp/cli.py:build_parser",
-    "tsqp/cli.py:build_parser.client_flags",
     "tsqp/server/engine.py",
     "tsqp/server/loop.py",
     "tsqp/server/parallel.py",
-    "tsqp/wire/transport.py",
 }
 
 

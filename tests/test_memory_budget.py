@@ -36,9 +36,9 @@ from tsqp.server.budget import Budget, MemoryBudgetExceeded
 from tsqp.server.engine import Engine
 from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import SHM_DIR, shm_available
+from tsqp.wire.client import Client
 from tsqp.wire.pad_seeds import SEED_BYTES
 from tsqp.wire.protocol import Message, pack, unpack
-from tsqp.wire.transport import Client
 
 BUDGET_MB = 768
 ADDRESS_SPACE_GB = 3  # the server's RLIMIT_AS: a 915 MB VmPeak when idle, room for what the budget admits

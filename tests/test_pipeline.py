@@ -20,8 +20,8 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import ALIGN, Regions
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import Message
-from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 
@@ -233,26 +233,26 @@ def test_replies_waited_out_of_order_each_match_their_request(server, shm):
         payloads = [torch.full(((i + 1) << 20,), float(i)) for i in range(4)]
         ids = [client.submit("echo", {}, [p], reply_bytes=p.nbytes) for p in payloads]
         if shm:
-            spans = sorted(client.regions.live.values())
+            spans = sorted(client.placement.regions.live.values())
             assert len(spans) == 4 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
-            assert client.retired, "the arena grew with requests in flight"
+            assert client.placement.retired, "the arena grew with requests in flight"
         for i in reversed(range(4)):
             reply = client.wait(ids[i])
             torch.testing.assert_close(reply.tensors[0].clone(), payloads[i], atol=0, rtol=0)
-        assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
+        assert client.in_flight == {} and client.replies == {} and client.placement.regions.live == {}
 
 
 def test_a_discarded_request_keeps_its_region_until_its_reply(server):
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         first = torch.ones(4096)
         dropped = client.submit("echo", {}, [first], reply_bytes=first.nbytes)
-        assert dropped in client.regions.live
+        assert dropped in client.placement.regions.live
         client.discard(dropped)
-        assert dropped in client.regions.live, "the server may still write there"
+        assert dropped in client.placement.regions.live, "the server may still write there"
         second = torch.full((4096,), 2.0)
         reply = client.call("echo", {}, [second], reply_bytes=second.nbytes)
         torch.testing.assert_close(reply.tensors[0].clone(), second, atol=0, rtol=0)
-        assert client.regions.live == {} and client.in_flight == {}
+        assert client.placement.regions.live == {} and client.in_flight == {}
 
 
 @pytest.mark.parametrize("shm", [True, False])
@@ -270,7 +270,7 @@ def test_a_draft_is_filled_in_place_and_sent(server, shm):
         draft.tensors[0].copy_(torch.arange(4096.0))
         reply = client.wait(client.submit("echo", {}, draft=draft))
         torch.testing.assert_close(reply.tensors[0].clone(), torch.arange(4096.0), atol=0, rtol=0)
-        assert client.drafts == set() and client.regions.live == {}
+        assert client.placement.drafts == set() and client.placement.regions.live == {}
         with pytest.raises(ValueError, match="submitted or dropped already"):
             client.submit("echo", {}, draft=draft)
 
@@ -282,23 +282,23 @@ def test_a_draft_outlives_the_arena_growing_under_it(server):
         draft = client.draft([(torch.float32, (1024,))], reply_bytes=4096)
         big = torch.full((8 << 20,), 3.0)  # 32 MB: more than the arena holds
         waited = client.submit("echo", {}, [big], reply_bytes=big.nbytes)
-        assert client.retired, "the arena grew"
+        assert client.placement.retired, "the arena grew"
         client.wait(waited)
         client.call("ping")  # nothing in flight: only the draft keeps the old mapping
-        assert client.retired
+        assert client.placement.retired
         draft.tensors[0].copy_(torch.arange(1024.0))  # through the retired mapping, still mapped
         reply = client.wait(client.submit("echo", {}, draft=draft))
         torch.testing.assert_close(reply.tensors[0].clone(), torch.arange(1024.0), atol=0, rtol=0)
         client.call("ping")
-        assert client.retired == [] and client.regions.live == {}
+        assert client.placement.retired == [] and client.placement.regions.live == {}
 
 
 def test_a_dropped_draft_frees_its_region(server):
     with Client(server.endpoint, shm=True, timeout_s=30) as client:
         draft = client.draft([(torch.float32, (1024,))])
-        assert draft.id in client.regions.live
+        assert draft.id in client.placement.regions.live
         client.drop(draft)
-        assert client.regions.live == {} and client.drafts == set()
+        assert client.placement.regions.live == {} and client.placement.drafts == set()
         client.drop(draft)  # twice is harmless
 
 
@@ -311,7 +311,7 @@ def test_a_draft_that_cannot_attach_its_arena_leaves_no_region(server):
         client.call = gone  # the arena's attach_arena round trip fails
         with pytest.raises(ConnectionLost, match="went away"):
             client.draft([(torch.float32, (16,))])
-        assert client.regions.live == {} and client.drafts == set()
+        assert client.placement.regions.live == {} and client.placement.drafts == set()
 
 
 @pytest.mark.parametrize("shm", [True, False])
@@ -322,7 +322,7 @@ def test_pipelined_through_a_server_equals_transformers(model, reference, server
         tee = pipelined(tee_model(model, client, stats), True, tile=8)
         tee.attach()
         logits = prefill(tee, ids, [70, 20])
-        assert client.in_flight == {} and client.regions.live == {}
+        assert client.in_flight == {} and client.placement.regions.live == {}
     torch.testing.assert_close(logits, reference_logits(reference, ids), atol=ATOL, rtol=0)
     layers = tee.config.num_layers
     assert stats.rpc_calls > 5 * layers * 2 + 2  # more than two round trips of attention per layer and step
@@ -348,9 +348,9 @@ def test_a_pipeline_failing_halfway_leaves_the_client_usable(model, server, shm)
         with pytest.raises(RuntimeError, match="the TEE failed"):
             tee.forward(token_ids(64, seed=3))
         assert any(r.discarded for r in client.in_flight.values()), "requests were in flight"
-        assert client.drafts == set()  # the failed chunk's attn_out inputs were given up, never sent
+        assert client.placement.drafts == set()  # the failed chunk's attn_out inputs were given up, never sent
         tee.ops.close_session()  # waits behind the discarded ones, whose replies are drained meanwhile
-        assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
+        assert client.in_flight == {} and client.replies == {} and client.placement.regions.live == {}
         tee.softmax_ = softmax
         ids = token_ids(50, seed=12)
         tee.ops.open_session(50)
@@ -378,7 +378,7 @@ def test_a_failing_draft_leaves_no_request_behind(model, server):
             tee.forward(token_ids(64, seed=4))
         client.draft = draft
         tee.ops.close_session()
-        assert client.in_flight == {} and client.replies == {} and client.regions.live == {}
+        assert client.in_flight == {} and client.replies == {} and client.placement.regions.live == {}
         ids = token_ids(40, seed=13)
         tee.ops.open_session(40)
         logits = tee.forward(ids)

@@ -21,8 +21,8 @@ from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import MASKED_DTYPE
-from tsqp.wire.transport import Client
 
 ATOL = 1e-3  # the bound; measured differences are about 1e-5 (float64 products, pads 2^20 larger)
 

@@ -20,8 +20,8 @@ from tsqp.errors import ConnectionLost, TsqpError
 from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import PROTOCOL_VERSION, pack, unpack
-from tsqp.wire.transport import Client
 
 ATOL = 1e-4
 REPLY_TIMEOUT_MS = 10_000

@@ -1,7 +1,7 @@
 """Server-side sessions over a real server subprocess: several TEE clients at once, isolation between
 them, and the session lifetime (close, idle timeout, memory cap).
 
-Every client is its own `transport.Client` with its own ZeroMQ socket, as separate TEE processes are.
+Every client is its own `client.Client` with its own ZeroMQ socket, as separate TEE processes are.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tsqp.tee.compose import tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.sampling import SamplingOptions
-from tsqp.wire.transport import Client
+from tsqp.wire.client import Client
 
 NEW_TOKENS = 24
 UNKNOWN = "unknown or expired session"

@@ -33,7 +33,7 @@ from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
-from tsqp.wire.transport import Client
+from tsqp.wire.client import Client
 
 ATOL = 1e-4
 PRIVATE_ATOL = 1e-3  # test_private's bound: float64 products of pads 2^20 times the input

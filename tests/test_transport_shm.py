@@ -15,8 +15,8 @@ from tsqp.stats import Stats
 from tsqp.tee.compose import tee_model
 from tsqp.tee.launcher import ServerProcess
 from tsqp.wire.arena import SHM_DIR, Arena, sweep_stale
+from tsqp.wire.client import Client
 from tsqp.wire.protocol import query_tiles
-from tsqp.wire.transport import Client
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 

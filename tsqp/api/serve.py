@@ -11,8 +11,6 @@ import ipaddress
 import socket
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
 
 from tsqp.api.app import ApiState, build_app
 from tsqp.api.slots import ModelSlots
@@ -20,23 +18,9 @@ from tsqp.api.tls import TlsFiles, ephemeral
 from tsqp.errors import TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.model.presets import cache_dir
-from tsqp.tee.runner import RunOptions, start_server
+from tsqp.options import ApiOptions
+from tsqp.tee.runner import start_server
 from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
-
-
-@dataclass
-class ApiOptions:
-    run: RunOptions
-    name: str  # the model's name in /v1/models
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    parallel: int = 4  # generations at once (each its own server session)
-    tls: bool = False  # HTTPS with a key made at start in this process
-    tls_cert: Path | None = None  # an operator's own certificate and key
-    tls_key: Path | None = None
-    tls_cert_out: Path | None = None  # where --tls writes its certificate (default: the cache)
-    insecure_http: bool = False  # plain HTTP on a non-loopback host
 
 
 def is_loopback(host: str) -> bool:

@@ -14,9 +14,10 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from tsqp.options import RunOptions
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import Generation, generate
-from tsqp.tee.runner import RunOptions, open_model
+from tsqp.tee.runner import open_model
 from tsqp.tee.sampling import SamplingOptions
 
 

@@ -1,9 +1,9 @@
 """Generated token ids to text pieces for a stream: whole characters only, and stop strings cut out.
 
-Each new token decodes the whole sequence (multi-token characters and word spacing come out right,
-as in `tsqp generate`'s stream); a piece that ends inside a UTF-8 character waits for the next token.
-Text that may still turn into a stop string is held back until it cannot, so a streamed answer is
-the non-streamed one cut into pieces, never text past a stop string.
+Each new token decodes the whole sequence (multi-token characters and word spacing come out right);
+a piece that ends inside a UTF-8 character waits for the next token. Text that may still turn into a
+stop string is held back until it cannot, so a streamed answer is the non-streamed one cut into
+pieces, never text past a stop string. The API's streams and `tsqp generate`'s (no stop strings) use it.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ from rich.table import Table
 
 from tsqp.measure.prompts import token_ids
 from tsqp.measure.reference import time_reference
+from tsqp.options import RunOptions
 from tsqp.stats import Stats
 from tsqp.tee.generate import Generation, generate
-from tsqp.tee.runner import RunOptions, open_model
+from tsqp.tee.runner import open_model
 
 WARMUP_TOKENS = 16
 

@@ -13,7 +13,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from tsqp.tee.runner import RunOptions, open_client
+from tsqp.options import RunOptions
+from tsqp.tee.runner import open_client
 from tsqp.tuning import keep_freed_memory
 
 

@@ -21,7 +21,8 @@ from dataclasses import replace
 from rich.console import Console
 from rich.table import Table
 
-from tsqp.tee.runner import RunOptions, open_model, start_server
+from tsqp.options import RunOptions
+from tsqp.tee.runner import open_model, start_server
 
 START_TIMEOUT_S = 600.0
 

@@ -33,7 +33,7 @@ def time_reference(
 ) -> dict:
     """{"prefill_s": ...} (and decode figures when decode > 0) from a subprocess, the model on `device`."""
     env = dict(os.environ)
-    if os.environ.get("TSQP_USER_OMP_WAIT_POLICY") is None:
+    if env.read("TSQP_USER_OMP_WAIT_POLICY") is None:
         env.pop("OMP_WAIT_POLICY", None)
     command = [
         sys.executable,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tsqp import env
 from tsqp.errors import ModelError
 
 _CHUNK = 1 << 22
@@ -43,7 +44,7 @@ REAL_MODELS: dict[str, WheelModel] = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TSQP_CACHE") or Path.home() / ".cache" / "tsqp")
+    return env.read("TSQP_CACHE")
 
 
 def sha256_file(path: Path, progress: Callable[[int], object] | None = None) -> str:

@@ -9,7 +9,6 @@ generation_config.json. The folder is written once into the cache and reused.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ import torch
 from rich.progress import Progress
 from safetensors.torch import save_file
 
+from tsqp import env
 from tsqp.errors import TsqpError
 
 PRESETS: dict[str, dict] = {
@@ -59,8 +59,7 @@ _WORDS = (
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TSQP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tsqp")
-    return Path(root) / "presets"
+    return env.read("TSQP_CACHE") / "presets"
 
 
 def preset_path(name: str) -> Path:

@@ -1,44 +1,28 @@
 """The server's linear products, x W^T + b: oneDNN on a CPU in float32, torch.matmul (MKL, cuBLAS) elsewhere.
 
-On a CPU, torch.matmul hands float32 products to MKL. On AMD processors MKL runs a generic code path,
-and its few-row products are slow there: on this project's 2-core EPYC (Zen 3) host a 4-row product
-cost 296 to 366 ms a GB of weights against 81 for one row, so 4 rows took 3.6 to 4.5 times as long as 1
-and batching several clients' rows into one product gained nothing. oneDNN (PyTorch's mkldnn, built
-into its x86-64 and arm64 wheels) dispatches on the instruction set, not the vendor: 60 ms a GB for
-one row, 77 to 107 for 4 rows, 100 to 118 for 8 (docs/benchmarks.md, "Linear kernels"). The products
-are the same sums in another order: results differ from MKL's in the last bits (relative 1e-6 at the
-1.1B shape), far inside the Freivalds tolerance.
+On a CPU, torch.matmul hands float32 products to MKL, which runs a generic code path on AMD processors
+where its few-row products are slow, so batching several clients' rows gained nothing. oneDNN
+(PyTorch's mkldnn, in its x86-64 and arm64 wheels) dispatches on the instruction set, not the vendor.
+The products are the same sums in another order: results differ from MKL's in the last bits, far
+inside the Freivalds tolerance.
 
-oneDNN costs 30 to 50 us more per call than MKL, whatever the size (a 64 x 64 weight: 35 against 3 us),
-so weights under ONEDNN_MIN_WEIGHTS elements keep torch.matmul: one row through a 192 x 576 weight took
-54 us by oneDNN and 25 by MKL, 576 x 1536 149 and 116, 256 x 2048 87 and 73; from 1.8 M elements up
-oneDNN wins (3072 x 576: 166 against 284 us, 2048 x 2048: 413 against 1190). For TinyLlama-1.1B that
-leaves v_proj to MKL; for SmolLM2-135M all but gate_up and the LM head.
+oneDNN costs more per call than MKL whatever the size, so weights under ONEDNN_MIN_WEIGHTS elements keep
+torch.matmul. A few rows (2 to WEIGHT_LEFT_ROWS: several clients' decode rows batched) go through MKL the
+other way round, (W x^T)^T: with the weight on the left MKL streams it once for all the rows, where both
+x W^T and oneDNN slow down with every row (float32 and float64; bfloat16 and float16 keep torch.matmul).
 
-A few rows (2 to WEIGHT_LEFT_ROWS: several clients' decode rows batched, batching.py) go through MKL the
-other way round, (W x^T)^T: with the weight on the left MKL streams it once for all the rows, where
-both x W^T and oneDNN slow down with every row. gate_up of the 1.1B shape, float32, 2 threads, ms a GB
-of weights (docs/benchmarks.md, "Weight on the left"): oneDNN 53 / 103 / 118 / 141 for 1 / 2 / 4 / 8
-rows, (W x^T)^T 67 / 82 / 78 / 113, x W^T 68 / 130 / 358 / 435; from 12 rows on oneDNN is ahead again
-(168 against 255). Private mode's float64 products gain the same (x W^T 84 / 122 / 152 for 2 / 4 / 8
-rows, (W x^T)^T 62 / 69 / 112); bfloat16 and float16 keep torch.matmul as it is.
+The large weights (PACKED_MIN_WEIGHTS elements and up) get a second copy in oneDNN's blocked layout the
+first time a product of 2 rows or more needs one (`torch.ops.mkldnn._reorder_linear_weight`), when the
+host has the memory for it (MemAvailable keeps PACK_RESERVE_FRACTION of the total free after the copy):
+oneDNN then reads the weight in the order its kernel consumes it. One row keeps the plain weight, so a
+lone client's decode pays nothing and a server that never batches never makes the copy.
 
-The large weights (PACKED_MIN_WEIGHTS elements and up: gate_up, down and the LM head of the 1.1B shape)
-get a second copy in oneDNN's blocked layout the first time a product of 2 rows or more needs one
-(`torch.ops.mkldnn._reorder_linear_weight`, 36 ms for gate_up), when the host has the memory for it
-(MemAvailable keeps PACK_RESERVE_FRACTION of the total free after the copy): oneDNN then reads the
-weight in the order its kernel consumes it. gate_up, ms a GB, 2 / 4 / 8 / 16 / 128 rows: 58 / 66 / 93 /
-147 / 889 packed against 84 / 86 / 129 with the weight on the left and 203 / 930 unpacked (16, 128);
-down 62 / 71 / 92 against 67 / 63 / 110, the LM head 53 / 65 / 94 against 67 / 72 / 112. One row keeps
-the plain weight (49 against 66 packed): a lone client's decode pays nothing, and a server that never
-batches never makes the copy. For TinyLlama-1.1B the copies take 3.3 GB. The packed product sums in
-another order again: the last bits differ, as with any kernel choice here.
-
-Those are static rules, measured on one host. A CPU server measures instead, at load, which of the four
-kernels (`onednn`, `packed`, `left`, `mkl`) is fastest for each of its weight shapes and row counts
-(kernel_tuning.py) and sets that plan here (`set_plan`): a product takes its plan's first usable kernel
-(`packed` is passed over where its copy could not be made). The static rules remain for weights no plan
-covers (under kernel_tuning.TUNE_MIN_WEIGHTS elements: a test model's) and for float64.
+Those are static rules. A CPU server measures instead, at load, which of the four kernels (`onednn`,
+`packed`, `left`, `mkl`) is fastest for each of its weight shapes and row counts (kernel_tuning.py) and
+sets that plan here (`set_plan`): a product takes its plan's first usable kernel (`packed` is passed over
+where its copy could not be made). The static rules remain for weights no plan covers (under
+kernel_tuning.TUNE_MIN_WEIGHTS elements: a test model's) and for float64. The measurements behind the
+thresholds are in docs/benchmarks.md ("Linear kernels", "Weight on the left").
 
 `TSQP_CPU_LINEAR` picks the kernels, to compare or where one misbehaves: `auto` (the default, as above),
 `unpacked` (as auto, without the packed copies), `onednn` (oneDNN for every float32 product, no weight
@@ -48,10 +32,11 @@ on the CPU, and only after a self-test on first use gives the same product as to
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
+
+from tsqp import env
 
 _ONEDNN: bool | None = None  # decided on first use
 ONEDNN_MIN_WEIGHTS = 1 << 20  # elements of a weight below which MKL's smaller per-call cost wins
@@ -65,7 +50,7 @@ _PACKED: dict[int, torch.Tensor | None] = {}  # id(weight) -> its packed copy, o
 
 def choice() -> str:
     """`TSQP_CPU_LINEAR`: auto, onednn or mkl (read on every product: tests and benchmarks switch it)."""
-    return os.environ.get("TSQP_CPU_LINEAR", "auto")
+    return env.read("TSQP_CPU_LINEAR")
 
 
 def onednn_usable() -> bool:

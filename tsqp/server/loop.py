@@ -29,7 +29,7 @@ from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
 from tsqp.server.kernel_tuning import describe
 from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
-from tsqp.server.rendezvous import HOLD_MS, Rendezvous
+from tsqp.server.rendezvous import Rendezvous, default_hold_s
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
@@ -94,7 +94,7 @@ class Server:
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
         self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
         self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
-        self.rendezvous = Rendezvous(HOLD_MS / 1000 if hold_s is None else hold_s)
+        self.rendezvous = Rendezvous(default_hold_s() if hold_s is None else hold_s)
         self.held: list[Pending] = []  # requests waiting (at most hold_s) for a companion on its way
         engine.budget.count("arenas", lambda: sum(arena.size for arena in self.arenas.values()))
 

@@ -20,11 +20,15 @@ longer recent. Nothing is held on a timer alone: a hold is a prediction from the
 
 from __future__ import annotations
 
-import os
+from tsqp import env
 
-HOLD_MS = float(os.environ.get("TSQP_BATCH_HOLD_MS", "10"))  # `tsqp serve --batch-hold-ms`'s default
 DEPTH = 4  # how many keys ahead a companion may be: the ops of one layer (qkv, o_proj, gate_up, down)
 RECENT_S = 0.05  # a client answered longer ago than this is not counted on
+
+
+def default_hold_s() -> float:
+    """`tsqp serve --batch-hold-ms`'s default ($TSQP_BATCH_HOLD_MS), in seconds."""
+    return env.read("TSQP_BATCH_HOLD_MS") / 1000
 
 
 class Rendezvous:

@@ -39,7 +39,7 @@ def build_ops(
     private: PrivateOptions | None = None,
     attention: str | None = None,
 ) -> Ops:
-    """call: a `transport.Client`, a `remote.InProcess`, or a call function.
+    """call: a `wire.client.Client`, a `remote.InProcess`, or a call function.
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
     the server reports a GPU device): see server_attention.py. private: private mode's options; None: the

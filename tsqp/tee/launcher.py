@@ -14,9 +14,11 @@ from collections import deque
 from pathlib import Path
 from threading import Thread
 
+from tsqp import env
 from tsqp.errors import ConnectionLost, LinkRefused
+from tsqp.wire.client import Client
 from tsqp.wire.curve import client_keys
-from tsqp.wire.transport import Client, ipc_path, private_endpoint
+from tsqp.wire.transport import ipc_path, private_endpoint
 
 DEFAULT_START_TIMEOUT_S = 600.0
 PR_SET_PDEATHSIG = 1
@@ -84,9 +86,10 @@ class ServerProcess:
 
     def _relay_stderr(self) -> None:
         """Shows the server's progress lines to the user and keeps the last ones for error messages."""
+        quiet = env.read("TSQP_QUIET_SERVER")
         for line in self.process.stderr:
             self.stderr_tail.append(line.rstrip())
-            if os.environ.get("TSQP_QUIET_SERVER") is None:
+            if not quiet:
                 sys.stderr.write(line)
 
     def exit_reason(self) -> str | None:

@@ -10,7 +10,7 @@ Its compositions (compose.py builds them from the options):
 `Attention` is where attention runs: `server_attention.ServerAttention` (the server scores and applies
 the values, the TEE runs the softmax between) or `attention.TeeAttention` (the TEE's own KV cache, o_proj
 through the linear seam). The checker handed to `RemoteOps` (none, immediate, or at the end of a decode
-step) is checks.py's. `Link` is what carries requests: a `wire.transport.Client` or `remote.Synchronous`.
+step) is checks.py's. `Link` is what carries requests: a `wire.client.Client` or `remote.Synchronous`.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ LM_HEAD_ROWS = 256  # 256 x 32000 float64 masked logits, pads and result: 66 MB 
 @dataclass
 class PrivateOptions:
     pads_dir: Path  # pool files and the pool key
-    helper: object | None = None  # a link (transport.Client) to a helper server: pads from it, none stored
+    helper: object | None = None  # a link (wire.client.Client) to a helper server: pads from it, none stored
     pad_bits: int = PAD_BITS
     seed: int | None = None  # the Freivalds generator's seed, for tests only
 

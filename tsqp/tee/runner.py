@@ -4,42 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.presets import cache_dir
+from tsqp.options import RunOptions
 from tsqp.stats import Stats
 from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
-from tsqp.tee.private import PAD_BITS, PrivateOptions
+from tsqp.tee.private import PrivateOptions
 from tsqp.tuning import keep_freed_memory
+from tsqp.wire.client import Client
 from tsqp.wire.curve import client_keys
-from tsqp.wire.transport import CONNECT_TIMEOUT_S, Client, check_endpoint, use_shm
-
-
-@dataclass
-class RunOptions:
-    model_dir: Path
-    connect: str | None = None  # None: start a private server subprocess
-    device: str = "cpu"  # for the private server
-    dtype: str = "float32"  # for the private server
-    timeout_s: float = 600.0  # per request
-    connect_timeout_s: float = CONNECT_TIMEOUT_S  # for --connect and --helper to take the connection at all
-    start_timeout_s: float = 600.0
-    transport: str = "auto"  # shm | zmq | auto: shm when the server is on this host
-    arena_name: str | None = None  # a fixed arena file name (Gramine lists it in sgx.allowed_files)
-    curve_keys: Path | None = None  # CurveZMQ key folder (tsqp keys DIR); the private server gets it too
-    verify: bool = True  # Freivalds-check every server result (verify.Verifier)
-    doorbell: bool = True  # lone small requests through the arena's doorbell instead of ZeroMQ (shm only)
-    pipeline: str = "auto"  # on | off | auto: attention chunks overlap TEE and server when the server is a GPU
-    private: bool = False  # private mode (tee/private.py): the server sees only masked activations
-    pads_dir: Path | None = None  # pad pools and their key (default: $TSQP_CACHE/pads)
-    helper: str | None = None  # a helper server computing the pads from their seeds (private mode)
-    helper_curve_keys: Path | None = None  # CurveZMQ keys for the helper link (required over tcp)
-    pad_bits: int = PAD_BITS  # pads 2^pad_bits times each linear's calibrated largest input
+from tsqp.wire.transport import check_endpoint, use_shm
 
 
 @contextmanager
