@@ -112,6 +112,10 @@ class Budget:
         if nbytes >= TRIM_CHECK_BYTES and resident_bytes() + nbytes > self.limit:
             release_freed_memory()  # what earlier requests freed and the heap kept
 
+    def reserve_rows(self, rows: int, width: int, dtype, what: str, x=None) -> None:
+        """A (rows, width) result of `dtype`; and the input x again, which a batch concatenates."""
+        self.reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
+
     def release(self) -> None:
         """The request (or batch) is answered: its working memory is free again."""
         self.reserved = 0

@@ -15,7 +15,7 @@ so weights under ONEDNN_MIN_WEIGHTS elements keep torch.matmul: one row through 
 oneDNN wins (3072 x 576: 166 against 284 us, 2048 x 2048: 413 against 1190). For TinyLlama-1.1B that
 leaves v_proj to MKL; for SmolLM2-135M all but gate_up and the LM head.
 
-A few rows (2 to WEIGHT_LEFT_ROWS: several clients' decode rows batched, batching.py) go through MKL the
+A few rows (2 to WEIGHT_LEFT_ROWS: several clients' decode rows batched, Engine.handle_batch) go through MKL the
 other way round, (W x^T)^T: with the weight on the left MKL streams it once for all the rows, where
 both x W^T and oneDNN slow down with every row. gate_up of the 1.1B shape, float32, 2 threads, ms a GB
 of weights (docs/benchmarks.md, "Weight on the left"): oneDNN 53 / 103 / 118 / 141 for 1 / 2 / 4 / 8

@@ -1,7 +1,7 @@
 """The GPU server: a ROUTER socket loop around `Engine`. Untrusted; it never sees the TEE's secrets.
 
 It serves what is waiting in rounds: requests of different clients for the same op and layer run as
-one product (batching.py), one that another client is a few ops behind may wait for it (rendezvous.py),
+one product (Engine.handle_batch), one that another client is a few ops behind may wait for it (rendezvous.py),
 the rest one at a time in arrival order. Any malformed request gets an error reply and the loop keeps
 serving. SIGINT and SIGTERM end the loop cleanly and remove the ipc socket file.
 
@@ -25,7 +25,6 @@ import zmq
 
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.config import LlamaConfig
-from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
 from tsqp.server.kernel_tuning import describe
 from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
@@ -190,7 +189,7 @@ class Server:
 
     def serve_round(self) -> bool:
         """Serves every waiting request, in arrival order, except that requests of other clients for the
-        same op and layer join the first one's product (batching.py). A request joins only when it is the
+        same op and layer join the first one's product (Engine.handle_batch). A request joins only when it is the
         next of its client's, so each client's requests still run in its own order. A batchable request
         whose companions are on their way (hold) waits for them, at most hold_s. False: none ran."""
         pending = self.held + self.collect()
@@ -201,7 +200,7 @@ class Server:
             if p.request is None:
                 p.arena, p.request = self.arenas.get(p.peer), self.parse(p)
         requests = [p.request for p in pending]
-        keys = [batch_key(self.engine, r) for r in requests]
+        keys = [self.engine.batch_key(r) for r in requests]
         done = [False] * len(pending)
         queued: dict[bytes, tuple | None] = {}  # per client: its first request's key (None: held, or runs alone)
         for p, key in zip(pending, keys, strict=True):
@@ -300,7 +299,7 @@ class Server:
             items.append((item.peer, request, slot))
             slots.append(slot)
             where.append(j)
-        for j, slot, outcome in zip(where, slots, handle_batch(self.engine, items) if items else [], strict=True):
+        for j, slot, outcome in zip(where, slots, self.engine.handle_batch(items) if items else [], strict=True):
             request_id = requests[j].header["id"]
             if isinstance(outcome, Exception):
                 replies[j] = self.error(request_id, outcome)

@@ -50,7 +50,7 @@ from tsqp.errors import TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.wire.protocol import DTYPE_NAMES, DTYPES
 
-STEP_HEADER_BYTES = 4096  # one gloo broadcast per step header: a name, a few scalars, session id, descriptors
+STEP_HEADER_BYTES = 4096  # one gloo broadcast per step header (a name, its calls' args, descriptors); a longer one: two
 HEARTBEAT_S = 1.0
 RANK_TIMEOUT_S = 600.0  # a collective waits this long for a rank that is alive but stuck (a dead one: at once)
 STOP, HEARTBEAT = "stop", "heartbeat"
@@ -212,13 +212,13 @@ class Ranks:
         tensors = [t.contiguous() for t in tensors]
         descriptors = [[DTYPE_NAMES[t.dtype], list(t.shape)] for t in tensors]
         header = msgpack.packb({"step": step, "args": args, "tensors": descriptors}, use_bin_type=True)
-        if len(header) > STEP_HEADER_BYTES - 4:
-            raise ValueError(f"step header of {len(header)} bytes exceeds {STEP_HEADER_BYTES - 4}")
+        packed = torch.frombuffer(bytearray(len(header).to_bytes(4, "little") + header), dtype=torch.uint8)
         buffer = torch.zeros(STEP_HEADER_BYTES, dtype=torch.uint8)
-        buffer[:4] = torch.tensor(list(len(header).to_bytes(4, "little")), dtype=torch.uint8)
-        buffer[4 : 4 + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        buffer[: min(len(packed), STEP_HEADER_BYTES)] = packed[:STEP_HEADER_BYTES]
         with self._collective(step):
             dist.broadcast(buffer, src=0, group=self.control)
+            if len(packed) > STEP_HEADER_BYTES:  # a batch of many clients' calls: the rest of its header
+                dist.broadcast(packed[STEP_HEADER_BYTES:].clone(), src=0, group=self.control)
             for tensor in tensors:
                 dist.broadcast(_bytes(tensor), src=0)
         self.last_sent = time.monotonic()
@@ -230,6 +230,11 @@ class Ranks:
             with self._collective("waiting for the next step"):
                 dist.broadcast(buffer, src=0, group=self.control)
             size = int.from_bytes(buffer[:4].numpy().tobytes(), "little")
+            if 4 + size > STEP_HEADER_BYTES:
+                rest = torch.empty(4 + size - STEP_HEADER_BYTES, dtype=torch.uint8)
+                with self._collective("waiting for the next step"):
+                    dist.broadcast(rest, src=0, group=self.control)
+                buffer = torch.cat([buffer, rest])
             header = msgpack.unpackb(buffer[4 : 4 + size].numpy().tobytes(), raw=False)
             tensors = []
             for name, shape in header["tensors"]:
