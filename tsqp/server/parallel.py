@@ -49,6 +49,7 @@ import torch.distributed as dist
 from tsqp.errors import TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.wire.protocol import DTYPE_NAMES, DTYPES
+from tsqp.wire.serve_command import serve_command
 
 STEP_HEADER_BYTES = 4096  # one gloo broadcast per step header (a name, its calls' args, descriptors); a longer one: two
 HEARTBEAT_S = 1.0
@@ -356,8 +357,8 @@ def rank_device(device: str, local_rank: int) -> str:
 
 def follower_command(model_dir: str, device: str, dtype: str, world: int, private_only: bool) -> list[str]:
     """What rank 0 runs for each other rank on its host: the same `tsqp serve`, without an endpoint."""
-    command = [sys.executable, "-m", "tsqp", "serve", "--model", model_dir, "--device", device, "--dtype", dtype]
-    return command + ["--tensor-parallel", str(world)] + (["--private-only"] if private_only else [])
+    flags = ["--tensor-parallel", str(world)] + (["--private-only"] if private_only else [])
+    return serve_command(model_dir, device, dtype, *flags)
 
 
 def join(world: int, device: str, command: list[str]) -> Ranks:
