@@ -29,7 +29,8 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.server.engine import Engine
-from tsqp.server.parallel import Ranks, shards
+from tsqp.server.parallel import Ranks
+from tsqp.server.sharded import shards
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess

@@ -99,7 +99,7 @@ class Budget:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Room for nbytes more until release(); a MemoryBudgetExceeded that says so when there is none."""
-        if nbytes < SMALL_BYTES:  # 2 us a check, a few times a call on the decode path: not for these
+        if nbytes < SMALL_BYTES:  # the decode path's: a check each would cost more than it bounds
             self.reserved += nbytes
             return
         in_use = self.in_use()

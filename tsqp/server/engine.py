@@ -12,6 +12,11 @@ Requests of several clients for one linear (batch_key) run as one step, their ro
 as vLLM's engine core executes a scheduled batch; a solo request is a batch of one and copies nothing. On a
 tensor-parallel server (parallel.py) rank 0 sends the step with its calls to the other ranks first and each
 runs the same step method; on a single server the share is the whole model and the collectives do nothing.
+
+Here: dispatch, the control calls (sessions, init, ping) and the validation helpers. The data calls are
+mixed in by seam: layer_calls.py (plain mode), masked_weights.py (private mode and its float64 weights),
+seed_calls.py (the seed's generic calls); sessions.py keeps the sessions' books, sharded.py the linears
+over the ranks' shares, budget.py the memory budget.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ from tsqp.server.kernel_plans import PlanStore
 from tsqp.server.kernel_tuning import ranking, tune
 from tsqp.server.layer_calls import LayerCalls
 from tsqp.server.masked_weights import MaskedWeights, PrivateCalls
-from tsqp.server.parallel import RankFailure, Ranks, shards
+from tsqp.server.parallel import RankFailure, Ranks
 from tsqp.server.seed_calls import SeedCalls
 from tsqp.server.sessions import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CACHE_BYTES, Session, Sessions
-from tsqp.server.sharded import Alloc, Linears
+from tsqp.server.sharded import Alloc, Linears, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
 from tsqp.wire.protocol import (
     CONTROL_METHODS,
@@ -68,7 +73,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
     ):
         """private_only: keep only private mode's float64 weights (made layer by layer once loaded, each
         layer's others dropped as its float64 ones exist): plain-mode calls are refused. A private client's
-        own server runs so; it halves the memory of a server that holds both (1.1B: 8.8 GB, not 13.2).
+        own server runs so; it needs about two thirds of the memory of a server that holds both.
 
         ranks: this process's place among the ranks of a tensor-parallel server (parallel.join); by
         default one rank holding the whole model. max_cache_bytes bounds each rank's share of the caches.

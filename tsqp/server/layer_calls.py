@@ -23,8 +23,8 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.server.calls import Call, int_arg, rows, split, stacked
 from tsqp.server.kernels import linear
-from tsqp.server.parallel import assemble_tiles
 from tsqp.server.sessions import Session
+from tsqp.server.sharded import assemble_tiles
 from tsqp.server.weights import VALUE_DTYPE
 from tsqp.tuning import SMALL_STEP_ROWS, one_thread
 from tsqp.wire.protocol import MAX_QUERY_TILE, query_tiles

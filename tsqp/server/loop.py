@@ -256,8 +256,7 @@ class Server:
         """A reply to a rung request goes back on its doorbell while the client polls for it (and it is all
         header); every other reply goes by ZeroMQ. Returns the doorbell whose sleeper the caller must wake
         (Doorbell.wake). A batch's replies all go out before the first wake: a wake lets the woken client
-        preempt the server on a shared core (150 to 180 us a wake with 8 clients on 2 cores), and the
-        clients still to be answered would wait for it."""
+        preempt the server on a shared core, and the clients still to be answered would wait for it."""
         bell = item.bell
         self._served(item.peer)
         if bell is not None and self.doorbells.get(item.peer) is bell and len(reply) == 1 and fits(reply[0]):

@@ -16,7 +16,8 @@ from tsqp.model.config import LlamaConfig
 from tsqp.server.engine import Engine
 from tsqp.server.kernel_tuning import describe
 from tsqp.server.loop import Server
-from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
+from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join
+from tsqp.server.sharded import shards
 from tsqp.tuning import keep_freed_memory
 from tsqp.wire.curve import CurveKeys
 from tsqp.wire.protocol import PROTOCOL_VERSION
