@@ -30,16 +30,20 @@ def stacked(calls: list[Call]) -> torch.Tensor:
     return torch.cat([call.inputs[0] for call in calls])
 
 
-def rows(calls: list[Call]) -> list[int]:
-    """Each call's rows of a stacked product: its first input's."""
-    return [call.inputs[0].shape[0] for call in calls]
+def parts(y: torch.Tensor, calls: list[Call], rows: list[int] | None = None) -> list[torch.Tensor]:
+    """Each call's rows of a stacked product y: `rows` of it each (by default as many as its first input
+    has); one call's are y itself."""
+    if len(calls) == 1:
+        return [y]
+    return list(torch.split(y, rows or [call.inputs[0].shape[0] for call in calls]))
 
 
-def split(y: torch.Tensor | None, rows: list[int]) -> list[list]:
-    """Each call's result list: its rows of y (None on a follower rank, where rank 0 assembles y)."""
-    if y is None or len(rows) == 1:
-        return [[y]] * len(rows)
-    return [[part] for part in torch.split(y, rows)]
+def split(y: torch.Tensor | None, calls: list[Call], rows: list[int] | None = None) -> list[list]:
+    """Each call's result list: its rows of y (`parts`); None for each on a follower rank, where rank 0
+    assembles y."""
+    if y is None or len(calls) == 1:
+        return [[y]] * len(calls)
+    return [[part] for part in parts(y, calls, rows)]
 
 
 def int_arg(args: dict, name: str, low: int, high: int) -> int:

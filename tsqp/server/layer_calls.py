@@ -21,7 +21,7 @@ import math
 import torch
 
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.server.calls import Call, int_arg, rows, split, stacked
+from tsqp.server.calls import Call, int_arg, parts, split, stacked
 from tsqp.server.kernels import linear
 from tsqp.server.sessions import Session
 from tsqp.server.sharded import assemble_tiles
@@ -60,7 +60,7 @@ class LayerCalls:
         return Call("lm_head", {}, (x,))
 
     def step_lm_head(self, calls):
-        return split(self.linears.columns(stacked(calls), self.head, None, "vocab"), rows(calls))
+        return split(self.linears.columns(stacked(calls), self.head, None, "vocab"), calls)
 
     # -- each layer's calls ----------------------------------------------------------------
 
@@ -79,13 +79,11 @@ class LayerCalls:
         c, kv = self.config, len(self.shard.kv_heads)
         x, weights = stacked(calls), self.layers[calls[0].args["layer"]]
         v = linear(x.to(VALUE_DTYPE), weights.v, weights.v_bias)  # (rows of every call, this rank's kv_dim)
-        row = 0
-        for call in calls:  # each session's values cached at its positions
+        for call, values in zip(calls, parts(v, calls), strict=True):  # each session's cached at its positions
             session, layer, pos = self._where(call.args)
-            T = call.inputs[0].shape[0]
-            session.values[layer, :, pos : pos + T] = v[row : row + T].view(T, kv, c.head_dim).transpose(0, 1)
-            row += T
-        return split(self.linears.columns(x, weights.qk, weights.qk_bias, "qk"), rows(calls))
+            T = values.shape[0]
+            session.values[layer, :, pos : pos + T] = values.view(T, kv, c.head_dim).transpose(0, 1)
+        return split(self.linears.columns(x, weights.qk, weights.qk_bias, "qk"), calls)
 
     def op_scores(self, session: Session, args, q, k) -> Call:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
@@ -157,10 +155,10 @@ class LayerCalls:
         )
 
     def step_attn_out(self, calls):
-        weights, rows = self.layers[calls[0].args["layer"]], [call.args["tokens"] for call in calls]
+        weights, tokens = self.layers[calls[0].args["layer"]], [call.args["tokens"] for call in calls]
         attended = [self.attend(call.args, call.inputs[0]) for call in calls]  # per session: P V
         x = attended[0] if len(calls) == 1 else torch.cat(attended)
-        return split(self.linears.rows(x, weights.o, weights.o_bias, self.config.hidden_size), rows)
+        return split(self.linears.rows(x, weights.o, weights.o_bias, self.config.hidden_size), calls, tokens)
 
     def attend(self, args, probs) -> torch.Tensor:
         """probs @ V on this rank's heads -> (T, heads * hd) float32, head-major like q_proj: o_proj's input.
@@ -190,9 +188,7 @@ class LayerCalls:
 
     def step_gate_up(self, calls):
         weights = self.layers[calls[0].args["layer"]]
-        return split(
-            self.linears.columns(stacked(calls), weights.gate_up, weights.gate_up_bias, "gate_up"), rows(calls)
-        )
+        return split(self.linears.columns(stacked(calls), weights.gate_up, weights.gate_up_bias, "gate_up"), calls)
 
     def op_down(self, session: Session, args, x) -> Call:
         layer = int_arg(args, "layer", 0, self.config.num_layers - 1)
@@ -202,4 +198,4 @@ class LayerCalls:
 
     def step_down(self, calls):
         weights = self.layers[calls[0].args["layer"]]
-        return split(self.linears.linear(stacked(calls), weights.down, weights.down_bias, "down"), rows(calls))
+        return split(self.linears.linear(stacked(calls), weights.down, weights.down_bias, "down"), calls)

@@ -14,7 +14,7 @@ import torch
 from tsqp.errors import ProtocolError
 from tsqp.model.config import LlamaConfig
 from tsqp.server.budget import Budget
-from tsqp.server.calls import Call, int_arg, rows, split, stacked
+from tsqp.server.calls import Call, int_arg, split, stacked
 from tsqp.wire.pad_seeds import SEED_BYTES, expand
 from tsqp.wire.protocol import MASKED_DTYPE, MASKED_LINEARS
 
@@ -101,7 +101,7 @@ class PrivateCalls:
     def step_masked_linear(self, calls):
         op, layer = calls[0].args["op"], calls[0].args["layer"]
         weight, bias = self.masked.weight(op, layer)
-        return split(self.linears.linear(stacked(calls), weight, bias, SPLITS[op], MASKED_DTYPE), rows(calls))
+        return split(self.linears.linear(stacked(calls), weight, bias, SPLITS[op], MASKED_DTYPE), calls)
 
     def op_pad(self, args) -> Call:
         """A helper server's call: z W^T (rows, out) float64 for the pad z = pad_seeds.expand(seed, rows, in).
