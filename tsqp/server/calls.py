@@ -18,6 +18,8 @@ from tsqp.errors import ProtocolError
 
 @dataclass
 class Call:
+    """One request's share of a step."""
+
     step: str  # the Engine.step_ method that runs it, on every rank
     args: dict  # resolved by rank 0; msgpack-able: they travel to the other ranks
     inputs: tuple[torch.Tensor, ...] = ()

@@ -59,6 +59,8 @@ Outcome = tuple[dict, list[torch.Tensor]] | Exception  # (reply args, result ten
 
 
 class Engine(LayerCalls, PrivateCalls, SeedCalls):
+    """One server rank's model and sessions, and every call of the protocol (op_ on rank 0, step_ on every rank)."""
+
     def __init__(
         self,
         model_dir: str,

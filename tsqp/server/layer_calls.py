@@ -31,6 +31,8 @@ from tsqp.wire.protocol import MAX_QUERY_TILE, query_tiles
 
 
 class LayerCalls:
+    """Plain mode's calls of the Engine (a mixin: it uses the engine's config, weights, budget and helpers)."""
+
     def op_embedding(self, args, ids) -> Call:
         if ids.dtype != torch.int64 or ids.dim() != 1:
             raise ProtocolError("embedding takes a 1-d int64 tensor of token ids")

@@ -26,6 +26,8 @@ Part = tuple[torch.Tensor, torch.Tensor | None]  # a weight and its bias
 
 
 class MaskedWeights:
+    """This rank's float64 weights of the masked linears, keyed by (op, layer), made once each."""
+
     def __init__(self, config: LlamaConfig, dtype: torch.dtype, model):
         """model: what holds this rank's plain weights (`head`, `layers`: server.weights.Layer), the engine."""
         self.config, self.dtype, self.model = config, dtype, model
@@ -86,6 +88,8 @@ class MaskedWeights:
 
 
 class PrivateCalls:
+    """Private mode's calls of the Engine (a mixin: it uses the engine's `masked` weights, budget and helpers)."""
+
     def op_masked_linear(self, args, x) -> Call:
         """x (T, in) float64, a masked activation x + r -> (x + r) W^T + b (T, out) in float64.
 

@@ -38,6 +38,8 @@ class Pending:
 
 
 class Scheduler:
+    """The clients' queues, and the rounds served from them."""
+
     def __init__(self, hold_s: float | None = None):
         """hold_s: how long a batchable request may wait for a companion on its way (0: never)."""
         self.rendezvous = Rendezvous(HOLD_MS / 1000 if hold_s is None else hold_s)

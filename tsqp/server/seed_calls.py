@@ -21,6 +21,8 @@ MAX_BATCH = 8  # names in one batch_linear
 
 
 class SeedCalls:
+    """The seed's generic calls of the Engine (a mixin: it uses the engine's config, weights and helpers)."""
+
     def op_linear(self, args, x) -> Call:
         return self._seed_linear(args, [args.get("name")], x)
 

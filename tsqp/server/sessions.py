@@ -23,6 +23,8 @@ EVICT_IDLE_S = 30.0  # when the cache is full, sessions idle this long give way 
 
 @dataclass
 class Session:
+    """One client's KV cache on this rank, and rank 0's books about it."""
+
     owner: bytes  # the client connection that opened it; nobody else can use it (rank 0)
     keys: torch.Tensor  # (layers, kv_heads, capacity, head_dim), post-RoPE, as sent by the TEE (this rank's heads)
     values: torch.Tensor  # (layers, kv_heads, capacity, head_dim), never leave the server

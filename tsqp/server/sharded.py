@@ -154,6 +154,8 @@ Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 class Linears:
+    """The products over this rank's shares, and where their results go (`out`)."""
+
     def __init__(self, ranks: Ranks, shards: list[Shard], device: torch.device, dtype: torch.dtype):
         self.ranks, self.shards, self.shard = ranks, shards, shards[ranks.rank]
         self.device, self.dtype = device, dtype
