@@ -139,13 +139,15 @@ class LyingEngine(Engine):
                 self.tampered += 1
         return super().op_scores(session, args, q, k)
 
-    def op_qkv(self, session, args, x):
-        results = super().op_qkv(session, args, x)
+    def step_qkv(self, calls):
+        results = super().step_qkv(calls)  # v is cached here, then tampered with
         plan = self.plan
-        if isinstance(plan, CacheTamper) and plan.kind == "v" and args.get("layer") == TAMPER_LAYER:
-            pos = args["pos"]
-            if not plan.past or pos > 0:
-                values = session.values[TAMPER_LAYER, 0, 0 if plan.past else pos]
-                values += values.abs().max() + 1
-                self.tampered += 1
+        for call in calls:
+            args, session = call.args, self.sessions[call.args["session"]]
+            if isinstance(plan, CacheTamper) and plan.kind == "v" and args["layer"] == TAMPER_LAYER:
+                pos = args["pos"]
+                if not plan.past or pos > 0:
+                    values = session.values[TAMPER_LAYER, 0, 0 if plan.past else pos]
+                    values += values.abs().max() + 1
+                    self.tampered += 1
         return results

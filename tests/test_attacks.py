@@ -133,7 +133,7 @@ def world(checkpoints, tmp_path_factory) -> World:
     private.ops.close()
     fresh.ops.close()
     for op in model_ops(plain.config):  # a sent row's pad s z W^T lies in W's row space, with A = W^T W
-        weight, _ = server.engine._masked_weight(op.name, op.layer)
+        weight, _ = server.engine.masked.weight(op.name, op.layer)
         a = torch.linalg.eigvalsh(weight.T @ weight)
         ratio = float(a.sum() ** 2 / a.square().sum())
         w.sent_dims[weight.shape[0]] = min(ratio, w.sent_dims.get(weight.shape[0], math.inf))

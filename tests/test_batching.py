@@ -1,4 +1,4 @@
-"""Op-level batching across clients (tsqp/server/batching.py): results equal the solo ones, every client's
+"""Op-level batching across clients (Engine.handle_batch): results equal the solo ones, every client's
 requests keep their order, a refused request leaves its companions be, and several clients decoding on
 one real server share products and get exactly the tokens they get alone."""
 
@@ -11,7 +11,6 @@ import torch
 from conftest import token_ids
 from test_equivalence import FEATURES
 
-from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
 from tsqp.tee.generate import generate
@@ -55,13 +54,13 @@ def test_batched_products_equal_solo_ones(checkpoints, feature):
         ids = token_ids(5 + 3 * i, seed=i)
         tee.ops.open_session(ids.shape[0] + 1)  # left open: the batched replay runs in these sessions
         tee.forward(ids)
-    keyed = [[(r, req, out) for req, out in rec.requests if batch_key(engine, req)] for r, rec in enumerate(recorders)]
+    keyed = [[(r, req, out) for req, out in rec.requests if engine.batch_key(req)] for r, rec in enumerate(recorders)]
     assert len({len(k) for k in keyed}) == 1 and len(keyed[0]) == 4 * engine.config.num_layers + 1
     compared = 0
     for step in zip(*keyed, strict=True):  # the same op and layer of each client
-        keys = {batch_key(engine, req) for _, req, _ in step}
+        keys = {engine.batch_key(req) for _, req, _ in step}
         assert len(keys) == 1
-        outcomes = handle_batch(engine, [(recorders[r].peer, req, None) for r, req, _ in step])
+        outcomes = engine.handle_batch([(recorders[r].peer, req, None) for r, req, _ in step])
         for (_, _, solo), outcome in zip(step, outcomes, strict=True):
             assert not isinstance(outcome, Exception), outcome
             args, (batched,) = outcome
@@ -76,7 +75,7 @@ def test_a_refused_request_gets_its_error_and_the_others_their_results(model):
     h = engine.config.hidden_size
     good = [Message({"id": i, "method": "lm_head", "args": {}}, [torch.randn(2, h)]) for i in range(2)]
     bad = Message({"id": 9, "method": "lm_head", "args": {}}, [torch.randn(2, h + 1)])
-    outcomes = handle_batch(engine, [(b"a", good[0], None), (b"b", bad, None), (b"c", good[1], None)])
+    outcomes = engine.handle_batch([(b"a", good[0], None), (b"b", bad, None), (b"c", good[1], None)])
     assert isinstance(outcomes[1], Exception) and "activation" in str(outcomes[1])
     for message, outcome in zip(good, (outcomes[0], outcomes[2]), strict=True):
         expected = message.tensors[0] @ engine.head.t()
@@ -93,7 +92,7 @@ def test_requests_of_a_session_someone_else_owns_are_refused_in_a_batch(model):
     args = {"layer": 0, "pos": 0}
     own = Message({"id": 1, "method": "qkv", "session": tee.ops.session, "args": args}, [x])
     stolen = Message({"id": 2, "method": "qkv", "session": tee.ops.session, "args": args}, [x])
-    outcomes = handle_batch(engine, [(b"owner", own, None), (b"thief", stolen, None)])
+    outcomes = engine.handle_batch([(b"owner", own, None), (b"thief", stolen, None)])
     assert not isinstance(outcomes[0], Exception)
     assert isinstance(outcomes[1], Exception) and "session" in str(outcomes[1])
 

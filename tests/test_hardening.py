@@ -27,7 +27,8 @@ from conftest import free_port, kill_process, reference_logits, split_logits, to
 
 from tsqp.errors import ConnectionLost, ProtocolError, ServerError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.server.engine import EVICT_IDLE_S, Engine
+from tsqp.server.engine import Engine
+from tsqp.server.sessions import EVICT_IDLE_S
 from tsqp.stats import Stats
 from tsqp.tee.compose import build_ops, tee_model
 from tsqp.tee.launcher import ServerProcess
@@ -396,7 +397,7 @@ def test_sessions_of_a_vanished_client_give_way_under_memory_pressure(tiny_model
     engine = Engine(str(tiny_model))
     per_token = 2 * engine.config.num_layers * engine.config.kv_dim * 4
     big = engine.config.max_position_embeddings
-    engine.max_cache_bytes = per_token * big * 3 // 2  # one fits, two do not
+    engine.sessions.max_cache_bytes = per_token * big * 3 // 2  # one fits, two do not
     killed, newcomer = InProcess(engine, peer=b"killed"), InProcess(engine, peer=b"newcomer")
     old = killed("open_session", {"capacity": big}).args["session"]
     with pytest.raises(ServerError, match="memory cap"):  # a recently used session keeps its memory

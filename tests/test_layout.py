@@ -140,15 +140,6 @@ def test_the_circle_finder_names_a_circle():
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
-# Today's offenders, in files being split along their seams (issue 28): "path" for a file, "path:function"
-# for a function (methods and nested functions by their dotted name). Emptied as the splits land; an entry
-# that no longer offends fails the test below, so the list cannot outlive its reason.
-PENDING_SPLIT = {
-    "tsqp/server/engine.py",
-    "tsqp/server/loop.py",
-    "tsqp/server/parallel.py",
-}
-
 
 def function_lengths(tree: ast.AST, prefix: str = ""):
     """(dotted name, lines from `def` to the last line of its body) for every function, nested ones too."""
@@ -177,8 +168,5 @@ def oversized() -> dict[str, int]:
 
 
 def test_files_and_functions_stay_small():
-    found = oversized()
-    offenders = {f"{where} ({lines} lines)" for where, lines in found.items() if where not in PENDING_SPLIT}
+    offenders = {f"{where} ({lines} lines)" for where, lines in oversized().items()}
     assert offenders == set(), f"over {MAX_FILE_LINES} lines a file or {MAX_FUNCTION_LINES} a function"
-    stale = PENDING_SPLIT - set(found)
-    assert stale == set(), "within the limits now: take these out of PENDING_SPLIT"

@@ -121,19 +121,17 @@ def _at(session: bytes) -> dict:
 
 def test_a_batch_is_checked_as_a_whole(long_model):
     """Two clients' lm_head rows, each within the budget alone, do not fit together: one is refused."""
-    from tsqp.server.batching import handle_batch
-
     engine = Engine(str(long_model))
     rows = 5000  # 78 MiB of logits and 1.2 MiB of input each
     engine.budget.limit = engine.budget.base + engine.budget.incoming + 120 * MIB
     items = [
         (bytes([i]), Message({"method": "lm_head", "args": {}}, [torch.randn(rows, HIDDEN)]), None) for i in (1, 2)
     ]
-    outcomes = handle_batch(engine, items)
+    outcomes = engine.handle_batch(items)
     assert isinstance(outcomes[0], tuple) and isinstance(outcomes[1], MemoryBudgetExceeded)
     assert engine.budget.reserved == 0
     engine.budget.limit = engine.budget.base + engine.budget.incoming + 400 * MIB
-    assert all(isinstance(o, tuple) for o in handle_batch(engine, items))
+    assert all(isinstance(o, tuple) for o in engine.handle_batch(items))
 
 
 def test_a_model_over_the_budget_is_refused_at_start(long_model):

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
+from tsqp.server.calls import Call
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
 from tsqp.tee import pad_pool
@@ -322,15 +323,17 @@ class LyingHelper(Engine):
         super().__init__(model_dir)
         self.kind, self.served = kind, 0
 
-    def op_pad(self, args):
+    def step_pad(self, calls):
+        (call,) = calls
+        args = call.args
         self.served += 1
         if self.kind == "honest" or (args["op"], args["layer"]) != ("down", 1):
-            return super().op_pad(args)
+            return super().step_pad(calls)
         if self.kind == "other-seed":
-            return super().op_pad({**args, "seed": new_seed()})
-        [zw] = super().op_pad(args)
+            return super().step_pad([Call("pad", {**args, "seed": new_seed()})])
+        [[zw]] = super().step_pad(calls)
         zw[0, 3] += 1e-6 * float(zw.abs().max())
-        return [zw]
+        return [[zw]]
 
 
 def helper_tee(model, engine, tmp_path) -> TeeModel:

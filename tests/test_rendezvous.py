@@ -12,8 +12,9 @@ from test_batching import decode_at_once
 from test_equivalence import FEATURES
 
 from tsqp.server.engine import Engine
-from tsqp.server.loop import Pending, Server
+from tsqp.server.loop import Server
 from tsqp.server.rendezvous import Rendezvous
+from tsqp.server.scheduler import Pending
 from tsqp.wire.protocol import Message, unpack
 
 LAYER = [("qkv", 0, None), ("attn_out", 0, None), ("gate_up", 0, None), ("down", 0, None)]
@@ -75,19 +76,20 @@ def test_a_held_request_runs_by_hold_s(model, tmp_path):
     server = Server(Engine(str(model)), f"ipc://{tmp_path}/hold.sock", hold_s=0.05)
     try:
         now = time.perf_counter()
-        learned(server.rendezvous, b"a", STEP, now)
-        learned(server.rendezvous, b"b", LAYER[:1], now)
+        learned(server.scheduler.rendezvous, b"a", STEP, now)
+        learned(server.scheduler.rendezvous, b"b", LAYER[:1], now)
         item = Pending(b"a", b"", [])
-        assert server.hold(item, LAYER[1], {b"a": LAYER[1]})  # b is on its way
+        assert server.scheduler.hold(item, LAYER[1], {b"a": LAYER[1]})  # b is on its way
         first = item.held_until
         assert first > now
-        server.rendezvous.answered(b"b", LAYER[0], time.perf_counter())  # b still about: the hold goes on...
-        assert server.hold(item, LAYER[1], {}) and item.held_until == first  # ...from its first hold
+        server.scheduler.rendezvous.answered(b"b", LAYER[0], time.perf_counter())  # b still about: the hold goes on...
+        assert server.scheduler.hold(item, LAYER[1], {}) and item.held_until == first  # ...from its first hold
         time.sleep(max(0.0, first - time.perf_counter()) + 0.001)
-        server.rendezvous.answered(b"b", LAYER[0], time.perf_counter())
-        assert not server.hold(item, LAYER[1], {}), "held past hold_s"
-        server.held = [Pending(b"c", b"", []), item]  # c's request behind a held one of its own: no hold of its own
-        assert server.hold_deadline() == first  # the loop polls until the hold ends, not sleeps
+        server.scheduler.rendezvous.answered(b"b", LAYER[0], time.perf_counter())
+        assert not server.scheduler.hold(item, LAYER[1], {}), "held past hold_s"
+        server.scheduler.add(Pending(b"c", b"", []))  # c's request behind a held one of its own: no hold of its own
+        server.scheduler.add(item)
+        assert server.scheduler.hold_deadline() == first  # the loop polls until the hold ends, not sleeps
     finally:
         server.close()
 
@@ -100,11 +102,12 @@ def test_a_request_whose_arena_was_replaced_meanwhile_is_refused_not_read(model,
         item = Pending(b"a", b"", [])
         item.arena = object()  # the arena it was parsed in; the peer has none now
         request = Message({"id": 7, "method": "ping", "session": None, "args": {}}, [])
-        (reply,) = server.run([item], [request], [0])
+        item.request = request
+        (reply,) = server.run([item])
         answer = unpack(reply)
         assert answer.header["id"] == 7 and not answer.header["ok"] and "replaced" in answer.header["error"]
         item.arena = None  # the same as now: served
-        (reply,) = server.run([item], [request], [0])
+        (reply,) = server.run([item])
         assert unpack(reply).header["ok"]
     finally:
         server.close()

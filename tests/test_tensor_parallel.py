@@ -1,10 +1,11 @@
 """A tensor-parallel server: `tsqp serve --tensor-parallel 2` as real subprocesses on gloo (two CPU ranks).
 
 Logits equal transformers' on GQA (kv heads split), MQA (the one kv head replicated), MHA with tied
-embeddings, and biases with a vocabulary that does not split evenly, every result Freivalds-checked as the
-TEE always does; greedy tokens equal the unsharded server's, with two clients at once; private mode's
-masked products and a helper's pads; a killed rank is one clear client error, and a dead rank 0 ends the
-others. Without processes: the shard math, and that each rank reads only its share of the checkpoint.
+embeddings, and biases with a vocabulary that does not split evenly, every result Freivalds-checked as the TEE
+always does; greedy tokens equal the unsharded server's, with two clients at once, also when their rows share
+one product; private mode's masked products and a helper's pads; a killed rank is one clear client error, and
+a dead rank 0 ends the others. Without processes: the shard math, and that each rank reads only its share of
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, reference_logits, run_tsqp, token_ids, wait_for
+from test_batching import decode_at_once
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import LlamaConfig
 from tsqp.server.engine import Engine
-from tsqp.server.parallel import Ranks, shards
+from tsqp.server.parallel import Ranks
+from tsqp.server.sharded import shards
 from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
@@ -172,6 +175,18 @@ def test_two_clients_at_once(sharded, unsharded_tokens):
     for thread in threads:
         thread.join(timeout=120)
     assert results == unsharded_tokens
+
+
+@pytest.mark.subprocess
+def test_two_clients_share_products_on_a_sharded_server(checkpoints):
+    """Batching and tensor parallelism together: two clients decode at once on a 2-rank server, whose ranks
+    run their requests' rows as one product; each gets the tokens it gets alone on the unsharded engine."""
+    path = model(checkpoints, "gqa")
+    prompts = [token_ids(4 + i, seed=60 + i).tolist() for i in range(2)]
+    alone, together, stats = decode_at_once(path, prompts, [24, 24], extra_args=RANKS)
+    assert together == alone
+    assert stats["batched"] > 0, "no request shared a product"
+    assert sum(int(size) * n for size, n in stats["batch_sizes"].items() if int(size) > 1) == stats["batched"]
 
 
 def test_private_mode_on_a_sharded_server(sharded, tmp_path):

@@ -104,7 +104,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tsqp.server.loop import run_server
+    from tsqp.server.startup import run_server
     from tsqp.wire.curve import server_keys
     from tsqp.wire.transport import default_endpoint
 

@@ -99,7 +99,7 @@ class Budget:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """Room for nbytes more until release(); a MemoryBudgetExceeded that says so when there is none."""
-        if nbytes < SMALL_BYTES:  # 2 us a check, a few times a call on the decode path: not for these
+        if nbytes < SMALL_BYTES:  # the decode path's: a check each would cost more than it bounds
             self.reserved += nbytes
             return
         in_use = self.in_use()
@@ -111,6 +111,10 @@ class Budget:
         self.reserved += nbytes
         if nbytes >= TRIM_CHECK_BYTES and resident_bytes() + nbytes > self.limit:
             release_freed_memory()  # what earlier requests freed and the heap kept
+
+    def reserve_rows(self, rows: int, width: int, dtype, what: str, x=None) -> None:
+        """A (rows, width) result of `dtype`; and the input x again, which a batch concatenates."""
+        self.reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
 
     def release(self) -> None:
         """The request (or batch) is answered: its working memory is free again."""

@@ -1,9 +1,11 @@
-"""The GPU server: a ROUTER socket loop around `Engine`. Untrusted; it never sees the TEE's secrets.
+"""The GPU server's socket loop: a ROUTER socket and the clients' doorbells around `Engine`. Untrusted; it
+never sees the TEE's secrets.
 
-It serves what is waiting in rounds: requests of different clients for the same op and layer run as
-one product (batching.py), one that another client is a few ops behind may wait for it (rendezvous.py),
-the rest one at a time in arrival order. Any malformed request gets an error reply and the loop keeps
-serving. SIGINT and SIGTERM end the loop cleanly and remove the ipc socket file.
+It takes what is waiting (socket and doorbells), parses it once, and serves it in rounds that the scheduler
+orders (scheduler.py: per-client queues, several clients' requests for one op and layer as one product,
+holds for a companion on its way); replies go back by socket or doorbell, results straight into the
+client's arena. Any malformed request gets an error reply and the loop keeps serving. SIGINT and SIGTERM
+end the loop cleanly and remove the ipc socket file. Start-up (loading, `run_server`) is startup.py.
 
 On a tensor-parallel server this loop runs on rank 0 only (the others follow it: parallel.py). A rank
 lost is the one fault it does not survive: for FAILURE_LINGER_S every request, the one in flight and
@@ -14,23 +16,16 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import msgpack
 import torch
 import zmq
 
 from tsqp.errors import ProtocolError, TsqpError
-from tsqp.model.config import LlamaConfig
-from tsqp.server.batching import batch_key, handle_batch
 from tsqp.server.engine import Engine
-from tsqp.server.kernel_tuning import describe
-from tsqp.server.parallel import HEARTBEAT, RankFailure, Ranks, follow, follower_command, join, shards
-from tsqp.server.rendezvous import Rendezvous, default_hold_s
-from tsqp.tuning import keep_freed_memory
+from tsqp.server.parallel import RankFailure
+from tsqp.server.scheduler import Pending, Scheduler
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
 from tsqp.wire.doorbell import CONTROL_BYTES, SERVER_SPIN_S, Doorbell, fits
@@ -38,7 +33,6 @@ from tsqp.wire.doorbell import supported as doorbell_supported
 from tsqp.wire.protocol import (
     MAX_HEADER_BYTES,
     MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
     Message,
     pack,
     parse_header,
@@ -52,20 +46,6 @@ DOORBELL_POLL_MS = 5  # with doorbells: how often they are looked at while the s
 FAILURE_LINGER_S = 2.0  # after a rank is lost: its clients' next requests get the reason, not a closed socket
 
 
-@dataclass
-class Pending:
-    """A request waiting to be served: who sent it, its header bytes and frames, the doorbell it was rung on."""
-
-    peer: bytes
-    raw: bytes
-    body: list
-    bell: Doorbell | None = None
-    flag: int = 0
-    request: object = None  # parsed once (a held request is looked at again in later rounds)
-    arena: Arena | None = None  # the peer's arena when it was parsed: its tensors may view it
-    held_until: float = 0.0  # perf_counter until which it may wait for a companion (0: not held yet)
-
-
 class Server:
     def __init__(
         self,
@@ -76,7 +56,7 @@ class Server:
         hold_s: float | None = None,
     ):
         """curve: server keys (tsqp.wire.curve.server_keys): only clients in the allow-list connect, encrypted.
-        hold_s: how long a batchable request may wait for a companion on its way (rendezvous.py; 0: never)."""
+        hold_s: how long a batchable request may wait for a companion on its way (scheduler.py; 0: never)."""
         self.engine = engine
         self.endpoint = endpoint
         self.context = context or zmq.Context.instance()
@@ -94,8 +74,7 @@ class Server:
         self.arenas: dict[bytes, Arena] = {}  # per client connection: its shared-memory arena
         self.doorbells: dict[bytes, Doorbell] = {}  # per client connection: its arena's control block
         self.failure: str | None = None  # a tensor-parallel rank was lost: every reply is this error now
-        self.rendezvous = Rendezvous(default_hold_s() if hold_s is None else hold_s)
-        self.held: list[Pending] = []  # requests waiting (at most hold_s) for a companion on its way
+        self.scheduler = Scheduler(hold_s)
         engine.budget.count("arenas", lambda: sum(arena.size for arena in self.arenas.values()))
 
     def serve_forever(self) -> None:
@@ -108,7 +87,7 @@ class Server:
             while not self.stopping and self.failure is None:
                 if self.serve_round():
                     continue
-                spinning = time.perf_counter() < max(self.spin_until, self.hold_deadline())
+                spinning = time.perf_counter() < max(self.spin_until, self.scheduler.hold_deadline())
                 self._awake(spinning)
                 if not spinning and self.serve_round():  # rung as the flag went down
                     continue
@@ -131,11 +110,11 @@ class Server:
         """Nothing to serve: idle sessions expire, followers get their heartbeat, a lost rank is noticed,
         and the arenas of clients that are gone (their file removed: the next client sweeps a killed one's)
         are unmapped."""
-        held = {p.peer for p in self.held}  # their requests' tensors view their arenas
+        held = self.scheduler.waiting()  # their requests' tensors view their arenas
         for peer in [p for p, arena in self.arenas.items() if not arena.path.exists() and p not in held]:
             self.doorbells.pop(peer, None)
             self.arenas.pop(peer).release()
-        self.rendezvous.forget(time.perf_counter())
+        self.scheduler.rendezvous.forget(time.perf_counter())
         try:
             self.engine.tick()
         except RankFailure as exc:
@@ -185,77 +164,30 @@ class Server:
     def serve_one(self) -> None:
         """Waits for a request on the socket, then serves the round it begins (tests serve in lockstep)."""
         self.sock.poll()
-        while not self.serve_round() and self.held:
+        while not self.serve_round() and self.scheduler.waiting():
             os.sched_yield()  # held for a companion: served by hold_s at the latest
 
     def serve_round(self) -> bool:
-        """Serves every waiting request, in arrival order, except that requests of other clients for the
-        same op and layer join the first one's product (batching.py). A request joins only when it is the
-        next of its client's, so each client's requests still run in its own order. A batchable request
-        whose companions are on their way (hold) waits for them, at most hold_s. False: none ran."""
-        pending = self.held + self.collect()
-        self.held = []
-        if not pending:
-            return False
-        for p in pending:
-            if p.request is None:
-                p.arena, p.request = self.arenas.get(p.peer), self.parse(p)
-        requests = [p.request for p in pending]
-        keys = [batch_key(self.engine, r) for r in requests]
-        done = [False] * len(pending)
-        queued: dict[bytes, tuple | None] = {}  # per client: its first request's key (None: held, or runs alone)
-        for p, key in zip(pending, keys, strict=True):
-            queued.setdefault(p.peer, None if p.held_until else key)
+        """Takes what is waiting and serves a round of it (Scheduler.round): each group's replies go out
+        together, then its sleepers are woken (see send). False: none ran."""
+        for item in self.collect():
+            item.arena, item.request = self.arenas.get(item.peer), self.parse(item)
+            item.key = self.engine.batch_key(item.request)
+            self.scheduler.add(item)
         ran = False
-        for i in range(len(pending)):
-            if done[i]:
-                continue
-            group, busy = [i], {pending[i].peer}
-            if keys[i] is not None:
-                for j in range(i + 1, len(pending)):
-                    if done[j] or pending[j].peer in busy:
-                        continue
-                    busy.add(pending[j].peer)  # whether it joins or not, its later requests wait
-                    if keys[j] == keys[i]:
-                        group.append(j)
-                if self.hold(pending[i], keys[i], queued):
-                    peers = {pending[g].peer for g in group}
-                    for j in range(i, len(pending)):  # it, and every later request of its group's clients
-                        if not done[j] and pending[j].peer in peers:
-                            done[j] = True
-                            self.held.append(pending[j])
-                    queued.update(dict.fromkeys(peers))  # held: not counted on by the requests after it
-                    continue
+        for group in self.scheduler.round():
             ran = True
-            if keys[i] is not None:
+            if group[0].key is not None:
                 self.engine.batch_sizes[len(group)] += 1
-            replies = self.run(pending, requests, group)
-            now = time.perf_counter()
+            replies = self.run(group)
             sleepers = []  # woken once every reply of the product is out (see send)
-            for j, reply in zip(group, replies, strict=True):
-                done[j] = True
-                if (bell := self.send(pending[j], reply)) is not None:
+            for item, reply in zip(group, replies, strict=True):
+                if (bell := self.send(item, reply)) is not None:
                     sleepers.append(bell)
-                if keys[j] is not None:
-                    self.rendezvous.answered(pending[j].peer, keys[j], now)
+            self.scheduler.answered(group, time.perf_counter())
             for bell in sleepers:
                 bell.wake()
         return ran
-
-    def hold(self, item: Pending, key: tuple, queued: dict[bytes, tuple | None]) -> bool:
-        """Whether this request waits (again) for a companion on its way: at most hold_s from its first hold."""
-        now = time.perf_counter()
-        if item.held_until and now >= item.held_until:
-            return False
-        if not self.rendezvous.coming(key, item.peer, queued, now):
-            return False
-        if not item.held_until:
-            item.held_until = now + self.rendezvous.hold_s
-        return True
-
-    def hold_deadline(self) -> float:
-        """Until when the loop polls: the earliest end of a hold (a held client's later requests have none)."""
-        return min((p.held_until for p in self.held if p.held_until), default=0.0)
 
     def parse(self, item: Pending) -> Message | list:
         """The request, or the reply frames that refuse it (a bad header or frames, a lost rank)."""
@@ -272,13 +204,13 @@ class Server:
         except Exception as exc:
             return self.error(header["id"], exc)
 
-    def run(self, pending: list[Pending], requests: list, group: list[int]) -> list[list]:
+    def run(self, group: list[Pending]) -> list[list]:
         """The reply frames of a group of requests (one, or several that share a product)."""
         replies: dict[int, list] = {}
         items, slots, where = [], [], []
-        for j in group:
+        for j, item in enumerate(group):
             self.requests += 1
-            request, item = requests[j], pending[j]
+            request = item.request
             if not isinstance(request, Message):
                 replies[j] = request
                 continue
@@ -300,16 +232,16 @@ class Server:
             items.append((item.peer, request, slot))
             slots.append(slot)
             where.append(j)
-        for j, slot, outcome in zip(where, slots, handle_batch(self.engine, items) if items else [], strict=True):
-            request_id = requests[j].header["id"]
+        for j, slot, outcome in zip(where, slots, self.engine.handle_batch(items) if items else [], strict=True):
+            request_id = group[j].request.header["id"]
             if isinstance(outcome, Exception):
                 replies[j] = self.error(request_id, outcome)
                 continue
             args, tensors = outcome
             if slot is not None:
                 tensors = [slot.place(t) for t in tensors]
-            replies[j] = pack({"id": request_id, "ok": True, "args": args}, tensors, self.arenas.get(pending[j].peer))
-        return [replies[j] for j in group]
+            replies[j] = pack({"id": request_id, "ok": True, "args": args}, tensors, self.arenas.get(group[j].peer))
+        return [replies[j] for j in range(len(group))]
 
     def error(self, request_id: int, exc: Exception) -> list:
         if isinstance(exc, RankFailure):  # the server cannot go on: this and every later request get the reason
@@ -324,8 +256,7 @@ class Server:
         """A reply to a rung request goes back on its doorbell while the client polls for it (and it is all
         header); every other reply goes by ZeroMQ. Returns the doorbell whose sleeper the caller must wake
         (Doorbell.wake). A batch's replies all go out before the first wake: a wake lets the woken client
-        preempt the server on a shared core (150 to 180 us a wake with 8 clients on 2 cores), and the
-        clients still to be answered would wait for it."""
+        preempt the server on a shared core, and the clients still to be answered would wait for it."""
         bell = item.bell
         self._served(item.peer)
         if bell is not None and self.doorbells.get(item.peer) is bell and len(reply) == 1 and fits(reply[0]):
@@ -406,81 +337,3 @@ def _lenient_id(raw: bytes) -> int:
         return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 0
     except Exception:  # any hostile bytes
         return 0
-
-
-@contextmanager
-def loading_progress(label: str):
-    """A progress callback (done, total): a live bar on a terminal, else a line per tenth after the first
-    second (a private server's stderr is a pipe the client relays to the user)."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import Progress
-
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(label, total=None)
-            yield lambda done, total: bar.update(task, completed=done, total=total)
-        return
-    shown, started = [-1], time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        tenth = 10 * done // max(total, 1)
-        if tenth > shown[0] and time.perf_counter() - started > 1.0:  # quiet for a model that loads at once
-            shown[0] = tenth
-            print(f"{label}: {10 * tenth}% of {total} tensors", file=sys.stderr, flush=True)
-
-    yield report
-
-
-def run_server(
-    model_dir: str,
-    endpoint: str,
-    device: str,
-    dtype: str,
-    curve: CurveKeys | None = None,
-    tensor_parallel: int = 1,
-    hold_s: float | None = None,
-    **engine_options,
-) -> None:
-    """Loads the model and serves until SIGINT/SIGTERM. tensor_parallel > 1: this process is one rank of a
-    tensor-parallel server (parallel.join: rank 0 of this host, which starts the others, or a torchrun
-    worker); rank 0 serves, the others follow it."""
-    started = time.perf_counter()
-    ranks = Ranks(device=device)
-    if tensor_parallel > 1:
-        shards(LlamaConfig.from_model_dir(model_dir), tensor_parallel)  # an impossible split: before any rank
-        private_only = engine_options.get("private_only", False)
-        ranks = join(tensor_parallel, device, follower_command(model_dir, device, dtype, tensor_parallel, private_only))
-    lost = False
-    try:
-        if not ranks.leader:
-            follow(Engine(model_dir, device=str(ranks.device), dtype=dtype, ranks=ranks, **engine_options))
-            return
-        with loading_progress(f"tsqp server: loading {model_dir}") as progress:
-            engine = Engine(model_dir, str(ranks.device), dtype, progress=progress, ranks=ranks, **engine_options)
-        ranks.send(HEARTBEAT, {})  # waits for every rank to have loaded its share; one that failed is named
-        keep_freed_memory()  # after loading: the weights' transient copies are not kept
-        server = Server(engine, endpoint, curve=curve, hold_s=hold_s)
-        split = f", {tensor_parallel} tensor-parallel ranks" if tensor_parallel > 1 else ""
-        print(
-            f"tsqp server: {model_dir} on {ranks.device} ({dtype}{split}), loaded in "
-            f"{time.perf_counter() - started:.1f} s, listening on {endpoint}{' (CURVE)' if curve else ''}, "
-            f"protocol v{PROTOCOL_VERSION}",
-            file=sys.stderr,
-            flush=True,
-        )
-        if engine.kernel_timings:
-            print(
-                f"tsqp server: linear kernels planned in {engine.tuning_s:.1f} s (figures kept in "
-                f"{engine.kernel_store.path}): {describe(engine.kernel_timings)}",
-                file=sys.stderr,
-                flush=True,
-            )
-        server.serve_forever()
-    except RankFailure:
-        lost = True
-        raise
-    finally:
-        if lost:
-            ranks.abort()  # out of step: the ranks still running are stopped, not sent a last step
-        else:
-            ranks.close()

@@ -1,20 +1,12 @@
 """Tensor parallelism: the server's weights split over several ranks (GPUs, or hosts) with torch.distributed.
 
     rank 0      speaks the protocol (loop.py), owns the sessions and validates every request; then it sends
-                the step (its name, args and input tensors) to the other ranks and runs its own share
+                the step (its name, and the args and input tensors of each request it runs: one, or several
+                clients' batched) to the other ranks and runs its own share
     followers   `follow`: receive a step, run the same Engine step method on their share, join its
                 collectives; they never see a client
 
-What a rank holds (`Shard`, the Megatron-LM split):
-
-    q, k, v, gate, up   by output columns: its query heads with their kv heads (GQA groups whole; with
-                        fewer kv heads than ranks, a kv head is replicated on the ranks of its group), its
-                        slice of the MLP; each rank's columns are gathered to rank 0
-    o_proj, down        by input rows: partial sums over its heads or MLP slice, reduced to rank 0, which
-                        adds the bias once
-    lm_head, embedding  by vocabulary rows (equal shares, the last one padded): logits gathered, embedding
-                        rows summed (a rank contributes zeros for the ids it does not hold)
-    KV cache            by kv heads, like the weights
+What a rank holds, and how rank 0 assembles the results: sharded.py.
 
 Collectives run over NCCL between GPUs and gloo on CPUs; the steps themselves always go over gloo, so a rank
 that died is noticed at the next step by its connection closing, not after NCCL's timeout. When rank 0 has
@@ -39,7 +31,6 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 
 import msgpack
@@ -47,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from tsqp.errors import TsqpError
-from tsqp.model.config import LlamaConfig
 from tsqp.wire.protocol import DTYPE_NAMES, DTYPES
+from tsqp.wire.serve_command import serve_command
 
-STEP_HEADER_BYTES = 4096  # one gloo broadcast per step header: a name, a few scalars, session id, descriptors
+STEP_HEADER_BYTES = 4096  # one gloo broadcast per step header (a name, its calls' args, descriptors); a longer one: two
 HEARTBEAT_S = 1.0
 RANK_TIMEOUT_S = 600.0  # a collective waits this long for a rank that is alive but stuck (a dead one: at once)
 STOP, HEARTBEAT = "stop", "heartbeat"
@@ -58,123 +49,6 @@ STOP, HEARTBEAT = "stop", "heartbeat"
 
 class RankFailure(TsqpError):
     """A tensor-parallel rank died or stopped answering: the ranks are out of step, the server stops."""
-
-
-# -- what each rank holds ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One rank's share of the model. Column runs are (start, width) in the assembled result."""
-
-    rank: int
-    heads: range  # query heads
-    kv_heads: range  # the kv heads those query heads attend with
-    mlp: range  # intermediate (gate, up, down) columns
-    vocab: range  # vocabulary rows; the last rank's may be fewer than vocab_rows
-    vocab_rows: int  # rows every rank holds (equal shares, zero-padded)
-    head_dim: int
-    q_dim: int  # the model's, for the assembled layouts
-    kv_dim: int
-    intermediate: int
-    vocab_size: int
-
-    @property
-    def q(self) -> tuple[int, int]:
-        return self.heads.start * self.head_dim, len(self.heads) * self.head_dim
-
-    @property
-    def kv(self) -> tuple[int, int]:
-        return self.kv_heads.start * self.head_dim, len(self.kv_heads) * self.head_dim
-
-    def columns(self, kind: str) -> tuple[int, list[tuple[int, int]]]:
-        """A result split by output columns: (its full width, this rank's runs of columns in local order)."""
-        q, kv, mlp = self.q, self.kv, (self.mlp.start, len(self.mlp))
-        layouts = {
-            "q": (self.q_dim, [q]),
-            "kv": (self.kv_dim, [kv]),
-            "qk": (self.q_dim + self.kv_dim, [q, _after(kv, self.q_dim)]),
-            "qkv": (self.q_dim + 2 * self.kv_dim, [q, _after(kv, self.q_dim), _after(kv, self.q_dim + self.kv_dim)]),
-            "mlp": (self.intermediate, [mlp]),
-            "gate_up": (2 * self.intermediate, [mlp, _after(mlp, self.intermediate)]),
-            "vocab": (self.vocab_size, [(self.vocab.start, len(self.vocab))]),
-        }
-        return layouts[kind]
-
-    def inputs(self, kind: str) -> tuple[int, int]:
-        """A linear split by input rows (o_proj: "o", "down"): (start, width) of this rank's input columns."""
-        return {"o": self.q, "down": (self.mlp.start, len(self.mlp))}[kind]
-
-
-def _after(run: tuple[int, int], offset: int) -> tuple[int, int]:
-    return run[0] + offset, run[1]
-
-
-def shards(config: LlamaConfig, world: int) -> list[Shard]:
-    """Every rank's share, or a one-line error naming what --tensor-parallel must divide."""
-    c = config
-    flag = f"--tensor-parallel {world}"
-    if c.num_heads % world:
-        raise TsqpError(f"{flag} must divide the model's {c.num_heads} query heads")
-    if c.num_kv_heads % world and world % c.num_kv_heads:
-        raise TsqpError(
-            f"{flag} must divide the model's {c.num_kv_heads} kv heads or be a multiple of them "
-            "(a GQA group stays on one rank)"
-        )
-    if c.intermediate_size % world:
-        raise TsqpError(f"{flag} must divide the model's MLP width {c.intermediate_size}")
-    if c.vocab_size < world:
-        raise TsqpError(f"{flag} exceeds the model's vocabulary of {c.vocab_size}")
-    heads, vocab_rows, mlp = c.num_heads // world, -(-c.vocab_size // world), c.intermediate_size // world
-    result = []
-    for rank in range(world):
-        if c.num_kv_heads >= world:
-            per = c.num_kv_heads // world
-            kv_heads = range(rank * per, (rank + 1) * per)
-        else:  # fewer kv heads than ranks: each rank holds the one its query heads share
-            first = rank * heads // c.group_size
-            kv_heads = range(first, first + 1)
-        result.append(
-            Shard(
-                rank=rank,
-                heads=range(rank * heads, (rank + 1) * heads),
-                kv_heads=kv_heads,
-                mlp=range(rank * mlp, (rank + 1) * mlp),
-                vocab=range(rank * vocab_rows, min((rank + 1) * vocab_rows, c.vocab_size)),
-                vocab_rows=vocab_rows,
-                head_dim=c.head_dim,
-                q_dim=c.q_dim,
-                kv_dim=c.kv_dim,
-                intermediate=c.intermediate_size,
-                vocab_size=c.vocab_size,
-            )
-        )
-    return result
-
-
-def assemble_columns(out: torch.Tensor, parts: Sequence[torch.Tensor], layouts: Sequence[list]) -> torch.Tensor:
-    """out (T, width) from each rank's (T, local) columns and its runs (Shard.columns); replicated kv heads
-    are written once per replica, with equal values."""
-    for part, runs in zip(parts, layouts, strict=True):
-        local = 0
-        for start, width in runs:
-            out[:, start : start + width].copy_(part[:, local : local + width])
-            local += width
-    return out
-
-
-def assemble_tiles(out: torch.Tensor, parts: Sequence[torch.Tensor], tiles, heads: Sequence[range]) -> torch.Tensor:
-    """Packed scores (protocol.query_tiles over all heads) from each rank's, packed over its own heads:
-    within a tile's (heads, rows, keys) block a rank's heads are one contiguous run."""
-    for part, own in zip(parts, heads, strict=True):
-        local = 0
-        for t in tiles:
-            block = t.rows * t.keys
-            out[t.offset + own.start * block : t.offset + own.stop * block].copy_(
-                part[local : local + len(own) * block]
-            )
-            local += len(own) * block
-    return out
 
 
 # -- this process among the ranks ----------------------------------------------------------------------
@@ -212,13 +86,13 @@ class Ranks:
         tensors = [t.contiguous() for t in tensors]
         descriptors = [[DTYPE_NAMES[t.dtype], list(t.shape)] for t in tensors]
         header = msgpack.packb({"step": step, "args": args, "tensors": descriptors}, use_bin_type=True)
-        if len(header) > STEP_HEADER_BYTES - 4:
-            raise ValueError(f"step header of {len(header)} bytes exceeds {STEP_HEADER_BYTES - 4}")
+        packed = torch.frombuffer(bytearray(len(header).to_bytes(4, "little") + header), dtype=torch.uint8)
         buffer = torch.zeros(STEP_HEADER_BYTES, dtype=torch.uint8)
-        buffer[:4] = torch.tensor(list(len(header).to_bytes(4, "little")), dtype=torch.uint8)
-        buffer[4 : 4 + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        buffer[: min(len(packed), STEP_HEADER_BYTES)] = packed[:STEP_HEADER_BYTES]
         with self._collective(step):
             dist.broadcast(buffer, src=0, group=self.control)
+            if len(packed) > STEP_HEADER_BYTES:  # a batch of many clients' calls: the rest of its header
+                dist.broadcast(packed[STEP_HEADER_BYTES:].clone(), src=0, group=self.control)
             for tensor in tensors:
                 dist.broadcast(_bytes(tensor), src=0)
         self.last_sent = time.monotonic()
@@ -230,6 +104,11 @@ class Ranks:
             with self._collective("waiting for the next step"):
                 dist.broadcast(buffer, src=0, group=self.control)
             size = int.from_bytes(buffer[:4].numpy().tobytes(), "little")
+            if 4 + size > STEP_HEADER_BYTES:
+                rest = torch.empty(4 + size - STEP_HEADER_BYTES, dtype=torch.uint8)
+                with self._collective("waiting for the next step"):
+                    dist.broadcast(rest, src=0, group=self.control)
+                buffer = torch.cat([buffer, rest])
             header = msgpack.unpackb(buffer[4 : 4 + size].numpy().tobytes(), raw=False)
             tensors = []
             for name, shape in header["tensors"]:
@@ -351,8 +230,8 @@ def rank_device(device: str, local_rank: int) -> str:
 
 def follower_command(model_dir: str, device: str, dtype: str, world: int, private_only: bool) -> list[str]:
     """What rank 0 runs for each other rank on its host: the same `tsqp serve`, without an endpoint."""
-    command = [sys.executable, "-m", "tsqp", "serve", "--model", model_dir, "--device", device, "--dtype", dtype]
-    return command + ["--tensor-parallel", str(world)] + (["--private-only"] if private_only else [])
+    flags = ["--tensor-parallel", str(world)] + (["--private-only"] if private_only else [])
+    return serve_command(model_dir, device, dtype, *flags)
 
 
 def join(world: int, device: str, command: list[str]) -> Ranks:

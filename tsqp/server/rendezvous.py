@@ -1,6 +1,6 @@
 """When a batchable request waits for companions: only when another client is known to be on its way.
 
-Batching what is queued when the loop looks (batching.py) shares few products on a small machine: the
+Batching what is queued when the loop looks (Engine.handle_batch) shares few products on a small machine: the
 clients' TEE steps between two requests take different times, so their requests for one op arrive a few
 milliseconds apart and each runs alone. A request is therefore held, at most `hold_s`, when another
 active client will send the same op next, as far as the server can tell from what the clients sent

@@ -16,7 +16,7 @@ import torch
 
 from tsqp.errors import ModelError
 from tsqp.model.checkpoint import SAFETENSORS_DTYPES, Checkpoint, _read_tensor, layer_prefix
-from tsqp.server.parallel import Shard
+from tsqp.server.sharded import Shard
 
 # The value path (v_proj, the V cache, P @ V, o_proj) runs in float32 whatever the server dtype: the
 # TEE never sees V or P @ V, so their rounding is what verification must tolerate in attn_out; in

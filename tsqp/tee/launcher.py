@@ -18,6 +18,7 @@ from tsqp import env
 from tsqp.errors import ConnectionLost, LinkRefused
 from tsqp.wire.client import Client
 from tsqp.wire.curve import client_keys
+from tsqp.wire.serve_command import serve_command
 from tsqp.wire.transport import ipc_path, private_endpoint
 
 DEFAULT_START_TIMEOUT_S = 600.0
@@ -40,21 +41,7 @@ class ServerProcess:
     ):
         """curve_keys: the server runs with --curve-keys DIR; the readiness probe uses DIR's client keys."""
         self.endpoint = endpoint or private_endpoint()
-        self.command = [
-            sys.executable,
-            "-m",
-            "tsqp",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--device",
-            device,
-            "--dtype",
-            dtype,
-            "--listen",
-            self.endpoint,
-            *extra_args,
-        ]
+        self.command = serve_command(model_dir, device, dtype, "--listen", self.endpoint, *extra_args)
         if curve_keys is not None:
             self.command += ["--curve-keys", str(curve_keys)]
         self.curve = client_keys(curve_keys) if curve_keys is not None else None
