@@ -6,7 +6,7 @@
 #   bash bench/gpu.sh                 # there (carry .whl): writes $OUT/gpu.json, $OUT/runs.log, traces
 #
 # DEVICE, PRESET, TOKENS and DECODE default to cuda:0, tinyllama-1.1b, 1024 and 32; the tests run this
-# script on the CPU with the tiny preset (tests/test_gpu_script.py). A run that fails or outlasts its
+# script on the CPU with the tiny preset (tests/system/test_gpu_script.py). A run that fails or outlasts its
 # share of the time is recorded as failed in gpu.json; the others still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -14,7 +14,7 @@ SIGKILL mid-generation and the server is stopped and started again once. Then:
   this run's clients is left in /dev/shm;
 - the server never crashed: it is still running, and it is the one process the run restarted.
 
-Exit status 0 when every check holds; the figures go to --json. tests/test_soak.py runs a short one.
+Exit status 0 when every check holds; the figures go to --json. tests/system/test_soak.py runs a short one.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def checkpoints(tmp_path_factory) -> CheckpointFactory:
 @pytest.fixture(scope="session")
 def feature_model(checkpoints):
     """get(name) -> (folder, transformers reference) for each config feature of test_equivalence.FEATURES."""
-    from test_equivalence import FEATURES
+    from support import FEATURES
 
     def get(name: str):
         path = checkpoints("feature-" + name, seed=list(FEATURES).index(name) + 100, **FEATURES[name])

@@ -169,7 +169,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
         (the group fits as a whole); a refused one gets its own error and leaves the others be; a failure of
         the shared step fails every request in it. Row-batched products are the same sums as solo ones, but
         the GEMM kernel may block a many-row product differently from a one-row one, so a result can differ
-        from its solo value in the last bits (tests/test_batching.py; the Freivalds tolerance is far wider)."""
+        from its solo value in the last bits (tests/server/test_batching.py; the Freivalds tolerance is far wider)."""
         if len(items) == 1:
             try:
                 return [self.handle(*items[0])]

@@ -8,8 +8,7 @@ import time
 
 import pytest
 from conftest import token_ids
-from test_batching import decode_at_once
-from test_equivalence import FEATURES
+from support import FEATURES, decode_at_once
 
 from tsqp.server.engine import Engine
 from tsqp.server.loop import Server

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import run_tsqp
-from test_generate import in_process
+from support import in_process
 
 from tsqp.model.presets import preset_path
 from tsqp.tee.generate import generate

@@ -22,13 +22,13 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-GRAMINE_DIR = pathlib.Path(__file__).resolve().parents[1] / "gramine"
+GRAMINE_DIR = pathlib.Path(__file__).resolve().parents[2] / "gramine"
 TEMPLATE = GRAMINE_DIR / "tsqp-tee.manifest.template"
 MAKEFILE = GRAMINE_DIR / "Makefile"
 
 RUNTIME_DIR = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
 # The pool key's file name, from the client's source (importing it would import torch).
-POOL_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "tsqp" / "tee" / "pad_pool.py"
+POOL_SOURCE = pathlib.Path(__file__).resolve().parents[2] / "tsqp" / "tee" / "pad_pool.py"
 KEY_FILE = re.search(r'^KEY_FILE = "([^"]+)"', POOL_SOURCE.read_text(), re.MULTILINE).group(1)
 
 # What gramine-manifest would get from gramine/Makefile for a venv install (all strings, as -D gives).

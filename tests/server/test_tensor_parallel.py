@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, reference_logits, run_tsqp, token_ids, wait_for
-from test_batching import decode_at_once
+from support import decode_at_once
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 from conftest import load_reference, reference_logits, run_tsqp, token_ids
-from test_equivalence import FEATURES
+from support import FEATURES
 
 from tsqp.errors import IntegrityError, ServerError, TsqpError
 from tsqp.server.engine import Engine

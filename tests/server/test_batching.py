@@ -4,19 +4,14 @@ one real server share products and get exactly the tokens they get alone."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from conftest import token_ids
-from test_equivalence import FEATURES
+from support import FEATURES, decode_at_once
 
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
-from tsqp.tee.generate import generate
-from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.remote import InProcess
-from tsqp.wire.client import Client
 from tsqp.wire.protocol import Message
 
 LAST_BITS = 1e-5  # row-batched GEMMs may block differently from one-row ones: last-bit differences only
@@ -95,40 +90,6 @@ def test_requests_of_a_session_someone_else_owns_are_refused_in_a_batch(model):
     outcomes = engine.handle_batch([(b"owner", own, None), (b"thief", stolen, None)])
     assert not isinstance(outcomes[0], Exception)
     assert isinstance(outcomes[1], Exception) and "session" in str(outcomes[1])
-
-
-def decode_at_once(model, prompts: list[list[int]], lengths: list[int], extra_args=()) -> tuple[list, list, dict]:
-    """Each prompt greedily alone (in process), then all at once by client threads on one real server
-    (sockets, arenas); (the solo tokens, the concurrent ones, the server's ping after them)."""
-    engine = Engine(str(model))
-    solo_tee = tee_model(model, InProcess(engine))
-    solo_tee.attach()
-    alone = [generate(solo_tee, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-    with ServerProcess(str(model), extra_args=list(extra_args)) as server:
-        barrier = threading.Barrier(len(prompts))
-
-        def run(i: int) -> None:
-            try:
-                with Client(server.endpoint, timeout_s=60) as client:
-                    tee = tee_model(model, client)
-                    tee.attach()
-                    barrier.wait(timeout=60)
-                    results[i] = generate(tee, prompts[i], lengths[i]).generated_ids
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-                barrier.abort()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not errors, errors
-        with Client(server.endpoint, timeout_s=30) as probe:
-            stats = probe.call("ping").args
-    return alone, [results[i] for i in range(len(prompts))], stats
 
 
 def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_tokens(model):

@@ -12,15 +12,11 @@ import json
 import pytest
 import torch
 from conftest import build_checkpoint, load_reference, run_tsqp, token_ids
-from test_equivalence import FEATURES
+from support import FEATURES, in_process
 
 from tsqp.errors import ModelError, TsqpError
 from tsqp.model.presets import CHAT_TEMPLATE, preset_path, write_tokenizer
-from tsqp.server.engine import Engine
-from tsqp.tee.compose import tee_model
-from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
-from tsqp.tee.remote import InProcess
 from tsqp.tee.sampling import SamplingOptions
 from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
 
@@ -40,13 +36,6 @@ def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[in
         pad_token_id=0,
     )
     return out[0, prompt.shape[0] :].tolist()
-
-
-def in_process(model_dir) -> tuple[TeeModel, Engine]:
-    engine = Engine(str(model_dir))
-    tee = tee_model(model_dir, InProcess(engine))
-    tee.attach()
-    return tee, engine
 
 
 @pytest.fixture(scope="module")

@@ -2,62 +2,30 @@
 
 The model is the `tiny` preset (random weights, a real BPE tokenizer and chat template): what is
 checked is the protocol, the equality with `tsqp generate`, concurrency and the failure modes; the
-real model's answers through the API are in tests/test_real_model.py.
+real model's answers through the API are in tests/system/test_real_model.py.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import re
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import free_port, run_tsqp
+from support import api_process
 
 openai = pytest.importorskip("openai")
 
 KEY = "test-key-123"
-LISTENING = re.compile(r"tsqp api: (https?://\S+)/v1 serves")
-
-
-@contextmanager
-def api_process(*args: str, timeout: float = 120):
-    """Starts `tsqp api ARGS --port 0`, yields (base url, Popen) once it listens; stops it on exit."""
-    command = [sys.executable, "-X", "faulthandler", "-m", "tsqp", "api", "--port", "0", *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    url = None
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if match := LISTENING.search(line):
-                url = match.group(1)
-                break
-        assert url, "tsqp api did not start:\n" + "".join(lines)
-        threading.Thread(target=lambda: [lines.append(x) for x in process.stderr], daemon=True).start()
-        yield url, process, lines
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ def test_the_preset_name_works_in_every_command(smol, tmp_path):
 
 def test_the_api_answers_as_tsqp_generate(smol, tmp_path):
     openai = pytest.importorskip("openai")
-    from test_api import api_process
+    from support import api_process
 
     expected = france_answer(smol, False, tmp_path)
     with api_process("--model", smol[0], "--served-model-name", PRESET) as (url, _, _):

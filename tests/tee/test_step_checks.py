@@ -2,7 +2,7 @@
 
 Deferring must change nothing a user can see: the same logits, the same number of checks, the same op
 and layer named when a result is wrong (the first one in forward order), and a step that fails half-way
-must leave the attention checks' running state as it was. tests/test_lying_server.py runs its whole
+must leave the attention checks' running state as it was. tests/tee/test_lying_server.py runs its whole
 tampering matrix both ways.
 """
 

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from conftest import BASE_CONFIG, build_checkpoint, load_reference, reference_logits, rewrite_config, token_ids
+from support import FEATURES
 
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
@@ -18,28 +19,6 @@ from tsqp.tee.remote import InProcess
 
 ATOL = 1e-4
 
-FEATURES: dict[str, dict] = {
-    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
-    "gqa": dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2),
-    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
-    "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),  # q_dim 64 != hidden 32
-    "rope_theta": dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
-    "rope_llama3": dict(
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        }
-    ),
-    "rope_linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
-    "rms_norm_eps": dict(rms_norm_eps=0.05),
-    "tied": dict(tie_word_embeddings=True),
-    "attention_bias": dict(attention_bias=True),
-    "mlp_bias": dict(mlp_bias=True),
-}
 LENGTHS = [1, 37, 300]
 
 
