@@ -89,8 +89,9 @@ def test_hostile_sizes_are_refused_before_they_are_allocated_and_the_engine_goes
         session = args.pop("session", None)
         return engine.handle(peer, Message({"method": method, "args": args, "session": session}, list(tensors)))
 
-    # 75,000 x 4096 float32 logits, and the input again (a batch concatenates its requests' rows)
-    with pytest.raises(MemoryBudgetExceeded, match=r"lm_head needs 1190.2 MiB"):
+    # 75,000 x 4096 float32 logits twice (the kernel's output and the reply's), and the input again (a batch
+    # concatenates its requests' rows)
+    with pytest.raises(MemoryBudgetExceeded, match=r"lm_head needs 2362.1 MiB"):
         call("lm_head", torch.zeros(75_000, HIDDEN))
     with pytest.raises(MemoryBudgetExceeded, match="session's KV cache"):
         call("open_session", capacity=1 << 18)
@@ -122,8 +123,8 @@ def _at(session: bytes) -> dict:
 def test_a_batch_is_checked_as_a_whole(long_model):
     """Two clients' lm_head rows, each within the budget alone, do not fit together: one is refused."""
     engine = Engine(str(long_model))
-    rows = 5000  # 78 MiB of logits and 1.2 MiB of input each
-    engine.budget.limit = engine.budget.base + engine.budget.incoming + 120 * MIB
+    rows = 5000  # 78 MiB of logits, twice, and 1.2 MiB of input each
+    engine.budget.limit = engine.budget.base + engine.budget.incoming + 200 * MIB
     items = [
         (bytes([i]), Message({"method": "lm_head", "args": {}}, [torch.randn(rows, HIDDEN)]), None) for i in (1, 2)
     ]

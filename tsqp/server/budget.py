@@ -113,8 +113,11 @@ class Budget:
             release_freed_memory()  # what earlier requests freed and the heap kept
 
     def reserve_rows(self, rows: int, width: int, dtype, what: str, x=None) -> None:
-        """A (rows, width) result of `dtype`; and the input x again, which a batch concatenates."""
-        self.reserve(rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
+        """A (rows, width) result of `dtype`, twice: the linear kernels that beat torch.matmul on a CPU (oneDNN,
+        the weight on the left) compute into a tensor of their own and copy it into the result
+        (kernels.linear_into), and which kernel runs depends on the host's plan; the budget must not. And the
+        input x again, which a batch concatenates."""
+        self.reserve(2 * rows * width * dtype.itemsize + (x.nbytes if x is not None else 0), what)
 
     def release(self) -> None:
         """The request (or batch) is answered: its working memory is free again."""
