@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from tsqp import env
 from tsqp.errors import TsqpError
 from tsqp.measure.prompts import token_ids
 
@@ -32,9 +33,9 @@ def time_reference(
     device: str = "cpu",
 ) -> dict:
     """{"prefill_s": ...} (and decode figures when decode > 0) from a subprocess, the model on `device`."""
-    env = dict(os.environ)
+    child_env = dict(os.environ)
     if env.read("TSQP_USER_OMP_WAIT_POLICY") is None:
-        env.pop("OMP_WAIT_POLICY", None)
+        child_env.pop("OMP_WAIT_POLICY", None)
     command = [
         sys.executable,
         "-m",
@@ -49,7 +50,7 @@ def time_reference(
         str(decode),
         device,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise TsqpError(f"the transformers reference run failed: {last}")
