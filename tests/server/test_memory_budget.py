@@ -32,7 +32,7 @@ from conftest import (
 )
 
 from tsqp.errors import TsqpError
-from tsqp.server.budget import Budget, MemoryBudgetExceeded
+from tsqp.server.budget import Budget, MemoryBudgetExceeded, resident_bytes
 from tsqp.server.engine import Engine
 from tsqp.tee.remote import InProcess
 from tsqp.wire.arena import SHM_DIR, shm_available
@@ -133,6 +133,18 @@ def test_a_batch_is_checked_as_a_whole(long_model):
     assert engine.budget.reserved == 0
     engine.budget.limit = engine.budget.base + engine.budget.incoming + 400 * MIB
     assert all(isinstance(o, tuple) for o in engine.handle_batch(items))
+
+
+def test_a_private_servers_float64_weights_are_counted_once(long_model):
+    """A private-only server makes its float64 weights at load: resident when the budget settles, and counted
+    by their counter; in use must be what is resident (plus the room kept for a message), not twice them."""
+    engine = Engine(str(long_model), private_only=True)
+    budget, float64 = engine.budget, engine.masked.total
+    assert float64 > 0
+    resident = resident_bytes()
+    assert budget.report()["float64_weights"] == float64
+    assert budget.in_use() - budget.incoming <= resident, "the float64 weights were counted twice"
+    assert budget.in_use() - budget.incoming >= resident - 64 * MIB
 
 
 def test_a_model_over_the_budget_is_refused_at_start(long_model):

@@ -81,13 +81,17 @@ class Budget:
         self.incoming = (MAX_TENSORS + 1) * self.frames_bound()  # room for the message being received
 
     def settle(self) -> None:
-        """After loading: the resident memory is the base every request adds to; a model that does not fit
-        leaves no room for any request, and is refused at start."""
-        self.base = resident_bytes()
-        if self.base + self.incoming > self.limit:
+        """After loading: the resident memory, less what the counters count, is the base every request adds to
+        (count() what lasts before settling); a model that does not fit leaves no room for any request, and is
+        refused at start."""
+        counted = sum(nbytes() for nbytes in self.counters.values())  # made at load (a private server's float64
+        # weights) and already resident: counted once, by their counter
+        self.base = max(0, resident_bytes() - counted)
+        if self.in_use() > self.limit:
             raise MemoryBudgetExceeded(
-                f"the loaded model takes {self.base / MIB:.0f} MiB and a message {self.incoming / MIB:.0f} MiB, over "
-                f"the server's memory budget of {self.limit / MIB:.0f} MiB: raise --max-memory-mb"
+                f"the loaded model takes {(self.base + counted) / MIB:.0f} MiB and a message "
+                f"{self.incoming / MIB:.0f} MiB, over the server's memory budget of {self.limit / MIB:.0f} MiB: "
+                "raise --max-memory-mb"
             )
 
     def count(self, name: str, nbytes: Callable[[], int]) -> None:
