@@ -14,7 +14,7 @@ from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.private import PrivateOptions
-from tsqp.tuning import keep_freed_memory
+from tsqp.tuning import keep_freed_memory, return_start_up_copies
 from tsqp.wire.client import Client
 from tsqp.wire.curve import client_keys
 from tsqp.wire.transport import check_endpoint, use_shm
@@ -72,6 +72,7 @@ def open_model(
     server: a running `start_server(options)` that several models share (the API's slots)."""
     stats = stats or Stats()
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
+    return_start_up_copies()  # until keep_freed_memory, once the keys (and pads) are made
     with ExitStack() as stack:
         private = stack.enter_context(private_options(options, stats)) if options.private else None
         client = stack.enter_context(open_client(options, stats, server))
