@@ -39,12 +39,14 @@ SAMPLE = {
     "python_prefix": "/usr",
     "python_stdlib": "/usr/lib/python3.11",
     "site_packages": "/opt/tsqp-venv/lib/python3.11/site-packages",
+    "python_files": "/usr/lib/python3.11/,/opt/tsqp-venv/lib/python3.11/site-packages/",
     "tsqp_dir": "/opt/tsqp-venv/lib/python3.11/site-packages/tsqp",
     "model_dir": "/models/tinyllama",
     "model_files": "config.json,tokenizer.json,tokenizer_config.json,generation_config.json,"
     "model-00001-of-00002.safetensors,model-00002-of-00002.safetensors",
     "etc_files": "nsswitch.conf,hosts",
     "tee_args": "generate",
+    "transport": "shm",
     "server_endpoint": "tcp://10.0.0.7:6000",
     "arena_files": "tsqp-enclave-arena",
     "enclave_size": "8G",
@@ -105,7 +107,7 @@ def test_runs_tsqp_module_with_fixed_tcp_argv():
     m = manifest()
     assert m["libos"]["entrypoint"] == SAMPLE["entrypoint"]
     argv = m["loader"]["argv"]
-    assert argv[:4] == [SAMPLE["entrypoint"], "-m", "tsqp", "generate"]
+    assert argv[:5] == [SAMPLE["entrypoint"], "-S", "-m", "tsqp", "generate"]
     assert flag(argv, "--connect") == "tcp://10.0.0.7:6000"
     assert flag(argv, "--model") == SAMPLE["model_dir"]
     # The host must not be able to change the command the signed enclave runs.
@@ -287,6 +289,7 @@ def run_make(tmp_path: pathlib.Path, *make_args: str) -> tuple[dict, pathlib.Pat
     build.mkdir()
     shutil.copy(TEMPLATE, build)
     shutil.copy(MAKEFILE, build)
+    shutil.copy(GRAMINE_DIR / "trusted_python.py", build)
 
     model = tmp_path / "model"
     model.mkdir()
@@ -324,7 +327,7 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
     m, model, fake_pkg = run_make(tmp_path, "SERVER=tcp://192.0.2.1:7000", "ARENA=arena-one,arena-two")
 
     argv = m["loader"]["argv"]
-    assert argv[1:3] == ["-m", "tsqp"]
+    assert argv[1:4] == ["-S", "-m", "tsqp"]
     assert flag(argv, "--connect") == "tcp://192.0.2.1:7000"
     assert flag(argv, "--arena-name") == "arena-one"
     assert m["libos"]["entrypoint"] == os.path.realpath(sys.executable)
