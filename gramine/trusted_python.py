@@ -1,9 +1,10 @@
 """Prints the Python files the enclave trusts, as few comma-separated `file:` paths as cover them.
 
-Run by gramine/Makefile with the interpreter that has tsqp installed. The files are the stdlib (without
-its site-packages, tests and GUI tools) and the installed files of tsqp's runtime dependencies, followed
-through their requirements (no extras), without torch's C++ headers. A folder whose
-files are all kept is printed as one `folder/` entry, otherwise its kept children are.
+Run by gramine/Makefile with the interpreter that has tsqp installed. The files are OpenSSL's
+configuration, the stdlib (without its site-packages, tests and GUI tools) and the installed files of
+tsqp's runtime dependencies, followed through their requirements (no extras), without torch's C++
+headers. A folder whose files are all kept is printed as one `folder/` entry, otherwise its kept
+children are.
 
 Why not the whole stdlib and site-packages folders: gramine-manifest expands every trusted folder into
 one hashed entry per file and the LibOS parses them all at every start; a venv with test tools and a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import ssl
 import sys
 import sysconfig
 
@@ -85,6 +87,10 @@ def main() -> None:
                     entries += cover(entry.path, kept)
             elif entry.path in kept:
                 entries.append(entry.path)
+    # OpenSSL's configuration, read when `ssl` or cryptography loads OpenSSL (OPENSSLDIR/openssl.cnf).
+    openssl_cnf = os.path.join(os.path.dirname(ssl.get_default_verify_paths().openssl_capath), "openssl.cnf")
+    if os.path.isfile(openssl_cnf):
+        entries.append(openssl_cnf)
     print(",".join(entries))
 
 
