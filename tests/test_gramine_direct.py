@@ -1,7 +1,7 @@
 """The TEE side under Gramine's LibOS for real: gramine/Makefile builds the manifest and `make direct` runs
 `tsqp generate` on SmolLM2 under gramine-direct against a `tsqp serve` on the host, over tcp with the
 arena in /dev/shm (untrusted_shm) and over tcp alone; `make SGX=1` signs with a test key and MRENCLAVE
-comes out the same from two builds.
+comes out the same from two builds; private mode runs with its pool key as a Gramine encrypted file.
 
 gramine-direct runs the LibOS without SGX: the manifest, mounts, Python paths and native libraries are
 exercised, and Gramine 1.9 refuses to open a file missing from the trusted and allowed files even here.
@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,17 @@ def test_signed_measurement_is_reproducible(tmp_path, smol):
         assert f"MRENCLAVE {mrenclave}" in done.stdout
         measured.append(mrenclave)
     assert measured[0] == measured[1]
+
+
+def test_private_mode_with_the_pool_key_encrypted(tmp_path, smol, server):
+    """Pad pools in a host folder (not /tmp: the enclave's /tmp is its own tmpfs), the pool key a Gramine
+    encrypted file: the host holds only its ciphertext."""
+    pads = Path(tempfile.mkdtemp(prefix="tsqp-gramine-pads-", dir="/var/tmp"))
+    try:
+        generate(tmp_path, smol, server, "PRIVATE=1", f"PADS_DIR={pads}")
+        manifest = tomllib.loads((tmp_path / "build" / "tsqp-tee.manifest").read_text())
+        assert manifest["sgx"]["allowed_files"] == ["dev:/dev/shm/tsqp-enclave-arena", f"file:{pads}/"]
+        sealed = (pads / "pool.key").read_bytes()
+        assert len(sealed) > 32  # Gramine's encrypted-file format, not the raw 32-byte key
+    finally:
+        shutil.rmtree(pads, ignore_errors=True)

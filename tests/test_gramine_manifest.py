@@ -57,6 +57,7 @@ SAMPLE = {
     "remote_attestation": "none",
     "private": "0",
     "pads_dir": "/var/lib/tsqp/pads",
+    "direct_pool_key": "",
 }
 REQUIRED = ("arch_libdir", "entrypoint", "model_dir", "tsqp_dir")
 
@@ -344,7 +345,8 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_makefile_private_mode(tmp_path):
     pads = "/srv/tsqp/pads"  # not under tmp_path: the template refuses a pads folder inside /tmp
-    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}")
+    # An SGX build (the manifest alone here: signing needs Gramine) seals the pool key to MRENCLAVE.
+    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}", "SGX=1", "tsqp-tee.manifest")
     argv = m["loader"]["argv"]
     assert "--private" in argv
     assert flag(argv, "--pads-dir") == pads
@@ -355,6 +357,19 @@ def test_makefile_private_mode(tmp_path):
         "uri": f"file:{pads}/{KEY_FILE}",
         "key_name": "_sgx_mrenclave",
     } in m["fs"]["mounts"]
+    assert "insecure__keys" not in m["fs"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_makefile_private_mode_for_gramine_direct_keys_the_pool_key_in_the_manifest(tmp_path):
+    """gramine-direct has no sealing key: a fixed key of the build folder's, the same on every render."""
+    pads = "/srv/tsqp/pads"
+    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}")
+    key = (tmp_path / "gramine" / "direct-pool.key").read_text()
+    assert re.fullmatch(r"[0-9a-f]{32}", key)
+    assert m["fs"]["insecure__keys"] == {"tsqp_direct_pool_key": key}
+    encrypted = [mount for mount in m["fs"]["mounts"] if mount.get("type") == "encrypted"]
+    assert [mount["key_name"] for mount in encrypted] == ["tsqp_direct_pool_key"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
