@@ -23,14 +23,17 @@ import sysconfig
 from packaging.requirements import Requirement
 
 STDLIB_LEFT_OUT = {"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip"}
+# Imported when installed though no requirement names them (anyio: `try: import sniffio`): under Gramine
+# an installed but untrusted package fails with PermissionError, which such a try does not catch.
+OPTIONAL_IMPORTS = ("sniffio",)
 PACKAGE_LEFT_OUT = re.compile(r"^torch/include/")  # C++ headers: 9,000 files no import opens
 
 
-def dependency_files(root: str) -> set[str]:
-    """Absolute paths of the files installed by `root` and its requirements, test and build files left out."""
+def dependency_files(*roots: str) -> set[str]:
+    """Absolute paths of the files installed by `roots` and their requirements, torch's headers left out."""
     seen: set[str] = set()
     files: set[str] = set()
-    todo = [root]
+    todo = list(roots)
     while todo:
         name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
         if name in seen:
@@ -78,7 +81,7 @@ def cover(folder: str, kept: set[str]) -> list[str]:
 def main() -> None:
     """argv: the site-packages folders (comma-separated, as gramine/Makefile passes them)."""
     stdlib = os.path.realpath(sysconfig.get_path("stdlib"))
-    kept = stdlib_files(stdlib) | dependency_files("tsqp")
+    kept = stdlib_files(stdlib) | dependency_files("tsqp", *OPTIONAL_IMPORTS)
     entries = []
     for top in dict.fromkeys([stdlib, *(os.path.realpath(p) for p in ",".join(sys.argv[1:]).split(",") if p)]):
         for entry in sorted(os.scandir(top), key=lambda e: e.name):

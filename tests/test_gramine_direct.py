@@ -1,7 +1,8 @@
 """The TEE side under Gramine's LibOS for real: gramine/Makefile builds the manifest and `make direct` runs
 `tsqp generate` on SmolLM2 under gramine-direct against a `tsqp serve` on the host, over tcp with the
 arena in /dev/shm (untrusted_shm) and over tcp alone; `make SGX=1` signs with a test key and MRENCLAVE
-comes out the same from two builds; private mode runs with its pool key as a Gramine encrypted file.
+comes out the same from two builds; `tsqp api --tls` in the enclave answers the openai client on the host;
+private mode runs with its pool key as a Gramine encrypted file.
 
 gramine-direct runs the LibOS without SGX: the manifest, mounts, Python paths and native libraries are
 exercised, and Gramine 1.9 refuses to open a file missing from the trusted and allowed files even here.
@@ -17,10 +18,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -171,3 +175,54 @@ def test_private_mode_with_the_pool_key_encrypted(tmp_path, smol, server):
         assert len(sealed) > 32  # Gramine's encrypted-file format, not the raw 32-byte key
     finally:
         shutil.rmtree(pads, ignore_errors=True)
+
+
+def test_api_with_tls_answers_the_openai_client_outside(tmp_path, smol, server):
+    """`tsqp api --tls` in the enclave (its key made inside), the openai client on the host pinning the
+    certificate the enclave presents (under SGX, RA-TLS would vouch for it: no attestation here)."""
+    openai = pytest.importorskip("openai")
+    from test_api import LISTENING
+
+    port = free_port()
+    # One slot: the manifest fixes one arena name, and the slots of --parallel N would share it (their
+    # sessions then fail as "unknown or expired").
+    tee_args = f"api,--tls,--parallel,1,--port,{port},--served-model-name,{PRESET}"
+    build = tmp_path / "build"
+    make(build, f"MODEL={smol}", f"SERVER={server}", f"TEE_ARGS={tee_args}", "tsqp-tee.manifest")
+    command = ["make", "-s", "-C", str(build), f"PYTHON={sys.executable}", f"MODEL={smol}", f"SERVER={server}"]
+    command += [f"TEE_ARGS={tee_args}", "direct"]
+    process = subprocess.Popen(
+        command, env=gramine_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # gramine-direct hands the enclave's stderr to the host's stdout
+    lines: list[str] = []
+    try:
+        timer = threading.Timer(RUN_TIMEOUT, os.killpg, (process.pid, signal.SIGKILL))
+        timer.start()
+        url = None
+        for line in process.stdout:
+            lines.append(line)
+            if match := LISTENING.search(line):
+                url = match.group(1)
+                break
+        timer.cancel()
+        assert url and url.startswith("https://"), "".join(lines)[-3000:]
+        cert = tmp_path / "enclave-cert.pem"
+        cert.write_text(ssl.get_server_certificate(("127.0.0.1", port)))
+        client = openai.OpenAI(
+            base_url=url + "/v1",
+            api_key="none",
+            max_retries=0,
+            timeout=RUN_TIMEOUT,
+            http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert))),
+        )
+        reply = client.chat.completions.create(
+            model=PRESET, messages=[{"role": "user", "content": FRANCE}], max_tokens=24, temperature=0
+        )
+        assert "Paris" in reply.choices[0].message.content
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -189,6 +189,13 @@ def test_runtime_python_and_packages_are_trusted():
         assert uri in trusted
 
 
+def test_interpreter_libraries_come_before_the_system_ones():
+    """A pyenv or /opt interpreter's libpython, not a system libpython of another patch release."""
+    path = manifest(python_prefix="/opt/python3.11")["loader"]["env"]["LD_LIBRARY_PATH"].split(":")
+    assert path[:2] == ["/lib", "/opt/python3.11/lib"]
+    assert path.index("/opt/python3.11/lib") < path.index("/lib/x86_64-linux-gnu")
+
+
 def test_mounts_cover_python_paths_without_duplicates():
     m = manifest(tsqp_dir="/src/tsqp/tsqp")
     paths = [mount["path"] for mount in m["fs"]["mounts"]]
