@@ -67,7 +67,8 @@ def main() -> None:
         for name in ("Makefile", "tsqp-tee.manifest.template", "trusted_python.py"):
             shutil.copy(GRAMINE_DIR / name, build)
         make = ["make", "-s", "-C", str(build), f"PYTHON={sys.executable}", f"MODEL={model}", f"SERVER={endpoint}"]
-        make += [f"TEE_ARGS={','.join(flags)}"] + (["PRIVATE=1", f"PADS_DIR={pads / 'enclave'}"] if args.private else [])
+        make += [f"TEE_ARGS={','.join(flags)}"]
+        make += ["PRIVATE=1", f"PADS_DIR={pads / 'enclave'}"] if args.private else []
         subprocess.run([*make, "tsqp-tee.manifest"], env=env, check=True, capture_output=True)
         print("| run | first token s | decode tokens/s | TEE peak RSS MiB | wall s |")
         print("|---|---|---|---|---|")
