@@ -12,7 +12,6 @@ copy of a weight: the TEE's peak RSS went from 1.3 to 3.4 GB.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +26,10 @@ START_MMAP_BYTES = 1 << 20  # at start, blocks this large or larger are mapped a
 
 @functools.cache
 def _glibc_function(name: str):
-    """A glibc function, or None (musl, macOS). Looked up once: find_library runs ldconfig."""
-    library = ctypes.util.find_library("c")
+    """A glibc function, or None (musl, macOS). Looked up in the process's own symbols, not through
+    ctypes.util.find_library: that starts ldconfig, gcc and ld, which an enclave cannot (Gramine)."""
     try:
-        return getattr(ctypes.CDLL(library), name) if library else None
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 

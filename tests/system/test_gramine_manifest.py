@@ -39,12 +39,14 @@ SAMPLE = {
     "python_prefix": "/usr",
     "python_stdlib": "/usr/lib/python3.11",
     "site_packages": "/opt/tsqp-venv/lib/python3.11/site-packages",
+    "python_files": "/usr/lib/python3.11/,/opt/tsqp-venv/lib/python3.11/site-packages/",
     "tsqp_dir": "/opt/tsqp-venv/lib/python3.11/site-packages/tsqp",
     "model_dir": "/models/tinyllama",
     "model_files": "config.json,tokenizer.json,tokenizer_config.json,generation_config.json,"
     "model-00001-of-00002.safetensors,model-00002-of-00002.safetensors",
     "etc_files": "nsswitch.conf,hosts",
     "tee_args": "generate",
+    "transport": "shm",
     "server_endpoint": "tcp://10.0.0.7:6000",
     "arena_files": "tsqp-enclave-arena",
     "enclave_size": "8G",
@@ -55,6 +57,7 @@ SAMPLE = {
     "remote_attestation": "none",
     "private": "0",
     "pads_dir": "/var/lib/tsqp/pads",
+    "direct_pool_key": "",
 }
 REQUIRED = ("arch_libdir", "entrypoint", "model_dir", "tsqp_dir")
 
@@ -105,7 +108,7 @@ def test_runs_tsqp_module_with_fixed_tcp_argv():
     m = manifest()
     assert m["libos"]["entrypoint"] == SAMPLE["entrypoint"]
     argv = m["loader"]["argv"]
-    assert argv[:4] == [SAMPLE["entrypoint"], "-m", "tsqp", "generate"]
+    assert argv[:5] == [SAMPLE["entrypoint"], "-S", "-m", "tsqp", "generate"]
     assert flag(argv, "--connect") == "tcp://10.0.0.7:6000"
     assert flag(argv, "--model") == SAMPLE["model_dir"]
     # The host must not be able to change the command the signed enclave runs.
@@ -184,6 +187,13 @@ def test_runtime_python_and_packages_are_trusted():
         "file:/etc/hosts",
     ):
         assert uri in trusted
+
+
+def test_interpreter_libraries_come_before_the_system_ones():
+    """A pyenv or /opt interpreter's libpython, not a system libpython of another patch release."""
+    path = manifest(python_prefix="/opt/python3.11")["loader"]["env"]["LD_LIBRARY_PATH"].split(":")
+    assert path[:2] == ["/lib", "/opt/python3.11/lib"]
+    assert path.index("/opt/python3.11/lib") < path.index("/lib/x86_64-linux-gnu")
 
 
 def test_mounts_cover_python_paths_without_duplicates():
@@ -287,6 +297,7 @@ def run_make(tmp_path: pathlib.Path, *make_args: str) -> tuple[dict, pathlib.Pat
     build.mkdir()
     shutil.copy(TEMPLATE, build)
     shutil.copy(MAKEFILE, build)
+    shutil.copy(GRAMINE_DIR / "trusted_python.py", build)
 
     model = tmp_path / "model"
     model.mkdir()
@@ -324,7 +335,7 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
     m, model, fake_pkg = run_make(tmp_path, "SERVER=tcp://192.0.2.1:7000", "ARENA=arena-one,arena-two")
 
     argv = m["loader"]["argv"]
-    assert argv[1:3] == ["-m", "tsqp"]
+    assert argv[1:4] == ["-S", "-m", "tsqp"]
     assert flag(argv, "--connect") == "tcp://192.0.2.1:7000"
     assert flag(argv, "--arena-name") == "arena-one"
     assert m["libos"]["entrypoint"] == os.path.realpath(sys.executable)
@@ -341,7 +352,8 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_makefile_private_mode(tmp_path):
     pads = "/srv/tsqp/pads"  # not under tmp_path: the template refuses a pads folder inside /tmp
-    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}")
+    # An SGX build (the manifest alone here: signing needs Gramine) seals the pool key to MRENCLAVE.
+    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}", "SGX=1", "tsqp-tee.manifest")
     argv = m["loader"]["argv"]
     assert "--private" in argv
     assert flag(argv, "--pads-dir") == pads
@@ -352,6 +364,19 @@ def test_makefile_private_mode(tmp_path):
         "uri": f"file:{pads}/{KEY_FILE}",
         "key_name": "_sgx_mrenclave",
     } in m["fs"]["mounts"]
+    assert "insecure__keys" not in m["fs"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_makefile_private_mode_for_gramine_direct_keys_the_pool_key_in_the_manifest(tmp_path):
+    """gramine-direct has no sealing key: a fixed key of the build folder's, the same on every render."""
+    pads = "/srv/tsqp/pads"
+    m, _, _ = run_make(tmp_path, "PRIVATE=1", f"PADS_DIR={pads}")
+    key = (tmp_path / "gramine" / "direct-pool.key").read_text()
+    assert re.fullmatch(r"[0-9a-f]{32}", key)
+    assert m["fs"]["insecure__keys"] == {"tsqp_direct_pool_key": key}
+    encrypted = [mount for mount in m["fs"]["mounts"] if mount.get("type") == "encrypted"]
+    assert [mount["key_name"] for mount in encrypted] == ["tsqp_direct_pool_key"]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

@@ -29,6 +29,7 @@ the file can hand it back (rollback); docs/threat-model.md says what that costs 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -43,6 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
+from tsqp.tee.enclave import in_enclave
 from tsqp.tee.op_weights import Op, model_ops, op_dims, product
 from tsqp.wire.pad_seeds import SEED_BYTES, expand, new_seed
 from tsqp.wire.protocol import DTYPE_NAMES, MASKED_DTYPE
@@ -68,20 +70,40 @@ class PoolClaimed(PoolError):
 _CLAIMED: set[bytes] = set()  # file ids this process has claimed: a copy handed back is refused
 
 
+def read_at(fd: int, buffer: memoryview, offset: int) -> int:
+    """preadv into `buffer` (no copy); pread and a copy where the OS lacks preadv (Gramine's LibOS)."""
+    try:
+        return os.preadv(fd, [buffer], offset)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    data = os.pread(fd, len(buffer), offset)
+    buffer[: len(data)] = data
+    return len(data)
+
+
+def write_new_key(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(AESGCM.generate_key(bit_length=256))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def pool_key(folder: Path) -> bytes:
     """The 32-byte pool key of a pad folder, made on first use (mode 0600). In an enclave it belongs in
     a Gramine encrypted mount sealed to the enclave (docs/sgx.md), so only the enclave can read it."""
     path = folder / KEY_FILE
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():  # written whole under a private name, then linked: never seen half-written
+        if not path.exists() and in_enclave():
+            # Gramine: the key is an encrypted mount of its own; a draft beside it would be plaintext on
+            # the host, and nothing links into that mount. One enclave process makes it.
+            write_new_key(path)
+        elif not path.exists():  # written whole under a private name, then linked: never seen half-written
             draft = folder / f".{KEY_FILE}.{secrets.token_hex(8)}"
-            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(AESGCM.generate_key(bit_length=256))
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                write_new_key(draft)
                 try:
                     os.link(draft, path)
                 except FileExistsError:  # another process made it first: its key is the key
@@ -310,7 +332,7 @@ class PoolReader:
         if len(self.sealed) < size:
             self.sealed = bytearray(size)
         raw = memoryview(self.sealed)[:size]
-        if os.preadv(self.fd, [raw], offset) != size:
+        if read_at(self.fd, raw, offset) != size:
             raise PoolError(f"pad pool {self.path.name}: block {block} of {spec.op} is cut short: refused")
         if stream not in self.buffers:  # one per stream, reused block after block: no fresh pages each time
             self.buffers[stream] = bytearray(PREFIX + BLOCK_ROWS * spec.out * MASKED_DTYPE.itemsize)

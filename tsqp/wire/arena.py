@@ -158,9 +158,11 @@ class Regions:
 
 def sweep_stale() -> None:
     """Removes arena files of dead processes (the pid is in the default name): a kill -9 leaves no trace."""
-    if not SHM_DIR.is_dir():
+    try:
+        paths = list(SHM_DIR.glob("tsqp-arena-*-*"))
+    except OSError:  # no /dev/shm, or a listing refused (Gramine's untrusted_shm mount)
         return
-    for path in SHM_DIR.glob("tsqp-arena-*-*"):
+    for path in paths:
         try:
             pid = int(path.name.split("-")[2])
             os.kill(pid, 0)
