@@ -66,8 +66,7 @@ def one_thread(on: bool = True) -> Iterator[None]:
 
     A decode step's TEE ops are small (a row of 2048 to 32,000 values): a second thread gains nothing
     there, and after each parallel region its OpenMP worker spins, waiting for more, on a core the
-    server needs when both share the host. Measured with the 1.1B preset and a CPU server on the same
-    2 cores (docs/benchmarks.md): 729-766 ms a token on one TEE thread against 885-1044 on two.
+    server needs when both share the host (docs/benchmarks.md has the decode figures, one thread against two).
     """
     threads = torch.get_num_threads()
     if not on or threads == 1:

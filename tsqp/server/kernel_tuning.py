@@ -1,12 +1,10 @@
 """Which linear kernel is fastest on this host, for each weight shape and row count, measured once when a CPU
 server loads (kernels.set_plan), as cuDNN's benchmark mode or a BLAS autotuner would.
 
-The fastest kernel depends on the processor more than on anything the code can know. On a Zen 3 EPYC
-(AVX2) one row through oneDNN's plain weight beat its packed copy (49 against 66 ms a GB) and 2 to 8
-rows went fastest with the weight on the left of an MKL product; on a Zen 5 EPYC (AVX-512) the packed
-copy won at nearly every row count (gate_up, 8 rows: 30 ms a GB packed, 38 plain, 93 with the weight on
-the left) and the weight on the left nowhere (docs/benchmarks.md, "Kernels measured on the host"). A
-table written for one host is wrong on the next, so the server measures.
+The fastest kernel depends on the processor more than on anything the code can know: the packed copy, the
+plain weight and the weight on the left of an MKL product each win on some host and lose on another
+(docs/benchmarks.md has the figures by host). A table written for one host is wrong on the next, so the
+server measures.
 
 For every float32 weight shape on the CPU of at least TUNE_MIN_WEIGHTS elements (oneDNN's larger cost a
 call, which set kernels.ONEDNN_MIN_WEIGHTS, is measured with the rest), and each row count of
