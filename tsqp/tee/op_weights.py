@@ -92,7 +92,8 @@ def stream_rows(
     for start in range(0, weight.shape[0], step):
         rows = weight[start : start + step]
         chunk = buffer[: rows.shape[0]]
-        chunk.copy_(rows if rows.dtype == wire else rows.to(wire))
+        direct = rows.dtype == wire or wire == dtype  # converting straight to dtype rounds as the server does
+        chunk.copy_(rows if direct else rows.to(wire))
         yield start, chunk
 
 
