@@ -64,8 +64,8 @@ def main() -> None:
         build = work / "build"
         build.mkdir()
         (pads / "enclave").mkdir()
-        for name in ("Makefile", "tsqp-tee.manifest.template", "trusted_python.py"):
-            shutil.copy(GRAMINE_DIR / name, build)
+        for source in (GRAMINE_DIR / "Makefile", *GRAMINE_DIR.glob("*.template"), *GRAMINE_DIR.glob("*.py")):
+            shutil.copy(source, build)
         make = ["make", "-s", "-C", str(build), f"PYTHON={sys.executable}", f"MODEL={model}", f"SERVER={endpoint}"]
         make += [f"TEE_ARGS={','.join(flags)}"]
         make += ["PRIVATE=1", f"PADS_DIR={pads / 'enclave'}"] if args.private else []

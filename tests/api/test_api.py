@@ -158,6 +158,25 @@ def test_eight_concurrent_streams_each_get_what_they_get_alone(client):
     assert len(set(alone)) > 1
 
 
+def test_fixed_arena_name_gives_each_slot_its_own_arena():
+    """--arena-name (a Gramine manifest fixes it): slot k maps NAME.k, so concurrent slots never share one."""
+    name = f"tsqp-test-slots-{time.monotonic_ns()}"
+    prompts = ["the key model", "the value model", "the query model", "the token model"]
+    with api_process("--model", "tiny", "--parallel", "2", "--arena-name", name) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+        def complete(prompt: str) -> str:
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+        alone = [complete(p) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(complete, prompts))
+        arenas = sorted(path.name for path in Path("/dev/shm").glob(f"{name}*"))
+    assert together == alone
+    assert arenas == [f"{name}.0", f"{name}.1"]
+    assert not list(Path("/dev/shm").glob(f"{name}*"))  # removed when the API stopped
+
+
 def test_max_completion_tokens(client):
     reply = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3, temperature=0

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -90,8 +91,8 @@ def make(build: Path, *args: str) -> subprocess.CompletedProcess:
     """gramine/Makefile in a copy of gramine/ (its outputs stay out of the checkout)."""
     if not build.exists():
         build.mkdir(parents=True)
-        for name in ("Makefile", "tsqp-tee.manifest.template", "trusted_python.py"):
-            shutil.copy(GRAMINE_DIR / name, build)
+        for source in (GRAMINE_DIR / "Makefile", *GRAMINE_DIR.glob("*.template"), *GRAMINE_DIR.glob("*.py")):
+            shutil.copy(source, build)
     command = ["make", "-s", "-C", str(build), f"PYTHON={sys.executable}", *args]
     return subprocess.run(command, env=gramine_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
 
@@ -184,9 +185,8 @@ def test_api_with_tls_answers_the_openai_client_outside(tmp_path, smol, server):
     from support import LISTENING
 
     port = free_port()
-    # One slot: the manifest fixes one arena name, and the slots of --parallel N would share it (their
-    # sessions then fail as "unknown or expired").
-    tee_args = f"api,--tls,--parallel,1,--port,{port},--served-model-name,{PRESET}"
+    # Two slots: each maps its own arena (NAME.0, NAME.1), both listed in the manifest.
+    tee_args = f"api,--tls,--parallel,2,--port,{port},--served-model-name,{PRESET}"
     build = tmp_path / "build"
     make(build, f"MODEL={smol}", f"SERVER={server}", f"TEE_ARGS={tee_args}", "tsqp-tee.manifest")
     command = ["make", "-s", "-C", str(build), f"PYTHON={sys.executable}", f"MODEL={smol}", f"SERVER={server}"]
@@ -215,10 +215,18 @@ def test_api_with_tls_answers_the_openai_client_outside(tmp_path, smol, server):
             timeout=RUN_TIMEOUT,
             http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(cert))),
         )
-        reply = client.chat.completions.create(
-            model=PRESET, messages=[{"role": "user", "content": FRANCE}], max_tokens=24, temperature=0
-        )
-        assert "Paris" in reply.choices[0].message.content
+
+        def ask(_) -> str:
+            reply = client.chat.completions.create(
+                model=PRESET, messages=[{"role": "user", "content": FRANCE}], max_tokens=24, temperature=0
+            )
+            return reply.choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:  # both slots at once
+            answers = list(pool.map(ask, range(2)))
+        assert "Paris" in answers[0] and answers[1] == answers[0]
+        manifest = tomllib.loads((build / "tsqp-tee.manifest").read_text())
+        assert manifest["sgx"]["allowed_files"] == [f"dev:/dev/shm/tsqp-enclave-arena.{k}" for k in range(2)]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

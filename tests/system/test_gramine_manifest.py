@@ -7,6 +7,7 @@ result is parsed as TOML and checked against what docs/sgx.md promises.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -48,6 +49,7 @@ SAMPLE = {
     "tee_args": "generate",
     "transport": "shm",
     "server_endpoint": "tcp://10.0.0.7:6000",
+    "arena_name": "tsqp-enclave-arena",
     "arena_files": "tsqp-enclave-arena",
     "enclave_size": "8G",
     "max_threads": "32",
@@ -153,9 +155,9 @@ def test_arena_file_is_allowed_and_passed_to_the_client():
 
 
 def test_two_arena_files_are_both_allowed():
-    m = manifest(arena_files="tsqp-arena-a, tsqp-arena-b")
-    assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/tsqp-arena-a", "dev:/dev/shm/tsqp-arena-b"]
-    assert flag(m["loader"]["argv"], "--arena-name") == "tsqp-arena-a"
+    m = manifest(arena_name="tsqp-arena", arena_files="tsqp-arena.0, tsqp-arena.1")
+    assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/tsqp-arena.0", "dev:/dev/shm/tsqp-arena.1"]
+    assert flag(m["loader"]["argv"], "--arena-name") == "tsqp-arena"
 
 
 def test_empty_arena_list_is_refused():
@@ -295,9 +297,8 @@ def run_make(tmp_path: pathlib.Path, *make_args: str) -> tuple[dict, pathlib.Pat
     the parsed manifest, the model folder, the package folder."""
     build = tmp_path / "gramine"
     build.mkdir()
-    shutil.copy(TEMPLATE, build)
-    shutil.copy(MAKEFILE, build)
-    shutil.copy(GRAMINE_DIR / "trusted_python.py", build)
+    for source in (MAKEFILE, TEMPLATE, *GRAMINE_DIR.glob("*.py")):
+        shutil.copy(source, build)
 
     model = tmp_path / "model"
     model.mkdir()
@@ -332,14 +333,14 @@ def run_make(tmp_path: pathlib.Path, *make_args: str) -> tuple[dict, pathlib.Pat
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
-    m, model, fake_pkg = run_make(tmp_path, "SERVER=tcp://192.0.2.1:7000", "ARENA=arena-one,arena-two")
+    m, model, fake_pkg = run_make(tmp_path, "SERVER=tcp://192.0.2.1:7000", "ARENA=arena-one")
 
     argv = m["loader"]["argv"]
     assert argv[1:4] == ["-S", "-m", "tsqp"]
     assert flag(argv, "--connect") == "tcp://192.0.2.1:7000"
     assert flag(argv, "--arena-name") == "arena-one"
     assert m["libos"]["entrypoint"] == os.path.realpath(sys.executable)
-    assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/arena-one", "dev:/dev/shm/arena-two"]
+    assert m["sgx"]["allowed_files"] == ["dev:/dev/shm/arena-one"]
     from_model = {uri for uri in m["sgx"]["trusted_files"] if uri.startswith(f"file:{model}/")}
     assert from_model == {f"file:{model}/{name}" for name in ("config.json", "tokenizer.json", "model.safetensors")}
     assert f"file:{fake_pkg.resolve()}/" in m["sgx"]["trusted_files"]
@@ -347,6 +348,34 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
     # Private mode is off unless asked for.
     assert "--private" not in argv and "--pads-dir" not in argv
     assert not [mount for mount in m["fs"]["mounts"] if mount.get("type") == "encrypted"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize(
+    ("tee_args", "names"),
+    [
+        ("api,--tls,--parallel,3", ["a.0", "a.1", "a.2"]),
+        ("api,--parallel=2", ["a.0", "a.1"]),
+        ("api,--tls", [f"a.{k}" for k in range(4)]),  # tsqp api's default --parallel
+        ("generate,--prompt,Hello there", ["a"]),
+    ],
+)
+def test_makefile_allows_one_arena_per_api_slot(tmp_path, tee_args, names):
+    """`tsqp api` maps one arena per slot (tsqp/api/slots.py): each is allowed, none shared."""
+    m, _, _ = run_make(tmp_path, "ARENA=a", f"TEE_ARGS={tee_args}")
+    assert m["sgx"]["allowed_files"] == [f"dev:/dev/shm/{name}" for name in names]
+    assert flag(m["loader"]["argv"], "--arena-name") == "a"
+
+
+def test_arena_names_default_is_the_api_default():
+    spec = importlib.util.spec_from_file_location("arena_names", GRAMINE_DIR / "arena_names.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from tsqp.api.slots import arena_names
+    from tsqp.options import ApiOptions
+
+    assert module.DEFAULT_PARALLEL == ApiOptions.parallel
+    assert module.arena_files("x", "api") == arena_names("x", ApiOptions.parallel)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

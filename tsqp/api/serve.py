@@ -8,6 +8,7 @@ unreachable server or a refused key is reported at start, in one line.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import sys
 from contextlib import ExitStack
@@ -123,4 +124,11 @@ def run_api(options: ApiOptions) -> None:
         )
         if tls is not None and options.tls_cert is None:
             print(f"tsqp api: certificate for clients to pin: {tls.certfile}", file=sys.stderr, flush=True)
+        # uvicorn shuts down gracefully on SIGTERM and then raises it again: exit through the stack
+        # (slots closed, arenas unlinked, the server stopped) rather than die by the default action.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         uvicorn.Server(config).run(sockets=[sock])
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -5,10 +5,15 @@ its own session, interleaved with the others op by op. Slots are opened when the
 up to `parallel`; a request beyond that waits for one to come free. A slot whose link failed (the
 server gone, a result that failed verification) is closed and replaced by a fresh one on the next
 request, which is refused at once if the server is still unreachable.
+
+With a fixed arena name (`--arena-name NAME`, as a Gramine manifest lists it), slot k maps the arena
+NAME.k, k < parallel: two slots never share one arena, and a manifest can list every name in advance
+(`arena_names`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable
@@ -25,11 +30,18 @@ class ClientGone(Exception):
     """Raised from a token callback when the HTTP client went away: the generation ends, its session freed."""
 
 
+def arena_names(name: str | None, parallel: int) -> list[str | None]:
+    """The arena each of `parallel` slots maps: NAME.k for a fixed name, else None (a fresh name each)."""
+    return [f"{name}.{k}" if name else None for k in range(parallel)]
+
+
 class Slot:
-    def __init__(self, options: RunOptions, server):
+    def __init__(self, options: RunOptions, server, arena_name: str | None):
+        self.arena_name = arena_name
         self.stack = ExitStack()
         try:
-            self.tee: TeeModel = self.stack.enter_context(open_model(options, server=server))
+            slot_options = dataclasses.replace(options, arena_name=arena_name)
+            self.tee: TeeModel = self.stack.enter_context(open_model(slot_options, server=server))
         except BaseException:
             self.stack.close()
             raise
@@ -47,10 +59,13 @@ class ModelSlots:
         self.parallel = parallel
         self.idle: queue.LifoQueue[Slot] = queue.LifoQueue()  # the warmest slot first
         self.free = threading.Semaphore(parallel)  # at most `parallel` slots exist
+        self.names: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # arena names no slot holds
+        for name in arena_names(options.arena_name, parallel):
+            self.names.put(name)
 
     def start(self) -> TeeModel:
         """Opens the first slot now, so that a model or server problem is reported before the API listens."""
-        slot = Slot(self.options, self.server)
+        slot = self._open()
         self.idle.put(slot)
         return slot.tee
 
@@ -83,13 +98,27 @@ class ModelSlots:
         try:
             return self.idle.get_nowait()
         except queue.Empty:
-            return Slot(self.options, self.server)
+            return self._open()
+
+    def _open(self) -> Slot:
+        name = self.names.get_nowait()  # never empty: each slot holds one name, and at most `parallel` exist
+        try:
+            return Slot(self.options, self.server, name)
+        except BaseException:
+            self.names.put(name)
+            raise
+
+    def _close(self, slot: Slot) -> None:
+        try:
+            slot.close()
+        finally:
+            self.names.put(slot.arena_name)
 
     def _give_back(self, slot: Slot, healthy: bool) -> None:
         if healthy:
             self.idle.put(slot)
         else:
-            slot.close()
+            self._close(slot)
 
     def server_gone(self) -> str | None:
         """Why the API's own server exited, or None while it runs (or when it is someone else's)."""
@@ -98,6 +127,6 @@ class ModelSlots:
     def close(self) -> None:
         while True:
             try:
-                self.idle.get_nowait().close()
+                self._close(self.idle.get_nowait())
             except queue.Empty:
                 return

@@ -1,0 +1,29 @@
+"""Prints the arena files the TEE will open for TEE_ARGS, comma-separated: the manifest allows exactly these.
+
+Run by gramine/Makefile as `python arena_names.py ARENA TEE_ARGS` (TEE_ARGS comma-separated, as the
+Makefile takes it). One arena for a single client (`generate`, `logits`...); for `tsqp api`, one per
+slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so). Standalone, without tsqp:
+gramine/Makefile runs it with whatever interpreter it is given, and the test keeps DEFAULT_PARALLEL
+equal to `tsqp api`'s own default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_PARALLEL = 4  # `tsqp api --parallel`'s default (tsqp/options.py ApiOptions)
+
+
+def arena_files(arena: str, tee_args: str) -> list[str]:
+    argv = [arg.strip() for arg in tee_args.split(",") if arg.strip()]
+    if not argv or argv[0] != "api":
+        return [arena]
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
+    parallel = parser.parse_known_args(argv[1:])[0].parallel
+    return [f"{arena}.{k}" for k in range(parallel)]
+
+
+if __name__ == "__main__":
+    print(",".join(arena_files(sys.argv[1], sys.argv[2])))
