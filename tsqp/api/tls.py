@@ -21,8 +21,8 @@ import ipaddress
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tsqp.attest.evidence import Evidence

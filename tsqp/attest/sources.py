@@ -47,7 +47,7 @@ class GramineSgx:
         (self.root / "user_report_data").write_bytes(report_data)
         quote = (self.root / "quote").read_bytes()
         if len(quote) < 436 + 64:  # header, report body, signature length, and at least the signature
-            raise TsqpError(f"Gramine returned a {len(quote)}-byte quote: is sgx.remote_attestation = \"dcap\"?")
+            raise TsqpError(f'Gramine returned a {len(quote)}-byte quote: is sgx.remote_attestation = "dcap"?')
         return quote
 
 
@@ -93,7 +93,7 @@ def select(choice: str, gramine: Path = GRAMINE, tsm: Path = TSM_REPORTS) -> Quo
     if choice == "sgx" and not sgx:
         raise TsqpError(
             f"--attestation sgx: {gramine}/attestation_type does not say dcap (run under gramine-sgx with "
-            "sgx.remote_attestation = \"dcap\", RA_TYPE=dcap in gramine/Makefile)"
+            'sgx.remote_attestation = "dcap", RA_TYPE=dcap in gramine/Makefile)'
         )
     if choice == "tdx" and not tdx:
         raise TsqpError(f"--attestation tdx: {tsm} does not exist (a TDX guest with configfs-tsm mounted)")

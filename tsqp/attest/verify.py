@@ -65,7 +65,8 @@ class Verified:
     def line(self) -> str:
         shown = ", ".join(f"{name.upper()} {value}" for name, value in self.facts.measurement.items())
         model = self.claims["model"]
-        ident = f"GGUF sha256 {model['gguf_sha256']}" if model.get("gguf_sha256") else f"fingerprint {model['fingerprint']}"
+        gguf = model.get("gguf_sha256")
+        ident = f"GGUF sha256 {gguf}" if gguf else f"fingerprint {model['fingerprint']}"
         settings = ", ".join(f"{k}={v}" for k, v in self.claims["settings"].items())
         return (
             f"verified: {self.facts.tee} quote, TCB {self.facts.tcb_status}, {shown}; model {ident}; {settings}; "
@@ -133,8 +134,12 @@ def check_platform(facts: QuoteFacts, expect: Expectation) -> None:
             f"(--allow-tcb {facts.tcb_status} if you accept it)"
         )
     if facts.debug and not expect.allow_debug:
-        raise Refused(f"the quote comes from a debug {'enclave' if facts.tee == 'sgx' else 'TD'}: its memory is not confidential")
-    wanted = {"mrenclave": expect.mrenclave, "mrsigner": expect.mrsigner} if facts.tee == "sgx" else {"mrtd": expect.mrtd}
+        kind = "enclave" if facts.tee == "sgx" else "TD"
+        raise Refused(f"the quote comes from a debug {kind}: its memory is not confidential to the host")
+    if facts.tee == "sgx":
+        wanted = {"mrenclave": expect.mrenclave, "mrsigner": expect.mrsigner}
+    else:
+        wanted = {"mrtd": expect.mrtd}
     wanted = {name: value.lower() for name, value in wanted.items() if value}
     if not wanted:
         flags = "--expect-mrenclave (or --expect-mrsigner)" if facts.tee == "sgx" else "--expect-mrtd"
