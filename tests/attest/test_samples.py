@@ -94,7 +94,7 @@ def test_every_single_bit_flip_in_a_signed_part_is_refused_with_its_reason(name,
         for bit in (0, 7):
             flipped = bytearray(quote)
             flipped[offset] ^= 1 << bit
-            message = refusal(lambda: verify_quote(bytes(flipped), collateral, now))
+            message = refusal(lambda quote=bytes(flipped): verify_quote(quote, collateral, now))
             assert message.startswith("the quote failed verification against the collateral ("), message
             if bit == 0:  # bit 7 of a header byte may fail an earlier parse check
                 assert reason in message, (offset, message)
