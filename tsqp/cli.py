@@ -296,8 +296,8 @@ def parse_settings(text: str | None) -> dict:
 
 def cmd_verify(args: argparse.Namespace, root_ca_der: bytes | None = None) -> None:
     """root_ca_der: a root of trust other than Intel's, for tests only (no flag sets it)."""
+    from tsqp.attest.client import attest
     from tsqp.attest.verify import Expectation, Refused
-    from tsqp.client import attest
 
     expect = Expectation(
         mrenclave=args.expect_mrenclave,

@@ -20,8 +20,8 @@ from support import api_process
 from testonly_sgx import MRENCLAVE, TestOnlyDcapWorld
 
 from tsqp.api.tls import ephemeral
+from tsqp.attest.client import attested_openai, pinned_context
 from tsqp.attest.verify import Expectation, Refused
-from tsqp.client import attested_openai, pinned_context
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.presets import preset_path
 
