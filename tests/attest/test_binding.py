@@ -131,3 +131,12 @@ def test_settings_parse():
     assert parse_settings(None) == {}
     with pytest.raises(TsqpError, match="NAME=VALUE"):
         parse_settings("private")
+
+
+def test_a_quote_binds_only_a_key_made_in_the_process():
+    from tsqp.api.serve import quote_source
+    from tsqp.options import ApiOptions
+
+    with pytest.raises(TsqpError, match="--attestation sgx needs --tls"):
+        quote_source(ApiOptions(run=None, attestation="sgx"))
+    assert isinstance(quote_source(ApiOptions(run=None, attestation="auto")), sources.NoQuotes)  # plain HTTP
