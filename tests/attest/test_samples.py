@@ -11,7 +11,7 @@ from pathlib import Path
 import dcap_qvl
 import pytest
 
-from tsqp.attest.evidence import Evidence
+from tsqp.attest.evidence import Evidence, measurement
 from tsqp.attest.verify import Expectation, Refused, check_platform, verify_evidence, verify_quote
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -150,3 +150,9 @@ def test_a_real_quote_over_other_report_data_binds_no_tsqp_key(tmp_path):
     assert message.startswith("the quote does not commit to the TLS key this server presented")
     other_root = refusal(lambda: verify_evidence(evidence, cert_der, collateral, expect, now, world.root_der))
     assert other_root.startswith("the quote failed verification")  # Intel's chain does not end at a test root
+
+
+@pytest.mark.parametrize("name", ["sgx_quote", "tdx_quote"])
+def test_the_served_measurement_is_the_one_dcap_qvl_reads(name):
+    quote, collateral, now = sample(name)
+    assert measurement(quote) == verify_quote(quote, collateral, now).measurement
