@@ -276,8 +276,18 @@ def cmd_api(args: argparse.Namespace, source=None) -> None:
 
     options = from_args(ApiOptions, args, run=run_options(args, resolve_model(args)))
     spec = args.preset or args.model
-    gguf = Path(spec).expanduser() if spec and Path(spec).expanduser().is_file() else None
-    run_api(replace(options, name=options.name or served_name(spec)), gguf=gguf, source=source)
+    run_api(replace(options, name=options.name or served_name(spec)), gguf=model_file(spec), source=source)
+
+
+def model_file(spec: str | None) -> Path | None:
+    """The GGUF file behind --model (a path, or a real model fetched as one): its sha256 is part of the
+    model's identity in the API's attestation."""
+    from tsqp.model.fetch import REAL_MODELS, fetched_gguf
+
+    if spec in REAL_MODELS:
+        return fetched_gguf(spec)
+    path = Path(spec).expanduser() if spec else None
+    return path if path is not None and path.is_file() else None
 
 
 def parse_settings(text: str | None) -> dict:

@@ -14,7 +14,7 @@ from testonly_sgx import MRENCLAVE, MRSIGNER, TestOnlyDcapWorld, TestOnlySgxQuot
 from tsqp.api.tls import RA_TLS_QUOTE_OID, ephemeral
 from tsqp.attest import sources
 from tsqp.attest.evidence import Evidence, canonical, make_claims, report_data
-from tsqp.attest.verify import Expectation, Refused, verify_evidence
+from tsqp.attest.verify import Expectation, Refused, check_claims, verify_evidence
 from tsqp.cli import parse_settings
 from tsqp.errors import TsqpError
 
@@ -140,3 +140,17 @@ def test_a_quote_binds_only_a_key_made_in_the_process():
     with pytest.raises(TsqpError, match="--attestation sgx needs --tls"):
         quote_source(ApiOptions(run=None, attestation="sgx"))
     assert isinstance(quote_source(ApiOptions(run=None, attestation="auto")), sources.NoQuotes)  # plain HTTP
+
+
+def test_a_gguf_files_sha256_joins_the_models_identity(tmp_path):
+    from tsqp.cli import model_file
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 5000)
+    assert model_file(str(gguf)) == gguf and model_file("tiny") is None and model_file(None) is None
+    claims = make_claims("ab" * 32, model_file(str(gguf)), private=False, verify=True, pad_bits=20)
+    assert claims["model"]["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert claims["settings"] == {"private": False, "verify": True, "pad_bits": None}  # pads only in private mode
+    by_file = Expectation(mrenclave="x", model=claims["model"]["gguf_sha256"])
+
+    check_claims(claims, by_file)  # the GGUF's sha256 names the model as well as the fingerprint
