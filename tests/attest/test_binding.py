@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from testonly_sgx import MRENCLAVE, MRSIGNER, TestOnlyDcapWorld, TestOnlySgxQuotes
+from testonly_sgx import MRENCLAVE, MRSIGNER, TestOnlyDcapWorld, TestOnlySgxQuotes, pccs
 
 from tsqp.api.tls import RA_TLS_QUOTE_OID, ephemeral
 from tsqp.attest import sources
@@ -154,3 +154,14 @@ def test_a_gguf_files_sha256_joins_the_models_identity(tmp_path):
     by_file = Expectation(mrenclave="x", model=claims["model"]["gguf_sha256"])
 
     check_claims(claims, by_file)  # the GGUF's sha256 names the model as well as the fingerprint
+
+
+def test_collateral_fetched_from_a_pccs_url(world, tmp_path):
+    evidence, cert_der = served(world, tmp_path)
+    with pccs(world) as url:
+        verified = verify_evidence(evidence, cert_der, url, EXPECT, root_ca_der=world.root_der)
+        assert verified.facts.tcb_status == "UpToDate"
+        missing = refusal(
+            lambda: verify_evidence(evidence, cert_der, url + "/nothing", EXPECT, root_ca_der=world.root_der)
+        )
+        assert missing.startswith(f"cannot fetch the collateral from {url}/nothing (")

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import http.server
 import json
 import struct
 import sys
+import threading
+import urllib.parse
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -196,6 +200,50 @@ class TestOnlyDcapWorld:
             + chain
         )
         return header + bytes(body) + struct.pack("<I", len(signature)) + signature
+
+
+@contextmanager
+def pccs(world: TestOnlyDcapWorld):
+    """A local PCCS serving the world's collateral on the paths and headers dcap-qvl's get_collateral asks
+    for (Intel's PCS API v4); yields its http:// URL."""
+    collateral = json.loads(world.collateral.read_text())
+    quoted = urllib.parse.quote
+    routes = {
+        "/sgx/certification/v4/pckcrl": (
+            {"SGX-PCK-CRL-Issuer-Chain": quoted(collateral["pck_crl_issuer_chain"])},
+            bytes.fromhex(collateral["pck_crl"]),
+        ),
+        "/sgx/certification/v4/tcb": (
+            {"SGX-TCB-Info-Issuer-Chain": quoted(collateral["tcb_info_issuer_chain"])},
+            f'{{"tcbInfo":{collateral["tcb_info"]},"signature":"{collateral["tcb_info_signature"]}"}}'.encode(),
+        ),
+        "/sgx/certification/v4/qe/identity": (
+            {"SGX-Enclave-Identity-Issuer-Chain": quoted(collateral["qe_identity_issuer_chain"])},
+            f'{{"enclaveIdentity":{collateral["qe_identity"]},"signature":"{collateral["qe_identity_signature"]}"}}'.encode(),
+        ),
+        "/sgx/certification/v4/rootcacrl": ({}, collateral["root_ca_crl"].encode()),  # PCCS: hex
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            headers, body = routes.get(self.path.partition("?")[0], ({}, None))
+            self.send_response(200 if body is not None else 404)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class TestOnlySgxQuotes:

@@ -80,9 +80,12 @@ def load_collateral(source: str, quote: bytes):
 
     import dcap_qvl
 
+    async def fetch():  # dcap-qvl's future needs the running loop when it is made
+        return await dcap_qvl.get_collateral(source, quote)
+
     if source.startswith(("https://", "http://")):
         try:
-            return asyncio.run(dcap_qvl.get_collateral(source, quote))
+            return asyncio.run(fetch())
         except (ValueError, RuntimeError) as exc:
             raise Refused(f"cannot fetch the collateral from {source} ({first_line(exc)})") from None
     path = Path(source)
