@@ -165,3 +165,11 @@ def test_collateral_fetched_from_a_pccs_url(world, tmp_path):
             lambda: verify_evidence(evidence, cert_der, url + "/nothing", EXPECT, root_ca_der=world.root_der)
         )
         assert missing.startswith(f"cannot fetch the collateral from {url}/nothing (")
+
+
+def test_a_platform_that_cannot_quote_fails_in_one_line(tmp_path):
+    with pytest.raises(TsqpError, match="cannot get an SGX quote from"):
+        sources.GramineSgx(tmp_path / "absent").quote(b"r" * 64)
+    (tmp_path / "tsm").mkdir()  # a plain folder: its report entry has no provider file
+    with pytest.raises(TsqpError, match="cannot get a TDX quote from"):
+        sources.TdxConfigfs(tmp_path / "tsm").quote(b"r" * 64)

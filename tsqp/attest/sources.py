@@ -44,8 +44,11 @@ class GramineSgx:
         self.root = root
 
     def quote(self, report_data: bytes) -> bytes:
-        (self.root / "user_report_data").write_bytes(report_data)
-        quote = (self.root / "quote").read_bytes()
+        try:
+            (self.root / "user_report_data").write_bytes(report_data)
+            quote = (self.root / "quote").read_bytes()
+        except OSError as exc:
+            raise TsqpError(f"cannot get an SGX quote from {self.root} ({exc.strerror or exc})") from None
         if len(quote) < 436 + 64:  # header, report body, signature length, and at least the signature
             raise TsqpError(f'Gramine returned a {len(quote)}-byte quote: is sgx.remote_attestation = "dcap"?')
         return quote
@@ -60,6 +63,12 @@ class TdxConfigfs:
         self.root = root
 
     def quote(self, report_data: bytes) -> bytes:
+        try:
+            return self.report(report_data)
+        except OSError as exc:
+            raise TsqpError(f"cannot get a TDX quote from {self.root} ({exc.strerror or exc}): run as root?") from None
+
+    def report(self, report_data: bytes) -> bytes:
         entry = self.root / f"tsqp-{os.getpid()}-{secrets.token_hex(4)}"
         entry.mkdir()
         try:
