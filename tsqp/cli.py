@@ -290,24 +290,10 @@ def model_file(spec: str | None) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
-def parse_settings(text: str | None) -> dict:
-    """--expect-settings private=true,pad_bits=20 -> {"private": True, "pad_bits": 20}."""
-    values = {"true": True, "false": False, "none": None}
-    settings = {}
-    for part in (text or "").replace(" ", "").split(","):
-        name, equals, value = part.partition("=")
-        if not equals or not name:
-            if part:
-                raise TsqpError(f"--expect-settings takes NAME=VALUE pairs, got {part!r}")
-            continue
-        settings[name] = values[value.lower()] if value.lower() in values else int(value) if value.isdigit() else value
-    return settings
-
-
 def cmd_verify(args: argparse.Namespace, root_ca_der: bytes | None = None) -> None:
     """root_ca_der: a root of trust other than Intel's, for tests only (no flag sets it)."""
     from tsqp.attest.client import attest
-    from tsqp.attest.verify import Expectation, Refused
+    from tsqp.attest.verify import Expectation, Refused, parse_settings
 
     expect = Expectation(
         mrenclave=args.expect_mrenclave,

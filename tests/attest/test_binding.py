@@ -14,8 +14,7 @@ from testonly_sgx import MRENCLAVE, MRSIGNER, TestOnlyDcapWorld, TestOnlySgxQuot
 from tsqp.api.tls import RA_TLS_QUOTE_OID, ephemeral
 from tsqp.attest import sources
 from tsqp.attest.evidence import Evidence, canonical, make_claims, report_data
-from tsqp.attest.verify import Expectation, Refused, check_claims, verify_evidence
-from tsqp.cli import parse_settings
+from tsqp.attest.verify import Expectation, Refused, check_claims, parse_settings, verify_evidence
 from tsqp.errors import TsqpError
 
 CLAIMS = make_claims("ab" * 32, None, private=True, verify=True, pad_bits=20)

@@ -74,6 +74,20 @@ class Verified:
         )
 
 
+def parse_settings(text: str | None) -> dict:
+    """--expect-settings private=true,pad_bits=20 -> {"private": True, "pad_bits": 20}."""
+    values = {"true": True, "false": False, "none": None}
+    settings = {}
+    for part in (text or "").replace(" ", "").split(","):
+        name, equals, value = part.partition("=")
+        if not equals or not name:
+            if part:
+                raise TsqpError(f"--expect-settings takes NAME=VALUE pairs, got {part!r}")
+            continue
+        settings[name] = values[value.lower()] if value.lower() in values else int(value) if value.isdigit() else value
+    return settings
+
+
 def load_collateral(source: str, quote: bytes):
     """dcap-qvl collateral from a JSON file (dcap-qvl's format), or fetched from a PCCS/PCS URL."""
     import asyncio
