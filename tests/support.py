@@ -87,9 +87,10 @@ def decode_at_once(model, prompts: list[list[int]], lengths: list[int], extra_ar
 
 
 @contextmanager
-def api_process(*args: str, timeout: float = 120):
-    """Starts `tsqp api ARGS --port 0`, yields (base url, Popen) once it listens; stops it on exit."""
-    command = [sys.executable, "-X", "faulthandler", "-m", "tsqp", "api", "--port", "0", *map(str, args)]
+def api_process(*args: str, timeout: float = 120, entry: tuple[str, ...] = ("-m", "tsqp")):
+    """Starts `tsqp api ARGS --port 0`, yields (base url, Popen) once it listens; stops it on exit.
+    entry: what python runs in place of `-m tsqp` (a script that hands the command test-only parts)."""
+    command = [sys.executable, "-X", "faulthandler", *map(str, entry), "api", "--port", "0", *map(str, args)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     url = None

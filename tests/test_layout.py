@@ -28,6 +28,7 @@ FORBIDDEN = {
     "server": ("tsqp.tee", "tsqp.measure", "transformers"),
     "model": ("tsqp.tee", "tsqp.server", "tsqp.measure", "transformers"),
     "wire": ("tsqp.tee", "tsqp.server", "tsqp.measure", "transformers"),
+    "attest": ("tsqp.tee", "tsqp.server", "tsqp.measure", "tsqp.api", "transformers"),  # both ends: the TEE, a user
 }
 
 

@@ -11,6 +11,8 @@ tsqp api      --model M [--host H] [--port P] [--api-key KEY] [--tls] [--private
 tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
 tsqp preset   NAME            (writes or fetches the preset checkpoint and prints its folder)
 tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
+tsqp verify   URL --collateral FILE|URL (--expect-mrenclave HEX | --expect-mrtd HEX) [--expect-model SHA256]
+              [--expect-settings K=V,...] [--allow-tcb STATUS,...] [--pin-out FILE]   (checks an API's attestation)
 
 --model takes a Hugging Face folder, a GGUF file or a preset name everywhere (--preset NAME: the same).
 """
@@ -38,6 +40,7 @@ from tsqp.options import (
     PresetFlags,
     RunOptions,
     ServeFlags,
+    VerifyFlags,
     add_options,
     from_args,
 )
@@ -57,6 +60,7 @@ SUBCOMMANDS = (  # name, help, the option groups whose fields are its flags
     ("pads", "precompute private mode's one-time pads in the TEE, into a pool file", (ModelFlags, PadsFlags)),
     ("preset", "write or fetch a preset checkpoint (if needed) and print its folder", (PresetFlags,)),
     ("keys", "write CurveZMQ key pairs (server, client) and an allow-list", (KeysFlags,)),
+    ("verify", "check an API server's attestation (quote, measurement, TLS key, model); one line", (VerifyFlags,)),
 )
 
 
@@ -265,12 +269,47 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
         Path(args.json_path).write_text(json.dumps(result, indent=2))
 
 
-def cmd_api(args: argparse.Namespace) -> None:
+def cmd_api(args: argparse.Namespace, source=None) -> None:
+    """source: the quote source, None for --attestation's (tests hand in their own, never the CLI)."""
     from tsqp.api.serve import run_api
     from tsqp.model.sources import served_name
 
     options = from_args(ApiOptions, args, run=run_options(args, resolve_model(args)))
-    run_api(replace(options, name=options.name or served_name(args.preset or args.model)))
+    spec = args.preset or args.model
+    run_api(replace(options, name=options.name or served_name(spec)), gguf=model_file(spec), source=source)
+
+
+def model_file(spec: str | None) -> Path | None:
+    """The GGUF file behind --model (a path, or a real model fetched as one): its sha256 is part of the
+    model's identity in the API's attestation."""
+    from tsqp.model.fetch import REAL_MODELS, fetched_gguf
+
+    if spec in REAL_MODELS:
+        return fetched_gguf(spec)
+    path = Path(spec).expanduser() if spec else None
+    return path if path is not None and path.is_file() else None
+
+
+def cmd_verify(args: argparse.Namespace, root_ca_der: bytes | None = None) -> None:
+    """root_ca_der: a root of trust other than Intel's, for tests only (no flag sets it)."""
+    from tsqp.attest.client import attest
+    from tsqp.attest.verify import Expectation, Refused, parse_settings
+
+    expect = Expectation(
+        mrenclave=args.expect_mrenclave,
+        mrsigner=args.expect_mrsigner,
+        mrtd=args.expect_mrtd,
+        model=args.expect_model,
+        settings=parse_settings(args.expect_settings),
+        allow_tcb=tuple(s for s in args.allow_tcb.replace(" ", "").split(",") if s),
+    )
+    try:
+        attested = attest(args.url, expect, args.collateral, root_ca_der=root_ca_der)
+    except Refused as exc:
+        raise TsqpError(f"refused: {exc}") from None
+    if args.pin_out:
+        Path(args.pin_out).write_text(attested.cert_pem)
+    print(attested.verified.line())
 
 
 def cmd_pads(args: argparse.Namespace) -> None:
@@ -321,6 +360,7 @@ COMMANDS = {
     "pads": cmd_pads,
     "preset": cmd_preset,
     "keys": cmd_keys,
+    "verify": cmd_verify,
 }
 
 

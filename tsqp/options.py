@@ -335,6 +335,19 @@ class KeysFlags:
 
 
 @dataclass
+class VerifyFlags:
+    url: str = option("the API's https:// URL", flag="url")
+    collateral: str = option("Intel collateral: a dcap-qvl JSON file, or a PCCS/PCS URL to fetch it", required=True)
+    expect_mrenclave: str | None = option("SGX: the enclave's MRENCLAVE (hex)")
+    expect_mrsigner: str | None = option("SGX: the enclave signer's MRSIGNER (hex)")
+    expect_mrtd: str | None = option("TDX: the TD's MRTD (hex)")
+    expect_model: str | None = option("sha256 of the GGUF file, or the model's fingerprint")
+    expect_settings: str | None = option("e.g. private=true,verify=true,pad_bits=20")
+    allow_tcb: str = option("TCB statuses to accept, comma-separated (default UpToDate)", "UpToDate")
+    pin_out: str | None = option("write the attested certificate (PEM) here, for other clients to pin")
+
+
+@dataclass
 class ApiOptions:
     """`tsqp api`'s flags (and the client options of every slot)."""
 
@@ -359,4 +372,10 @@ class ApiOptions:
     )
     insecure_http: bool = option(
         "allow plain HTTP on a non-loopback --host (the host then reads every prompt and answer)", False
+    )
+    attestation: str = option(
+        "quote the --tls key, the model and the settings: sgx (Gramine's /dev/attestation), tdx (configfs-tsm), "
+        "none; auto: what this process has, else none (clients then refuse it); sgx or tdx where absent fails",
+        "auto",
+        choices=("auto", "sgx", "tdx", "none"),
     )

@@ -1,7 +1,8 @@
 """The TEE side under Gramine's LibOS for real: gramine/Makefile builds the manifest and `make direct` runs
 `tsqp generate` on SmolLM2 under gramine-direct against a `tsqp serve` on the host, over tcp with the
 arena in /dev/shm (untrusted_shm) and over tcp alone; `make SGX=1` signs with a test key and MRENCLAVE
-comes out the same from two builds; `tsqp api --tls` in the enclave answers the openai client on the host;
+comes out the same from two builds; `tsqp api --tls` in the enclave answers the openai client on the host,
+and, with no SGX under gramine-direct, reports no attestation, which `tsqp.attest.client.attest` refuses;
 private mode runs with its pool key as a Gramine encrypted file.
 
 gramine-direct runs the LibOS without SGX: the manifest, mounts, Python paths and native libraries are
@@ -180,7 +181,8 @@ def test_private_mode_with_the_pool_key_encrypted(tmp_path, smol, server):
 
 def test_api_with_tls_answers_the_openai_client_outside(tmp_path, smol, server):
     """`tsqp api --tls` in the enclave (its key made inside), the openai client on the host pinning the
-    certificate the enclave presents (under SGX, RA-TLS would vouch for it: no attestation here)."""
+    certificate the enclave presents (under SGX, RA-TLS would vouch for it: no attestation here, and the
+    endpoint says so; an attested client refuses it)."""
     openai = pytest.importorskip("openai")
     from support import LISTENING
 
@@ -227,6 +229,12 @@ def test_api_with_tls_answers_the_openai_client_outside(tmp_path, smol, server):
         assert "Paris" in answers[0] and answers[1] == answers[0]
         manifest = tomllib.loads((build / "tsqp-tee.manifest").read_text())
         assert manifest["sgx"]["allowed_files"] == [f"dev:/dev/shm/tsqp-enclave-arena.{k}" for k in range(2)]
+        assert "not attested" in lines[-1]
+        from tsqp.attest.client import attest
+        from tsqp.attest.verify import Expectation, Refused
+
+        with pytest.raises(Refused, match=r"^the server reports no attestation \(tee: none\)"):
+            attest(url, Expectation(mrenclave="00" * 32), str(tmp_path / "collateral.json"))
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

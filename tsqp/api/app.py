@@ -39,6 +39,7 @@ class ApiState:
     vocab_size: int
     slots: ModelSlots
     api_key: str | None = None
+    attestation: dict | None = None  # GET /v1/attestation: attest/evidence.py's document
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
@@ -75,6 +76,7 @@ class Endpoints:
         return [
             Route("/health", self.health),
             Route("/metrics", self.metrics),
+            Route("/v1/attestation", self.attestation),
             Route("/v1/models", self.models),
             Route("/v1/models/{name:path}", self.one_model),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -89,6 +91,12 @@ class Endpoints:
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.state.metrics.exposition(), media_type=self.state.metrics.content_type)
+
+    async def attestation(self, request: Request) -> Response:
+        """The evidence a client checks before its first prompt (so it needs no API key)."""
+        if self.state.attestation is None:
+            raise ApiError(503, "the attestation evidence is not ready yet")
+        return JSONResponse(self.state.attestation)
 
     def model_card(self) -> dict:
         return {
@@ -148,7 +156,8 @@ class Guard:
 
     def refusal(self, scope) -> Response | None:
         """The 401 for a /v1 request without the API key, when one is set."""
-        if self.state.api_key is None or not scope["path"].startswith("/v1"):
+        path = scope["path"]
+        if self.state.api_key is None or not path.startswith("/v1") or path == "/v1/attestation":
             return None
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, f"Bearer {self.state.api_key}".encode()):

@@ -3,6 +3,9 @@
 Without --connect it starts its own GPU server, as the other client commands do, and every slot
 connects to that one server. The first slot opens before the API listens, so a wrong model, an
 unreachable server or a refused key is reported at start, in one line.
+
+With --tls the key is made here and, where the process can quote (--attestation, tsqp/attest), the
+quote over the key, the model and the settings goes into the certificate and `GET /v1/attestation`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import signal
 import socket
 import sys
 from contextlib import ExitStack
+from pathlib import Path
 
 from tsqp.api.app import ApiState, build_app
 from tsqp.api.slots import ModelSlots
 from tsqp.api.tls import TlsFiles, ephemeral
+from tsqp.attest.evidence import Evidence, make_claims, report_data
+from tsqp.attest.sources import NoQuotes, QuoteSource, select
 from tsqp.errors import TsqpError
 from tsqp.model.config import LlamaConfig
 from tsqp.model.presets import cache_dir
@@ -50,13 +56,27 @@ def check_options(options: ApiOptions) -> None:
             raise TsqpError(f"{path} does not exist")
 
 
-def tls_files(options: ApiOptions, port: int) -> TlsFiles | None:
+def quote_source(options: ApiOptions) -> QuoteSource:
+    """--attestation's source; a quote binds only a key made in this process (--tls), never a key file."""
+    if options.attestation in ("sgx", "tdx") and not options.tls:
+        raise TsqpError(f"--attestation {options.attestation} needs --tls: a quote binds a key made in the TEE")
+    return select(options.attestation) if options.tls else NoQuotes()
+
+
+def tls_files(options: ApiOptions, port: int, claims: dict, source: QuoteSource) -> tuple[TlsFiles | None, Evidence]:
+    """The TLS files, and the evidence over the key and the claims (no quote without a key made here)."""
+    unattested = Evidence("none", None, b"", claims)
     if options.tls_cert is not None:
-        return TlsFiles(str(options.tls_cert), str(options.tls_key), None, temporary_key=False)
+        return TlsFiles(str(options.tls_cert), str(options.tls_key), None, temporary_key=False), unattested
     if not options.tls:
-        return None
+        return None, unattested
+
+    def evidence_for(key_sha256: bytes) -> Evidence:
+        data = report_data(key_sha256, claims)
+        return Evidence(source.tee, source.quote(data), key_sha256, claims)
+
     out = options.tls_cert_out or cache_dir().parent / "api" / f"cert-{options.host}-{port}.pem"
-    return ephemeral(out, options.host)
+    return ephemeral(out, options.host, evidence_for)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -73,10 +93,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_api(options: ApiOptions) -> None:
+def run_api(options: ApiOptions, gguf: Path | None = None, source: QuoteSource | None = None) -> None:
+    """gguf: the file --model named, if it was one (its sha256 is part of the model's identity).
+    source: the quote source (default: --attestation's); tests hand in their own."""
     import uvicorn
 
     check_options(options)
+    source = source or quote_source(options)
     run = options.run
     tokenizer = TextTokenizer(run.model_dir)
     sock = bind(options.host, options.port)  # the port is known (and taken) before the model loads
@@ -97,7 +120,9 @@ def run_api(options: ApiOptions) -> None:
             api_key=options.api_key,
         )
         stack.callback(state.executor.shutdown, wait=False, cancel_futures=True)
-        tls = tls_files(options, port)
+        claims = make_claims(tee.fingerprint, gguf, run.private, run.verify, run.pad_bits)
+        tls, evidence = tls_files(options, port, claims, source)
+        state.attestation = evidence.document()
         if tls is not None:
             stack.callback(tls.loaded)
         config = uvicorn.Config(
@@ -117,8 +142,10 @@ def run_api(options: ApiOptions) -> None:
         scheme = "https" if tls else "http"
         shown = f"[{options.host}]" if ":" in options.host else options.host
         mode = "private" if run.private else "plain split"
+        attested = f"attested: {evidence.tee}" if evidence.quote is not None else "not attested"
         print(
-            f"tsqp api: {scheme}://{shown}:{port}/v1 serves {options.name} ({mode} mode, {options.parallel} slots)",
+            f"tsqp api: {scheme}://{shown}:{port}/v1 serves {options.name} ({mode} mode, {options.parallel} slots, "
+            f"{attested})",
             file=sys.stderr,
             flush=True,
         )
