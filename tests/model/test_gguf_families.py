@@ -20,7 +20,7 @@ import torch
 from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
 from gguf.quants import quantize
 from safetensors.torch import load_file
-from test_gguf import TEXTS, bpe_vocab, llama_cpp_permute
+from test_gguf import TEXTS, bpe_vocab, llama_cpp_permute, spm_vocab
 
 from tsqp.errors import ModelError
 from tsqp.model.gguf import gguf_model_dir
@@ -29,6 +29,10 @@ from tsqp.tee.tokenizer import TextTokenizer
 Q = GGMLQuantizationType
 ARCHS = {"qwen2": MODEL_ARCH.QWEN2, "qwen3": MODEL_ARCH.QWEN3, "llama": MODEL_ARCH.LLAMA, "gemma3": MODEL_ARCH.GEMMA3}
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+)
 PROMPT = torch.arange(3, 43) * 7 % 300  # 40 ids below every vocabulary here
 
 
@@ -58,6 +62,28 @@ def mistral():
 
     heads = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     return MistralForCausalLM(MistralConfig(**tiny(**heads, sliding_window=8, tie_word_embeddings=False)))
+
+
+def gemma3():
+    """Seven layers: windowed ones (window 8, shorter than PROMPT) and the sixth global, as llama.cpp fixes."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    heads = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)
+    fields = tiny(**heads, num_hidden_layers=7, sliding_window=8, tie_word_embeddings=True)
+    fields |= dict(vocab_size=len(gemma_vocab()[0]), bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+
+
+def gemma_vocab() -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, types) laid out as Gemma's file: control tokens, user-defined newlines, tab and
+    runs of spaces (spelled as spaces), 256 byte tokens, then pieces with \u2581 for spaces in merge order,
+    their scores running the other way (Gemma's scores do not follow its merges)."""
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    user = ["\n", "\n\n", "  ", "   ", "\t"]
+    pieces = spm_vocab()[0][259:-1]
+    tokens = control + user + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [-1000.0] * (len(control) + len(user)) + [0.0] * 256 + [float(i) for i in range(len(pieces))]
+    return tokens, scores, [3] * len(control) + [4] * len(user) + [6] * 256 + [1] * len(pieces)
 
 
 def randomized(model):
@@ -96,7 +122,7 @@ def write_family_gguf(path: Path, model, arch: str, matrices=Q.F32) -> None:
         writer.add_rope_dimension_count(width)
     if getattr(config, "sliding_window", None) and arch != "qwen2" and arch != "qwen3":
         writer.add_sliding_window(config.sliding_window)
-    write_bpe_tokenizer(writer)
+    write_tokenizer(writer, gemma=arch == "gemma3")
     names = get_tensor_name_map(ARCHS[arch], config.num_hidden_layers)
     rng = np.random.default_rng(1)
     for name, tensor in model.state_dict().items():
@@ -118,18 +144,23 @@ def write_family_gguf(path: Path, model, arch: str, matrices=Q.F32) -> None:
     writer.close()
 
 
-def write_bpe_tokenizer(writer: GGUFWriter) -> None:
-    """A Qwen-style byte-level vocabulary: `gpt2` model, `qwen2` split, no bos added."""
-    tokens, merges, types = bpe_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+def write_tokenizer(writer: GGUFWriter, gemma: bool) -> None:
+    """Qwen's byte-level vocabulary (`gpt2` model, `qwen2` split, merges, bos 1 not added), or Gemma's
+    SentencePiece as llama.cpp writes it (`llama` model, scores and no merges, bos 2 added, no prefix space)."""
+    tokens, extra, types = gemma_vocab() if gemma else bpe_vocab()
+    writer.add_tokenizer_model("llama" if gemma else "gpt2")
+    writer.add_tokenizer_pre("default" if gemma else "qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    (writer.add_token_scores if gemma else writer.add_token_merges)(extra)
+    writer.add_bos_token_id(2 if gemma else 1)
+    writer.add_eos_token_id(1 if gemma else 2)
+    writer.add_add_bos_token(gemma)
+    writer.add_chat_template(GEMMA_TEMPLATE if gemma else CHAT_TEMPLATE)
+    if gemma:
+        writer.add_unk_token_id(3)
+        writer.add_pad_token_id(0)
+        writer.add_add_space_prefix(False)
 
 
 @pytest.fixture(autouse=True)
@@ -171,6 +202,10 @@ FIELDS = (
     "bos_token_id",
     "eos_token_id",
     "hidden_act",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
 )
 
 
@@ -286,3 +321,45 @@ def test_qwen2_refuses_what_it_has_no_place_for(tmp_path, cache_root, edit, frag
         gguf_model_dir(path, progress=False)
     assert "Qwen2" in str(caught.value) and "\n" not in str(caught.value)
     assert not cache_root.exists() or list(cache_root.iterdir()) == []
+
+
+def test_gemma3_gives_back_the_model(tmp_path):
+    """Norms shifted back by one (in float32: within its rounding of 1 + w), both window kinds with their
+    own rope bases, the query scale; the same logits as the model over a prompt longer than the window."""
+    model = randomized(gemma3())
+    folder, path = converted(tmp_path, model, "gemma3")
+    assert_same_model(folder, model, atol=1e-7)
+    assert_equals_transformers_gguf(folder, path)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert (raw["rope_theta"], raw["rope_local_base_freq"], raw["sliding_window"]) == (1e6, 1e4, 8)
+
+
+def test_quantized_gemma3_equals_transformers(tmp_path):
+    folder, path = converted(tmp_path, randomized(gemma3()), "gemma3", matrices=mixed)
+    assert_equals_transformers_gguf(folder, path)
+
+
+def test_gemma_tokenizer_equals_transformers(tmp_path):
+    """tokenizer.json is transformers' GGUF Gemma tokenizer serialized (spaces as \u2581 without a prefix,
+    runs of spaces respelled, merges in file order, bos added); TextTokenizer encodes and decodes as it does
+    and as GemmaTokenizer over the same vocabulary and merges does."""
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    folder, path = converted(tmp_path, randomized(gemma3()), "gemma3")
+    reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert json.loads((folder / "tokenizer.json").read_text()) == json.loads(reference.backend_tokenizer.to_str())
+    tokenizer = TextTokenizer(folder)
+    texts = TEXTS + ["<start_of_turn>user\nthe   key\tvalue<end_of_turn>", "Question: the secret?\nAnswer:"]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids[0] == 2 and ids == reference(text).input_ids, text
+        assert tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
+    respelled = ["\u2581" * len(t) if not t.strip() and " " in t else t for t in gemma_vocab()[0]]
+    merges = json.loads(reference.backend_tokenizer.to_str())["model"]["merges"]
+    own = GemmaTokenizer(vocab={t: i for i, t in enumerate(respelled)}, merges=[tuple(m) for m in merges])
+    for text in [t for t in texts if "<" not in t]:  # `own` has no control tokens added
+        assert tokenizer.encode(text)[1:] == own(text, add_special_tokens=False).input_ids, text
+    assert tokenizer.encode("<end_of_turn>")[1:] == [6]
+    chat = tokenizer.render_chat([{"role": "user", "content": "hi"}])
+    assert chat == "<bos><start_of_turn>user\nhi<end_of_turn>\n"
