@@ -451,3 +451,13 @@ def test_not_a_gguf_file(tmp_path, cache_root):
     path.write_text("not a model")
     assert "not a GGUF file" in refusal(path, cache_root)
     assert "cannot read" in refusal(tmp_path / "missing.gguf", cache_root)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_dequantized_a_few_rows_at_a_time(tmp_path, monkeypatch, qtype):
+    """Rows dequantized in blocks (here three rows of 64 values, or one of 128) give the values gguf's
+    dequantization of the whole tensor gives."""
+    monkeypatch.setattr("tsqp.model.gguf._DEQUANTIZE_BYTES", 3 * 64 * 4)
+    _, written, checkpoint = convert(tmp_path / "m.gguf", matrices=qtype)
+    for name, (_, held, _) in written.items():
+        assert torch.equal(checkpoint.tensor(name).float(), torch.from_numpy(held)), name

@@ -35,6 +35,7 @@ from tsqp.model.presets import SHARD_BYTES
 
 GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
 _DIGEST_CHARS = 16  # 64 bits of sha256 name the cache folder
+_DEQUANTIZE_BYTES = 64 << 20  # float32 rows dequantized at a time
 
 
 def gguf_model_dir(path: Path, progress: bool = True) -> Path:
@@ -107,6 +108,7 @@ def _read(path: Path):
     try:
         reader = GGUFReader(path)
         meta = {key: field.contents() for key, field in reader.fields.items()}
+        reader.fields.clear()  # a view per array element (a million for a 262k vocabulary): gone before the weights
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
@@ -153,23 +155,39 @@ def _write_weights(folder: Path, path: Path, tensors: dict, config: dict, fam: F
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def _dequantized(tensor) -> torch.Tensor:
+    """A quantized tensor in float32, dequantized a block of rows at a time into one buffer (gguf's own
+    dequantize of the whole tensor holds about twice its float32 size while it works: 1.3 GB for Gemma's
+    embedding). Rows are independent, so the values are those of the whole tensor's dequantization."""
+    from gguf.quants import dequantize
+
+    data = tensor.data
+    if data.ndim != 2:
+        return torch.from_numpy(dequantize(data, tensor.tensor_type))
+    first = dequantize(data[:1], tensor.tensor_type)
+    out = torch.empty((data.shape[0], first.shape[-1]), dtype=torch.float32)
+    step = max(1, _DEQUANTIZE_BYTES // (4 * first.shape[-1]))
+    for start in range(0, data.shape[0], step):
+        out[start : start + step] = torch.from_numpy(dequantize(data[start : start + step], tensor.tensor_type))
+    return out
+
+
 def _tensor(path: Path, tensor, config: dict, fam: Family) -> torch.Tensor:
     """One tensor in torch's shape and transformers' row order and values: F16/BF16 kept, everything else
     float32 (a norm llama.cpp shifted by one is shifted back in float32, as transformers' loader does)."""
-    from gguf.quants import dequantize
-
     shape = tuple(reversed(tensor.shape.tolist()))
     kind = tensor.tensor_type.name
     if kind == "F16":
         weight = torch.from_numpy(np.array(tensor.data))
     elif kind == "BF16":  # numpy has no bfloat16: the reader hands over the raw bytes
         weight = torch.from_numpy(np.array(tensor.data)).view(torch.bfloat16)
+    elif kind == "F32":
+        weight = torch.from_numpy(np.array(tensor.data))  # a copy: the reader's data is a view of the mapped file
     else:
         try:
-            values = dequantize(tensor.data, tensor.tensor_type)
+            weight = _dequantized(tensor)
         except NotImplementedError:
             raise ModelError(f"{path}: tensor {tensor.name!r} is stored as {kind}, which TSQP cannot convert") from None
-        weight = torch.from_numpy(np.array(values) if kind == "F32" else values)  # F32: a view of the mapped file
     weight = weight.reshape(shape)
     if fam.norm_offset and tensor.name.endswith("norm.weight"):
         weight = weight.float() - fam.norm_offset
