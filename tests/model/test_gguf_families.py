@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, RopeScalingType, get_tensor_name_map
 from gguf.quants import quantize
 from safetensors.torch import load_file
 from test_gguf import TEXTS, bpe_vocab, llama_cpp_permute, spm_vocab
@@ -64,13 +64,20 @@ def mistral():
     return MistralForCausalLM(MistralConfig(**tiny(**heads, sliding_window=8, tie_word_embeddings=False)))
 
 
-def gemma3():
-    """Seven layers: windowed ones (window 8, shorter than PROMPT) and the sixth global, as llama.cpp fixes."""
+def gemma3(**rope):
+    """Seven layers: windowed ones (window 8, shorter than PROMPT) and the sixth global, as llama.cpp fixes;
+    `rope` the global layers' rope_parameters beside their theta (Gemma 3 4B and up scale them linearly)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     heads = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16)
     fields = tiny(**heads, num_hidden_layers=7, sliding_window=8, tie_word_embeddings=True)
     fields |= dict(vocab_size=len(gemma_vocab()[0]), bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    if rope:
+        full = {"rope_type": "default", "rope_theta": 1e6} | rope
+        fields["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
     return Gemma3ForCausalLM(Gemma3TextConfig(**fields))
 
 
@@ -114,6 +121,10 @@ def write_family_gguf(path: Path, model, arch: str, matrices=Q.F32) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(theta(config))
+    global_rope = config.rope_parameters.get("full_attention") or config.rope_parameters
+    if global_rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(global_rope["factor"])
     if arch in ("qwen3", "gemma3"):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
@@ -333,6 +344,15 @@ def test_gemma3_gives_back_the_model(tmp_path):
     raw = json.loads((folder / "config.json").read_text())
     assert raw["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
     assert (raw["rope_theta"], raw["rope_local_base_freq"], raw["sliding_window"]) == (1e6, 1e4, 8)
+
+
+def test_gemma3_with_linear_rope_scaling_on_its_global_layers(tmp_path):
+    """A file with rope scaling (linear, factor 8): the global layers scale, the windowed ones do not."""
+    model = randomized(gemma3(rope_type="linear", factor=8.0))
+    folder, _ = converted(tmp_path, model, "gemma3")
+    assert_same_model(folder, model, atol=1e-7)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
 
 
 def test_quantized_gemma3_equals_transformers(tmp_path):
