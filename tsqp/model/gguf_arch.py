@@ -256,9 +256,8 @@ def _rope_scaling(path: Path, meta: dict[str, Any], tensors: dict, config: dict,
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
     }
-    if arch != "llama" or found.shape != (config["head_dim"] // 2,):
-        raise ModelError(f"{path} scales rope frequencies by a rope_freqs.weight TSQP cannot express as llama3 scaling")
-    if not torch.allclose(found, _llama3_factors(config, scaling)):
+    llama3 = arch == "llama" and found.shape == (config["head_dim"] // 2,)  # Meta's scaling, filed as llama only
+    if not llama3 or not torch.allclose(found, _llama3_factors(config, scaling)):
         raise ModelError(f"{path} scales rope frequencies by a rope_freqs.weight TSQP cannot express as llama3 scaling")
     return scaling
 
