@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import split_logits
-from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, RopeScalingType, get_tensor_name_map
 from gguf.quants import dequantize, quantize
 
 from tsqp.errors import ModelError
@@ -34,17 +34,6 @@ K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]  # read-only in gguf.quants:
 K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # f16 fields
 SMALL = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2)
 WIDE = dict(hidden=256, inter=256, layers=1, heads=4, kv_heads=2)  # rows a multiple of the k-quants' 256
-GGUF_TO_HF = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 TEXTS = [
     "Hello world",
     "  the secret key,\n\nand 12345 values: query/attention!  ",
@@ -134,13 +123,9 @@ def hf_weights(shape: dict, vocab: int, seed: int, tied: bool) -> dict[str, np.n
 
 
 def gguf_name(hf: str) -> str:
-    if hf.startswith("model.layers."):
-        _, _, layer, *kind, suffix = hf.split(".")
-        stem = {v: k for k, v in GGUF_TO_HF.items()}[".".join(kind)]
-        return f"blk.{layer}.{stem}.{suffix}"
-    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(
-        hf, "output.weight"
-    )
+    """The ggml name gguf's own table gives a transformers llama tensor."""
+    stem, suffix = hf.rsplit(".", 1)
+    return f"{get_tensor_name_map(MODEL_ARCH.LLAMA, 8).get_name(stem)}.{suffix}"
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -431,7 +416,6 @@ def test_shards_past_the_shard_size(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(arch="qwen2"), "'qwen2'"),
         (dict(arch="gpt2"), "'gpt2'"),
         (dict(extra=[lambda w: w.add_expert_count(8)]), "mixture-of-experts"),
         (dict(extra=[lambda w: w.add_rope_scaling_type(RopeScalingType.YARN)]), "'yarn'"),
@@ -441,7 +425,7 @@ def test_shards_past_the_shard_size(tmp_path, monkeypatch):
         (dict(extra=[lambda w: w.add_key_length(32)]), "rotates part of each head"),
         (dict(matrices=lambda name: Q.F32 if "down" not in name else Q.I8), "'blk.0.ffn_down.weight' is stored as I8"),
     ],
-    ids=["qwen2", "gpt2", "moe", "yarn", "rope_freqs", "unknown-tensor", "partial-bias", "partial-rope", "i8"],
+    ids=["gpt2", "moe", "yarn", "rope_freqs", "unknown-tensor", "partial-bias", "partial-rope", "i8"],
 )
 def test_refusals(tmp_path, monkeypatch, cache_root, options, fragment):
     path = tmp_path / "m.gguf"
@@ -467,3 +451,13 @@ def test_not_a_gguf_file(tmp_path, cache_root):
     path.write_text("not a model")
     assert "not a GGUF file" in refusal(path, cache_root)
     assert "cannot read" in refusal(tmp_path / "missing.gguf", cache_root)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_dequantized_a_few_rows_at_a_time(tmp_path, monkeypatch, qtype):
+    """Rows dequantized in blocks (here three rows of 64 values, or one of 128) give the values gguf's
+    dequantization of the whole tensor gives."""
+    monkeypatch.setattr("tsqp.model.gguf._DEQUANTIZE_BYTES", 3 * 64 * 4)
+    _, written, checkpoint = convert(tmp_path / "m.gguf", matrices=qtype)
+    for name, (_, held, _) in written.items():
+        assert torch.equal(checkpoint.tensor(name).float(), torch.from_numpy(held)), name

@@ -25,10 +25,16 @@ _TEKKEN_SPLIT = (  # Mistral Nemo, which llama.cpp files as a llama
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = (  # Qwen2/2.5/3: llama3's, but one digit a piece
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "pixtral", "dbrx"), _LLAMA3_SPLIT),
     "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")  # SentencePiece without a prefix space, merges in file order
 
 
 def write_tokenizer(folder: Path, path: Path, meta: dict[str, Any], config: dict) -> None:
@@ -63,7 +69,12 @@ def _tokenizer(path: Path, meta: dict[str, Any], kind: str, tokens: list[str]):
     ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "unknown", "padding")}
     named = {key: tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None for key, i in ids.items()}
     try:
-        tokenizer, spelled = _byte_level(meta, tokens) if kind == "gpt2" else _sentencepiece(meta, tokens, scores)
+        if kind == "gpt2":
+            tokenizer, spelled = _byte_level(meta, tokens)
+        elif meta.get("general.architecture") in _GEMMA_ARCHS:
+            tokenizer, spelled = _gemma(meta, tokens)
+        else:
+            tokenizer, spelled = _sentencepiece(meta, tokens, scores)
     except Exception as exc:  # the Rust side raises plain Exceptions, on merges of tokens not in the vocabulary
         raise ModelError(
             f"{path} holds a tokenizer that cannot be built ({' '.join(str(exc).split())[:200]})"
@@ -138,6 +149,26 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str], scores: list[float])
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
+    return tokenizer, None
+
+
+def _gemma(meta: dict[str, Any], tokens: list[str]):
+    """Gemma's SentencePiece as transformers' GemmaTokenizer builds it from a GGUF: spaces become \u2581 in
+    a normalizer (no prefix space), a token of spaces only is looked up as that many \u2581, and the merges
+    follow the order of the file's tokens (Gemma's scores do not follow its merge order)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    respelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(respelled)}
+    if meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    else:
+        merges = _merges_from_scores(vocab, {t: -i for i, t in enumerate(respelled)})
+    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", dropout=None, byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tokenizer, None
 
 
