@@ -27,7 +27,7 @@ from support import decode_at_once
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import Ranks
 from tsqp.server.sharded import shards
@@ -259,7 +259,7 @@ def test_a_split_that_cannot_be_is_one_line(checkpoints, tmp_path):
 
 def test_shards_keep_gqa_groups_whole(checkpoints):
     def config(name):
-        return LlamaConfig.from_model_dir(model(checkpoints, name))
+        return ModelConfig.from_model_dir(model(checkpoints, name))
 
     gqa = shards(config("gqa"), 2)  # 8 heads, 2 kv heads: one group each
     assert [(s.heads, s.kv_heads) for s in gqa] == [(range(0, 4), range(0, 1)), (range(4, 8), range(1, 2))]
@@ -272,7 +272,7 @@ def test_shards_keep_gqa_groups_whole(checkpoints):
         with pytest.raises(TsqpError, match=fragment):
             shards(config("gqa"), world)
     with pytest.raises(TsqpError, match="kv heads"):
-        shards(LlamaConfig(**{**config("mqa").__dict__, "num_heads": 6, "num_kv_heads": 3}), 2)
+        shards(ModelConfig(**{**config("mqa").__dict__, "num_heads": 6, "num_kv_heads": 3}), 2)
 
 
 def test_each_rank_loads_only_its_share(checkpoints):
