@@ -1,7 +1,8 @@
 """A tensor-parallel server: `tsqp serve --tensor-parallel 2` as real subprocesses on gloo (two CPU ranks).
 
 Logits equal transformers' on GQA (kv heads split), MQA (the one kv head replicated), MHA with tied
-embeddings, and biases with a vocabulary that does not split evenly, every result Freivalds-checked as the TEE
+embeddings, biases with a vocabulary that does not split evenly, Qwen2 (q, k, v biases) and Gemma 3 (q/k norms,
+windows), every result Freivalds-checked as the TEE
 always does; greedy tokens equal the unsharded server's, with two clients at once, also when their rows share
 one product; private mode's masked products and a helper's pads; a killed rank is one clear client error, and
 a dead rank 0 ends the others. Without processes: the shard math, and that each rank reads only its share of
@@ -56,6 +57,21 @@ CONFIGS: dict[str, dict] = {
         attention_bias=True,
         mlp_bias=True,
         vocab_size=201,  # 101 + 100 rows: the last rank's share is padded
+    ),
+    "qwen2": dict(  # q, k and v biases split with their rows, o_proj's none
+        family="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "gemma3": dict(  # q/k norms and windows in the TEE, over each rank's heads
+        family="gemma3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=50.0,
     ),
 }
 NEW_TOKENS = 12
@@ -189,11 +205,12 @@ def test_two_clients_share_products_on_a_sharded_server(checkpoints):
     assert sum(int(size) * n for size, n in stats["batch_sizes"].items() if int(size) > 1) == stats["batched"]
 
 
-def test_private_mode_on_a_sharded_server(sharded, tmp_path):
-    """masked_linear on the sharded float64 weights (biases, padded vocabulary), then the sharded server as
-    another server's helper: its pads (z W^T) assembled from both ranks."""
-    path, reference, server = sharded("bias")
-    ids = token_ids(11, vocab=201, seed=11)
+@pytest.mark.parametrize("name", ["bias", "qwen2", "gemma3"])
+def test_private_mode_on_a_sharded_server(sharded, name, tmp_path):
+    """masked_linear on the sharded float64 weights (biases, padded vocabulary; Qwen2's; Gemma 3's), then the
+    sharded server as another server's helper: its pads (z W^T) assembled from both ranks."""
+    path, reference, server = sharded(name)
+    ids = token_ids(11, vocab=CONFIGS[name].get("vocab_size", 200), seed=11)
     expected = reference_logits(reference, ids)
     with Client(server.endpoint, timeout_s=60) as client:
         tee = tee_model(path, client.call, private=PrivateOptions(pads_dir=tmp_path / "pads"))

@@ -8,6 +8,8 @@ tokens, in plain mode and in private mode, every product verified.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import BASE_CONFIG, reference_logits, token_ids
@@ -91,3 +93,16 @@ def test_greedy_equals_transformers_generate(family_model, name, mode, tmp_path)
     assert len(expected) == NEW_TOKENS
     assert result.generated_ids == expected
     assert checked_everything(tee, mode)
+
+
+@pytest.mark.parametrize("name", ["mistral-window-gqa", "qwen2-window", "gemma3-gqa", "gemma3-mqa"])
+def test_the_windows_are_exercised(family_model, name):
+    """Guards the test models: without its windows (every layer global) a model's logits leave transformers'."""
+    path, reference = family_model(name)
+    ids = token_ids(37, seed=38)
+    tee = attached(path, "plain", None)
+    tee.family = dataclasses.replace(tee.family, windows=(None,) * tee.config.num_layers, sliding_rope=None)
+    tee.ops.open_session(ids.shape[0])
+    logits = tee.forward(ids)
+    tee.ops.close_session()
+    assert (logits - reference_logits(reference, ids)).abs().max() > 1e-2

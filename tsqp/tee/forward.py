@@ -20,6 +20,7 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.stats import Stats
 from tsqp.tee.ops import Ops
+from tsqp.tee.remote import server_dtype
 from tsqp.tee.rope import Rotary
 from tsqp.tuning import SMALL_STEP_ROWS, one_thread
 
@@ -37,6 +38,7 @@ class TeeModel:
         self.norms = {name: t.to(torch.float32) + f.norm_offset for name, t in checkpoint.tensors(norm_weight_names(c))}
         self.rotaries = {rope: Rotary(rope, c.head_dim) for rope in {f.layer_rope(i) for i in range(c.num_layers)}}
         self.activation = ACTIVATIONS[f.activation]
+        self.embed_scale = f.embed_scale  # rounded to the server's dtype once attached
         self.stats = stats or Stats()
         self.ops = ops
 
@@ -48,6 +50,8 @@ class TeeModel:
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
+        if "dtype" in info:  # transformers rounds Gemma's sqrt(hidden) to the embedding's dtype (bfloat16: 25.25)
+            self.embed_scale = float(torch.tensor(self.family.embed_scale, dtype=server_dtype(info)))
         return info
 
     def rms_norm(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
@@ -70,8 +74,8 @@ class TeeModel:
         T = ids.shape[0]
         ops.begin_step(pos, T)
         x = ops.embedding(ids)  # (T, hidden)
-        if f.embed_scale != 1.0:
-            x = x * f.embed_scale
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         with stats.tee("rope"):
             positions = torch.arange(pos, pos + T)
             rope_tables = {rope: rotary.cos_sin(positions) for rope, rotary in self.rotaries.items()}
