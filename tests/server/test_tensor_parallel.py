@@ -1,12 +1,11 @@
 """A tensor-parallel server: `tsqp serve --tensor-parallel 2` as real subprocesses on gloo (two CPU ranks).
 
 Logits equal transformers' on GQA (kv heads split), MQA (the one kv head replicated), MHA with tied
-embeddings, biases with a vocabulary that does not split evenly, Qwen2 (q, k, v biases) and Gemma 3 (q/k norms,
-windows), every result Freivalds-checked as the TEE
-always does; greedy tokens equal the unsharded server's, with two clients at once, also when their rows share
-one product; private mode's masked products and a helper's pads; a killed rank is one clear client error, and
-a dead rank 0 ends the others. Without processes: the shard math, and that each rank reads only its share of
-the checkpoint.
+embeddings, biases with a vocabulary that does not split evenly, Qwen2 (q, k, v biases) and Gemma 3 (q/k
+norms, windows), every result Freivalds-checked as the TEE always does; greedy tokens equal the unsharded
+server's, with two clients at once, also when their rows share one product; private mode's masked products
+and a helper's pads; a killed rank is one clear client error, and a dead rank 0 ends the others. Without
+processes: the shard math, and that each rank reads only its share of the checkpoint.
 """
 
 from __future__ import annotations

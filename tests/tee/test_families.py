@@ -106,3 +106,15 @@ def test_the_windows_are_exercised(family_model, name):
     logits = tee.forward(ids)
     tee.ops.close_session()
     assert (logits - reference_logits(reference, ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gemma3_embedding_scale_is_rounded_as_transformers_rounds_it(family_model, dtype):
+    """transformers multiplies Gemma's embeddings by sqrt(hidden) cast to the weights' dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = family_model("gemma3-gqa")
+    tee = tee_model(path, InProcess(Engine(str(path), dtype=dtype)))
+    tee.attach()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).model.embed_tokens
+    assert tee.embed_scale == hf.embed_scale.to(hf.weight.dtype).item()
