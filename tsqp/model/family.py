@@ -41,7 +41,7 @@ class Family:
     norm_mlp_in(x); a norm named None is the identity. RMSNorm gains are (norm_offset + w).
     """
 
-    name: str  # the Hugging Face model_type
+    name: str  # the family: llama, mistral, qwen2, qwen3, gemma3
     rope: Rope  # every layer's rope but the sliding-window layers' when sliding_rope is set
     windows: tuple[int | None, ...]  # per layer: a query at i sees keys (i - window, i]; None: [0, i]
     sliding_rope: Rope | None = None  # the sliding-window layers' own rope (Gemma 3: rope_local_base_freq)

@@ -112,7 +112,7 @@ class TeeModel:
             x = x + attn
         h = self.rms_norm(x, norm_name(p, f.mlp_in_norm))
         gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
-        with stats.tee("silu_mul"):
+        with stats.tee("act_mul"):  # the gated activation: act(gate) * up
             act = self.activation(gate).mul_(up)
         mlp = ops.down(layer, act)  # (T, hidden)
         mlp = self.rms_norm(mlp, norm_name(p, f.mlp_out_norm))
