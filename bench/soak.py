@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     from contextlib import ExitStack
 
     from tsqp.errors import TsqpError
-    from tsqp.model.config import LlamaConfig
+    from tsqp.model.config import ModelConfig
     from tsqp.model.sources import resolve_model
     from tsqp.options import RunOptions
     from tsqp.tee.generate import generate
@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
 
     folder = resolve_model(args.model)
     options = RunOptions(model_dir=folder, connect=args.endpoint, timeout_s=30, connect_timeout_s=5)
-    jobs = plan(args.worker, args, LlamaConfig.from_model_dir(folder).vocab_size)
+    jobs = plan(args.worker, args, ModelConfig.from_model_dir(folder).vocab_size)
     stack, tee = ExitStack(), None
     for n, (prompt, new) in enumerate(jobs):
         for attempt in range(60):
@@ -127,12 +127,12 @@ def main() -> int:
     if args.worker is not None:
         worker(args)
         return 0
-    from tsqp.model.config import LlamaConfig
+    from tsqp.model.config import ModelConfig
     from tsqp.model.sources import resolve_model
 
     started = time.perf_counter()
     folder = resolve_model(args.model)
-    vocab = LlamaConfig.from_model_dir(folder).vocab_size
+    vocab = ModelConfig.from_model_dir(folder).vocab_size
     workdir = Path(tempfile.mkdtemp(prefix="tsqp-soak-"))
     endpoint = f"ipc://{workdir}/server.sock"
     server = start_server(folder, endpoint)

@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny seeded Hugging Face Llama checkpoints and their transformers reference models.
+"""Shared fixtures: tiny seeded Hugging Face checkpoints of each family and their transformers reference models.
 
-Checkpoints are written with transformers' own `LlamaConfig` + `LlamaForCausalLM.save_pretrained`, so
+Checkpoints are written with transformers' own config and model classes (`LlamaConfig` +
+`LlamaForCausalLM.save_pretrained`, or another family's, FAMILY_CLASSES), so
 the split path is always checked against the layout and math of the real library. Every parameter is
 re-drawn after construction (transformers initialises biases to zero and RMSNorm gains to one, which
 would let a bug that drops a bias or a norm gain pass unnoticed), and the weights are large enough that
@@ -61,13 +62,24 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(WEIGHT_STD * noise)
 
 
-def build_checkpoint(path: Path, seed: int = 0, shard: bool = False, **overrides):
-    """Writes a tiny Llama checkpoint to `path`; returns (path, config) with the transformers config."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# family -> transformers' (config class, model class) names
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
 
+
+def build_checkpoint(path: Path, seed: int = 0, shard: bool = False, family: str = "llama", **overrides):
+    """Writes a tiny checkpoint of the family to `path`; returns (path, config) with the transformers config."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in FAMILY_CLASSES[family])
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**BASE_CONFIG, **overrides})
-    model = LlamaForCausalLM(config)
+    config = config_class(**{**BASE_CONFIG, **overrides})
+    model = model_class(config)
     randomize_(model, seed)
     path.mkdir(parents=True, exist_ok=True)
     if shard:
@@ -81,10 +93,11 @@ def build_checkpoint(path: Path, seed: int = 0, shard: bool = False, **overrides
 
 
 def load_reference(path: Path):
-    """transformers' eager float32 model from the folder, as the reference for the split logits."""
-    from transformers import LlamaForCausalLM
+    """transformers' eager float32 model from the folder (its config's class), as the reference for the split
+    logits."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 

@@ -11,6 +11,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+import torch
+
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
@@ -43,6 +45,60 @@ FEATURES: dict[str, dict] = {
     "attention_bias": dict(attention_bias=True),
     "mlp_bias": dict(mlp_bias=True),
 }
+
+
+# The other families' tiny models (conftest.build_checkpoint(family=...)): tied and untied, GQA and MQA,
+# Qwen2's biases, and windows of 8 or 16 keys so that prompts of a few dozen tokens run past them.
+GEMMA3_ROPES = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+}
+FAMILY_MODELS: dict[str, dict] = {
+    "mistral-window-gqa": dict(family="mistral", num_key_value_heads=2, sliding_window=8),
+    "mistral-tied-mqa": dict(family="mistral", num_key_value_heads=1, sliding_window=None, tie_word_embeddings=True),
+    "qwen2-gqa": dict(family="qwen2", num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2-tied-mqa": dict(family="qwen2", num_key_value_heads=1, tie_word_embeddings=True),
+    "qwen2-window": dict(
+        family="qwen2", num_key_value_heads=2, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    ),
+    "qwen3-gqa": dict(family="qwen3", num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+    "qwen3-tied-mqa-bias": dict(
+        family="qwen3", num_key_value_heads=1, head_dim=8, attention_bias=True, tie_word_embeddings=True
+    ),
+    "gemma3-gqa": dict(
+        family="gemma3",
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters=GEMMA3_ROPES,
+        final_logit_softcapping=50.0,
+    ),
+    "gemma3-mqa": dict(
+        family="gemma3",
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention"],
+        rope_parameters=GEMMA3_ROPES,
+    ),
+}
+
+
+@torch.inference_mode()
+def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """transformers' generate, greedy, exactly new_tokens tokens (min_new_tokens holds eos off)."""
+    out = model.generate(
+        prompt[None],
+        attention_mask=torch.ones_like(prompt)[None],
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
+    return out[0, prompt.shape[0] :].tolist()
 
 
 def in_process(model_dir) -> tuple[TeeModel, Engine]:

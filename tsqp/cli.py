@@ -192,7 +192,7 @@ def bench_clients(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import json
 
-    from tsqp.model.config import LlamaConfig
+    from tsqp.model.config import ModelConfig
     from tsqp.tee.generate import generate, session_capacity
     from tsqp.tee.runner import open_model
     from tsqp.tee.sampling import SamplingOptions
@@ -208,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise TsqpError("--chat needs --prompt: the chat template applies to text")
         tokenizer = TextTokenizer(model_dir) if (model_dir / TOKENIZER_FILE).is_file() else None
         prompt_ids = parse_token_ids(args.token_ids)
-    session_capacity(LlamaConfig.from_model_dir(model_dir), len(prompt_ids), args.max_new_tokens)  # before the server
+    session_capacity(ModelConfig.from_model_dir(model_dir), len(prompt_ids), args.max_new_tokens)  # before the server
     on_token, finish = text_stream(tokenizer) if not args.json else (None, None)
     with open_model(run_options(args, model_dir)) as tee:
         eos = eos_token_ids(model_dir, tee.config)

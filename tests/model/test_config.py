@@ -1,4 +1,4 @@
-"""LlamaConfig.from_dict (both transformers spellings, refusals) and the rotary embedding against transformers."""
+"""ModelConfig.from_dict (both transformers spellings, refusals) and the rotary embedding against transformers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import BASE_CONFIG, build_checkpoint
 
 from tsqp.errors import ModelError, TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.tee.rope import inverse_frequencies
 
 LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -38,7 +38,7 @@ def raw_config(**overrides) -> dict:
 
 
 def test_basic_fields():
-    c = LlamaConfig.from_dict(raw_config(tie_word_embeddings=True, attention_bias=True, eos_token_id=[2, 7]))
+    c = ModelConfig.from_dict(raw_config(tie_word_embeddings=True, attention_bias=True, eos_token_id=[2, 7]))
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers) == (100, 64, 128, 2)
     assert (c.num_heads, c.num_kv_heads, c.head_dim) == (8, 2, 8)
     assert (c.q_dim, c.kv_dim, c.group_size) == (64, 16, 4)
@@ -48,7 +48,7 @@ def test_basic_fields():
 
 
 def test_defaults():
-    c = LlamaConfig.from_dict(raw_config(num_key_value_heads=None, architectures=None))
+    c = ModelConfig.from_dict(raw_config(num_key_value_heads=None, architectures=None))
     assert c.num_kv_heads == c.num_heads == 8  # MHA when num_key_value_heads is absent
     assert c.head_dim == 8
     assert c.rope_theta == 10000.0 and c.rope_type == "default"
@@ -56,7 +56,7 @@ def test_defaults():
 
 
 def test_explicit_head_dim():
-    c = LlamaConfig.from_dict(raw_config(head_dim=32))
+    c = ModelConfig.from_dict(raw_config(head_dim=32))
     assert c.head_dim == 32 and c.q_dim == 256 and c.kv_dim == 64
 
 
@@ -64,30 +64,30 @@ def test_explicit_head_dim():
 
 
 def test_v5_rope_parameters():
-    c = LlamaConfig.from_dict(raw_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}))
+    c = ModelConfig.from_dict(raw_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}))
     assert c.rope_theta == 500000.0 and c.rope_type == "llama3"
     assert {k: c.rope_param(k) for k in LLAMA3} == LLAMA3
 
 
 def test_v4_rope_theta_and_scaling_with_type():
-    c = LlamaConfig.from_dict(raw_config(rope_theta=250000.0, rope_scaling={"type": "linear", "factor": 2.0}))
+    c = ModelConfig.from_dict(raw_config(rope_theta=250000.0, rope_scaling={"type": "linear", "factor": 2.0}))
     assert c.rope_theta == 250000.0 and c.rope_type == "linear" and c.rope_param("factor") == 2.0
 
 
 def test_v4_rope_scaling_with_rope_type():
-    c = LlamaConfig.from_dict(raw_config(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3}))
+    c = ModelConfig.from_dict(raw_config(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3}))
     assert c.rope_theta == 500000.0 and c.rope_type == "llama3"
     assert {k: c.rope_param(k) for k in LLAMA3} == LLAMA3
 
 
 def test_v4_theta_without_scaling():
-    c = LlamaConfig.from_dict(raw_config(rope_theta=1234.5, rope_scaling=None))
+    c = ModelConfig.from_dict(raw_config(rope_theta=1234.5, rope_scaling=None))
     assert c.rope_theta == 1234.5 and c.rope_type == "default"
 
 
 def test_v4_and_v5_spellings_read_the_same():
-    v4 = LlamaConfig.from_dict(raw_config(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3}))
-    v5 = LlamaConfig.from_dict(raw_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}))
+    v4 = ModelConfig.from_dict(raw_config(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", **LLAMA3}))
+    v5 = ModelConfig.from_dict(raw_config(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}))
     assert v4 == v5
 
 
@@ -111,7 +111,7 @@ def test_config_json_written_by_transformers(tmp_path):
         rms_norm_eps=1e-5,
     )
     assert "rope_parameters" in json.loads((path / "config.json").read_text())
-    c = LlamaConfig.from_model_dir(path)
+    c = ModelConfig.from_model_dir(path)
     assert (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (BASE_CONFIG["hidden_size"], 4, 2, 16)
     assert c.rope_type == "llama3" and c.rope_theta == 50000.0 and c.rope_param("factor") == 4.0
     assert c.tie_word_embeddings and c.mlp_bias and not c.attention_bias and c.rms_norm_eps == 1e-5
@@ -124,7 +124,8 @@ def test_config_json_written_by_transformers(tmp_path):
     "overrides,fragment",
     [
         (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "unsupported architecture"),
-        (dict(model_type="mistral", architectures=["MistralForCausalLM"]), "unsupported architecture"),
+        (dict(model_type="phi3", architectures=["Phi3ForCausalLM"]), "unsupported architecture"),
+        (dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]), "unsupported architecture"),
         (dict(architectures=["MistralForCausalLM"]), "unsupported architecture"),  # llama model_type, other class
         (dict(model_type=None), "unsupported architecture"),
         (dict(hidden_act="gelu"), "hidden_act"),
@@ -141,12 +142,12 @@ def test_config_json_written_by_transformers(tmp_path):
 )
 def test_refused(overrides, fragment):
     with pytest.raises(ModelError, match=fragment):
-        LlamaConfig.from_dict(raw_config(**overrides))
+        ModelConfig.from_dict(raw_config(**overrides))
 
 
 def test_bad_value_names_the_field():
     with pytest.raises(ModelError, match="vocab_size"):
-        LlamaConfig.from_dict(raw_config(vocab_size="many"))
+        ModelConfig.from_dict(raw_config(vocab_size="many"))
 
 
 def test_model_error_is_a_tsqp_error():
@@ -155,15 +156,15 @@ def test_model_error_is_a_tsqp_error():
 
 def test_from_model_dir_errors(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
-        LlamaConfig.from_model_dir(tmp_path / "nope")
+        ModelConfig.from_model_dir(tmp_path / "nope")
     with pytest.raises(ModelError, match="config.json"):
-        LlamaConfig.from_model_dir(tmp_path)
+        ModelConfig.from_model_dir(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="JSON object"):
-        LlamaConfig.from_model_dir(tmp_path)
+        ModelConfig.from_model_dir(tmp_path)
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(ModelError, match="not valid JSON"):
-        LlamaConfig.from_model_dir(tmp_path)
+        ModelConfig.from_model_dir(tmp_path)
 
 
 # -- rope against transformers ---------------------------------------------------------------------------
@@ -188,6 +189,11 @@ ROPE_CASES = {
 }
 
 
+def rope_and_head_dim(raw: dict):
+    config = ModelConfig.from_dict(raw)
+    return config.family.rope, config.head_dim
+
+
 @pytest.mark.parametrize("case", list(ROPE_CASES))
 def test_inverse_frequencies_match_transformers(case):
     from transformers import LlamaConfig as HFConfig
@@ -203,7 +209,7 @@ def test_inverse_frequencies_match_transformers(case):
     expected, attention_scaling = init(hf)
     assert attention_scaling == 1.0  # none of the supported types rescales cos/sin
 
-    ours = inverse_frequencies(LlamaConfig.from_dict(raw))
+    ours = inverse_frequencies(*rope_and_head_dim(raw))
     assert ours.dtype == torch.float32
     assert ours.shape == expected.shape == ((raw.get("head_dim") or 8) // 2,)
     torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
@@ -212,12 +218,9 @@ def test_inverse_frequencies_match_transformers(case):
 def test_llama3_scaling_touches_low_frequencies_only():
     """The llama3 case above is not vacuous: some frequencies are scaled by 1/factor, some untouched,
     some smoothed in between."""
-    plain = inverse_frequencies(LlamaConfig.from_dict(raw_config(rope_theta=500000.0, head_dim=128)))
-    scaled = inverse_frequencies(
-        LlamaConfig.from_dict(
-            raw_config(rope_theta=500000.0, head_dim=128, rope_scaling={"rope_type": "llama3", **LLAMA3})
-        )
-    )
+    plain = inverse_frequencies(*rope_and_head_dim(raw_config(rope_theta=500000.0, head_dim=128)))
+    llama3 = raw_config(rope_theta=500000.0, head_dim=128, rope_scaling={"rope_type": "llama3", **LLAMA3})
+    scaled = inverse_frequencies(*rope_and_head_dim(llama3))
     ratio = scaled / plain
     assert torch.isclose(ratio, torch.tensor(1.0)).any()
     assert torch.isclose(ratio, torch.tensor(1 / 8.0)).any()

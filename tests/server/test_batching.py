@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import token_ids
-from support import FEATURES, decode_at_once
+from support import FAMILY_MODELS, FEATURES, decode_at_once
 
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
@@ -37,10 +37,11 @@ def model(checkpoints):
     return checkpoints("batch-gqa", seed=500, **FEATURES["gqa"])
 
 
-@pytest.mark.parametrize("feature", ["gqa", "attention_bias", "mlp_bias", "tied"])
+@pytest.mark.parametrize("feature", ["gqa", "attention_bias", "mlp_bias", "tied", "qwen2-gqa", "gemma3-gqa"])
 def test_batched_products_equal_solo_ones(checkpoints, feature):
-    """Three clients' prefills recorded solo; their linear requests replayed together, op by op."""
-    path = checkpoints("batch-" + feature, seed=600, **FEATURES[feature])
+    """Three clients' prefills recorded solo; their linear requests replayed together, op by op (Llama's
+    features, Qwen2's biases, Gemma 3's windows)."""
+    path = checkpoints("batch-" + feature, seed=600, **{**FEATURES, **FAMILY_MODELS}[feature])
     engine = Engine(str(path))
     recorders = [Recorder(engine, peer=b"client-%d" % i) for i in range(3)]
     for i, recorder in enumerate(recorders):
@@ -103,3 +104,13 @@ def test_four_clients_decoding_on_one_server_share_products_and_get_their_solo_t
     # every request that shared a product is counted once in its product's size
     assert sum(size * n for size, n in sizes.items() if size > 1) == stats["batched"]
     assert stats["sessions"] == 0 and stats["cache_bytes"] == 0
+
+
+@pytest.mark.parametrize("name", ["qwen2-gqa", "gemma3-gqa"])
+def test_two_clients_of_another_family_share_products_and_get_their_solo_tokens(checkpoints, name):
+    """Qwen2's biases and Gemma 3's windows on one real server: two clients decode past the window at once."""
+    path = checkpoints("batch-" + name, seed=600, **FAMILY_MODELS[name])
+    prompts = [token_ids(5 + i, seed=70 + i).tolist() for i in range(2)]
+    alone, together, stats = decode_at_once(path, prompts, [20, 20])
+    assert together == alone
+    assert stats["batched"] > 0, "no request shared a product"

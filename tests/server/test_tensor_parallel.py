@@ -1,11 +1,11 @@
 """A tensor-parallel server: `tsqp serve --tensor-parallel 2` as real subprocesses on gloo (two CPU ranks).
 
 Logits equal transformers' on GQA (kv heads split), MQA (the one kv head replicated), MHA with tied
-embeddings, and biases with a vocabulary that does not split evenly, every result Freivalds-checked as the TEE
-always does; greedy tokens equal the unsharded server's, with two clients at once, also when their rows share
-one product; private mode's masked products and a helper's pads; a killed rank is one clear client error, and
-a dead rank 0 ends the others. Without processes: the shard math, and that each rank reads only its share of
-the checkpoint.
+embeddings, biases with a vocabulary that does not split evenly, Qwen2 (q, k, v biases) and Gemma 3 (q/k
+norms, windows), every result Freivalds-checked as the TEE always does; greedy tokens equal the unsharded
+server's, with two clients at once, also when their rows share one product; private mode's masked products
+and a helper's pads; a killed rank is one clear client error, and a dead rank 0 ends the others. Without
+processes: the shard math, and that each rank reads only its share of the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from support import decode_at_once
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import Ranks
 from tsqp.server.sharded import shards
@@ -56,6 +56,21 @@ CONFIGS: dict[str, dict] = {
         attention_bias=True,
         mlp_bias=True,
         vocab_size=201,  # 101 + 100 rows: the last rank's share is padded
+    ),
+    "qwen2": dict(  # q, k and v biases split with their rows, o_proj's none
+        family="qwen2", hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "gemma3": dict(  # q/k norms and windows in the TEE, over each rank's heads
+        family="gemma3",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=50.0,
     ),
 }
 NEW_TOKENS = 12
@@ -189,11 +204,12 @@ def test_two_clients_share_products_on_a_sharded_server(checkpoints):
     assert sum(int(size) * n for size, n in stats["batch_sizes"].items() if int(size) > 1) == stats["batched"]
 
 
-def test_private_mode_on_a_sharded_server(sharded, tmp_path):
-    """masked_linear on the sharded float64 weights (biases, padded vocabulary), then the sharded server as
-    another server's helper: its pads (z W^T) assembled from both ranks."""
-    path, reference, server = sharded("bias")
-    ids = token_ids(11, vocab=201, seed=11)
+@pytest.mark.parametrize("name", ["bias", "qwen2", "gemma3"])
+def test_private_mode_on_a_sharded_server(sharded, name, tmp_path):
+    """masked_linear on the sharded float64 weights (biases, padded vocabulary; Qwen2's; Gemma 3's), then the
+    sharded server as another server's helper: its pads (z W^T) assembled from both ranks."""
+    path, reference, server = sharded(name)
+    ids = token_ids(11, vocab=CONFIGS[name].get("vocab_size", 200), seed=11)
     expected = reference_logits(reference, ids)
     with Client(server.endpoint, timeout_s=60) as client:
         tee = tee_model(path, client.call, private=PrivateOptions(pads_dir=tmp_path / "pads"))
@@ -259,7 +275,7 @@ def test_a_split_that_cannot_be_is_one_line(checkpoints, tmp_path):
 
 def test_shards_keep_gqa_groups_whole(checkpoints):
     def config(name):
-        return LlamaConfig.from_model_dir(model(checkpoints, name))
+        return ModelConfig.from_model_dir(model(checkpoints, name))
 
     gqa = shards(config("gqa"), 2)  # 8 heads, 2 kv heads: one group each
     assert [(s.heads, s.kv_heads) for s in gqa] == [(range(0, 4), range(0, 1)), (range(4, 8), range(1, 2))]
@@ -272,7 +288,7 @@ def test_shards_keep_gqa_groups_whole(checkpoints):
         with pytest.raises(TsqpError, match=fragment):
             shards(config("gqa"), world)
     with pytest.raises(TsqpError, match="kv heads"):
-        shards(LlamaConfig(**{**config("mqa").__dict__, "num_heads": 6, "num_kv_heads": 3}), 2)
+        shards(ModelConfig(**{**config("mqa").__dict__, "num_heads": 6, "num_kv_heads": 3}), 2)
 
 
 def test_each_rank_loads_only_its_share(checkpoints):

@@ -80,9 +80,9 @@ def tee(smol):
 
 
 def test_config_is_smollm2(smol):
-    from tsqp.model.config import LlamaConfig
+    from tsqp.model.config import ModelConfig
 
-    c = LlamaConfig.from_model_dir(smol[0])
+    c = ModelConfig.from_model_dir(smol[0])
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads) == (30, 576, 9, 3)
     assert (c.vocab_size, c.tie_word_embeddings, c.rope_theta) == (49152, True, 100000.0)
 
@@ -144,9 +144,9 @@ def france_answer(smol, private: bool, tmp_path) -> dict:
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert "Paris" in out["text"], out["text"]
-    from tsqp.model.config import LlamaConfig
+    from tsqp.model.config import ModelConfig
 
-    eos = eos_token_ids(smol[0], LlamaConfig.from_model_dir(smol[0]))
+    eos = eos_token_ids(smol[0], ModelConfig.from_model_dir(smol[0]))
     assert out["stop_reason"] == "eos" and out["generated_ids"][-1] in eos  # a whole answer, then eos
     return out
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import build_checkpoint, load_reference, run_tsqp, token_ids
-from support import FEATURES, in_process
+from support import FEATURES, in_process, transformers_greedy
 
 from tsqp.errors import ModelError, TsqpError
 from tsqp.model.presets import CHAT_TEMPLATE, preset_path, write_tokenizer
@@ -22,20 +21,6 @@ from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
 
 NEW_TOKENS = 32
 GREEDY_FEATURES = ["gqa", "mqa", "head_dim", "rope_llama3", "tied", "attention_bias", "mlp_bias"]
-
-
-@torch.inference_mode()
-def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """transformers' generate, greedy, exactly new_tokens tokens (min_new_tokens holds eos off)."""
-    out = model.generate(
-        prompt[None],
-        attention_mask=torch.ones_like(prompt)[None],
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        pad_token_id=0,
-    )
-    return out[0, prompt.shape[0] :].tolist()
 
 
 @pytest.fixture(scope="module")

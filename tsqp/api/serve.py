@@ -23,7 +23,7 @@ from tsqp.api.tls import TlsFiles, ephemeral
 from tsqp.attest.evidence import Evidence, make_claims, report_data
 from tsqp.attest.sources import NoQuotes, QuoteSource, select
 from tsqp.errors import TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.model.presets import cache_dir
 from tsqp.options import ApiOptions
 from tsqp.tee.runner import start_server
@@ -107,7 +107,7 @@ def run_api(options: ApiOptions, gguf: Path | None = None, source: QuoteSource |
     with ExitStack() as stack:
         stack.callback(sock.close)
         server = stack.enter_context(start_server(run)) if not run.connect else None
-        eos = eos_token_ids(run.model_dir, LlamaConfig.from_model_dir(run.model_dir))
+        eos = eos_token_ids(run.model_dir, ModelConfig.from_model_dir(run.model_dir))
         slots = ModelSlots(run, eos, options.parallel, server=server)
         tee = slots.start()
         stack.callback(slots.close)

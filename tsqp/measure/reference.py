@@ -63,11 +63,11 @@ def _measure(
     import torch
 
     try:
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError:
         raise TsqpError("the comparison needs transformers: pip install 'tsqp[bench]'") from None
     torch.set_num_threads(threads)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=attn)
     model = model.eval().to(device)
     ids = token_ids(tokens, model.config.vocab_size, seed).to(device)
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)

@@ -1,4 +1,4 @@
-"""Reading a Hugging Face Llama checkpoint folder: safetensors (single or sharded), and its fingerprint.
+"""Reading a Hugging Face checkpoint folder: safetensors (single or sharded), and its fingerprint.
 
 The TEE and the server each open the folder they were given; neither takes weights from the other.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tsqp.errors import ModelError
-from tsqp.model.config import LlamaConfig, read_json
+from tsqp.model.config import ModelConfig, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -40,7 +40,7 @@ class Checkpoint:
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        self.config = LlamaConfig.from_model_dir(self.dir)
+        self.config = ModelConfig.from_model_dir(self.dir)
         self.files = self._weight_files()
         self.where: dict[str, Path] = {}
         self.entries: dict[str, tuple[int, dict]] = {}  # name -> (where the file's data starts, header entry)
@@ -161,12 +161,12 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-def norm_weight_names(config: LlamaConfig) -> list[str]:
-    """The only weights the TEE holds: RMSNorm gains."""
-    names = []
+def norm_weight_names(config: ModelConfig) -> list[str]:
+    """The only weights the TEE holds: RMSNorm gains (the family's per layer, q/k norms too, and the final one)."""
+    family, names = config.family, []
+    per_layer = [f"{norm}.weight" for norm in family.layer_norms()]
+    if family.qk_norm:
+        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     for layer in range(config.num_layers):
-        names += [
-            layer_prefix(layer) + "input_layernorm.weight",
-            layer_prefix(layer) + "post_attention_layernorm.weight",
-        ]
+        names += [layer_prefix(layer) + name for name in per_layer]
     return names + ["model.norm.weight"]

@@ -29,7 +29,7 @@ import torch
 
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server import kernels
 from tsqp.server.budget import Budget
 from tsqp.server.calls import Call, int_arg
@@ -83,7 +83,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
         max_memory_bytes: the memory budget every request is checked against (budget.py; default: a share of
         the host's memory)."""
         self.checkpoint = Checkpoint(model_dir)
-        self.config: LlamaConfig = self.checkpoint.config
+        self.config: ModelConfig = self.checkpoint.config
         self.ranks = ranks or Ranks()
         self.shards = shards(self.config, self.ranks.world)  # every rank's share: rank 0 assembles by them
         self.shard = self.shards[self.ranks.rank]

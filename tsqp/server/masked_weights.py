@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from tsqp.errors import ProtocolError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server.budget import Budget
 from tsqp.server.calls import Call, int_arg, split, stacked
 from tsqp.wire.pad_seeds import SEED_BYTES, expand
@@ -28,7 +28,7 @@ Part = tuple[torch.Tensor, torch.Tensor | None]  # a weight and its bias
 class MaskedWeights:
     """This rank's float64 weights of the masked linears, keyed by (op, layer), made once each."""
 
-    def __init__(self, config: LlamaConfig, dtype: torch.dtype, model):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, model):
         """model: what holds this rank's plain weights (`head`, `layers`: server.weights.Layer), the engine."""
         self.config, self.dtype, self.model = config, dtype, model
         self.made: dict[tuple[str, int], Part] = {}

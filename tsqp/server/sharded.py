@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.errors import TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server.kernels import linear_into
 from tsqp.server.parallel import Ranks
 
@@ -79,7 +79,7 @@ def _after(run: tuple[int, int], offset: int) -> tuple[int, int]:
     return run[0] + offset, run[1]
 
 
-def shards(config: LlamaConfig, world: int) -> list[Shard]:
+def shards(config: ModelConfig, world: int) -> list[Shard]:
     """Every rank's share, or a one-line error naming what --tensor-parallel must divide."""
     c = config
     flag = f"--tensor-parallel {world}"

@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.server.engine import Engine
 from tsqp.server.kernel_tuning import describe
 from tsqp.server.loop import Server
@@ -62,7 +62,7 @@ def run_server(
     started = time.perf_counter()
     ranks = Ranks(device=device)
     if tensor_parallel > 1:
-        shards(LlamaConfig.from_model_dir(model_dir), tensor_parallel)  # an impossible split: before any rank
+        shards(ModelConfig.from_model_dir(model_dir), tensor_parallel)  # an impossible split: before any rank
         private_only = engine_options.get("private_only", False)
         ranks = join(tensor_parallel, device, follower_command(model_dir, device, dtype, tensor_parallel, private_only))
     lost = False

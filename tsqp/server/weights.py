@@ -141,7 +141,7 @@ def load_weights(
     for layer in range(c.num_layers):
         for proj, (how, span) in split.items():
             wanted.append((f"{layer_prefix(layer)}{proj}.weight", how, span))
-            if c.attention_bias if proj.startswith("self_attn") else c.mlp_bias:
+            if c.has_bias(proj.partition(".")[2]):
                 # a bias follows its output rows; o_proj's and down's are whole, added once by rank 0
                 name = f"{layer_prefix(layer)}{proj}.bias"
                 wanted.append((name, "rows", span) if how == "rows" else (name, "whole", None))

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from tsqp.errors import TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 
 
 class KVCache:
     """Post-RoPE keys and values of one session, per layer: (kv_heads, capacity, head_dim) each."""
 
-    def __init__(self, config: LlamaConfig, capacity: int):
+    def __init__(self, config: ModelConfig, capacity: int):
         shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
         self.keys = torch.zeros(shape)
         self.values = torch.zeros(shape)
@@ -34,22 +34,27 @@ class KVCache:
         self.values[layer, :, pos : pos + T] = v.transpose(0, 1)
         self.filled[layer] = pos + T
 
-    def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> softmax(q K^T / sqrt(hd)) V
-        over keys [0, pos + T), causal, as (T, heads * hd) head-major like o_proj's input."""
+        over keys [0, pos + T), causal, as (T, heads * hd) head-major like o_proj's input. window: the
+        query at i sees keys (i - window, i] only; keys older than the first query's window are not read."""
         T, heads, hd = q.shape
         end = pos + T
         if end > self.filled[layer]:
             raise TsqpError(f"attention of layer {layer} at positions up to {end} before their values")
         self.keys[layer, :, pos:end] = k.transpose(0, 1)
+        start = 0 if window is None else max(0, pos + 1 - window)
         # 4-d (batch 1): with 3-d inputs torch's CPU attention falls back to its unfused path, 4.6 times
         # slower here (1024 tokens, 32 heads: 740 against 160 ms)
-        keys, values = self.keys[None, layer, :, :end], self.values[None, layer, :, :end]  # (1, kv, end, hd)
+        keys, values = self.keys[None, layer, :, start:end], self.values[None, layer, :, start:end]  # (1, kv, n, hd)
         queries = q.transpose(0, 1)[None]  # (1, heads, T, hd)
-        if T == 1 or pos == 0:  # no mask (one query sees every key) or the square causal mask
+        if T == 1 or (pos == 0 and (window is None or T <= window)):  # every key or the square causal mask
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=T > 1, enable_gqa=True)
-        else:  # an append: query i sees keys [0, pos + i]
-            visible = torch.arange(end)[None, :] <= torch.arange(pos, end)[:, None]
+        else:  # query i sees keys [0, i], or (i - window, i]
+            key_pos, query_pos = torch.arange(start, end)[None, :], torch.arange(pos, end)[:, None]
+            visible = key_pos <= query_pos
+            if window is not None:
+                visible &= key_pos > query_pos - window
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(T, heads * hd)
 
@@ -62,7 +67,7 @@ class TeeAttention:
 
     pipelined = False  # nothing crosses between the two products
 
-    def __init__(self, config: LlamaConfig, o_proj, stats: Stats):
+    def __init__(self, config: ModelConfig, o_proj, stats: Stats):
         """o_proj: (layer, out (T, q_dim)) -> out W_o^T + b_o (T, hidden), through the linear seam."""
         self.config, self.o_proj, self.stats = config, o_proj, stats
         self.cache: KVCache | None = None
@@ -84,5 +89,5 @@ class TeeAttention:
     def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
         """softmax_: unused (the fused kernel runs it)."""
         with self.stats.tee("attention"):
-            out = self.cache.attend(layer, pos, q, k)  # (T, q_dim)
+            out = self.cache.attend(layer, pos, q, k, self.config.family.windows[layer])  # (T, q_dim)
         return self.o_proj(layer, out)

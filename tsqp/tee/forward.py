@@ -1,13 +1,16 @@
-"""The TEE side of the model: the LLaMA forward pass, every weight product through the ops it is handed.
+"""The TEE side of the model: the decoder forward pass, every weight product through the ops it is handed.
 
-It reads top to bottom like DESIGN.md section 1. The TEE holds only the RMSNorm gains and the rope
-parameters, read from its own copy of the model folder; `self.ops` (`ops.Ops`, composed by compose.py:
-the plain split with its checks, or private mode) does the rest, the way tinygrad's Transformer is
-handed its linear layer.
+It reads top to bottom like DESIGN.md section 1. What the model's family changes (which norms sit where,
+the activation, q/k norms, each layer's attention window and rope, the embedding and query scales, the
+logit soft-cap) is the config's declared `family.Family`, read here and nowhere else. The TEE holds only
+the RMSNorm gains and the rope parameters, read from its own copy of the model folder; `self.ops`
+(`ops.Ops`, composed by compose.py: the plain split with its checks, or private mode) does the rest, the
+way tinygrad's Transformer is handed its linear layer.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -17,8 +20,11 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 from tsqp.stats import Stats
 from tsqp.tee.ops import Ops
+from tsqp.tee.remote import server_dtype
 from tsqp.tee.rope import Rotary
 from tsqp.tuning import SMALL_STEP_ROWS, one_thread
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 class TeeModel:
@@ -26,9 +32,13 @@ class TeeModel:
         """model: the TEE's own copy of the model (a folder or its Checkpoint); ops: where the rest runs."""
         checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
         self.config = c = checkpoint.config
+        self.family = f = c.family
         self.fingerprint = checkpoint.fingerprint()
-        self.norms = {name: t.to(torch.float32) for name, t in checkpoint.tensors(norm_weight_names(c))}
-        self.rotary = Rotary(c)
+        # gains as the norm multiplies by them, in float32: w, or Gemma's 1 + w
+        self.norms = {name: t.to(torch.float32) + f.norm_offset for name, t in checkpoint.tensors(norm_weight_names(c))}
+        self.rotaries = {rope: Rotary(rope, c.head_dim) for rope in {f.layer_rope(i) for i in range(c.num_layers)}}
+        self.activation = ACTIVATIONS[f.activation]
+        self.embed_scale = f.embed_scale  # rounded to the server's dtype once attached
         self.stats = stats or Stats()
         self.ops = ops
 
@@ -40,9 +50,14 @@ class TeeModel:
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
+        if "dtype" in info:  # transformers rounds Gemma's sqrt(hidden) to the embedding's dtype (bfloat16: 25.25)
+            self.embed_scale = float(torch.tensor(self.family.embed_scale, dtype=server_dtype(info)))
         return info
 
-    def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def rms_norm(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        """RMSNorm over the last dimension with the gain named `name` (None: the family has no norm there)."""
+        if name is None:
+            return x
         with self.stats.tee("rmsnorm"):
             variance = x.pow(2).mean(-1, keepdim=True)
             return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self.norms[name]
@@ -55,40 +70,60 @@ class TeeModel:
             return self._forward(ids, pos, last_only)
 
     def _forward(self, ids: torch.Tensor, pos: int, last_only: bool) -> torch.Tensor:
-        c, ops, stats = self.config, self.ops, self.stats
+        f, ops, stats = self.family, self.ops, self.stats
         T = ids.shape[0]
         ops.begin_step(pos, T)
         x = ops.embedding(ids)  # (T, hidden)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         with stats.tee("rope"):
-            cos, sin = self.rotary.cos_sin(torch.arange(pos, pos + T))
-        for layer in range(c.num_layers):
+            positions = torch.arange(pos, pos + T)
+            rope_tables = {rope: rotary.cos_sin(positions) for rope, rotary in self.rotaries.items()}
+        for layer in range(self.config.num_layers):
             stats.layer = layer
-            p = layer_prefix(layer)
-            h = self.rms_norm(x, p + "input_layernorm.weight")
-            q, k = ops.qkv(layer, pos, h)  # (T, q_dim), (T, kv_dim)
-            with stats.tee("rope"):
-                q = self.rotary.apply(q.view(T, c.num_heads, c.head_dim), cos, sin)
-                k = self.rotary.apply(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
-            attn = ops.attention(layer, pos, q, k, self.softmax_)  # o_proj(softmax(q k^T) V) (T, hidden)
-            with stats.tee("residual"):
-                x = x + attn
-            h = self.rms_norm(x, p + "post_attention_layernorm.weight")
-            gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
-            with stats.tee("silu_mul"):
-                act = F.silu(gate).mul_(up)
-            mlp = ops.down(layer, act)  # (T, hidden)
-            with stats.tee("residual"):
-                x = x + mlp
+            x = self._layer(layer, pos, x, rope_tables[f.layer_rope(layer)])
         stats.layer = None
         if last_only:
             x = x[-1:]
         x = self.rms_norm(x, "model.norm.weight")
-        return ops.lm_head(x)  # (T or 1, vocab)
+        logits = ops.lm_head(x)  # (T or 1, vocab)
+        if f.logit_softcap is not None:
+            logits = torch.tanh(logits / f.logit_softcap) * f.logit_softcap
+        return logits
 
-    def softmax_(self, block: torch.Tensor) -> torch.Tensor:
-        """Runs in the TEE between the server's two attention products, on one query tile of scores."""
+    def _layer(self, layer: int, pos: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One decoder layer on x (T, hidden) at positions [pos, pos+T)."""
+        c, f, ops, stats = self.config, self.family, self.ops, self.stats
+        T, p = x.shape[0], layer_prefix(layer)
+        h = self.rms_norm(x, norm_name(p, f.attn_in_norm))
+        q, k = ops.qkv(layer, pos, h)  # (T, q_dim), (T, kv_dim)
+        q, k = q.view(T, c.num_heads, c.head_dim), k.view(T, c.num_kv_heads, c.head_dim)
+        if f.qk_norm:  # per head, before rope
+            q, k = self.rms_norm(q, p + "self_attn.q_norm.weight"), self.rms_norm(k, p + "self_attn.k_norm.weight")
+        with stats.tee("rope"):
+            q, k = Rotary.apply(q, *cos_sin), Rotary.apply(k, *cos_sin)
+            if f.query_scale != 1.0:  # the attention products scale by 1/sqrt(head_dim); the family by its own
+                q = q * f.query_scale
+        window = f.windows[layer]
+        softmax_ = self.softmax_ if window is None else functools.partial(self.softmax_, window=window)
+        attn = ops.attention(layer, pos, q, k, softmax_)  # o_proj(softmax(q k^T) V) (T, hidden)
+        attn = self.rms_norm(attn, norm_name(p, f.attn_out_norm))
+        with stats.tee("residual"):
+            x = x + attn
+        h = self.rms_norm(x, norm_name(p, f.mlp_in_norm))
+        gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
+        with stats.tee("act_mul"):  # the gated activation: act(gate) * up
+            act = self.activation(gate).mul_(up)
+        mlp = ops.down(layer, act)  # (T, hidden)
+        mlp = self.rms_norm(mlp, norm_name(p, f.mlp_out_norm))
+        with stats.tee("residual"):
+            return x + mlp
+
+    def softmax_(self, block: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Runs in the TEE between the server's two attention products, on one query tile of scores;
+        window: the layer's sliding window (keys older than it are masked here)."""
         with self.stats.tee("softmax"):
-            return causal_softmax_(block)
+            return causal_softmax_(block, window)
 
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.numel() == 0:
@@ -99,14 +134,24 @@ class TeeModel:
             raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
 
 
-def causal_softmax_(block: torch.Tensor) -> torch.Tensor:
+def norm_name(prefix: str, norm: str | None) -> str | None:
+    """A layer's norm gain by its checkpoint name, or None where the family has none."""
+    return None if norm is None else f"{prefix}{norm}.weight"
+
+
+def causal_softmax_(block: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Softmax over keys with the causal mask, in place on a query tile's scores (heads, rows, keys)
     (the TEE owns this copy).
 
-    Only the last `rows` key columns can lie in the future of a row of the tile: that diagonal block
-    gets -inf above its diagonal; every earlier key is visible to every row of the tile.
+    A tile's keys are positions [0, keys) and its rows the last `rows` of them: only the last `rows` key
+    columns can lie in the future of a row, so that diagonal block gets -inf above its diagonal; every
+    earlier key is visible to every row of the tile. With a window, the row at position i sees keys
+    (i - window, i] only (transformers' sliding_window_overlay): older keys get -inf too.
     """
     rows, keys = block.shape[1], block.shape[2]
     future = torch.ones(rows, rows, dtype=torch.bool).triu_(1)
     block[:, :, keys - rows :].masked_fill_(future, float("-inf"))
+    if window is not None and keys > window:
+        positions = torch.arange(keys - rows, keys)[:, None]  # (rows, 1)
+        block.masked_fill_(torch.arange(keys)[None, :] <= positions - window, float("-inf"))
     return torch.softmax(block, dim=-1, out=block)

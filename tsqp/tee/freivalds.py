@@ -24,7 +24,8 @@ import torch
 
 from tsqp.errors import IntegrityError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
+from tsqp.model.family import ATTENTION_PROJECTIONS, MLP_PROJECTIONS
 from tsqp.tee.op_weights import Op, model_ops, op_dims, stream_rows, weight_rows
 from tsqp.wire.protocol import MASKED_DTYPE
 
@@ -57,7 +58,7 @@ def score_gains(u: float, keys: int, head_dim: int) -> tuple[float, float]:
     return row_gain, floor
 
 
-def value_gain(config: LlamaConfig, keys: int) -> float:
+def value_gain(config: ModelConfig, keys: int) -> float:
     """attn_out's bound on what the TEE never sees, times omega_o sum_h P_h ||v||: V and P @ V rounded (the
     server keeps its value path in float32, engine.VALUE_DTYPE, so U32 each) and the float32 sums of v_proj,
     P @ V, c and o_proj."""
@@ -211,13 +212,10 @@ def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Gener
     secret = [{proj: secret_matrix(generator, n) for proj, n in outs.items()} for _ in range(c.num_layers)]
     where: dict[str, tuple[int, str, str]] = {}
     for layer in range(c.num_layers):
-        for part, projs, bias in (
-            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), c.attention_bias),
-            ("mlp", ("gate_proj", "up_proj", "down_proj"), c.mlp_bias),
-        ):
-            for proj in projs:
-                for kind in ("weight", "bias") if bias else ("weight",):
-                    where[f"{layer_prefix(layer)}{part}.{proj}.{kind}"] = (layer, proj, kind)
+        for proj in (*ATTENTION_PROJECTIONS, *MLP_PROJECTIONS):
+            part = "self_attn" if proj in ATTENTION_PROJECTIONS else "mlp"
+            for kind in ("weight", "bias") if c.has_bias(proj) else ("weight",):
+                where[f"{layer_prefix(layer)}{part}.{proj}.{kind}"] = (layer, proj, kind)
     # v_proj weights come last: z needs u = W_o^T s_o of the same layer first.
     v_names = [name for name, (_, proj, kind) in where.items() if (proj, kind) == ("v_proj", "weight")]
     names = [EMBED] + ([head_name] if head_name != EMBED else []) + [n for n in where if n not in set(v_names)]
@@ -244,7 +242,7 @@ def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Gener
 
 
 def _layer_keys(
-    c: LlamaConfig, keys: dict[str, LinearKey], biases: dict, layer: int, v_proj: torch.Tensor, wire: torch.dtype
+    c: ModelConfig, keys: dict[str, LinearKey], biases: dict, layer: int, v_proj: torch.Tensor, wire: torch.dtype
 ) -> LayerKeys:
     for proj, key in keys.items():
         if (layer, proj) in biases:

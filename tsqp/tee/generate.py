@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.errors import ConnectionLost, TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.sampling import SamplingOptions, sample
 
@@ -41,7 +41,7 @@ class Generation:
         return self.decode_tokens / self.decode_s if self.decode_tokens else 0.0
 
 
-def session_capacity(config: LlamaConfig, prompt_tokens: int, max_new_tokens: int) -> int:
+def session_capacity(config: ModelConfig, prompt_tokens: int, max_new_tokens: int) -> int:
     """Cache positions a generation needs; the last token is sampled but never fed back, so it needs none."""
     if max_new_tokens < 1:
         raise TsqpError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

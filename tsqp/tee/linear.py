@@ -20,7 +20,7 @@ import torch
 
 from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.freivalds import U64, LinearKey, compare, linear_gains, times
 from tsqp.tee.op_weights import Op, op_dims, product
@@ -32,7 +32,7 @@ Linear = Callable[[Op, torch.Tensor], torch.Tensor]  # (op, x (T, in)) -> x W^T 
 class Remote:
     """The server computes the product (`masked_linear`, float64): it sees only what it is given."""
 
-    def __init__(self, link, config: LlamaConfig, stats: Stats):
+    def __init__(self, link, config: ModelConfig, stats: Stats):
         self.link, self.config, self.stats = link, config, stats
 
     def submit(self, op: Op, x: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Op:
         return self.name if self.name == "lm_head" else f"{self.name} of layer {self.layer}"
 
 
-def op_dims(config: LlamaConfig, op: Op) -> tuple[int, int]:
+def op_dims(config: ModelConfig, op: Op) -> tuple[int, int]:
     """(in, out) of an op's weight."""
     c = config
     return {
@@ -43,7 +43,7 @@ def op_dims(config: LlamaConfig, op: Op) -> tuple[int, int]:
     }[op.name]
 
 
-def model_ops(config: LlamaConfig) -> list[Op]:
+def model_ops(config: ModelConfig) -> list[Op]:
     """Every linear of a forward pass, in the order it runs."""
     ops = [Op(name, layer) for layer in range(config.num_layers) for name in ("qkv", "o_proj", "gate_up", "down")]
     return ops + [Op("lm_head")]
@@ -54,13 +54,13 @@ def weight_names(checkpoint: Checkpoint, op: Op) -> list[tuple[str, str | None]]
     c, p = checkpoint.config, layer_prefix(op.layer)
     if op.name == "lm_head":
         return [("lm_head.weight" if checkpoint.has("lm_head.weight") else "model.embed_tokens.weight", None)]
-    part, projs, bias = {
-        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj"), c.attention_bias),
-        "o_proj": ("self_attn", ("o_proj",), c.attention_bias),
-        "gate_up": ("mlp", ("gate_proj", "up_proj"), c.mlp_bias),
-        "down": ("mlp", ("down_proj",), c.mlp_bias),
+    part, projs = {
+        "qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+        "o_proj": ("self_attn", ("o_proj",)),
+        "gate_up": ("mlp", ("gate_proj", "up_proj")),
+        "down": ("mlp", ("down_proj",)),
     }[op.name]
-    return [(f"{p}{part}.{proj}.weight", f"{p}{part}.{proj}.bias" if bias else None) for proj in projs]
+    return [(f"{p}{part}.{proj}.weight", f"{p}{part}.{proj}.bias" if c.has_bias(proj) else None) for proj in projs]
 
 
 def load_weight(

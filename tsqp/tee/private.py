@@ -30,7 +30,7 @@ import torch
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.attention import TeeAttention
 from tsqp.tee.freivalds import masked_keys
@@ -66,7 +66,7 @@ class LinearOps:
 
     pipelined = False
 
-    def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
+    def __init__(self, config: ModelConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
         """embed: the whole embedding table (None until init); linear: None until attached."""
         self.config, self.embed, self.linear, self.stats = config, embed, linear, stats
         self.attention = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
@@ -207,7 +207,7 @@ def check_helper(helper, primary: dict) -> None:
         )
 
 
-def calibration_ids(model_dir: Path, config: LlamaConfig) -> torch.Tensor:
+def calibration_ids(model_dir: Path, config: ModelConfig) -> torch.Tensor:
     """The public calibration prompt: CALIBRATION_TEXT through the model's tokenizer when it has one,
     else a fixed spread of ids (the first one bos when the config names it)."""
     if (Path(model_dir) / TOKENIZER_FILE).is_file():

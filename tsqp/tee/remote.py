@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tsqp.errors import ServerError, TsqpError
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.checks import ChunkCheck, StepCheck, Unchecked
 from tsqp.tee.ops import Attention, Call, Link
@@ -117,7 +117,7 @@ def link_of(call: Link | Call) -> Link:
 class Calls:
     """Requests to the server, typed: the link, the wire dtype, the open session and the checker."""
 
-    def __init__(self, link: Link, config: LlamaConfig, checker=None, stats: Stats | None = None):
+    def __init__(self, link: Link, config: ModelConfig, checker=None, stats: Stats | None = None):
         """checker: `checks.Unchecked` (the default) or `verify.Verifier`."""
         self.link = link
         self.config = config

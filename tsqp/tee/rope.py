@@ -1,4 +1,7 @@
-"""Rotary position embedding, computed in the TEE from the TEE's own config (default, linear, llama3)."""
+"""Rotary position embedding, computed in the TEE from the TEE's own config (default, linear, llama3).
+
+One `Rotary` per distinct `family.Rope` of the model (Gemma 3's sliding layers have their own base).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,19 @@ import math
 
 import torch
 
-from tsqp.model.config import LlamaConfig
+from tsqp.model.family import Rope
 
 
-def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """(head_dim // 2,) float32, with the checkpoint's rope scaling applied."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if config.rope_type == "linear":
-        return inv_freq / config.rope_param("factor")
-    if config.rope_type == "llama3":
-        factor = config.rope_param("factor")
-        low, high = config.rope_param("low_freq_factor"), config.rope_param("high_freq_factor")
-        old_context = config.rope_param("original_max_position_embeddings")
+def inverse_frequencies(rope: Rope, head_dim: int) -> torch.Tensor:
+    """(head_dim // 2,) float32, with the rope's scaling applied."""
+    dim = head_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.type == "linear":
+        return inv_freq / rope.param("factor")
+    if rope.type == "llama3":
+        factor = rope.param("factor")
+        low, high = rope.param("low_freq_factor"), rope.param("high_freq_factor")
+        old_context = rope.param("original_max_position_embeddings")
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
         smooth = (old_context / wavelen - low) / (high - low)
@@ -31,8 +34,8 @@ def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
 class Rotary:
     """Applies RoPE to (T, heads, head_dim) tensors at absolute positions."""
 
-    def __init__(self, config: LlamaConfig):
-        self.inv_freq = inverse_frequencies(config)
+    def __init__(self, rope: Rope, head_dim: int):
+        self.inv_freq = inverse_frequencies(rope, head_dim)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tsqp.errors import ModelError, TsqpError
-from tsqp.model.config import LlamaConfig, read_json
+from tsqp.model.config import ModelConfig, read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -79,7 +79,7 @@ class TextTokenizer:
             raise ModelError(f"the chat template of the checkpoint cannot be rendered: {exc}") from None
 
 
-def eos_token_ids(model_dir: str | Path, config: LlamaConfig) -> tuple[int, ...]:
+def eos_token_ids(model_dir: str | Path, config: ModelConfig) -> tuple[int, ...]:
     """Stop tokens: generation_config.json's eos_token_id (int or list) when it has one, else config.json's.
 
     transformers' generate uses the same precedence, so both stop on the same tokens.

@@ -66,7 +66,7 @@ import torch
 
 from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
-from tsqp.model.config import LlamaConfig
+from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.checks import ChunkCheck, StepCheck
 from tsqp.tee.freivalds import (
@@ -92,7 +92,7 @@ from tsqp.wire.protocol import Tile, query_tiles
 class AttentionState:
     """Per session: the secret r per key position and, per layer, what the TEE sent (as c and K^T r)."""
 
-    def __init__(self, config: LlamaConfig, capacity: int, generator: torch.Generator):
+    def __init__(self, config: ModelConfig, capacity: int, generator: torch.Generator):
         c, L = config, config.num_layers
         self.r = secret_matrix(generator, capacity)  # (capacity, K)
         # Stacked over the layers (state.c[layer] is a layer's), so that a decode step's checks can take
