@@ -302,6 +302,11 @@ class BenchFlags:
         "more prompt lengths to time, e.g. 128,512,1024,2048 (with --compare: transformers too, each length)"
     )
     trace: str | None = option("write a Chrome/Perfetto trace of the timed prefill to this JSON file")
+    replay: bool = option(
+        "then run the same prompts again over the recorded replies, with no server: the floor the TEE's own work "
+        "imposes, per token and per call (JSON: floor)",
+        False,
+    )
     clients: int = option(
         "N TEE client processes decoding at once on one server (with --decode M, default 16): aggregate and "
         "per-client decode tokens/s and per-token latency, against one client in the same run",
