@@ -353,6 +353,12 @@ class ApiOptions:
         metavar="SERVED_MODEL_NAME",
     )
     parallel: int = option("generations at once, each its own server session (default 4)", 4)
+    slots: str = option(
+        "where each of the --parallel generations runs: a thread of this process (sharing its interpreter lock), "
+        "a process of its own, or auto (processes, threads for one slot or in an enclave)",
+        "auto",
+        choices=("auto", "threads", "processes"),
+    )
     tls: bool = option(
         "serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",
         False,

@@ -84,14 +84,14 @@ def run_api(options: ApiOptions) -> None:
         stack.callback(sock.close)
         server = stack.enter_context(start_server(run)) if not run.connect else None
         eos = eos_token_ids(run.model_dir, LlamaConfig.from_model_dir(run.model_dir))
-        slots = ModelSlots(run, eos, options.parallel, server=server)
-        tee = slots.start()
+        slots = ModelSlots(run, eos, options.parallel, server=server, kind=options.slots)
+        config = slots.start()
         stack.callback(slots.close)
         state = ApiState(
             model=options.name,
             tokenizer=tokenizer,
-            context=tee.config.max_position_embeddings,
-            vocab_size=tee.config.vocab_size,
+            context=config.max_position_embeddings,
+            vocab_size=config.vocab_size,
             slots=slots,
             api_key=options.api_key,
         )

@@ -5,6 +5,10 @@ its own session, interleaved with the others op by op. Slots are opened when the
 up to `parallel`; a request beyond that waits for one to come free. A slot whose link failed (the
 server gone, a result that failed verification) is closed and replaced by a fresh one on the next
 request, which is refused at once if the server is still unreachable.
+
+A slot is a thread of this process (`ThreadSlot`) or a process of its own (`slot_process.ProcessSlot`):
+threads share one interpreter lock, so their generations' Python work runs one at a time; processes run
+on every core but cost a start each, which under Gramine is slow (`tsqp api --slots`, `slot_kind`).
 """
 
 from __future__ import annotations
@@ -14,18 +18,27 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from tsqp.api.slot_process import ClientGone, ProcessSlot
+from tsqp.model.config import LlamaConfig
 from tsqp.options import RunOptions
+from tsqp.tee.enclave import in_enclave
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
 from tsqp.tee.sampling import SamplingOptions
 
 
-class ClientGone(Exception):
-    """Raised from a token callback when the HTTP client went away: the generation ends, its session freed."""
+def slot_kind(kind: str, parallel: int) -> str:
+    """auto: processes, except for one slot (nothing to run beside it) or in an enclave (a process start
+    there is a LibOS start, slow; gramine-direct failed at it)."""
+    if kind != "auto":
+        return kind
+    return "threads" if parallel == 1 or in_enclave() else "processes"
 
 
-class Slot:
+class ThreadSlot:
+    """A slot run by the API's worker threads, in this process."""
+
     def __init__(self, options: RunOptions, server):
         self.stack = ExitStack()
         try:
@@ -33,26 +46,37 @@ class Slot:
         except BaseException:
             self.stack.close()
             raise
+        self.config: LlamaConfig = self.tee.config
+
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token) -> Generation:
+        """`ProcessSlot.generate`, on this process's model."""
+        try:
+            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token)
+        finally:
+            self.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
+            self.tee.stats.server_spans.clear()
 
     def close(self) -> None:
         self.stack.close()
 
 
 class ModelSlots:
-    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None):
-        """server: the `launcher.ServerProcess` the API started, or None with options.connect set."""
+    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="auto"):
+        """server: the `launcher.ServerProcess` the API started, or None with options.connect set.
+        kind: auto, threads or processes (`slot_kind`)."""
         self.options = options
+        self.slot = ProcessSlot if slot_kind(kind, parallel) == "processes" else ThreadSlot
         self.server = server
         self.eos_ids = eos_ids
         self.parallel = parallel
-        self.idle: queue.LifoQueue[Slot] = queue.LifoQueue()  # the warmest slot first
+        self.idle: queue.LifoQueue[ThreadSlot | ProcessSlot] = queue.LifoQueue()  # the warmest slot first
         self.free = threading.Semaphore(parallel)  # at most `parallel` slots exist
 
-    def start(self) -> TeeModel:
+    def start(self) -> LlamaConfig:
         """Opens the first slot now, so that a model or server problem is reported before the API listens."""
-        slot = Slot(self.options, self.server)
+        slot = self.slot(self.options, self.server)
         self.idle.put(slot)
-        return slot.tee
+        return slot.config
 
     def run(
         self,
@@ -66,7 +90,7 @@ class ModelSlots:
             slot = self._take()
             healthy = False
             try:
-                result = generate(slot.tee, prompt_ids, max_tokens, sampling, self.eos_ids, on_token=on_token)
+                result = slot.generate(prompt_ids, max_tokens, sampling, self.eos_ids, on_token)
                 healthy = True
                 return result
             except ClientGone:
@@ -74,18 +98,16 @@ class ModelSlots:
                 raise
             # any other error (the server gone, a result that failed verification): the slot is closed
             finally:
-                slot.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
-                slot.tee.stats.server_spans.clear()
                 self._give_back(slot, healthy)
 
-    def _take(self) -> Slot:
+    def _take(self) -> ThreadSlot | ProcessSlot:
         """An idle slot, else a new one (the semaphore held keeps their number within `parallel`)."""
         try:
             return self.idle.get_nowait()
         except queue.Empty:
-            return Slot(self.options, self.server)
+            return self.slot(self.options, self.server)
 
-    def _give_back(self, slot: Slot, healthy: bool) -> None:
+    def _give_back(self, slot: ThreadSlot | ProcessSlot, healthy: bool) -> None:
         if healthy:
             self.idle.put(slot)
         else:
