@@ -54,11 +54,21 @@ def start_api(model: str, parallel: int, extra: list[str]) -> tuple[str, subproc
     raise SystemExit("tsqp api did not start:\n" + "".join(lines))
 
 
-def stream(url: str, prompt: str, max_tokens: int) -> dict:
+def served_model(url: str) -> str:
+    """The id the API serves its model under (GET /v1/models)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    connection.request("GET", "/v1/models")
+    models = json.loads(connection.getresponse().read())
+    connection.close()
+    return models["data"][0]["id"]
+
+
+def stream(url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed chat completion: its completion tokens, chunks, and seconds to first and last chunk."""
     parts = urlsplit(url)
     body = {
-        "model": "bench",
+        "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -70,7 +80,7 @@ def stream(url: str, prompt: str, max_tokens: int) -> dict:
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     if response.status != 200:
-        raise SystemExit(f"HTTP {response.status}: {response.read()[:300]!r}")
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
     chunks, first, usage = 0, None, None
     for raw in response:
         line = raw.decode().strip()
@@ -86,13 +96,16 @@ def stream(url: str, prompt: str, max_tokens: int) -> dict:
     return {"tokens": usage["completion_tokens"], "chunks": chunks, "first_s": first, "s": time.perf_counter() - start}
 
 
-def at_once(url: str, n: int, max_tokens: int, round_: int) -> dict:
+def at_once(url: str, model: str, n: int, max_tokens: int, round_: int) -> dict:
     """n streams started together; the aggregate tokens/s over the wall time of all of them."""
-    results: list[dict | None] = [None] * n
+    results: list[dict | Exception | None] = [None] * n
 
     def one(i: int) -> None:
         prompt = PROMPTS[i % len(PROMPTS)].format(100 * round_ + i, i + 7)
-        results[i] = stream(url, prompt, max_tokens)
+        try:
+            results[i] = stream(url, model, prompt, max_tokens)
+        except Exception as exc:
+            results[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     start = time.perf_counter()
@@ -101,8 +114,8 @@ def at_once(url: str, n: int, max_tokens: int, round_: int) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    if any(r is None for r in results):
-        raise SystemExit("a stream failed (see above)")
+    if failed := [r for r in results if not isinstance(r, dict)]:
+        raise SystemExit(f"{len(failed)} of {n} streams failed: {failed[0]!r}")
     tokens = sum(r["tokens"] for r in results)
     return {"streams": n, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "each": results}
 
@@ -112,8 +125,9 @@ def main() -> None:
     counts = [int(n) for n in args.streams.split(",")]
     url, process = start_api(args.model, max(counts), args.api_args)
     try:
-        at_once(url, max(counts), 4, round_=-1)  # every slot opened and warm
-        runs = {n: [at_once(url, n, args.max_tokens, r) for r in range(args.rounds)] for n in counts}
+        model = served_model(url)
+        at_once(url, model, max(counts), 4, round_=-1)  # every slot opened and warm
+        runs = {n: [at_once(url, model, n, args.max_tokens, r) for r in range(args.rounds)] for n in counts}
     finally:
         process.terminate()
         process.wait(timeout=30)
