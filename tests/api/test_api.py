@@ -399,3 +399,12 @@ def test_text_pieces_hold_back_a_possible_stop_until_it_cannot_be_one():
     assert [pieces.push(ord(c)) for c in "xab"] == ["x", "", ""]
     assert pieces.push(ord("d")) == "abd"  # "abd" cannot begin "abc" any more
     assert pieces.finish() == ""
+
+
+def test_auto_slots_are_processes_except_for_one_slot_or_in_an_enclave(monkeypatch):
+    from tsqp.api import slots
+
+    assert slots.slot_kind("auto", 4) == "processes" and slots.slot_kind("auto", 1) == "threads"
+    assert slots.slot_kind("threads", 4) == "threads" and slots.slot_kind("processes", 1) == "processes"
+    monkeypatch.setattr(slots, "in_enclave", lambda: True)  # gramine-direct: a process start is a LibOS start
+    assert slots.slot_kind("auto", 4) == "threads"
