@@ -1,13 +1,15 @@
 """Concurrent streamed chat requests against one `tsqp api`: aggregate tokens/s by the number of streams.
 
     python bench/api_concurrency.py [--model smollm2-135m-instruct] [--streams 1,2,4,8] [--max-tokens 24]
-                                    [--rounds 2] [--json FILE] [-- API FLAGS...]
+                                    [--rounds 2] [--slots threads,processes] [--json FILE] [-- API FLAGS...]
 
-Starts `tsqp api --port 0 --parallel max(streams)` (and the flags after `--`, e.g. `--slots threads`),
-warms every slot up with one request each, then for each N runs N streamed chat completions at once
-(`stream_options.include_usage`, greedy, distinct prompts), `--rounds` times. A stream's tokens are its
-usage's completion tokens; the aggregate is all streams' tokens over the wall time from the first request
-sent to the last stream closed. Prints the curve and each N's aggregate over one stream's.
+Starts one `tsqp api --port 0 --parallel max(streams) --slots KIND` per kind of `--slots` (and the flags
+after `--`), warms every slot up with one request each, then for each N runs N streamed chat completions
+at once (`stream_options.include_usage`, greedy, distinct prompts), `--rounds` times, the kinds taking
+turns round by round (on a shared host the load drifts; turns put both kinds under the same). A
+stream's tokens are its usage's completion tokens; the aggregate is all streams' tokens over the wall
+time from the first request sent to the last stream closed. Prints each kind's curve and each N's
+aggregate over one stream's of the same kind.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--streams", default="1,2,4,8", help="numbers of concurrent streams, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each number of streams")
+    parser.add_argument("--slots", default="threads,processes", help="`tsqp api --slots` kinds, comma-separated")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("api_args", nargs="*", help="more `tsqp api` flags, after --")
     return parser.parse_args()
@@ -122,29 +125,45 @@ def at_once(url: str, model: str, n: int, max_tokens: int, round_: int) -> dict:
 
 def main() -> None:
     args = arguments()
-    counts = [int(n) for n in args.streams.split(",")]
-    url, process = start_api(args.model, max(counts), args.api_args)
+    counts, kinds = [int(n) for n in args.streams.split(",")], args.slots.split(",")
+    apis = {}
     try:
-        model = served_model(url)
-        at_once(url, model, max(counts), 4, round_=-1)  # every slot opened and warm
-        runs = {n: [at_once(url, model, n, args.max_tokens, r) for r in range(args.rounds)] for n in counts}
+        for kind in kinds:
+            apis[kind] = start_api(args.model, max(counts), ["--slots", kind, *args.api_args])
+        models = {kind: served_model(url) for kind, (url, _) in apis.items()}
+        for kind, (url, _) in apis.items():
+            at_once(url, models[kind], max(counts), 4, round_=-1)  # every slot opened and warm
+        runs = {kind: {n: [] for n in counts} for kind in kinds}
+        for n in counts:
+            for r in range(args.rounds):
+                for kind, (url, _) in apis.items():
+                    runs[kind][n].append(at_once(url, models[kind], n, args.max_tokens, r))
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-    curve = []
-    for n, rounds in runs.items():
-        tokens, wall = sum(r["tokens"] for r in rounds), sum(r["wall_s"] for r in rounds)
-        curve.append({"streams": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "rounds": rounds})
-    one = next((c["tokens_per_s"] for c in curve if c["streams"] == 1), curve[0]["tokens_per_s"])
-    print(f"{'streams':>8} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'x one':>6}")
-    for c in curve:
-        c["ratio_to_one"] = c["tokens_per_s"] / one
-        row = f"{c['streams']:>8} {c['tokens']:>7} {c['wall_s']:>8.2f} {c['tokens_per_s']:>9.1f}"
-        print(f"{row} {c['ratio_to_one']:>6.2f}")
+        for _, process in apis.values():
+            process.terminate()
+            process.wait(timeout=30)
+    figures = {"model": args.model, "max_tokens": args.max_tokens, "api_args": args.api_args}
+    figures["curves"] = {kind: curve(runs[kind]) for kind in kinds}
+    print(f"{'slots':>10} {'streams':>8} {'tokens':>7} {'wall s':>8} {'tokens/s':>9} {'x one':>6}")
+    for kind, points in figures["curves"].items():
+        for c in points:
+            row = f"{kind:>10} {c['streams']:>8} {c['tokens']:>7} {c['wall_s']:>8.2f} {c['tokens_per_s']:>9.1f}"
+            print(f"{row} {c['ratio_to_one']:>6.2f}")
     if args.json_path:
-        figures = {"model": args.model, "max_tokens": args.max_tokens, "api_args": args.api_args, "curve": curve}
         with open(args.json_path, "w") as handle:
             json.dump(figures, handle, indent=2)
+
+
+def curve(runs: dict[int, list[dict]]) -> list[dict]:
+    """Per number of streams: tokens and wall time over its rounds, tokens/s, and its ratio to one stream's."""
+    points = []
+    for n, rounds in runs.items():
+        tokens, wall = sum(r["tokens"] for r in rounds), sum(r["wall_s"] for r in rounds)
+        points.append({"streams": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "rounds": rounds})
+    one = next((p["tokens_per_s"] for p in points if p["streams"] == 1), points[0]["tokens_per_s"])
+    for p in points:
+        p["ratio_to_one"] = p["tokens_per_s"] / one
+    return points
 
 
 if __name__ == "__main__":
