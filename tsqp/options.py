@@ -354,10 +354,10 @@ class ApiOptions:
     )
     parallel: int = option("generations at once, each its own server session (default 4)", 4)
     slots: str = option(
-        "where each of the --parallel generations runs: a thread of this process (sharing its interpreter lock), "
-        "a process of its own, or auto (processes, threads for one slot or in an enclave)",
-        "auto",
-        choices=("auto", "threads", "processes"),
+        "where each of the --parallel generations runs: a thread of this process (the default; they share its "
+        "interpreter lock) or a process of its own (slow to start under Gramine)",
+        "threads",
+        choices=("threads", "processes"),
     )
     tls: bool = option(
         "serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",

@@ -355,7 +355,9 @@ def test_private_mode_answers_as_tsqp_generate_private(tmp_path):
         cli_generate("--prompt", p, "--max-new-tokens", "6", "--private", "--pads-dir", tmp_path / "cli")["text"]
         for p in prompts
     ]
-    with api_process("--model", "tiny", "--private", "--pads-dir", tmp_path / "api", "--parallel", "2") as (
+    with api_process(
+        "--model", "tiny", "--private", "--pads-dir", tmp_path / "api", "--parallel", "2", "--slots", "processes"
+    ) as (
         url,
         _,
         lines,
@@ -399,12 +401,3 @@ def test_text_pieces_hold_back_a_possible_stop_until_it_cannot_be_one():
     assert [pieces.push(ord(c)) for c in "xab"] == ["x", "", ""]
     assert pieces.push(ord("d")) == "abd"  # "abd" cannot begin "abc" any more
     assert pieces.finish() == ""
-
-
-def test_auto_slots_are_processes_except_for_one_slot_or_in_an_enclave(monkeypatch):
-    from tsqp.api import slots
-
-    assert slots.slot_kind("auto", 4) == "processes" and slots.slot_kind("auto", 1) == "threads"
-    assert slots.slot_kind("threads", 4) == "threads" and slots.slot_kind("processes", 1) == "processes"
-    monkeypatch.setattr(slots, "in_enclave", lambda: True)  # gramine-direct: a process start is a LibOS start
-    assert slots.slot_kind("auto", 4) == "threads"

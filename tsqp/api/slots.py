@@ -6,9 +6,11 @@ up to `parallel`; a request beyond that waits for one to come free. A slot whose
 server gone, a result that failed verification) is closed and replaced by a fresh one on the next
 request, which is refused at once if the server is still unreachable.
 
-A slot is a thread of this process (`ThreadSlot`) or a process of its own (`slot_process.ProcessSlot`):
-threads share one interpreter lock, so their generations' Python work runs one at a time; processes run
-on every core but cost a start each, which under Gramine is slow (`tsqp api --slots`, `slot_kind`).
+A slot is a thread of this process (`ThreadSlot`, the default) or a process of its own
+(`slot_process.ProcessSlot`, `tsqp api --slots processes`): threads share one interpreter lock, so their
+generations' Python work runs one at a time; processes can run it on every core, but each costs a start
+(slow under Gramine) and its own copy of the keys. On two shared cores, where the server's products and
+the other sessions already take the cores, processes measured no faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,19 +23,10 @@ from contextlib import ExitStack
 from tsqp.api.slot_process import ClientGone, ProcessSlot
 from tsqp.model.config import LlamaConfig
 from tsqp.options import RunOptions
-from tsqp.tee.enclave import in_enclave
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
 from tsqp.tee.sampling import SamplingOptions
-
-
-def slot_kind(kind: str, parallel: int) -> str:
-    """auto: processes, except for one slot (nothing to run beside it) or in an enclave (a process start
-    there is a LibOS start, slow; gramine-direct failed at it)."""
-    if kind != "auto":
-        return kind
-    return "threads" if parallel == 1 or in_enclave() else "processes"
 
 
 class ThreadSlot:
@@ -61,11 +54,11 @@ class ThreadSlot:
 
 
 class ModelSlots:
-    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="auto"):
+    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="threads"):
         """server: the `launcher.ServerProcess` the API started, or None with options.connect set.
-        kind: auto, threads or processes (`slot_kind`)."""
+        kind: threads or processes (module docstring)."""
         self.options = options
-        self.slot = ProcessSlot if slot_kind(kind, parallel) == "processes" else ThreadSlot
+        self.slot = ProcessSlot if kind == "processes" else ThreadSlot
         self.server = server
         self.eos_ids = eos_ids
         self.parallel = parallel
