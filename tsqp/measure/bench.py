@@ -90,7 +90,8 @@ def run_bench(
 ) -> dict:
     """decode > 0: after the prefill, a greedy generation of `decode` tokens from the same prompt.
     sweep: more prompt lengths, each timed like the main one (and against transformers with compare).
-    replay: then the same run again over the first one's recorded replies, no server: the floor (floor.py)."""
+    replay: then the same run again over the first one's recorded replies, no server: the floor (floor.py).
+    The recording's copies of every reply count in the TEE peak RSS printed then."""
     if replay and options.private:
         raise TsqpError("--replay measures the plain split: private mode's pads differ from run to run")
     console = console or Console()
