@@ -5,7 +5,7 @@ tsqp serve    --model DIR [--device cpu|cuda:N] [--dtype ...] [--listen ENDPOINT
 tsqp logits   --model DIR --token-ids 1,2,3 --out FILE.npy [--connect ENDPOINT]
 tsqp generate [--model DIR | --preset NAME] (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-new-tokens N]
               [--temperature T] [--top-k K] [--top-p P] [--seed S] [--connect ENDPOINT] [--json]
-tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--json FILE]
+tsqp bench    [--model DIR | --preset NAME] [--tokens N] [--decode N] [--compare] [--replay] [--json FILE]
 tsqp diagnose [--model DIR | --preset NAME] [--sizes 8,32,128] [--rounds N]   (transport, latency, bandwidth)
 tsqp api      --model M [--host H] [--port P] [--api-key KEY] [--tls] [--private]   (OpenAI-compatible HTTP API)
 tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
@@ -173,6 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         decode=args.decode,
         sweep=sweep,
         trace_path=args.trace,
+        replay=args.replay,
     )
 
 

@@ -302,6 +302,11 @@ class BenchFlags:
         "more prompt lengths to time, e.g. 128,512,1024,2048 (with --compare: transformers too, each length)"
     )
     trace: str | None = option("write a Chrome/Perfetto trace of the timed prefill to this JSON file")
+    replay: bool = option(
+        "then run the same prompts again over the recorded replies, with no server: the floor the TEE's own work "
+        "imposes, per token and per call (JSON: floor)",
+        False,
+    )
     clients: int = option(
         "N TEE client processes decoding at once on one server (with --decode M, default 16): aggregate and "
         "per-client decode tokens/s and per-token latency, against one client in the same run",
@@ -361,6 +366,12 @@ class ApiOptions:
         metavar="SERVED_MODEL_NAME",
     )
     parallel: int = option("generations at once, each its own server session (default 4)", 4)
+    slots: str = option(
+        "where each of the --parallel generations runs: a thread of this process (the default; they share its "
+        "interpreter lock) or a process of its own (slow to start under Gramine)",
+        "threads",
+        choices=("threads", "processes"),
+    )
     tls: bool = option(
         "serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",
         False,

@@ -272,9 +272,10 @@ def metric(api: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_a_client_gone_mid_stream_frees_its_slot_at_once(tmp_path):
+@pytest.mark.parametrize("slots", ["threads", "processes"])
+def test_a_client_gone_mid_stream_frees_its_slot_at_once(tmp_path, slots):
     """One slot: a long stream dropped after a few chunks must not keep the next request waiting."""
-    with api_process("--model", "tiny", "--parallel", "1") as (url, process, lines):
+    with api_process("--model", "tiny", "--parallel", "1", "--slots", slots) as (url, process, lines):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         started = time.perf_counter()
         stream = client.completions.create(model="tiny", prompt="the", max_tokens=3000, temperature=0, stream=True)
@@ -373,7 +374,9 @@ def test_private_mode_answers_as_tsqp_generate_private(tmp_path):
         cli_generate("--prompt", p, "--max-new-tokens", "6", "--private", "--pads-dir", tmp_path / "cli")["text"]
         for p in prompts
     ]
-    with api_process("--model", "tiny", "--private", "--pads-dir", tmp_path / "api", "--parallel", "2") as (
+    with api_process(
+        "--model", "tiny", "--private", "--pads-dir", tmp_path / "api", "--parallel", "2", "--slots", "processes"
+    ) as (
         url,
         _,
         lines,

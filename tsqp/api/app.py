@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from tsqp.api.metrics import Metrics
 from tsqp.api.requests import ApiError, Job, parse_job
-from tsqp.api.slots import ClientGone, ModelSlots
+from tsqp.api.slot_process import ClientGone
+from tsqp.api.slots import ModelSlots
 from tsqp.api.text import TextPieces
 from tsqp.errors import ConnectionLost, IntegrityError, TsqpError
 

@@ -108,19 +108,19 @@ def run_api(options: ApiOptions, gguf: Path | None = None, source: QuoteSource |
         stack.callback(sock.close)
         server = stack.enter_context(start_server(run)) if not run.connect else None
         eos = eos_token_ids(run.model_dir, ModelConfig.from_model_dir(run.model_dir))
-        slots = ModelSlots(run, eos, options.parallel, server=server)
-        tee = slots.start()
+        slots = ModelSlots(run, eos, options.parallel, server=server, kind=options.slots)
+        first = slots.start()
         stack.callback(slots.close)
         state = ApiState(
             model=options.name,
             tokenizer=tokenizer,
-            context=tee.config.max_position_embeddings,
-            vocab_size=tee.config.vocab_size,
+            context=first.config.max_position_embeddings,
+            vocab_size=first.config.vocab_size,
             slots=slots,
             api_key=options.api_key,
         )
         stack.callback(state.executor.shutdown, wait=False, cancel_futures=True)
-        claims = make_claims(tee.fingerprint, gguf, run.private, run.verify, run.pad_bits)
+        claims = make_claims(first.fingerprint, gguf, run.private, run.verify, run.pad_bits)
         tls, evidence = tls_files(options, port, claims, source)
         state.attestation = evidence.document()
         if tls is not None:

@@ -8,7 +8,13 @@ request, which is refused at once if the server is still unreachable.
 
 With a fixed arena name (`--arena-name NAME`, as a Gramine manifest lists it), slot k maps the arena
 NAME.k, k < parallel: two slots never share one arena, and a manifest can list every name in advance
-(`arena_names`).
+(`arena_names`, gramine/arena_names.py).
+
+A slot is a thread of this process (`ThreadSlot`, the default) or a process of its own
+(`slot_process.ProcessSlot`, `tsqp api --slots processes`): threads share one interpreter lock, so their
+generations' Python work runs one at a time; processes can run it on every core, but each costs a start
+(slow under Gramine) and its own copy of the keys. On two shared cores, where the server's products and
+the other sessions already take the cores, processes measured no faster (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from tsqp.api.slot_process import ClientGone, ProcessSlot
+from tsqp.model.config import ModelConfig
 from tsqp.options import RunOptions
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import Generation, generate
@@ -26,8 +34,29 @@ from tsqp.tee.runner import open_model
 from tsqp.tee.sampling import SamplingOptions
 
 
-class ClientGone(Exception):
-    """Raised from a token callback when the HTTP client went away: the generation ends, its session freed."""
+class ThreadSlot:
+    """A slot run by the API's worker threads, in this process."""
+
+    def __init__(self, options: RunOptions, server):
+        self.stack = ExitStack()
+        try:
+            self.tee: TeeModel = self.stack.enter_context(open_model(options, server=server))
+        except BaseException:
+            self.stack.close()
+            raise
+        self.config: ModelConfig = self.tee.config
+        self.fingerprint: str = self.tee.fingerprint
+
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token) -> Generation:
+        """`ProcessSlot.generate`, on this process's model."""
+        try:
+            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token)
+        finally:
+            self.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
+            self.tee.stats.server_spans.clear()
+
+    def close(self) -> None:
+        self.stack.close()
 
 
 def arena_names(name: str | None, parallel: int) -> list[str | None]:
@@ -35,39 +64,28 @@ def arena_names(name: str | None, parallel: int) -> list[str | None]:
     return [f"{name}.{k}" if name else None for k in range(parallel)]
 
 
-class Slot:
-    def __init__(self, options: RunOptions, server, arena_name: str | None):
-        self.arena_name = arena_name
-        self.stack = ExitStack()
-        try:
-            slot_options = dataclasses.replace(options, arena_name=arena_name)
-            self.tee: TeeModel = self.stack.enter_context(open_model(slot_options, server=server))
-        except BaseException:
-            self.stack.close()
-            raise
-
-    def close(self) -> None:
-        self.stack.close()
-
-
 class ModelSlots:
-    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None):
-        """server: the `launcher.ServerProcess` the API started, or None with options.connect set."""
+    def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="threads"):
+        """server: the `launcher.ServerProcess` the API started, or None with options.connect set.
+        kind: threads or processes (module docstring)."""
         self.options = options
+        self.slot = ProcessSlot if kind == "processes" else ThreadSlot
         self.server = server
         self.eos_ids = eos_ids
         self.parallel = parallel
-        self.idle: queue.LifoQueue[Slot] = queue.LifoQueue()  # the warmest slot first
+        self.idle: queue.LifoQueue[ThreadSlot | ProcessSlot] = queue.LifoQueue()  # the warmest slot first
         self.free = threading.Semaphore(parallel)  # at most `parallel` slots exist
         self.names: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # arena names no slot holds
         for name in arena_names(options.arena_name, parallel):
             self.names.put(name)
+        self.arena_of: dict[int, str | None] = {}  # id(slot) -> the arena name it holds
 
-    def start(self) -> TeeModel:
-        """Opens the first slot now, so that a model or server problem is reported before the API listens."""
+    def start(self) -> ThreadSlot | ProcessSlot:
+        """Opens the first slot now, so that a model or server problem is reported before the API listens;
+        its `config` and `fingerprint` describe the model every slot runs."""
         slot = self._open()
         self.idle.put(slot)
-        return slot.tee
+        return slot
 
     def run(
         self,
@@ -81,7 +99,7 @@ class ModelSlots:
             slot = self._take()
             healthy = False
             try:
-                result = generate(slot.tee, prompt_ids, max_tokens, sampling, self.eos_ids, on_token=on_token)
+                result = slot.generate(prompt_ids, max_tokens, sampling, self.eos_ids, on_token)
                 healthy = True
                 return result
             except ClientGone:
@@ -89,32 +107,32 @@ class ModelSlots:
                 raise
             # any other error (the server gone, a result that failed verification): the slot is closed
             finally:
-                slot.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
-                slot.tee.stats.server_spans.clear()
                 self._give_back(slot, healthy)
 
-    def _take(self) -> Slot:
+    def _take(self) -> ThreadSlot | ProcessSlot:
         """An idle slot, else a new one (the semaphore held keeps their number within `parallel`)."""
         try:
             return self.idle.get_nowait()
         except queue.Empty:
             return self._open()
 
-    def _open(self) -> Slot:
+    def _open(self) -> ThreadSlot | ProcessSlot:
         name = self.names.get_nowait()  # never empty: each slot holds one name, and at most `parallel` exist
         try:
-            return Slot(self.options, self.server, name)
+            slot = self.slot(dataclasses.replace(self.options, arena_name=name), self.server)
         except BaseException:
             self.names.put(name)
             raise
+        self.arena_of[id(slot)] = name
+        return slot
 
-    def _close(self, slot: Slot) -> None:
+    def _close(self, slot: ThreadSlot | ProcessSlot) -> None:
         try:
             slot.close()
         finally:
-            self.names.put(slot.arena_name)
+            self.names.put(self.arena_of.pop(id(slot)))
 
-    def _give_back(self, slot: Slot, healthy: bool) -> None:
+    def _give_back(self, slot: ThreadSlot | ProcessSlot, healthy: bool) -> None:
         if healthy:
             self.idle.put(slot)
         else:

@@ -15,8 +15,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from tsqp.errors import TsqpError
+from tsqp.measure.decode import decode_figures
+from tsqp.measure.floor import DecodeMark, prefill_cost, print_costs
 from tsqp.measure.prompts import token_ids
 from tsqp.measure.reference import time_reference
+from tsqp.measure.replay import Recorder, Recording, open_replayed
 from tsqp.options import RunOptions
 from tsqp.stats import Stats
 from tsqp.tee.generate import Generation, generate
@@ -64,7 +68,13 @@ class Measured:
     verify_setup_s: float | None
     pipelined: bool
     generation: Generation | None
+    decode_cost: dict | None  # the generation's decode steps (floor.cost)
     private: dict | None  # private mode's figures (`private_figures`)
+
+    def costs(self) -> dict:
+        """The TEE's own time in the timed prefill and in the decode steps (floor.py)."""
+        prefill = prefill_cost(self.main.seconds, self.main.tokens, self.main.stats)
+        return {"prefill": prefill, **({"decode": self.decode_cost} if self.decode_cost else {})}
 
 
 def run_bench(
@@ -76,13 +86,31 @@ def run_bench(
     decode: int = 0,
     sweep: list[int] = (),
     trace_path: str | None = None,
+    replay: bool = False,
 ) -> dict:
     """decode > 0: after the prefill, a greedy generation of `decode` tokens from the same prompt.
-    sweep: more prompt lengths, each timed like the main one (and against transformers with compare)."""
+    sweep: more prompt lengths, each timed like the main one (and against transformers with compare).
+    replay: then the same run again over the first one's recorded replies, no server: the floor (floor.py).
+    The recording's copies of every reply count in the TEE peak RSS printed then."""
+    if replay and options.private:
+        raise TsqpError("--replay measures the plain split: private mode's pads differ from run to run")
     console = console or Console()
-    run = measure(options, tokens, decode, sweep, trace=bool(trace_path))
+    recording = Recording() if replay else None
+    wrap = (lambda link: Recorder(link, recording)) if replay else None
+    run = measure(
+        options, tokens, decode, sweep, trace=bool(trace_path), opener=lambda s: open_model(options, s, wrap=wrap)
+    )
     result = prefill_result(options, run)
     print_prefill(options, run, result, console)
+    result["tee_cost"] = costs = run.costs()
+    if replay:
+        floor = measure(options, tokens, decode, sweep, False, opener=lambda s: open_replayed(options, s, recording))
+        result["floor"] = floor_costs = floor.costs()
+        floor_costs["recorded_bytes"] = recording.nbytes
+        if floor.generation:
+            floor_costs["same_tokens"] = floor.generation.generated_ids == run.generation.generated_ids
+        costs = {**costs, **{f"floor {k}": v for k, v in floor_costs.items() if isinstance(v, dict)}}
+    print_costs(costs, console)
     if trace_path:
         run.main.stats.write_trace(trace_path)
         console.print(f"timeline written to {trace_path} (open it in ui.perfetto.dev or chrome://tracing)")
@@ -103,10 +131,11 @@ def run_bench(
     return result
 
 
-def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], trace: bool) -> Measured:
-    """Warm-up, the timed prefill of `tokens`, the sweep's prefills, then the generation, in one session each."""
+def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], trace: bool, opener) -> Measured:
+    """Warm-up, the timed prefill of `tokens`, the sweep's prefills, then the generation, in one session each.
+    opener(stats): the model's context (`open_model`, or `replay.open_replayed`)."""
     stats = Stats()
-    with open_model(options, stats) as tee:
+    with opener(stats) as tee:
         ids = token_ids(max([tokens, *sweep]), tee.config.vocab_size)
         warmup = ids[: min(WARMUP_TOKENS, tokens)]
         timed_prefill(tee, stats, warmup)
@@ -116,12 +145,16 @@ def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], tra
         verify_setup_s = tee.ops.setup_s if options.verify else None  # computing the Freivalds keys
         pipelined = tee.ops.pipelined
         decode_offline_s = prepare_pads(tee, tokens + decode - 1) if decode and options.private else 0.0
-        generation = generate(tee, ids[:tokens].tolist(), decode) if decode else None
+        mark = DecodeMark(stats)
+        generation = generate(tee, ids[:tokens].tolist(), decode, on_token=mark) if decode else None
+        decode_cost = mark.cost(generation.decode_tokens) if decode else None
         private = private_figures(tee, main) if options.private else None
         if private:
             private["decode_offline_s"] = decode_offline_s
         layers = tee.config.num_layers
-    return Measured(layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, generation, private)
+    return Measured(
+        layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, generation, decode_cost, private
+    )
 
 
 def prefill_result(options: RunOptions, run: Measured) -> dict:
@@ -333,53 +366,4 @@ def sweep_table(
         table.add_row(*cells)
         figures.append(entry)
     console.print(table)
-    return figures
-
-
-def decode_figures(generation: Generation, prompt_tokens: int, reference: dict | None, console: Console) -> dict:
-    """The decode run's figures, and transformers' generate on the same prompt (reference, with --compare)."""
-    steps = max(generation.decode_tokens, 1)
-    figures = {
-        "new_tokens": len(generation.generated_ids),
-        "ttft_s": generation.ttft_s,
-        "decode_tokens_per_s": generation.decode_tokens_per_s,
-        "ms_per_token": 1000 * generation.decode_s / steps,
-        "rpc_calls_per_token": generation.decode_rpc_calls / steps,
-        "bytes_per_token": generation.decode_bytes / steps,
-    }
-    table = Table(
-        title=f"Decode: {figures['new_tokens']} greedy tokens after a {prompt_tokens}-token prompt",
-        title_justify="left",
-    )
-    for col in ("run", "first token s", "tokens/s", "ms/token", "RPCs/token", "bytes/token"):
-        table.add_column(col, justify="left" if col == "run" else "right")
-    table.add_row(
-        "split (TSQP, KV cache on the server)",
-        f"{figures['ttft_s']:.3f}",
-        f"{figures['decode_tokens_per_s']:.1f}",
-        f"{figures['ms_per_token']:.2f}",
-        f"{figures['rpc_calls_per_token']:.0f}",
-        f"{figures['bytes_per_token'] / 1e3:.1f} kB",
-    )
-    if reference:
-        ref_steps = max(reference["generated"] - 1, 1)
-        ref_decode_s = reference["generate_s"] - reference["ttft_s"]
-        figures["reference"] = {
-            "ttft_s": reference["ttft_s"],
-            "decode_tokens_per_s": ref_steps / ref_decode_s,
-            "ms_per_token": 1000 * ref_decode_s / ref_steps,
-        }
-        figures["same_tokens"] = reference["generated_ids"] == generation.generated_ids
-        figures["ratio_ms_per_token"] = figures["ms_per_token"] / figures["reference"]["ms_per_token"]
-        table.add_row(
-            "transformers generate (sdpa)",
-            f"{reference['ttft_s']:.3f}",
-            f"{figures['reference']['decode_tokens_per_s']:.1f}",
-            f"{figures['reference']['ms_per_token']:.2f}",
-            "-",
-            "-",
-        )
-    console.print(table)
-    if reference:
-        console.print(f"greedy tokens identical to transformers: {figures['same_tokens']}")
     return figures

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 from tsqp.errors import TsqpError
@@ -13,6 +13,7 @@ from tsqp.stats import Stats
 from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.ops import Link
 from tsqp.tee.private import PrivateOptions
 from tsqp.tuning import keep_freed_memory, return_start_up_copies
 from tsqp.wire.client import Client
@@ -65,11 +66,15 @@ def start_server(options: RunOptions) -> ServerProcess:
 
 @contextmanager
 def open_model(
-    options: RunOptions, stats: Stats | None = None, server: ServerProcess | None = None
+    options: RunOptions,
+    stats: Stats | None = None,
+    server: ServerProcess | None = None,
+    wrap: Callable[[Link], Link] | None = None,
 ) -> Iterator[TeeModel]:
     """A TeeModel attached to a server that runs the same model (its fingerprint is checked).
 
-    server: a running `start_server(options)` that several models share (the API's slots)."""
+    server: a running `start_server(options)` that several models share (the API's slots).
+    wrap: a link around the client that the model uses instead (a recorder: measure/replay.py)."""
     stats = stats or Stats()
     Checkpoint(options.model_dir)  # a missing or broken model folder is reported before a server starts
     return_start_up_copies()  # until keep_freed_memory, once the keys (and pads) are made
@@ -77,7 +82,12 @@ def open_model(
         private = stack.enter_context(private_options(options, stats)) if options.private else None
         client = stack.enter_context(open_client(options, stats, server))
         tee = tee_model(
-            options.model_dir, client, stats, verify=options.verify, pipeline=options.pipeline, private=private
+            options.model_dir,
+            wrap(client) if wrap else client,
+            stats,
+            verify=options.verify,
+            pipeline=options.pipeline,
+            private=private,
         )
         if private is not None:
             stack.callback(tee.ops.close)
