@@ -11,7 +11,7 @@ tsqp api      --model M [--host H] [--port P] [--api-key KEY] [--tls] [--private
 tsqp pads     --model DIR --tokens N [--dtype ...] [--pads-dir DIR]   (private mode's pads, ahead of time)
 tsqp preset   NAME            (writes or fetches the preset checkpoint and prints its folder)
 tsqp keys     DIR             (CurveZMQ key pairs and allow-list for --curve-keys DIR)
-tsqp verify   URL --collateral FILE|URL (--expect-mrenclave HEX | --expect-mrtd HEX) [--expect-model SHA256]
+tsqp verify   URL [--collateral FILE|URL] (--expect-mrenclave HEX | --expect-mrtd HEX) [--expect-model SHA256]
               [--expect-settings K=V,...] [--allow-tcb STATUS,...] [--pin-out FILE]   (checks an API's attestation)
 
 --model takes a Hugging Face folder, a GGUF file or a preset name everywhere (--preset NAME: the same).

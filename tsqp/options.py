@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tsqp import env
+from tsqp.attest.verify import INTEL_PCS_URL
 from tsqp.model.sources import model_names
 from tsqp.tee.launcher import DEFAULT_START_TIMEOUT_S
 from tsqp.tee.private import PAD_BITS
@@ -342,7 +343,10 @@ class KeysFlags:
 @dataclass
 class VerifyFlags:
     url: str = option("the API's https:// URL", flag="url")
-    collateral: str = option("Intel collateral: a dcap-qvl JSON file, or a PCCS/PCS URL to fetch it", required=True)
+    collateral: str = option(
+        f"Intel collateral: a dcap-qvl JSON file, or a PCCS/PCS URL to fetch it (default {INTEL_PCS_URL})",
+        INTEL_PCS_URL,
+    )
     expect_mrenclave: str | None = option("SGX: the enclave's MRENCLAVE (hex)")
     expect_mrsigner: str | None = option("SGX: the enclave signer's MRSIGNER (hex)")
     expect_mrtd: str | None = option("TDX: the TD's MRTD (hex)")

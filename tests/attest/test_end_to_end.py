@@ -162,6 +162,19 @@ def test_an_unattested_server_is_refused(tiny_model, tmp_path):
         assert result.stderr.strip() == (
             "tsqp: error: refused: the server reports no attestation (tee: none): nothing proves what runs there"
         )
+        # Without --collateral (Intel's PCS by default, unreachable here): refused all the same, nothing fetched.
+        result = run_tsqp("verify", url, "--expect-mrenclave", "00" * 32)
+        assert result.returncode == 1 and "refused: the server reports no attestation" in result.stderr
     with api_process("--model", tiny_model) as (url, _, _):  # plain HTTP cannot be attested
         result = run_tsqp("verify", url, "--collateral", tmp_path / "none.json", "--expect-mrenclave", "00" * 32)
         assert result.returncode == 1 and "is not https" in result.stderr
+
+
+def test_collateral_defaults_to_intels_pcs():
+    """`--collateral` is optional (the issue's usage): Intel's PCS, the URL dcap-qvl itself knows."""
+    import dcap_qvl
+
+    from tsqp.cli import build_parser
+
+    args = build_parser().parse_args(["verify", "https://127.0.0.1:1", "--expect-mrenclave", "00" * 32])
+    assert args.collateral == dcap_qvl.INTEL_PCS_URL

@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from tsqp.attest.evidence import Evidence
-from tsqp.attest.verify import Expectation, Refused, Verified, verify_evidence
+from tsqp.attest.verify import INTEL_PCS_URL, Expectation, Refused, Verified, verify_evidence
 from tsqp.errors import TsqpError
 
 FETCH_TIMEOUT_S = 30.0
@@ -67,11 +67,12 @@ def fetch_evidence(url: str, timeout: float = FETCH_TIMEOUT_S) -> tuple[Evidence
 def attest(
     url: str,
     expect: Expectation,
-    collateral: str,
+    collateral: str = INTEL_PCS_URL,
     now: int | None = None,
     root_ca_der: bytes | None = None,
 ) -> Attested:
-    """Fetches and checks the evidence (collateral: a dcap-qvl JSON file or a PCCS/PCS URL).
+    """Fetches and checks the evidence (collateral: a dcap-qvl JSON file or a PCCS/PCS URL, by default
+    Intel's PCS).
 
     root_ca_der: tests only, a root of trust other than Intel's; None in every real use."""
     evidence, cert_der = fetch_evidence(url)
@@ -90,7 +91,7 @@ def pinned_context(cert_pem: str) -> ssl.SSLContext:
     return context
 
 
-def attested_openai(url: str, expect: Expectation, collateral: str, api_key: str = "none", **kwargs):
+def attested_openai(url: str, expect: Expectation, collateral: str = INTEL_PCS_URL, api_key: str = "none", **kwargs):
     """An `openai.OpenAI` for a verified server, its HTTPS pinned to the attested certificate.
 
     Raises Refused when a check fails; kwargs go to attest() (now, root_ca_der) and openai.OpenAI."""

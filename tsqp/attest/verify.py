@@ -25,6 +25,7 @@ from tsqp.attest.evidence import SETTINGS, Evidence, canonical, spki_sha256
 from tsqp.errors import TsqpError
 
 DEFAULT_TCB = ("UpToDate",)
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"  # collateral when none is named (dcap-qvl's too)
 
 
 class Refused(TsqpError):
