@@ -80,6 +80,26 @@ def test_decode_traffic_stops_growing_past_the_window(model, checkpoints):
     assert len(windowed) == 1  # the same size at every position past the window
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("tile", [1, 3])
+def test_tiles_past_the_window_in_chunks_equal_transformers(model, checkpoints, tile, pipelined):
+    """A prefill of many small query tiles (each later one starting at its window), in pipelined chunks
+    or at once, then an append that straddles the window: transformers' logits, every tile verified."""
+    tee = tee_model(model, InProcess(Engine(str(model))))
+    tee.attach()
+    attention = tee.ops.attention
+    attention.tile, attention.pipeline, attention.pipelined, attention.min_chunk_scores = tile, "on", pipelined, 0
+    ids = torch.cat([PROMPT, torch.tensor(DECODE)])
+    tee.ops.open_session(len(ids))
+    logits = torch.cat([tee.forward(ids[:9]), tee.forward(ids[9:], pos=9)])
+    tee.ops.close_session()
+    torch.testing.assert_close(logits, reference_logits(checkpoints.reference("window-gemma3"), ids), atol=1e-4, rtol=0)
+    calls = [(9, 0), (len(ids) - 9, 9)]  # (T, pos) of each forward
+    chunks = [len(attention.chunks(T, pos, w)) for T, pos in calls for w in tee.config.family.windows]
+    assert tee.ops.checker.checks["scores"] == sum(chunks)  # one check per chunk, each over all its tiles
+    assert (max(chunks) > 1) == pipelined
+
+
 def session_with_keys(engine: Engine, T: int) -> tuple[InProcess, bytes]:
     call, c = InProcess(engine), engine.config
     session = call("open_session", {"capacity": 32}).args["session"]
