@@ -18,7 +18,7 @@ the delay. Private mode checks every masked product before its result is used (l
 crafted result could steer what the TEE masks and sends next.
 
 A sliding-window layer's tile starts at its window (protocol.query_tiles): its K^T r is summed over the
-window from the keys the TEE kept (verify.AttentionState.window_sums), and its probabilities are
+window from the keys the TEE kept (verify.AttentionState.window_keys), and its probabilities are
 placed at their key positions, zeros before the window, so that every layer's fold of c is one product.
 
 The running sums of the attention checks (K^T r, sum ||k_j||^2, the fold c of the values) and the cached
@@ -115,6 +115,7 @@ class StepChecks(StepCheck):
         self.score_norms = [None] * L  # the tiles' row norms (heads, T, 1), where they are measured
         self.probs = [None] * L  # the probabilities as sent (heads, T, keys)
         self.firsts = [0] * L  # each layer's first key position (its window's start, or 0)
+        self.window_keys: dict[int, torch.Tensor] = {}  # windowed layer -> the keys within its reach, kept once checked
 
     def _expect(self, pos: int | None, x: torch.Tensor) -> torch.Tensor:
         """x (T, n) as sent, as float32, once its call is found part of the step (pos None: a call without one)."""
@@ -152,7 +153,6 @@ class StepChecks(StepCheck):
                     f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first"
                 )
             self.q[layer], self.k[layer] = q.float(), k.float()
-            state.keep_keys(layer, pos, self.k[layer])  # rewritten alike if the step is abandoned and redone
             return _Deferred(self, layer)
 
     def layers_done(self) -> None:
@@ -236,16 +236,19 @@ class StepChecks(StepCheck):
         state.kr.copy_(kr)
         state.k_sq.copy_(k_sq)
         state.c_filled[:] = state.k_filled[:] = [keys_seen] * L
+        for layer, window_keys in self.window_keys.items():
+            state.keep_recent(layer, window_keys)
 
     def _windows(self, kr: torch.Tensor, k_sq: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The sliding-window layers' K^T r (L, K, kv, hd) and sum ||k||^2 (L, kv) replaced, in place, by
         their sums over the window; the probabilities (L, heads, T, pos + T) at their key positions; and
         the number of keys each layer's tile has."""
         state, end = self.state, self.pos + self.T
-        if not any(self.firsts) and not state.sent_keys:
+        if not state.recent:
             return torch.stack(self.probs), [end] * len(self.probs)
-        for layer in state.sent_keys:
-            kr[layer], k_sq[layer] = state.window_sums(layer, self.firsts[layer], end)
+        for layer in state.recent:
+            start, self.window_keys[layer] = state.window_keys(layer, self.pos, self.k[layer])
+            kr[layer], k_sq[layer] = state.window_sums(start, self.window_keys[layer], self.firsts[layer], end)
         probs = torch.zeros(len(self.probs), *self.probs[0].shape[:2], end)
         for layer, (first, block) in enumerate(zip(self.firsts, self.probs, strict=True)):
             probs[layer, :, :, first:] = block

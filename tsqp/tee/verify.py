@@ -105,20 +105,26 @@ class AttentionState:
         self.kr = torch.zeros(L, VECTORS, c.num_kv_heads, c.head_dim)  # sum_j r_j k_j
         self.k_sq = torch.zeros(L, c.num_kv_heads)  # sum_j ||k_j||^2
         self.k_filled = [0] * L
-        # the sliding-window layers' keys as sent (capacity, kv, hd): their tiles' K^T r over the window
+        # per sliding-window layer, its last window - 1 keys as sent before k_filled (n, kv, hd): all that a
+        # later call's tiles reach back to, so this stays window-sized however long the session
         self.windows = c.family.windows
-        shape = (capacity, c.num_kv_heads, c.head_dim)
-        self.sent_keys = {layer: torch.zeros(shape) for layer, window in enumerate(self.windows) if window}
+        empty = torch.zeros(0, c.num_kv_heads, c.head_dim)
+        self.recent = {layer: empty for layer, window in enumerate(self.windows) if window}
 
-    def keep_keys(self, layer: int, pos: int, k: torch.Tensor) -> None:
-        """k (T, kv, hd) as sent for positions [pos, pos + T), where the layer has a window."""
-        if layer in self.sent_keys:
-            self.sent_keys[layer][pos : pos + k.shape[0]] = k
+    def window_keys(self, layer: int, pos: int, k: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """A windowed layer's call at pos (appending, or restarting at 0) with k (T, kv, hd) as sent: the keys
+        its tiles can reach (the recent ones, then k) and the position of the first."""
+        before = self.recent[layer] if pos else self.recent[layer][:0]
+        return pos - before.shape[0], torch.cat([before, k])
 
-    def window_sums(self, layer: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K^T r (K, kv, hd) and sum ||k_j||^2 (kv,) over a windowed layer's keys at [first, end)."""
-        keys = self.sent_keys[layer][first:end]  # (n, kv, hd)
-        return torch.einsum("nk,ngd->kgd", self.r[first:end], keys), keys.square().sum((0, 2))
+    def window_sums(self, start: int, keys: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K^T r (K, kv, hd) and sum ||k_j||^2 (kv,) over positions [first, end) of keys starting at start."""
+        part = keys[first - start : end - start]  # (n, kv, hd)
+        return torch.einsum("nk,ngd->kgd", self.r[first:end], part), part.square().sum((0, 2))
+
+    def keep_recent(self, layer: int, keys: torch.Tensor) -> None:
+        """A windowed layer's checks passed: keys (ending at the new k_filled) as the recent ones."""
+        self.recent[layer] = keys[max(0, keys.shape[0] - self.windows[layer] + 1) :].clone()
 
     def expect_qkv_at(self, layer: int, pos: int) -> None:
         """qkv at pos must append to (or overwrite) the positions folded into c."""
@@ -310,12 +316,13 @@ class AttentionCheck(ChunkCheck):
             q, k = q.float(), k.float()  # (T, heads, hd), (T, kv, hd) as sent
             heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
             window = c.family.windows[layer]
+            self.window_keys: torch.Tensor | None = None  # a windowed layer's keys within reach, kept when checked
             tiles, _ = query_tiles(T, pos, heads, tile, window)
             kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
             r, flat = state.r[pos : pos + T].T, k.reshape(T, kv * hd)  # (K, T), (T, kv hd)
             if window is not None:  # each tile's own window of the keys sent
-                state.keep_keys(layer, pos, k)
-                sums = [state.window_sums(layer, t.first, t.end) for t in tiles]
+                start, self.window_keys = state.window_keys(layer, pos, k)
+                sums = [state.window_sums(start, self.window_keys, t.first, t.end) for t in tiles]
                 kr, k_sq = torch.stack([kr for kr, _ in sums]), torch.stack([k_sq for _, k_sq in sums])
             elif len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
                 kr = (r @ flat).view(1, VECTORS, kv, hd) + kr_before
@@ -361,6 +368,8 @@ class AttentionCheck(ChunkCheck):
         v.checks["scores"] += 1
         state.kr[self.layer], state.k_sq[self.layer] = self.kr_total, self.k_sq_total
         state.k_filled[self.layer] = self.pos + self.T
+        if self.window_keys is not None:
+            state.keep_recent(self.layer, self.window_keys)
 
     def probs(self, tile: Tile, block: torch.Tensor) -> None:
         v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
