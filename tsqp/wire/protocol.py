@@ -86,7 +86,9 @@ MASKED_DTYPE = torch.float64
 # head against keys [first, pos+row+rows) only, so the future half of the causal square never crosses.
 # first is 0, or with a sliding window (the scores and attn_out args' optional `window`: a query at i
 # sees keys (i - window, i]) the first key the tile's first row sees: older keys are neither scored
-# nor read, and a decode step's tile stays `window` keys long however long the context grows.
+# nor read, and a decode step's tile stays `window` keys long however long the context grows. Without
+# the argument a server scores every earlier key, as before it existed: the version stays 1 (a server
+# that predates it sends the unwindowed size, which the client's shape check refuses).
 DEFAULT_QUERY_TILE = 64
 MAX_QUERY_TILE = 4096
 
