@@ -76,6 +76,17 @@ def test_qwen2_window_only_with_use_sliding_window():
     assert ModelConfig.from_dict(raw).family.windows == (16, 16)
 
 
+@pytest.mark.parametrize("window", [1024, 131072])
+def test_a_window_no_session_outgrows_is_none(window):
+    """Qwen2.5's configs declare a 131072-key window beside 32768 positions: every key lies inside it, so
+    the layer is global (the server accepts windows up to max_position_embeddings only)."""
+    raw = dict(QWEN2_RAW, sliding_window=window, use_sliding_window=True, max_window_layers=0)
+    raw["max_position_embeddings"] = 1024
+    assert ModelConfig.from_dict(raw).family.windows == (None, None)
+    raw["max_position_embeddings"] = window + 1
+    assert ModelConfig.from_dict(raw).family.windows == (window, window)
+
+
 def test_qwen3_q_k_norms_and_optional_biases(configs):
     plain, biased = configs["qwen3-gqa"][0].family, configs["qwen3-tied-mqa-bias"][0].family
     assert plain.qk_norm and biased.qk_norm

@@ -229,7 +229,7 @@ arg_values = st.one_of(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "x" * 200]
     ),
 )
-ARG_NAMES = ["layer", "pos", "tile", "capacity", "name", "names", "reply_at", "size"]
+ARG_NAMES = ["layer", "pos", "tile", "window", "capacity", "name", "names", "reply_at", "size"]
 args_maps = st.dictionaries(st.one_of(st.sampled_from(ARG_NAMES), st.text(max_size=6)), arg_values, max_size=6)
 
 

@@ -15,7 +15,7 @@ and `CacheTamper(kind, past)` corrupts what the server caches instead of what it
 (kind "k") or v ("v") than the TEE sent or the server computed, at the current call's first position or,
 with past=True, during a later call: the key or the value of one kv head at position 0. Only layer 1
 is tampered with (layer ops), so a stale replay of layer 0 exists. Scores are tampered within key
-column 0, which no query row masks.
+column 0, which no query row masks (the first key of its first row's window, on a sliding-window layer).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class LyingEngine(Engine):
             return True
         if plan.op == "scores":
             T = request.tensors[0].shape[0]
-            tile = query_tiles(T, request.args["pos"], c.num_heads, request.args["tile"])[0][-1]
+            args = request.args
+            tile = query_tiles(T, args["pos"], c.num_heads, args["tile"], args.get("window"))[0][-1]
             view = results[0][tile.offset : tile.offset + c.num_heads * tile.rows * tile.keys].view(-1, tile.keys)
             rows = (0, tile.rows)  # heads 0 and 1 at the same query row: the same causal mask
             view = view[:, :1] if plan.kind in ("flip", "delta") else view  # key 0 is visible to every row

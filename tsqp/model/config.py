@@ -14,7 +14,7 @@ from typing import Any
 
 from tsqp.errors import ModelError
 from tsqp.model.families import family_module
-from tsqp.model.family import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Family, field, read_json
+from tsqp.model.family import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, Family, field, max_positions, read_json
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=field(raw, "rms_norm_eps", float, 1e-6),
             tie_word_embeddings=field(raw, "tie_word_embeddings", bool, False),
-            max_position_embeddings=field(raw, "max_position_embeddings", int, 2048),
+            max_position_embeddings=max_positions(raw),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=field(raw, "eos_token_id", _int_tuple, ()),
             family=module.describe(raw, max(layers, 0), hidden, head_dim),

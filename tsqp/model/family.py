@@ -149,10 +149,17 @@ def windows_of_layer_types(raw: dict[str, Any], layers: int, window: int | None)
 
 
 def window_size(raw: dict[str, Any]) -> int | None:
+    """config.json's sliding window; None also for one no session can outgrow (max_position_embeddings or
+    more, as some configs declare): every key lies inside it, and the server takes no larger window."""
     window = field(raw, "sliding_window", int, None)
     if window is not None and window < 1:
         raise ModelError(f"config.json has a bad value for 'sliding_window': {window}")
-    return window
+    return None if window is not None and window >= max_positions(raw) else window
+
+
+def max_positions(raw: dict[str, Any]) -> int:
+    """config.json's max_position_embeddings (transformers' LlamaConfig default when absent)."""
+    return field(raw, "max_position_embeddings", int, 2048)
 
 
 def qwen_windows(raw: dict[str, Any], layers: int) -> tuple[int | None, ...]:

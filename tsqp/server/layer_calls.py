@@ -7,6 +7,9 @@ Per-layer flow, as the TEE's forward pass calls it (DESIGN.md):
     qkv       x (T, hidden) -> [q | k] to the TEE for RoPE; v cached at [pos, pos+T)
     scores    q, k post-RoPE -> q k^T / sqrt(hd) packed by query tiles; k cached; the TEE runs the softmax
     attn_out  probs -> o_proj(probs @ V)
+
+scores and attn_out take an optional `window` (a sliding-window layer, as the TEE's family declares it):
+each tile then scores and reads only the keys and values inside its rows' windows (protocol.query_tiles).
     gate_up   x -> [gate | up]; the TEE runs SiLU(gate) * up
     down      -> down_proj
 
@@ -90,12 +93,12 @@ class LayerCalls:
     def op_scores(self, session: Session, args, q, k) -> Call:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
 
-        k is cached at [pos, pos+T). Each tile scores its rows against the keys up to its last row; the
-        TEE masks the diagonal block and runs the softmax.
+        k is cached at [pos, pos+T). Each tile scores its rows against the keys up to its last row, from
+        its first row's window on (args.window, when given); the TEE masks the rest and runs the softmax.
         """
         c = self.config
         layer, pos = self._layer_pos(session, args)
-        tile = int_arg(args, "tile", 1, MAX_QUERY_TILE)
+        tile, window = int_arg(args, "tile", 1, MAX_QUERY_TILE), self._window(args)
         T = q.shape[0] if q.dim() == 3 else -1
         if tuple(q.shape) != (T, c.num_heads, c.head_dim) or tuple(k.shape) != (T, c.num_kv_heads, c.head_dim):
             raise ProtocolError(
@@ -104,10 +107,11 @@ class LayerCalls:
         self._check_room(session, pos, T)
         self._float(q)  # both dtypes checked before the cache changes
         self._float(k)
-        _, total = query_tiles(T, pos, c.num_heads, tile)
+        _, total = query_tiles(T, pos, c.num_heads, tile, window)
         self.budget.reserve((total + q.numel()) * self.dtype.itemsize, f"scores of {T} tokens after {pos}")
         session.filled[layer] = pos + T
-        return Call("scores", {"session": session.id, "layer": layer, "pos": pos, "tile": tile}, (q, k))
+        args = {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "window": window}
+        return Call("scores", args, (q, k))
 
     def step_scores(self, calls):
         (call,), c, s = calls, self.config, self.shard  # one call: per-session work only
@@ -117,21 +121,22 @@ class LayerCalls:
         session.keys[layer, :, pos : pos + T] = k[:, kv.start : kv.stop].transpose(0, 1)
         keys_t = session.keys[layer, :, : pos + T].transpose(1, 2)  # (kv, hd, L)
         q = q[:, heads.start : heads.stop].reshape(T, len(kv), group, c.head_dim).permute(1, 2, 0, 3)  # (kv, g, T, hd)
-        tiles, total = query_tiles(T, pos, len(heads), call.args["tile"])
+        tile, window = call.args["tile"], call.args["window"]
+        tiles, total = query_tiles(T, pos, len(heads), tile, window)
         single = self.ranks.world == 1
         packed = self.linears.out((total,)) if single else torch.empty(total, dtype=self.dtype, device=self.device)
         with one_thread(T <= SMALL_STEP_ROWS):  # see attend
             for t in tiles:
                 q_tile = q[:, :, t.row : t.row + t.rows].reshape(len(kv), group * t.rows, c.head_dim)
                 out = packed[t.offset : t.offset + len(heads) * t.rows * t.keys].view(len(kv), group * t.rows, t.keys)
-                torch.bmm(q_tile, keys_t[:, :, : t.keys], out=out)
+                torch.bmm(q_tile, keys_t[:, :, t.first : t.end], out=out)
         packed.mul_(1.0 / math.sqrt(c.head_dim))
         if single:
             return [[packed]]
         parts = self.ranks.gather(packed)
         if parts is None:
             return [[None]]
-        tiles, total = query_tiles(T, pos, c.num_heads, call.args["tile"])
+        tiles, total = query_tiles(T, pos, c.num_heads, tile, window)
         return [[assemble_tiles(self.linears.out((total,)), parts, tiles, [r.heads for r in self.shards])]]
 
     def op_attn_out(self, session: Session, args, probs) -> Call:
@@ -142,19 +147,18 @@ class LayerCalls:
         """
         c = self.config
         layer, pos = self._layer_pos(session, args)
-        tile = int_arg(args, "tile", 1, MAX_QUERY_TILE)
+        tile, window = int_arg(args, "tile", 1, MAX_QUERY_TILE), self._window(args)
         cached = session.filled[layer] - pos
         T = int_arg(args, "tokens", 1, max(cached, 1)) if "tokens" in args else cached
-        _, total = query_tiles(T, pos, c.num_heads, tile)
+        _, total = query_tiles(T, pos, c.num_heads, tile, window)
         if not 0 < T <= cached or tuple(probs.shape) != (total,):
             raise ProtocolError(f"attn_out needs {total} packed probabilities after scores at pos {pos}")
         self._float(probs)
         # probs in float32, P V and its transpose, the result and its float32 partial sums
         values = (total + 2 * T * c.q_dim + T * c.hidden_size) * VALUE_DTYPE.itemsize
         self.budget.reserve(values + T * c.hidden_size * self.dtype.itemsize, f"attention of {T} tokens after {pos}")
-        return Call(
-            "attn_out", {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "tokens": T}, (probs,)
-        )
+        args = {"session": session.id, "layer": layer, "pos": pos, "tile": tile, "tokens": T, "window": window}
+        return Call("attn_out", args, (probs,))
 
     def step_attn_out(self, calls):
         weights, tokens = self.layers[calls[0].args["layer"]], [call.args["tokens"] for call in calls]
@@ -170,7 +174,7 @@ class LayerCalls:
         c, s, (session, layer, pos) = self.config, self.shard, self._where(args)
         T, heads, kv = args["tokens"], s.heads, s.kv_heads
         group = len(heads) // len(kv)
-        tiles, _ = query_tiles(T, pos, c.num_heads, args["tile"])
+        tiles, _ = query_tiles(T, pos, c.num_heads, args["tile"], args["window"])
         probs = probs.to(VALUE_DTYPE)
         values = session.values[layer]  # (kv, capacity, hd): this rank's kv heads
         out = torch.empty(len(kv), group, T, c.head_dim, dtype=VALUE_DTYPE, device=self.device)
@@ -178,9 +182,17 @@ class LayerCalls:
             for t in tiles:
                 block = t.rows * t.keys  # a tile is (heads, rows, keys): this rank's heads are one run of it
                 p = probs[t.offset + heads.start * block : t.offset + heads.stop * block]
-                o = torch.bmm(p.view(len(kv), group * t.rows, t.keys), values[:, : t.keys])  # (kv, group*rows, hd)
+                o = torch.bmm(
+                    p.view(len(kv), group * t.rows, t.keys), values[:, t.first : t.end]
+                )  # (kv, group*rows, hd)
                 out[:, :, t.row : t.row + t.rows] = o.view(len(kv), group, t.rows, c.head_dim)
         return out.permute(2, 0, 1, 3).reshape(T, len(heads) * c.head_dim)
+
+    def _window(self, args) -> int | None:
+        """scores' and attn_out's optional sliding window: None (every earlier key) when not given."""
+        if args.get("window") is None:
+            return None
+        return int_arg(args, "window", 1, self.config.max_position_embeddings)
 
     def op_gate_up(self, session: Session, args, x) -> Call:
         layer = int_arg(args, "layer", 0, self.config.num_layers - 1)

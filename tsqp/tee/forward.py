@@ -143,10 +143,12 @@ def causal_softmax_(block: torch.Tensor, window: int | None = None) -> torch.Ten
     """Softmax over keys with the causal mask, in place on a query tile's scores (heads, rows, keys)
     (the TEE owns this copy).
 
-    A tile's keys are positions [0, keys) and its rows the last `rows` of them: only the last `rows` key
-    columns can lie in the future of a row, so that diagonal block gets -inf above its diagonal; every
-    earlier key is visible to every row of the tile. With a window, the row at position i sees keys
-    (i - window, i] only (transformers' sliding_window_overlay): older keys get -inf too.
+    A tile's keys are positions [first, first + keys) and its rows the last `rows` of them: only the last
+    `rows` key columns can lie in the future of a row, so that diagonal block gets -inf above its diagonal;
+    every earlier key is visible to every row of the tile. With a window, the row at position i sees keys
+    (i - window, i] only (transformers' sliding_window_overlay): older keys get -inf too. The masks depend
+    on positions relative to the tile's last key only, so a tile that starts at its first row's window
+    (protocol.query_tiles) is masked alike.
     """
     rows, keys = block.shape[1], block.shape[2]
     future = torch.ones(rows, rows, dtype=torch.bool).triu_(1)

@@ -2,7 +2,8 @@
 
 The server holds the KV cache (v from qkv, the post-RoPE keys from each scores call). Per query chunk,
 two round trips: `scores` (q k^T / sqrt(hd), packed by query tiles, protocol.query_tiles), then, once
-the TEE has run the causal softmax on each tile, `attn_out` (o_proj(P V)). Pipelined by query chunks:
+the TEE has run the causal softmax on each tile, `attn_out` (o_proj(P V)). A sliding-window layer's
+calls carry its window: the server scores and reads only the keys inside it. Pipelined by query chunks:
 the server scores the next chunks while the TEE runs the softmax of this one, and each chunk's attn_out
 queues behind them, so neither side waits for the other while there is work. A chunk is a run of whole
 query tiles, so the bytes are those of one call. Every tile passes the checker's chunk check (checks.py).
@@ -54,7 +55,7 @@ class ServerAttention:
         While the TEE works on one chunk the server has the next two chunks' scores to compute (LOOKAHEAD),
         and each chunk's attn_out is submitted as soon as its probabilities are ready.
         """
-        chunks = self.chunks(q.shape[0], pos)
+        chunks = self.chunks(q.shape[0], pos, self.window(layer))
         upcoming = iter(chunks)
         scoring: deque[Request] = deque()
         outputs: list[Request] = []
@@ -85,7 +86,8 @@ class ServerAttention:
         """
         calls, layer, pos, heads = self.calls, scores.layer, scores.pos, self.config.num_heads
         link, wire = calls.link, calls.wire
-        tiles, total = query_tiles(T, pos, heads, self.tile)
+        window = self.window(layer)
+        tiles, total = query_tiles(T, pos, heads, self.tile, window)
         draft = None
         try:
             draft = link.draft([(wire, (total,))], reply_bytes=T * self.config.hidden_size * wire.itemsize)
@@ -111,7 +113,7 @@ class ServerAttention:
                         block.copy_(rounded)
                 check.probs(t, block)
             check.scores_done()
-            args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T}
+            args = {"layer": layer, "pos": pos, "tile": self.tile, "tokens": T} | self.window_arg(layer)
             request_id = link.submit("attn_out", args, session=calls.session, draft=draft)
         except BaseException:
             if draft is not None:
@@ -121,11 +123,20 @@ class ServerAttention:
             raise
         return Request(request_id, "attn_out", [(T, self.config.hidden_size)], [], layer, pos, check=check)
 
-    def chunks(self, T: int, pos: int) -> list[tuple[int, int]]:
+    def window(self, layer: int) -> int | None:
+        """The layer's sliding window, as the family declares it (None: every earlier key)."""
+        return self.config.family.windows[layer]
+
+    def window_arg(self, layer: int) -> dict:
+        """scores' and attn_out's `window` argument: absent for a global layer (the server's default)."""
+        window = self.window(layer)
+        return {} if window is None else {"window": window}
+
+    def chunks(self, T: int, pos: int, window: int | None = None) -> list[tuple[int, int]]:
         """Query rows [start, end) per chunk: runs of whole tiles of about equal packed size."""
         if not self.pipelined:
             return [(0, T)]
-        tiles, total = query_tiles(T, pos, self.config.num_heads, self.tile)
+        tiles, total = query_tiles(T, pos, self.config.num_heads, self.tile, window)
         budget = max(total / PIPELINE_CHUNKS, self.min_chunk_scores)
         chunks, start, size = [], 0, 0
         for t in tiles:
@@ -137,8 +148,9 @@ class ServerAttention:
 
     def submit_scores(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor) -> Request:
         """q (T, heads, hd), k (T, kv_heads, hd) -> scores packed by query tiles (protocol.query_tiles)."""
-        _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile)
-        return self.calls.submit("scores", {"layer": layer, "pos": pos, "tile": self.tile}, [q, k], [(total,)])
+        _, total = query_tiles(q.shape[0], pos, self.config.num_heads, self.tile, self.window(layer))
+        args = {"layer": layer, "pos": pos, "tile": self.tile} | self.window_arg(layer)
+        return self.calls.submit("scores", args, [q, k], [(total,)])
 
     def collect_attn_out(self, request: Request) -> torch.Tensor:
         (y,) = self.calls.collect(request)

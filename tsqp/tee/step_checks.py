@@ -17,6 +17,10 @@ before the softmax overwrites it; the probabilities are kept as sent), so a serv
 the delay. Private mode checks every masked product before its result is used (linear.py): there a
 crafted result could steer what the TEE masks and sends next.
 
+A sliding-window layer's tile starts at its window (protocol.query_tiles): its K^T r is summed over the
+window from the keys the TEE kept (verify.AttentionState.window_keys), and its probabilities are
+placed at their key positions, zeros before the window, so that every layer's fold of c is one product.
+
 The running sums of the attention checks (K^T r, sum ||k_j||^2, the fold c of the values) and the cached
 positions move on only when the step's checks pass: an abandoned step (an error half-way) leaves them
 as they were before it.
@@ -110,6 +114,8 @@ class StepChecks(StepCheck):
         self.scores_s = [None] * L  # each score tile times r: (heads, T, K)
         self.score_norms = [None] * L  # the tiles' row norms (heads, T, 1), where they are measured
         self.probs = [None] * L  # the probabilities as sent (heads, T, keys)
+        self.firsts = [0] * L  # each layer's first key position (its window's start, or 0)
+        self.window_keys: dict[int, torch.Tensor] = {}  # windowed layer -> the keys within its reach, kept once checked
 
     def _expect(self, pos: int | None, x: torch.Tensor) -> torch.Tensor:
         """x (T, n) as sent, as float32, once its call is found part of the step (pos None: a call without one)."""
@@ -194,10 +200,13 @@ class StepChecks(StepCheck):
         k_sq = k.square().sum((1, 3))  # (L, kv)
         if pos:  # appended to the cached keys (position 0: a restart)
             kr, k_sq = kr + state.kr, k_sq + state.k_sq
+        probs, seen = self._windows(kr, k_sq)  # (L, heads, T, pos + T); keys each layer's rows see
         rhs = torch.einsum("ltgid,lkgd->lgitk", q.view(L, T, kv, group, hd), kr).reshape(L, heads, T, K)
         q_norm = torch.linalg.vector_norm(q, dim=-1).view(L, T, kv, group)
         qk_norm = (q_norm * k_sq.sqrt().mul_(scale).view(L, 1, kv, 1)).permute(0, 2, 3, 1).reshape(L, heads, T, 1)
-        row_gain, floor = score_gains(UNIT_ROUNDOFF[v.wire], keys_seen, hd)
+        row_gain, floor = (
+            torch.tensor([score_gains(UNIT_ROUNDOFF[v.wire], n, hd) for n in seen]).view(L, 2, 1, 1, 1).unbind(1)
+        )
         if v.bounded_norms:
             bound = qk_norm * (row_gain + floor)
         else:
@@ -208,12 +217,11 @@ class StepChecks(StepCheck):
         fold = torch.empty(L, heads, K + 1, T)  # this step's positions; written to the state once all pass
         fold[:, :, :K] = (proj[..., 2 * K :].view(L, T, heads, K) + keys.beta[:, None]).permute(0, 2, 3, 1)
         fold[:, :, K] = x_norm.view(L, 1, T) * keys.v_gain + keys.v_bias_norm
-        probs = torch.stack(self.probs)  # (L, heads, T, keys)
         weighted = probs[..., pos:] @ fold.transpose(-1, -2)  # (L, heads, T, K + 1)
         if pos:
             weighted += probs[..., :pos] @ state.c[..., :pos].transpose(-1, -2)
         o_norm = torch.linalg.vector_norm(weighted[..., K], dim=1).unsqueeze(-1)  # (L, T, 1) >= ||O_row||
-        magnitude = keys.omega["o"] * value_gain(c, keys_seen) * o_norm
+        magnitude = keys.omega["o"] * torch.tensor([value_gain(c, n) for n in seen]).view(L, 1, 1) * o_norm
         y = torch.stack(self.y["attn_out"])  # (L, T, hidden)
         if v.bounded_norms:
             y_norm = o_norm * keys.frobenius["o"] + keys.bias_norm["o"]
@@ -228,6 +236,23 @@ class StepChecks(StepCheck):
         state.kr.copy_(kr)
         state.k_sq.copy_(k_sq)
         state.c_filled[:] = state.k_filled[:] = [keys_seen] * L
+        for layer, window_keys in self.window_keys.items():
+            state.keep_recent(layer, window_keys)
+
+    def _windows(self, kr: torch.Tensor, k_sq: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The sliding-window layers' K^T r (L, K, kv, hd) and sum ||k||^2 (L, kv) replaced, in place, by
+        their sums over the window; the probabilities (L, heads, T, pos + T) at their key positions; and
+        the number of keys each layer's tile has."""
+        state, end = self.state, self.pos + self.T
+        if not state.recent:
+            return torch.stack(self.probs), [end] * len(self.probs)
+        for layer in state.recent:
+            start, self.window_keys[layer] = state.window_keys(layer, self.pos, self.k[layer])
+            kr[layer], k_sq[layer] = state.window_sums(start, self.window_keys[layer], self.firsts[layer], end)
+        probs = torch.zeros(len(self.probs), *self.probs[0].shape[:2], end)
+        for layer, (first, block) in enumerate(zip(self.firsts, self.probs, strict=True)):
+            probs[layer, :, :, first:] = block
+        return probs, [end - first for first in self.firsts]
 
     def _linear(self, kind: str, xw: torch.Tensor, x_norm: torch.Tensor, in_dim: int):
         """verify.Verifier.check_linear over the stacked layers: (lhs, rhs, bound)."""
@@ -273,7 +298,10 @@ class _Deferred(ChunkCheck):
         step, v = self.step, self.step.verifier
         with v.stats.tee("verify"):
             r, heads = step.state.r, block.shape[0]
-            lhs = block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]  # before the softmax overwrites it
+            lhs = (
+                block.view(heads * tile.rows, tile.keys) @ r[tile.first : tile.end]
+            )  # before the softmax overwrites it
+            step.firsts[self.layer] = tile.first
             step.scores_s[self.layer] = lhs.view(heads, tile.rows, K)
             if not v.bounded_norms:
                 step.score_norms[self.layer] = torch.linalg.vector_norm(block, dim=2, keepdim=True)

@@ -11,12 +11,14 @@ product itself. The server never sees s.
 
     embedding   rows (T, hidden)              rows s == e[ids]               e = E s (vocab, K)
     qkv         q (T, q_dim), k (T, kv_dim)   q s_q == x w_q + b_q s_q, same for k
-    scores      tile (heads, rows, keys)      S r[:keys] == q (K^T r) / sqrt(hd)
+    scores      tile (heads, rows, keys)      S r[first:end] == q (K^T r) / sqrt(hd)
     attn_out    y = o_proj(P V) (T, hidden)   y s_o == sum_h P_h c_h + b_o s_o
     gate_up, down, lm_head                    like qkv
 
 scores: r is a secret value per key position, drawn per session; K^T r is a running sum over the
-post-RoPE keys the TEE itself sent, so a server that caches other keys fails the check. attn_out: V
+post-RoPE keys the TEE itself sent, so a server that caches other keys fails the check (a sliding-window
+layer's tiles start at their window: K^T r is then summed over the window, from the TEE's own copy of
+the keys it sent for that layer; a running sum would lose the window's digits to cancellation). attn_out: V
 never leaves the server, but V = x W_v^T + b_v for the x the TEE sent in qkv, so with
 z_h = W_v[g(h)]^T (W_o[:, h]^T s_o) and beta_h = b_v[g(h)] . (W_o[:, h]^T s_o) the TEE keeps
 c[j, h] = x_j . z_h + beta_h per position; one check covers v_proj, the cached V, P @ V and o_proj.
@@ -103,6 +105,26 @@ class AttentionState:
         self.kr = torch.zeros(L, VECTORS, c.num_kv_heads, c.head_dim)  # sum_j r_j k_j
         self.k_sq = torch.zeros(L, c.num_kv_heads)  # sum_j ||k_j||^2
         self.k_filled = [0] * L
+        # per sliding-window layer, its last window - 1 keys as sent before k_filled (n, kv, hd): all that a
+        # later call's tiles reach back to, so this stays window-sized however long the session
+        self.windows = c.family.windows
+        empty = torch.zeros(0, c.num_kv_heads, c.head_dim)
+        self.recent = {layer: empty for layer, window in enumerate(self.windows) if window}
+
+    def window_keys(self, layer: int, pos: int, k: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """A windowed layer's call at pos (appending, or restarting at 0) with k (T, kv, hd) as sent: the keys
+        its tiles can reach (the recent ones, then k) and the position of the first."""
+        before = self.recent[layer] if pos else self.recent[layer][:0]
+        return pos - before.shape[0], torch.cat([before, k])
+
+    def window_sums(self, start: int, keys: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K^T r (K, kv, hd) and sum ||k_j||^2 (kv,) over positions [first, end) of keys starting at start."""
+        part = keys[first - start : end - start]  # (n, kv, hd)
+        return torch.einsum("nk,ngd->kgd", self.r[first:end], part), part.square().sum((0, 2))
+
+    def keep_recent(self, layer: int, keys: torch.Tensor) -> None:
+        """A windowed layer's checks passed: keys (ending at the new k_filled) as the recent ones."""
+        self.recent[layer] = keys[max(0, keys.shape[0] - self.windows[layer] + 1) :].clone()
 
     def expect_qkv_at(self, layer: int, pos: int) -> None:
         """qkv at pos must append to (or overwrite) the positions folded into c."""
@@ -171,7 +193,7 @@ class Verifier:
         if T > self.defer_rows or self.state is None:
             return self.immediate
         tiles, _ = query_tiles(T, pos, self.config.num_heads, attention.tile)
-        if len(tiles) == 1 and len(attention.chunks(T, pos)) == 1:
+        if len(tiles) == 1 and len(attention.chunks(T, pos)) == 1:  # (a window changes neither count)
             return StepChecks(self, pos, T)
         return self.immediate
 
@@ -293,18 +315,26 @@ class AttentionCheck(ChunkCheck):
                 )
             q, k = q.float(), k.float()  # (T, heads, hd), (T, kv, hd) as sent
             heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-            tiles, _ = query_tiles(T, pos, heads, tile)
+            window = c.family.windows[layer]
+            self.window_keys: torch.Tensor | None = None  # a windowed layer's keys within reach, kept when checked
+            tiles, _ = query_tiles(T, pos, heads, tile, window)
             kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
             r, flat = state.r[pos : pos + T].T, k.reshape(T, kv * hd)  # (K, T), (T, kv hd)
-            if len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
+            if window is not None:  # each tile's own window of the keys sent
+                start, self.window_keys = state.window_keys(layer, pos, k)
+                sums = [state.window_sums(start, self.window_keys, t.first, t.end) for t in tiles]
+                kr, k_sq = torch.stack([kr for kr, _ in sums]), torch.stack([k_sq for _, k_sq in sums])
+            elif len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
                 kr = (r @ flat).view(1, VECTORS, kv, hd) + kr_before
                 k_sq = k.square().sum((0, 2)).view(1, kv) + k_sq_before
-                kr_rows, k_sq_rows = kr, k_sq  # broadcast over the rows
             else:  # tile i's rows see the keys up to its last row: a lower-triangular mask over the T keys
                 ends = torch.tensor([t.row + t.rows for t in tiles])
                 upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T)
                 kr = ((upto[:, None, :] * r[None]) @ flat).view(-1, VECTORS, kv, hd) + kr_before
                 k_sq = upto @ k.square().sum(2) + k_sq_before  # (tiles, kv)
+            if len(tiles) == 1:
+                kr_rows, k_sq_rows = kr, k_sq  # broadcast over the rows
+            else:
                 tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
                 kr_rows, k_sq_rows = kr[tile_of_row], k_sq[tile_of_row]  # (T, K, kv, hd), (T, kv)
             scale = 1.0 / math.sqrt(hd)
@@ -326,7 +356,7 @@ class AttentionCheck(ChunkCheck):
         with v.stats.tee("verify"):
             heads, r = block.shape[0], v.session_state().r
             # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
-            lhs = (block.view(heads * tile.rows, tile.keys) @ r[: tile.keys]).view(heads, tile.rows, VECTORS)
+            lhs = (block.view(heads * tile.rows, tile.keys) @ r[tile.first : tile.end]).view(heads, tile.rows, VECTORS)
             qk_norm = self.qk_norm[:, rows]
             row_norm = qk_norm if v.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
             row_gain, floor = score_gains(UNIT_ROUNDOFF[v.wire], tile.keys, v.config.head_dim)
@@ -338,13 +368,15 @@ class AttentionCheck(ChunkCheck):
         v.checks["scores"] += 1
         state.kr[self.layer], state.k_sq[self.layer] = self.kr_total, self.k_sq_total
         state.k_filled[self.layer] = self.pos + self.T
+        if self.window_keys is not None:
+            state.keep_recent(self.layer, self.window_keys)
 
     def probs(self, tile: Tile, block: torch.Tensor) -> None:
         v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
         with v.stats.tee("verify"):
             c, o = v.config, v.keys.layers[self.layer].o
             cache = v.session_state().c[self.layer]  # (heads, K + 1, capacity)
-            weighted = torch.bmm(block, cache[:, :, : tile.keys].transpose(1, 2))  # (heads, rows, K + 1)
+            weighted = torch.bmm(block, cache[:, :, tile.first : tile.end].transpose(1, 2))  # (heads, rows, K + 1)
             self.out_rhs[rows] = weighted[:, :, :VECTORS].sum(0)
             # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries the
             # o_proj omega bounds. Heads round independently: root of the sum of squares over heads.

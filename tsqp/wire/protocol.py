@@ -83,7 +83,12 @@ MASKED_LINEARS = ("qkv", "o_proj", "gate_up", "down", "lm_head")
 MASKED_DTYPE = torch.float64
 
 # Scores and probabilities travel packed by query tiles: tile i holds rows [row, row+rows) of every
-# head against keys [0, pos+row+rows) only, so the future half of the causal square never crosses.
+# head against keys [first, pos+row+rows) only, so the future half of the causal square never crosses.
+# first is 0, or with a sliding window (the scores and attn_out args' optional `window`: a query at i
+# sees keys (i - window, i]) the first key the tile's first row sees: older keys are neither scored
+# nor read, and a decode step's tile stays `window` keys long however long the context grows. Without
+# the argument a server scores every earlier key, as before it existed: the version stays 1 (a server
+# that predates it sends the unwindowed size, which the client's shape check refuses).
 DEFAULT_QUERY_TILE = 64
 MAX_QUERY_TILE = 4096
 
@@ -92,21 +97,29 @@ MAX_QUERY_TILE = 4096
 class Tile:
     row: int  # first query row (relative to the call's first token)
     rows: int
-    keys: int  # pos + row + rows: every earlier key and the tile's own
+    keys: int  # pos + row + rows - first: every earlier key in the window and the tile's own
     offset: int  # element offset of the tile's (heads, rows, keys) block in the packed tensor
+    first: int = 0  # position of the tile's first key: 0, or where its first row's window starts
+
+    @property
+    def end(self) -> int:
+        """One past the tile's last key position (and its last query's)."""
+        return self.first + self.keys
 
 
-def query_tiles(T: int, pos: int, heads: int, tile: int) -> tuple[list[Tile], int]:
+def query_tiles(T: int, pos: int, heads: int, tile: int, window: int | None = None) -> tuple[list[Tile], int]:
     """The tiles of a call with T queries at positions [pos, pos+T), and the packed length in elements.
+    window: the layer's sliding window (None: every earlier key).
 
     Its callers bound T and pos first (a list of T / tile tiles is built)."""
-    if T < 0 or pos < 0 or tile < 1:
-        raise ValueError(f"query_tiles needs T >= 0, pos >= 0 and tile >= 1, got {T}, {pos}, {tile}")
+    if T < 0 or pos < 0 or tile < 1 or (window is not None and window < 1):
+        raise ValueError(f"query_tiles needs T >= 0, pos >= 0, tile >= 1 and window >= 1, got {T, pos, tile, window}")
     tiles, offset = [], 0
     for row in range(0, T, tile):
-        rows = min(tile, T - row)
-        tiles.append(Tile(row, rows, pos + row + rows, offset))
-        offset += heads * rows * (pos + row + rows)
+        rows, end = min(tile, T - row), pos + row + min(tile, T - row)
+        first = 0 if window is None else max(0, pos + row - window + 1)
+        tiles.append(Tile(row, rows, end - first, offset, first))
+        offset += heads * rows * (end - first)
     return tiles, offset
 
 
