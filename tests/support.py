@@ -11,7 +11,9 @@ import threading
 import time
 from contextlib import contextmanager
 
+import pytest
 import torch
+from conftest import ORIGINAL_CACHE
 
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
@@ -170,3 +172,14 @@ def api_process(*args: str, timeout: float = 120, entry: tuple[str, ...] = ("-m"
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def real_model(preset: str):
+    """(converted folder, GGUF file) of a real model preset, fetched into the caller's cache (`.ci/run`'s,
+    where the README's first command already fetched SmolLM2), not the per-session one: once per machine."""
+    from tsqp.model.fetch import fetched_gguf
+    from tsqp.model.sources import resolve_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TSQP_CACHE", ORIGINAL_CACHE)
+        return resolve_model(preset), fetched_gguf(preset)

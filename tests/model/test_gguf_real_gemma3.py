@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from conftest import ORIGINAL_CACHE
 from safetensors import safe_open
+from support import real_model
 from test_gguf_families import FIELDS
 
 from tsqp.tee.tokenizer import TextTokenizer
@@ -30,12 +30,7 @@ TEXTS = [FRANCE, "The capital of France is", "  two spaces,\ttab\nnew line 12345
 @pytest.fixture(scope="module")
 def gemma():
     """(converted folder, GGUF file) of the real model, in the caller's cache."""
-    from tsqp.model.fetch import fetched_gguf
-    from tsqp.model.sources import resolve_model
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TSQP_CACHE", ORIGINAL_CACHE)
-        return resolve_model(PRESET), fetched_gguf(PRESET)
+    return real_model(PRESET)
 
 
 @pytest.fixture(scope="module")

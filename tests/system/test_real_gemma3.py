@@ -15,7 +15,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ORIGINAL_CACHE, run_tsqp
+from conftest import run_tsqp
+from support import real_model
 from test_real_model import PROMPT
 
 from tsqp.tee.tokenizer import TextTokenizer
@@ -31,12 +32,7 @@ FRANCE = "Question: What is the capital of France?\nAnswer:"
 @pytest.fixture(scope="module")
 def gemma():
     """(converted folder, GGUF file) of the real model, in the caller's cache."""
-    from tsqp.model.fetch import fetched_gguf
-    from tsqp.model.sources import resolve_model
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TSQP_CACHE", ORIGINAL_CACHE)
-        return resolve_model(PRESET), fetched_gguf(PRESET)
+    return real_model(PRESET)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 from conftest import ORIGINAL_CACHE, run_tsqp
+from support import real_model
 
 from tsqp.tee.tokenizer import TextTokenizer, eos_token_ids
 
@@ -35,23 +36,9 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def smol(monkeypatch_module):
+def smol():
     """(folder, GGUF file) of the real model, in the caller's cache."""
-    from tsqp.model.fetch import fetched_gguf
-    from tsqp.model.sources import resolve_model
-
-    monkeypatch_module.setenv("TSQP_CACHE", ORIGINAL_CACHE)
-    try:
-        return resolve_model(PRESET), fetched_gguf(PRESET)
-    finally:
-        monkeypatch_module.undo()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    return real_model(PRESET)
 
 
 @pytest.fixture(scope="module")
