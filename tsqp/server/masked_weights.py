@@ -62,12 +62,23 @@ class MaskedWeights:
         if key not in self.made:
             parts = self.parts(op, layer)
             # the value path is kept in float32; in private mode v and o are rounded like every weight
-            weight = torch.cat([p.to(self.dtype).to(MASKED_DTYPE) for p, _ in parts])
+            weight = self.stacked([p for p, _ in parts])
             biases = [b for _, b in parts if b is not None]
-            bias = torch.cat([b.to(self.dtype).to(MASKED_DTYPE) for b in biases]) if biases else None
+            bias = self.stacked(biases) if biases else None
             self.made[key] = (weight, bias)
             self.total += weight.nbytes + (bias.nbytes if bias is not None else 0)
         return self.made[key]
+
+    def stacked(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The tensors, rounded to the server's dtype, stacked along dim 0 into one new float64 tensor: each
+        converted straight into its rows (no float64 temporary, no second copy by a concatenation: the LM head
+        of a 262k vocabulary is 1.3 GB in float64)."""
+        out = torch.empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=MASKED_DTYPE)
+        row = 0
+        for t in tensors:
+            out[row : row + t.shape[0]].copy_(t.to(self.dtype))
+            row += t.shape[0]
+        return out
 
     def nbytes(self, op: str, layer: int) -> int:
         """A masked linear's float64 weight and bias, as `weight` makes them (this rank's share)."""
