@@ -78,7 +78,6 @@ class ModelSlots:
         self.names: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # arena names no slot holds
         for name in arena_names(options.arena_name, parallel):
             self.names.put(name)
-        self.arena_of: dict[int, str | None] = {}  # id(slot) -> the arena name it holds
 
     def start(self) -> ThreadSlot | ProcessSlot:
         """Opens the first slot now, so that a model or server problem is reported before the API listens;
@@ -123,14 +122,14 @@ class ModelSlots:
         except BaseException:
             self.names.put(name)
             raise
-        self.arena_of[id(slot)] = name
+        slot.arena_name = name  # given back to `names` when the slot closes
         return slot
 
     def _close(self, slot: ThreadSlot | ProcessSlot) -> None:
         try:
             slot.close()
         finally:
-            self.names.put(self.arena_of.pop(id(slot)))
+            self.names.put(slot.arena_name)
 
     def _give_back(self, slot: ThreadSlot | ProcessSlot, healthy: bool) -> None:
         if healthy:
