@@ -126,7 +126,7 @@ class TeeModel:
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.numel() == 0:
             raise TsqpError("give at least one token id")
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(end) for end in torch.aminmax(ids))  # one pass: this runs every decode step
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
