@@ -58,9 +58,8 @@ class TeeModel:
         """RMSNorm over the last dimension with the gain named `name` (None: the family has no norm there)."""
         if name is None:
             return x
-        with self.stats.tee("rmsnorm"):
-            variance = x.pow(2).mean(-1, keepdim=True)
-            return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self.norms[name]
+        with self.stats.tee("rmsnorm"):  # one fused op: x rsqrt(mean(x^2) + eps) w, in float32
+            return F.rms_norm(x, x.shape[-1:], self.norms[name], self.config.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -77,8 +76,7 @@ class TeeModel:
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         with stats.tee("rope"):
-            positions = torch.arange(pos, pos + T)
-            rope_tables = {rope: rotary.cos_sin(positions) for rope, rotary in self.rotaries.items()}
+            rope_tables = {rope: rotary.cos_sin(pos, T) for rope, rotary in self.rotaries.items()}
         for layer in range(self.config.num_layers):
             stats.layer = layer
             x = self._layer(layer, pos, x, rope_tables[f.layer_rope(layer)])
@@ -128,7 +126,7 @@ class TeeModel:
     def check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 1 or ids.numel() == 0:
             raise TsqpError("give at least one token id")
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(end) for end in torch.aminmax(ids))  # one pass: this runs every decode step
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
@@ -137,6 +135,12 @@ class TeeModel:
 def norm_name(prefix: str, norm: str | None) -> str | None:
     """A layer's norm gain by its checkpoint name, or None where the family has none."""
     return None if norm is None else f"{prefix}{norm}.weight"
+
+
+@functools.lru_cache(maxsize=8)
+def future_mask(rows: int) -> torch.Tensor:
+    """(rows, rows) bool, True above the diagonal: a tile's rows size repeats, so it is built once."""
+    return torch.ones(rows, rows, dtype=torch.bool).triu_(1)
 
 
 def causal_softmax_(block: torch.Tensor, window: int | None = None) -> torch.Tensor:
@@ -151,8 +155,8 @@ def causal_softmax_(block: torch.Tensor, window: int | None = None) -> torch.Ten
     (protocol.query_tiles) is masked alike.
     """
     rows, keys = block.shape[1], block.shape[2]
-    future = torch.ones(rows, rows, dtype=torch.bool).triu_(1)
-    block[:, :, keys - rows :].masked_fill_(future, float("-inf"))
+    if rows > 1:  # a single row (a decode step) has no future key
+        block[:, :, keys - rows :].masked_fill_(future_mask(rows), float("-inf"))
     if window is not None and keys > window:
         positions = torch.arange(keys - rows, keys)[:, None]  # (rows, 1)
         block.masked_fill_(torch.arange(keys)[None, :] <= positions - window, float("-inf"))

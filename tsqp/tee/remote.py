@@ -70,7 +70,7 @@ class Synchronous:
         self.replies.pop(request_id, None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """A request in flight, with what its reply must hold and what was sent (verification needs it)."""
 
@@ -151,22 +151,25 @@ class Calls:
     ) -> Request:
         if self.checker.failure is not None:  # nothing more is sent after a failed check
             self.checker.usable()
-        sent = [t.to(self.wire) if t.is_floating_point() else t for t in inputs]  # token ids stay int64
-        request_id = self.link.submit(
-            method,
-            args,
-            sent,
-            session=self.session if session else None,
-            reply_bytes=sum(math.prod(shape) for shape in shapes) * self.wire.itemsize,
-        )
+        sent = [self.to_wire(t) for t in inputs]
+        reply_bytes = sum(math.prod(shape) for shape in shapes) * self.wire.itemsize
+        session_id = self.session if session else None
+        request_id = self.link.submit(method, args, sent, session=session_id, reply_bytes=reply_bytes)
         return Request(request_id, method, shapes, sent, args.get("layer"), args.get("pos", 0))
+
+    def to_wire(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the wire dtype: x itself when it already is (float32 on a float32 server); token ids stay int64."""
+        return x if x.dtype == self.wire or not x.is_floating_point() else x.to(self.wire)
 
     def collect(self, request: Request) -> list[torch.Tensor]:
         request.collected = True
         reply = self.link.wait(request.id)
-        expect(reply.tensors, [(self.wire, shape) for shape in request.shapes], request.method)
-        with self.stats.tee("copy"):
-            return [t.to(torch.float32, copy=True) for t in reply.tensors]  # copy out, then use
+        wire = self.wire
+        expect(reply.tensors, [(wire, shape) for shape in request.shapes], request.method)
+        with self.stats.tee("copy"):  # copy out, then use: the arena is the server's to rewrite
+            if wire == torch.float32:
+                return [t.clone() for t in reply.tensors]
+            return [t.to(torch.float32) for t in reply.tensors]
 
     def run(
         self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
@@ -240,7 +243,7 @@ class RemoteOps:
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v."""
         calls, c = self.calls, self.config
-        sent = h.to(calls.wire)
+        sent = calls.to_wire(h)
         (qk,) = calls.run("qkv", {"layer": layer, "pos": pos}, [sent], [(h.shape[0], c.q_dim + c.kv_dim)])
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         calls.step.qkv(layer, pos, sent, q, k)
@@ -248,7 +251,7 @@ class RemoteOps:
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls, inter = self.calls, self.config.intermediate_size
-        sent = h.to(calls.wire)
+        sent = calls.to_wire(h)
         (gate_up,) = calls.run("gate_up", {"layer": layer}, [sent], [(h.shape[0], 2 * inter)])
         gate, up = gate_up.split([inter, inter], dim=1)
         calls.step.gate_up(layer, sent, gate, up)
@@ -256,7 +259,7 @@ class RemoteOps:
 
     def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         calls = self.calls
-        sent = a.to(calls.wire)
+        sent = calls.to_wire(a)
         (y,) = calls.run("down", {"layer": layer}, [sent], [(a.shape[0], self.config.hidden_size)])
         calls.step.down(layer, sent, y)
         return y
@@ -265,7 +268,7 @@ class RemoteOps:
         calls = self.calls
         step, calls.step = calls.step, self.checker.immediate  # the step ends here
         step.layers_done()  # the layers' checks pass before anything else is asked
-        sent = x.to(calls.wire)
+        sent = calls.to_wire(x)
         (y,) = calls.run("lm_head", {}, [sent], [(x.shape[0], self.config.vocab_size)], session=False)
         step.lm_head(sent, y)
         return y

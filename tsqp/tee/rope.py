@@ -32,18 +32,35 @@ def inverse_frequencies(rope: Rope, head_dim: int) -> torch.Tensor:
 
 
 class Rotary:
-    """Applies RoPE to (T, heads, head_dim) tensors at absolute positions."""
+    """Applies RoPE to (T, heads, head_dim) tensors at absolute positions.
+
+    cos and sin are tables over positions [0, n), grown (doubled) when a step reaches past them: a decode
+    step reads a row of each instead of computing them. The table's sin carries rotate_half's sign
+    (-sin on the first half), so the rotation is x cos + swap(x) sin: a concatenation and two products.
+    """
+
+    GROW_FROM = 256  # positions in the first table
 
     def __init__(self, rope: Rope, head_dim: int):
         self.inv_freq = inverse_frequencies(rope, head_dim)
+        self.cos = self.sin = torch.empty(0, 1, head_dim)  # (n, 1, head_dim)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, head_dim)
-        return emb.cos(), emb.sin()
+    def cos_sin(self, pos: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (T, 1, head_dim) at positions [pos, pos+T), views of the tables."""
+        if pos + T > self.cos.shape[0]:
+            self._grow(max(pos + T, 2 * self.cos.shape[0], self.GROW_FROM))
+        return self.cos[pos : pos + T], self.sin[pos : pos + T]
+
+    def _grow(self, n: int) -> None:
+        freqs = torch.arange(n).float()[:, None] * self.inv_freq[None, :]  # (n, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (n, 1, head_dim)
+        sin = emb.sin()
+        sin[..., : freqs.shape[1]].neg_()
+        self.cos, self.sin = emb.cos(), sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (T, heads, head_dim) rotated into a new tensor (x is a server result a check may still read)."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return torch.mul(x, cos).addcmul_(swapped, sin)

@@ -254,7 +254,7 @@ def expect(tensors: list[torch.Tensor], specs: list[tuple[torch.dtype, tuple[int
     if len(tensors) != len(specs):
         raise ProtocolError(f"{method}: server returned {len(tensors)} tensors, expected {len(specs)}")
     for i, (tensor, (dtype, shape)) in enumerate(zip(tensors, specs, strict=True)):
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        if tensor.dtype != dtype or tensor.shape != tuple(shape):  # torch.Size is a tuple
             raise ProtocolError(
                 f"{method}: result {i} is {DTYPE_NAMES.get(tensor.dtype)}{list(tensor.shape)}, "
                 f"expected {DTYPE_NAMES[dtype]}{list(shape)}"
