@@ -78,30 +78,45 @@ def load_weight(
 CHUNK_BYTES = 64 << 20  # weight rows converted at a time into a reused buffer: no whole float64 copy of a weight
 
 
+def chunk_buffer(dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of CHUNK_BYTES for `stream_rows`, to be reused across weights: a fresh one per weight is
+    fresh pages each time (converting 64 MB into new pages took 6x as long as into touched ones here)."""
+    return torch.empty(CHUNK_BYTES // dtype.itemsize, dtype=dtype)
+
+
 def stream_rows(
     weight: torch.Tensor, wire: torch.dtype, dtype: torch.dtype, buffer: torch.Tensor | None = None
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, rows in dtype) over one weight (out, in) as stored, CHUNK_BYTES at a time, each chunk rounded
     to the server's dtype (as it holds the weight) and converted into one buffer that every chunk reuses
     (a fresh copy of every chunk costs more than the products made with it: the pages are new each time).
-    The chunk is the caller's to overwrite until the next one. buffer: one to reuse, as wide as the weight."""
-    step = max(1, CHUNK_BYTES // (weight.shape[1] * dtype.itemsize))
-    if buffer is None or buffer.shape[1] != weight.shape[1]:
-        buffer = torch.empty(min(step, weight.shape[0]), weight.shape[1], dtype=dtype)
-    step = min(step, buffer.shape[0])
+    The chunk is the caller's to overwrite until the next one. buffer: one to reuse (`chunk_buffer`, or any
+    tensor of dtype with room for a row), its storage viewed as rows of this weight's width."""
+    width = weight.shape[1]
+    step = max(1, CHUNK_BYTES // (width * dtype.itemsize))
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < width:
+        buffer = torch.empty(min(step, weight.shape[0]) * width, dtype=dtype)
+    step = min(step, buffer.numel() // width, weight.shape[0])
+    rows_buffer = buffer.view(-1)[: step * width].view(step, width)
     for start in range(0, weight.shape[0], step):
         rows = weight[start : start + step]
-        chunk = buffer[: rows.shape[0]]
+        chunk = rows_buffer[: rows.shape[0]]
         direct = rows.dtype == wire or wire == dtype  # converting straight to dtype rounds as the server does
         chunk.copy_(rows if direct else rows.to(wire))
         yield start, chunk
 
 
 def weight_rows(
-    checkpoint: Checkpoint, op: Op, wire: torch.dtype, dtype: torch.dtype, bias: bool = True
+    checkpoint: Checkpoint,
+    op: Op,
+    wire: torch.dtype,
+    dtype: torch.dtype,
+    bias: bool = True,
+    buffer: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-    """(first output row, W rows in dtype, their bias or None) over an op's fused weight (`stream_rows` per part)."""
-    buffer, row = None, 0
+    """(first output row, W rows in dtype, their bias or None) over an op's fused weight (`stream_rows` per part).
+    buffer: one to reuse across ops (`chunk_buffer`); by default one for this op."""
+    row = 0
     for weight_name, bias_name in weight_names(checkpoint, op):
         weight = checkpoint.tensor(weight_name)
         b = checkpoint.tensor(bias_name).to(wire).to(dtype) if bias and bias_name is not None else None

@@ -1,7 +1,8 @@
 """Verified mode: the TEE checks every result the untrusted server returns before anything derived from it
 leaves the TEE: call by call in a prefill (`Immediate`), at the end of a decode step for all layers at once
 (step_checks.py; the logits come after the checks). `Verifier` is the checker the plain split's ops are
-handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison.
+handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison; a prefill's
+attention chunks are checked by attention_check.py, each chunk's tiles compared at once.
 
 Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
 (out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
@@ -70,6 +71,7 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
+from tsqp.tee.attention_check import AttentionCheck
 from tsqp.tee.checks import ChunkCheck, StepCheck
 from tsqp.tee.freivalds import (
     S_MAX,
@@ -81,14 +83,12 @@ from tsqp.tee.freivalds import (
     build_keys,
     compare,
     linear_gains,
-    score_gains,
     secret_matrix,
     times,
-    value_gain,
 )
 from tsqp.tee.step_checks import StackedKeys, StepChecks, stack_keys
 from tsqp.tuning import SMALL_STEP_ROWS
-from tsqp.wire.protocol import Tile, query_tiles
+from tsqp.wire.protocol import query_tiles
 
 
 class AttentionState:
@@ -289,106 +289,3 @@ class Immediate(StepCheck):
 def _row_norm(x: torch.Tensor) -> torch.Tensor:
     """(T, n) -> (T, 1) Euclidean norms."""
     return torch.linalg.vector_norm(x, dim=1, keepdim=True)
-
-
-class AttentionCheck(ChunkCheck):
-    """One attention chunk's checks, fed tile by tile (`server_attention.ServerAttention.attend`).
-
-    scores: S r over each tile's keys must equal q (K^T r) / sqrt(hd), where K^T r and sum ||k_j||^2
-    are the totals of earlier calls plus this chunk's keys up to the tile's last row; that side is
-    computed here, before any tile arrives. attn_out: sum_h P_h c_h per row, folded in per tile from
-    the probabilities as sent; compared with y s_o when the server's result comes.
-    """
-
-    def __init__(self, verifier: Verifier, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int):
-        self.verifier, self.layer, self.pos = verifier, layer, pos
-        c, state, T = verifier.config, verifier.session_state(), q.shape[0]
-        with verifier.stats.tee("verify"):
-            if pos != 0 and pos != state.k_filled[layer]:
-                raise TsqpError(
-                    f"verified mode: scores of layer {layer} at position {pos} must append to the "
-                    f"{state.k_filled[layer]} cached keys (or restart at 0)"
-                )
-            if state.c_filled[layer] < pos + T:
-                raise TsqpError(
-                    f"verified mode: attn_out of layer {layer} needs qkv of positions up to {pos + T} first"
-                )
-            q, k = q.float(), k.float()  # (T, heads, hd), (T, kv, hd) as sent
-            heads, kv, group, hd = c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-            window = c.family.windows[layer]
-            self.window_keys: torch.Tensor | None = None  # a windowed layer's keys within reach, kept when checked
-            tiles, _ = query_tiles(T, pos, heads, tile, window)
-            kr_before, k_sq_before = (state.kr[layer], state.k_sq[layer]) if pos else (0.0, 0.0)  # 0: a restart
-            r, flat = state.r[pos : pos + T].T, k.reshape(T, kv * hd)  # (K, T), (T, kv hd)
-            if window is not None:  # each tile's own window of the keys sent
-                start, self.window_keys = state.window_keys(layer, pos, k)
-                sums = [state.window_sums(start, self.window_keys, t.first, t.end) for t in tiles]
-                kr, k_sq = torch.stack([kr for kr, _ in sums]), torch.stack([k_sq for _, k_sq in sums])
-            elif len(tiles) == 1:  # every row sees all T keys (a decode step): no masks, nothing to gather
-                kr = (r @ flat).view(1, VECTORS, kv, hd) + kr_before
-                k_sq = k.square().sum((0, 2)).view(1, kv) + k_sq_before
-            else:  # tile i's rows see the keys up to its last row: a lower-triangular mask over the T keys
-                ends = torch.tensor([t.row + t.rows for t in tiles])
-                upto = (torch.arange(T)[None, :] < ends[:, None]).float()  # (tiles, T)
-                kr = ((upto[:, None, :] * r[None]) @ flat).view(-1, VECTORS, kv, hd) + kr_before
-                k_sq = upto @ k.square().sum(2) + k_sq_before  # (tiles, kv)
-            if len(tiles) == 1:
-                kr_rows, k_sq_rows = kr, k_sq  # broadcast over the rows
-            else:
-                tile_of_row = torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor([t.rows for t in tiles]))
-                kr_rows, k_sq_rows = kr[tile_of_row], k_sq[tile_of_row]  # (T, K, kv, hd), (T, kv)
-            scale = 1.0 / math.sqrt(hd)
-            rhs = torch.einsum("tgid,tkgd->tgik", q.view(T, kv, group, hd), kr_rows.expand(T, -1, -1, -1))
-            q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group, 1)
-            qk_norm = q_norm * k_sq_rows.sqrt().mul_(scale).view(-1, kv, 1, 1)  # (T, kv, group, 1)
-
-            def by_head(x: torch.Tensor) -> torch.Tensor:  # (T, kv, group, n) -> (heads, T, n), tiles' layout
-                return x.expand(T, kv, group, -1).permute(1, 2, 0, 3).reshape(heads, T, -1)
-
-            self.rhs, self.qk_norm = by_head(rhs.mul_(scale)), by_head(qk_norm)
-            self.kr_total, self.k_sq_total = kr[-1].clone(), k_sq[-1].clone()
-            self.out_rhs, self.o_norm = torch.empty(T, VECTORS), torch.empty(T, 1)
-            self.magnitude = torch.empty(T, 1)
-        self.T = T
-
-    def scores(self, tile: Tile, block: torch.Tensor) -> None:
-        v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
-        with v.stats.tee("verify"):
-            heads, r = block.shape[0], v.session_state().r
-            # block @ r, not times(): for these short, wide blocks MKL's plain product is faster
-            lhs = (block.view(heads * tile.rows, tile.keys) @ r[tile.first : tile.end]).view(heads, tile.rows, VECTORS)
-            qk_norm = self.qk_norm[:, rows]
-            row_norm = qk_norm if v.bounded_norms else torch.linalg.vector_norm(block, dim=2, keepdim=True)
-            row_gain, floor = score_gains(UNIT_ROUNDOFF[v.wire], tile.keys, v.config.head_dim)
-            tolerance = row_norm * (row_gain + floor) if v.bounded_norms else row_norm * row_gain + qk_norm * floor
-            v.check("scores", self.layer, lhs, self.rhs[:, rows], tolerance, count=False)
-
-    def scores_done(self) -> None:
-        v, state = self.verifier, self.verifier.session_state()
-        v.checks["scores"] += 1
-        state.kr[self.layer], state.k_sq[self.layer] = self.kr_total, self.k_sq_total
-        state.k_filled[self.layer] = self.pos + self.T
-        if self.window_keys is not None:
-            state.keep_recent(self.layer, self.window_keys)
-
-    def probs(self, tile: Tile, block: torch.Tensor) -> None:
-        v, rows = self.verifier, slice(tile.row, tile.row + tile.rows)
-        with v.stats.tee("verify"):
-            c, o = v.config, v.keys.layers[self.layer].o
-            cache = v.session_state().c[self.layer]  # (heads, K + 1, capacity)
-            weighted = torch.bmm(block, cache[:, :, tile.first : tile.end].transpose(1, 2))  # (heads, rows, K + 1)
-            self.out_rhs[rows] = weighted[:, :, :VECTORS].sum(0)
-            # sum_j P_hj ||v_j|| bounds ||O_h||; its rounding errors reach y s through u_h, whose entries the
-            # o_proj omega bounds. Heads round independently: root of the sum of squares over heads.
-            gain = o.omega * value_gain(c, tile.keys)
-            self.o_norm[rows, 0] = torch.linalg.vector_norm(weighted[:, :, VECTORS], dim=0)  # >= ||O_row||
-            self.magnitude[rows] = gain * self.o_norm[rows]
-
-    def attn_out(self, y: torch.Tensor) -> None:
-        v = self.verifier
-        with v.stats.tee("verify"):
-            o, hidden = v.keys.layers[self.layer].o, v.config.hidden_size
-            y_norm = self.o_norm * o.frobenius + o.bias_norm if v.bounded_norms else _row_norm(y)
-            rounding, _ = linear_gains(UNIT_ROUNDOFF[v.wire], U32, hidden, hidden)
-            tolerance = rounding * y_norm + self.magnitude
-            v.check("attn_out", self.layer, times(y, o.s), self.out_rhs + o.bias_s, tolerance)
