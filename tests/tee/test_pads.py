@@ -28,7 +28,7 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.op_weights import load_weight, model_ops, product
 from tsqp.tee.pad_pool import BLOCK_ROWS, MAGIC, NONCE, PoolError, PoolReader, fill, pool_key, streams
-from tsqp.tee.pads import PadReuse, PoolPads
+from tsqp.tee.pads import AHEAD_ROWS, PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
 from tsqp.wire.curve import generate
@@ -143,6 +143,35 @@ def test_pool_serves_exactly_its_tokens_with_the_right_products(ckpt, tmp_path):
     pads.start(model_ops(ckpt.config)[0], 1)  # one row more: computed now, not taken from the pool
     assert pads.computed_tokens == 1
     pads.close()
+
+
+def test_one_row_takes_are_cut_from_rows_expanded_ahead_and_erased(ckpt, tmp_path):
+    """A decode's one-row takes: each row its seed's own, fresh, and erased from the rows held once taken."""
+    make_pool(ckpt, tmp_path)
+    pads = PoolPads(ckpt, ckpt.fingerprint(), F32, tmp_path, Stats())
+    pads.reserve(TOKENS)
+    op = model_ops(ckpt.config)[1]
+    stream, weight = pads.index[op], load_weight(ckpt, op, F32, torch.float64)[0]
+    taken = AHEAD_ROWS + 3  # past the first rows held: a second expansion
+    zs = []
+    for _ in range(taken):
+        pad = pads.start(op, 1)
+        torch.testing.assert_close(pad.result(), pad.z @ weight.T, rtol=0, atol=1e-12)
+        zs.append(pad.z.clone())
+    seed, first, held = pads.ahead[stream]
+    assert first == AHEAD_ROWS and torch.all(held[:3] == 0) and torch.all(held[3:].abs().sum(1) > 0)
+    assert torch.equal(torch.cat(zs[AHEAD_ROWS:]), expand(seed, 3, weight.shape[1], start_row=AHEAD_ROWS))
+    assert torch.unique(torch.cat(zs), dim=0).shape[0] == taken
+    rest = pads.start(op, TOKENS - taken)  # a long take goes on from the next row, past the rows held
+    torch.testing.assert_close(rest.result(), rest.z @ weight.T, rtol=0, atol=1e-12)
+    assert torch.equal(rest.z[: AHEAD_ROWS - 3], expand(seed, AHEAD_ROWS - 3, weight.shape[1], start_row=taken))
+    assert torch.all(held == 0) and stream not in pads.ahead  # the rows it held were handed out by that take
+    other = model_ops(ckpt.config)[2]
+    pads.start(other, 1)
+    held = pads.ahead[pads.index[other]][2]
+    assert torch.all(held[1:].abs().sum(1) > 0)
+    pads.close()
+    assert torch.all(held == 0) and pads.ahead == {}  # rows expanded ahead and never used: erased
 
 
 def test_reader_hands_out_rows_once_and_erases_them(ckpt, tmp_path):

@@ -129,7 +129,8 @@ class Masked:
         self.ratio = 0.0  # largest max|x| / s over every masked input so far
 
     def __call__(self, op: Op, x: torch.Tensor) -> torch.Tensor:
-        largest = float(x.abs().max())  # NaN or infinity too
+        """x (T, in) -> x W^T + b (T, out) in x's dtype: unpadded in float64 and rounded once, in one pass."""
+        largest = float(torch.linalg.vector_norm(x, ord=math.inf))  # max |x|; NaN or infinity too
         if not math.isfinite(largest):
             raise TsqpError(f"private mode: the input of {op} is not finite")
         scale = self.scales[op]
@@ -141,11 +142,12 @@ class Masked:
             y = self.inner(op, masked)
             zw = pending.result()  # z W^T (T, out), from the pool or the helper (checked there)
             with self.stats.tee("mask"):
-                y.sub_(zw, alpha=scale)
+                # (x + r) W^T + b - s (z W^T), subtracted in float64, written rounded to x's dtype
+                unmasked = torch.sub(y, zw, alpha=scale, out=torch.empty(y.shape, dtype=x.dtype))
                 zw.zero_()  # the pad is erased once used (x + r is what the server saw: no secret)
         finally:
             pending.cancel()  # erases z; a helper's reply not waited for is dropped
-        return y
+        return unmasked
 
 
 def leak_bits(ratio: float) -> float:

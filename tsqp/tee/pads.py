@@ -28,6 +28,8 @@ from tsqp.tee.pad_pool import PoolClaimed, PoolError, PoolReader, fill, pool_fil
 from tsqp.wire.pad_seeds import expand, new_seed
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
+AHEAD_ROWS = 16  # a short take (a decode step's one row) expands this many rows of its seed at once
+
 
 class PadReuse(TsqpError):
     """A pad was asked for a second time."""
@@ -66,6 +68,7 @@ class PoolPads:
         self.offline_s = 0.0  # computing pads this client lacked
         self.computed_tokens = 0
         self.claimed_tokens = 0  # pads made ahead of time (`tsqp pads`) that this client took
+        self.ahead: dict[int, tuple[bytes, int, torch.Tensor]] = {}  # stream -> (seed, first row, z rows)
 
     @property
     def bytes_per_token(self) -> int:
@@ -117,7 +120,7 @@ class PoolPads:
                     self.readers.remove(reader)
                     reader.close()
                     raise
-                zs += [expand(seed, n, width, start_row=first) for seed, first, n in seeds]
+                zs += [self._z(stream, seed, first, n, width) for seed, first, n in seeds]
                 zws.append(zw)
                 done += take
                 if done == rows:
@@ -127,10 +130,34 @@ class PoolPads:
             zw = torch.cat(zws) if len(zws) > 1 else zws[0]
         return Pad(op, z, lambda: zw, cancel=zw.zero_)
 
+    def _z(self, stream: int, seed: bytes, first: int, rows: int, width: int) -> torch.Tensor:
+        """Rows [first, first + rows) of the seed's pad. A short run is cut from AHEAD_ROWS rows expanded at
+        once (the keystream's set-up and the transform's per-call cost shared by a decode's next steps), each
+        row erased as it is handed out: the pool hands out a seed's row once, so no row is handed out twice."""
+        held = self.ahead.get(stream)
+        if held is None or held[0] != seed or not held[1] <= first <= held[1] + held[2].shape[0] - rows:
+            if held is not None:  # rows past, or rows a long take hands out now: erased
+                with torch.inference_mode():  # the rows held are made and erased in inference mode
+                    held[2].zero_()
+                del self.ahead[stream]
+            if rows >= AHEAD_ROWS:
+                return expand(seed, rows, width, start_row=first)
+            with torch.inference_mode():
+                held = self.ahead[stream] = (seed, first, expand(seed, AHEAD_ROWS, width, start_row=first))
+        rows_held = held[2][first - held[1] : first - held[1] + rows]
+        z = rows_held.clone()  # outside inference mode, a tensor its caller may erase
+        with torch.inference_mode():
+            rows_held.zero_()
+        return z
+
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
         self.readers = []
+        with torch.inference_mode():
+            for _, _, z in self.ahead.values():
+                z.zero_()  # erased: rows expanded ahead and never used
+        self.ahead.clear()
 
 
 def _keep(reader: PoolReader) -> bool:

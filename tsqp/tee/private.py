@@ -89,7 +89,7 @@ class LinearOps:
             raise TsqpError("private mode: attach the model first (init and calibrate)")
         if self.attention.cache is None and op.name != "lm_head":
             raise TsqpError("private mode: open a session before the per-layer calls")
-        return self.linear(op, x).to(torch.float32)  # x stays float32: x + r is formed in float64 by Masked
+        return self.linear(op, x)  # x float32: x + r is formed in float64 by Masked, the result rounded back
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         with self.stats.tee("embedding"):
