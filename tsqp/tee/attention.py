@@ -63,9 +63,17 @@ class TeeAttention:
     """Attention in the TEE (`ops.Attention`): the session's KVCache here, o_proj through the linear seam.
 
     The values come with qkv (`put_values`), so the ops that use it are those whose qkv returns v: a linear
-    seam's fused qkv (private.LinearOps), never the server's plain qkv, which caches v itself."""
+    seam's fused qkv (private.LinearOps), or the plain split's qkv asked for them (remote.RemoteOps, o_proj
+    then the server call remote.OProj): one round trip a layer less than the server's scores and attn_out."""
 
     pipelined = False  # nothing crosses between the two products
+    keeps_values = True
+
+    def init(self, info: dict) -> None:
+        """The server's description: nothing here depends on it."""
+
+    def attends_here(self, pos: int, T: int) -> bool:
+        return True
 
     def __init__(self, config: ModelConfig, o_proj, stats: Stats):
         """o_proj: (layer, out (T, q_dim)) -> out W_o^T + b_o (T, hidden), through the linear seam."""
@@ -83,7 +91,7 @@ class TeeAttention:
     def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
         """v (T, kv_dim) from qkv at positions [pos, pos + T)."""
         if self.cache is None:
-            raise TsqpError("private mode: open a session before the per-layer calls")
+            raise TsqpError("open a session before the per-layer calls")
         self.cache.put_values(layer, pos, v.reshape(-1, self.config.num_kv_heads, self.config.head_dim))
 
     def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
