@@ -205,6 +205,13 @@ class RunOptions:
         env_var="TSQP_PIPELINE",
         choices=("auto", "on", "off"),
     )
+    attention: str = option(
+        "where the plain split attends: server (it caches k and v; the TEE runs the softmax between its scores "
+        "and attn_out calls: 5 calls a layer) or tee (qkv returns v, the TEE keeps the KV cache and attends, "
+        "o_proj a call: 4 a layer); auto: server in plain mode, tee in private mode (its only choice)",
+        "auto",
+        choices=("auto", "server", "tee"),
+    )
     verify: bool = option(
         "check every server result with Freivalds' test (default); --no-verify to measure without", True
     )
