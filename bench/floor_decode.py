@@ -1,7 +1,7 @@
 """The TEE's floor decode in one process, for A/B runs of two trees: record, then replay with no server.
 
     PYTHONPATH=TREE python bench/floor_decode.py [--model smollm2-135m-instruct] [--prompt 64] [--new 48]
-        [--attention server|tee] [LABEL]
+        [--attention server|tee|decode] [LABEL]
 
 Records one greedy generation through an in-process engine (a Recorder around it), then replays it
 (tsqp/measure/replay.py) three times on one TEE thread, verified, and prints the best decode ms a token.
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--new", type=int, default=48, help="generated tokens")
-    parser.add_argument("--attention", choices=("server", "tee"), help="where the plain split attends")
+    parser.add_argument("--attention", choices=("server", "tee", "decode"), help="where the plain split attends")
     parser.add_argument("label", nargs="?", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)

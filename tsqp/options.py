@@ -208,9 +208,10 @@ class RunOptions:
     attention: str = option(
         "where the plain split attends: server (it caches k and v; the TEE runs the softmax between its scores "
         "and attn_out calls: 5 calls a layer) or tee (qkv returns v, the TEE keeps the KV cache and attends, "
-        "o_proj a call: 4 a layer); auto: server in plain mode, tee in private mode (its only choice)",
+        "o_proj a call: 4 a layer), or decode (a prompt's prefill on the server, decode steps in the TEE); auto: "
+        "server in plain mode, tee in private mode (its only choice)",
         "auto",
-        choices=("auto", "server", "tee"),
+        choices=("auto", "server", "tee", "decode"),
     )
     verify: bool = option(
         "check every server result with Freivalds' test (default); --no-verify to measure without", True

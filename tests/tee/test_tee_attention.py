@@ -40,11 +40,14 @@ def engines(model) -> dict[str, LyingEngine]:
 
 
 def run(model, engine: LyingEngine, verify: bool, deferred: bool = True, attention: str = "tee") -> list:
-    """Two prefills in two sessions, then a decode step (a deferred check, unless deferred is False)."""
+    """Two prefills in two sessions, then a decode step (a deferred check, unless deferred is False); with
+    attention "decode", the prefills attend on the server."""
     engine.sessions.clear()
     engine.previous.clear()
     engine.tampered = 0
     tee = tee_model(model, InProcess(engine), verify=verify, attention=attention)
+    if attention == "decode":
+        tee.ops.attention.rows = 2  # these 6-token prompts are prefills on the server
     if verify and not deferred:
         tee.ops.checker.defer_rows = 0
     tee.attach()
@@ -70,22 +73,62 @@ def honest(model, engines) -> dict[str, list[torch.Tensor]]:
     return outputs
 
 
-@pytest.mark.parametrize("checked", ["at-step-end", "call-by-call"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("plan", PLANS, ids=str)
-def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
-    engine = engines[dtype]
+def assert_caught(model, engine: LyingEngine, honest: list[torch.Tensor], plan: Tamper, **modes) -> None:
+    """The lie fails verification naming its op and layer, and changes the outputs when unchecked."""
     engine.plan = plan
     op = {"q": "qkv \\(q\\)", "k": "qkv \\(k\\)", "v": "qkv \\(v\\)"}.get(plan.part, plan.op)
     try:
         with pytest.raises(IntegrityError, match=f"the server's {op} of layer {TAMPER_LAYER} result is wrong"):
-            run(model, engine, verify=True, deferred=checked == "at-step-end")
+            run(model, engine, verify=True, **modes)
         assert engine.tampered >= 1
-        unverified = run(model, engine, verify=False)  # the same lie, unchecked: it goes through
+        modes.pop("deferred", None)
+        unverified = run(model, engine, verify=False, **modes)  # the same lie, unchecked: it goes through
     finally:
         engine.plan = None
-    changed = [not torch.allclose(out, ref, atol=1e-3) for out, ref in zip(unverified, honest[dtype], strict=True)]
+    changed = [not torch.allclose(out, ref, atol=1e-3) for out, ref in zip(unverified, honest, strict=True)]
     assert any(changed), f"{plan} left every output as the honest server's: the case tests nothing"
+
+
+@pytest.mark.parametrize("checked", ["at-step-end", "call-by-call"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("plan", PLANS, ids=str)
+def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
+    assert_caught(model, engines[dtype], honest[dtype], plan, deferred=checked == "at-step-end")
+
+
+DECODE_PLANS = [Tamper(op, part, kind) for op, part in [*PARTS, ("scores", None), ("attn_out", None)] for kind in KINDS]
+
+
+@pytest.mark.parametrize("plan", DECODE_PLANS, ids=str)
+def test_tampering_is_caught_with_the_prefill_on_the_server(model, engines, honest, plan):
+    """--attention decode: the prefill's scores and attn_out on the server, the decode step's o_proj, and the
+    v the TEE keeps from both, each checked."""
+    assert_caught(model, engines["float32"], honest["float32"], plan, attention="decode")
+
+
+@pytest.mark.parametrize("name", ["mistral-window-gqa", "gemma3-gqa", "qwen2-window"])
+def test_decode_mode_prefill_then_pieces_equal_transformers(checkpoints, name):
+    """--attention decode on windowed families: a 20-token prefill on the server, then single tokens and a
+    chunk past the window in the TEE (its cache holds the prefill's keys and values)."""
+    from support import FAMILY_MODELS
+
+    from tsqp.tee.decode_attention import DecodeAttention
+
+    path = checkpoints("family-" + name, seed=700 + list(FAMILY_MODELS).index(name), **FAMILY_MODELS[name])
+    reference = checkpoints.reference("family-" + name)
+    ids = token_ids(40, seed=9)
+    tee = tee_model(path, InProcess(Engine(str(path))), attention="decode")
+    tee.attach()
+    assert isinstance(tee.ops.attention, DecodeAttention)
+    tee.ops.open_session(ids.shape[0])
+    pieces, pos = [], 0
+    for size in (20, 1, 1, 12, 1, 5):
+        pieces.append(tee.forward(ids[pos : pos + size], pos=pos))
+        pos += size
+    torch.testing.assert_close(torch.cat(pieces), reference_logits(reference, ids), atol=1e-4, rtol=0)
+    checks = tee.ops.checker.checks
+    layers = tee.config.num_layers
+    assert checks["scores"] == checks["attn_out"] == layers and checks["o_proj"] == 5 * layers
 
 
 def test_decode_steps_and_pieces_equal_one_prefill(model, engines):

@@ -186,8 +186,8 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
 
 
 def attention_side(options: RunOptions) -> str:
-    """Where the run attended: tee (private mode, or --attention tee) or server."""
-    return "tee" if options.private or options.attention == "tee" else "server"
+    """Where the run attended: server, tee (private mode, or --attention tee) or decode (prefill on the server)."""
+    return "tee" if options.private else "server" if options.attention == "auto" else options.attention
 
 
 def print_prefill(options: RunOptions, run: Measured, result: dict, console: Console) -> None:
@@ -200,8 +200,9 @@ def print_prefill(options: RunOptions, run: Measured, result: dict, console: Con
     )
     if run.private:
         print_private(run.private, console)
-    elif attention_side(options) == "tee":
-        console.print("attention: in the TEE over its own KV cache (qkv returns v, o_proj a call)")
+    elif attention_side(options) != "server":
+        where = "every step" if attention_side(options) == "tee" else "decode steps; the prefill's on the server"
+        console.print(f"attention: in the TEE over its own KV cache (qkv returns v, o_proj a call): {where}")
     else:
         console.print(
             "attention: " + ("pipelined by query chunks" if run.pipelined else "one chunk per layer, not pipelined")

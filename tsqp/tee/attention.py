@@ -34,6 +34,10 @@ class KVCache:
         self.values[layer, :, pos : pos + T] = v.transpose(0, 1)
         self.filled[layer] = pos + T
 
+    def put_keys(self, layer: int, pos: int, k: torch.Tensor) -> None:
+        """k (T, kv_heads, head_dim) post-RoPE at positions [pos, pos + T), attended elsewhere (on the server)."""
+        self.keys[layer, :, pos : pos + k.shape[0]] = k.transpose(0, 1)
+
     def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> softmax(q K^T / sqrt(hd)) V
         over keys [0, pos + T), causal, as (T, heads * hd) head-major like o_proj's input. window: the
@@ -42,7 +46,7 @@ class KVCache:
         end = pos + T
         if end > self.filled[layer]:
             raise TsqpError(f"attention of layer {layer} at positions up to {end} before their values")
-        self.keys[layer, :, pos:end] = k.transpose(0, 1)
+        self.put_keys(layer, pos, k)
         start = 0 if window is None else max(0, pos + 1 - window)
         # 4-d (batch 1): with 3-d inputs torch's CPU attention falls back to its unfused path, 4.6 times
         # slower here (1024 tokens, 32 heads: 740 against 160 ms)

@@ -3,6 +3,8 @@
     plain, verified     RemoteOps(Calls(link, Verifier), ServerAttention)
     plain, unverified   RemoteOps(Calls(link, Unchecked), ServerAttention)
     plain, --attention tee   RemoteOps(Calls(...), TeeAttention(o_proj: OProj(calls))): qkv returns v
+    plain, --attention decode   RemoteOps(Calls(...), DecodeAttention(ServerAttention, TeeAttention)): a
+                        fresh prompt's prefill attends on the server, every later step in the TEE
     private             PrivateOps: Masked(Checked(Remote)) linears (Masked(Remote) unverified), TeeAttention,
                         pads from the pool or from a helper (PrivateOptions.helper)
 
@@ -21,6 +23,7 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
 from tsqp.tee.attention import TeeAttention
 from tsqp.tee.checks import Unchecked
+from tsqp.tee.decode_attention import DecodeAttention
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.linear import Local, Recording
 from tsqp.tee.ops import Call, Link, Ops
@@ -29,7 +32,7 @@ from tsqp.tee.remote import Calls, OProj, RemoteOps, link_of
 from tsqp.tee.server_attention import ServerAttention
 from tsqp.tee.verify import Verifier
 
-ATTENTION = ("server", "tee")  # where attention runs: ServerAttention, TeeAttention
+ATTENTION = ("server", "tee", "decode")  # where attention runs: ServerAttention, TeeAttention, DecodeAttention
 
 
 def build_ops(
@@ -45,8 +48,8 @@ def build_ops(
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
     the server reports a GPU device): see server_attention.py. private: private mode's options; None: the
-    plain split. attention: server or tee (the plain split's; private mode's is always in the TEE); by default
-    where the mode runs it by default."""
+    plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
+    split's (private mode's is always in the TEE); by default where the mode runs it."""
     attention = attention or ("tee" if private is not None else "server")
     if attention not in ATTENTION:
         raise TsqpError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
@@ -56,9 +59,10 @@ def build_ops(
     if private is not None:
         return PrivateOps(link, checkpoint, private, stats, verify=verify)
     calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
-    if attention == "tee":
-        return RemoteOps(calls, TeeAttention(checkpoint.config, OProj(calls), stats))
-    return RemoteOps(calls, ServerAttention(calls, pipeline))
+    if attention == "server":
+        return RemoteOps(calls, ServerAttention(calls, pipeline))
+    here = TeeAttention(checkpoint.config, OProj(calls), stats)
+    return RemoteOps(calls, here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here))
 
 
 def tee_model(model: str | Path | Checkpoint, call: Link | Call, stats: Stats | None = None, **modes) -> TeeModel:
