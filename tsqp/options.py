@@ -3,9 +3,8 @@
 As in litgpt, a dataclass field carries its flag in its metadata (`option`): the flag's name (from the
 field's by default), help, choices, and the environment variable (tsqp/env.py) whose value is the
 flag's default when the command starts. `add_options` makes a parser's flags from a group;
-`from_args` makes the group back from the parsed flags. `RunOptions` is what every client command
-(`logits`, `generate`, `bench`, `diagnose`, `api`) hands to tee/runner.py; the other groups are the
-flags of one command each.
+`from_args` makes the group back from the parsed flags. `RunOptions` is what every client command (`logits`,
+`generate`, `bench`, `diagnose`, `api`) hands to tee/runner.py; the other groups are the flags of one command each.
 """
 
 from __future__ import annotations
@@ -206,10 +205,7 @@ class RunOptions:
         choices=("auto", "on", "off"),
     )
     attention: str = option(
-        "where the plain split attends: server (it caches k and v; the TEE runs the softmax between its scores "
-        "and attn_out calls: 5 calls a layer) or tee (qkv returns v, the TEE keeps the KV cache and attends, "
-        "o_proj a call: 4 a layer), or decode (a prompt's prefill on the server, decode steps in the TEE); auto: "
-        "server in plain mode, tee in private mode (its only choice)",
+        "plain split's attention: server (5 calls a layer), tee (its own KV cache, 4), decode (prefill: server)",
         "auto",
         choices=("auto", "server", "tee", "decode"),
     )

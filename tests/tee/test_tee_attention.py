@@ -96,7 +96,16 @@ def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
     assert_caught(model, engines[dtype], honest[dtype], plan, deferred=checked == "at-step-end")
 
 
-DECODE_PLANS = [Tamper(op, part, kind) for op, part in [*PARTS, ("scores", None), ("attn_out", None)] for kind in KINDS]
+# Left out: o_proj swap (o_proj runs in the decode step alone: one row, nothing to swap) and scores scale, swap
+# and delta (in a prefill they change query position 0, which sees one key: its probability is 1 whatever
+# the score, so the lie changes nothing; the server-side tests cover them at a decode step).
+IDLE = {("o_proj", "swap"), ("scores", "scale"), ("scores", "swap"), ("scores", "delta")}
+DECODE_PLANS = [
+    Tamper(op, part, kind)
+    for op, part in [*PARTS, ("scores", None), ("attn_out", None)]
+    for kind in KINDS
+    if (op, kind) not in IDLE
+]
 
 
 @pytest.mark.parametrize("plan", DECODE_PLANS, ids=str)

@@ -141,6 +141,9 @@ class StepChecks(StepCheck):
         self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = self._expect(pos, x), q, k
 
     def values(self, layer: int, pos: int, x: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.here:  # a step that attends on the server, the TEE keeping v for later ones (DecodeAttention)
+            self.verifier.immediate.values(layer, pos, x, v)
+            return
         self.y["v"][layer] = v  # x is qkv's, kept by `qkv`
 
     def o_proj(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
