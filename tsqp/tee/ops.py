@@ -11,8 +11,9 @@ Its compositions (compose.py builds them from the options):
 
 `Attention` is where attention runs: `server_attention.ServerAttention` (the server scores and applies
 the values, the TEE runs the softmax between) or `attention.TeeAttention` (the TEE's own KV cache, o_proj
-through the linear seam or the plain split's o_proj call). The checker handed to `RemoteOps` (none, immediate, or at the end of a decode
-step) is checks.py's. `Link` is what carries requests: a `wire.client.Client` or `remote.Synchronous`.
+through the linear seam or the plain split's o_proj call). The checker handed to `RemoteOps` (none,
+immediate, or at the end of a decode step) is checks.py's. `Link` is what carries requests: a
+`wire.client.Client` or `remote.Synchronous`.
 """
 
 from __future__ import annotations
