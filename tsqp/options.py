@@ -3,9 +3,8 @@
 As in litgpt, a dataclass field carries its flag in its metadata (`option`): the flag's name (from the
 field's by default), help, choices, and the environment variable (tsqp/env.py) whose value is the
 flag's default when the command starts. `add_options` makes a parser's flags from a group;
-`from_args` makes the group back from the parsed flags. `RunOptions` is what every client command
-(`logits`, `generate`, `bench`, `diagnose`, `api`) hands to tee/runner.py; the other groups are the
-flags of one command each.
+`from_args` makes the group back from the parsed flags. `RunOptions` is what every client command (`logits`,
+`generate`, `bench`, `diagnose`, `api`) hands to tee/runner.py; the other groups are the flags of one command each.
 """
 
 from __future__ import annotations
@@ -204,6 +203,11 @@ class RunOptions:
         "server computes on a GPU (a CPU server on this host shares the TEE's cores)",
         env_var="TSQP_PIPELINE",
         choices=("auto", "on", "off"),
+    )
+    attention: str = option(
+        "plain split's attention: server (5 calls a layer), tee (its own KV cache, 4), decode (prefill: server)",
+        "auto",
+        choices=("auto", "server", "tee", "decode"),
     )
     verify: bool = option(
         "check every server result with Freivalds' test (default); --no-verify to measure without", True

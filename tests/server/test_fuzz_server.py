@@ -229,7 +229,7 @@ arg_values = st.one_of(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "x" * 200]
     ),
 )
-ARG_NAMES = ["layer", "pos", "tile", "window", "capacity", "name", "names", "reply_at", "size"]
+ARG_NAMES = ["layer", "pos", "tile", "window", "capacity", "name", "names", "reply_at", "size", "values"]
 args_maps = st.dictionaries(st.one_of(st.sampled_from(ARG_NAMES), st.text(max_size=6)), arg_values, max_size=6)
 
 
@@ -343,6 +343,7 @@ def exact_shapes(method: str, T: int, args: dict, filled: int) -> list[list[int]
         "qkv": [[T, HIDDEN]],
         "gate_up": [[T, HIDDEN]],
         "down": [[T, INTER]],
+        "o_proj": [[T, HEADS * HEAD_DIM]],
         "lm_head": [[T, HIDDEN]],
         "linear": [[T, HIDDEN]],
         "batch_linear": [[T, HIDDEN]],
@@ -377,11 +378,12 @@ def valid_args(method: str):
             "open_session": {"capacity": st.integers(1, 64)},
             "linear": {"layer": layer, "name": st.sampled_from(WEIGHT_NAMES)},
             "batch_linear": {"layer": layer, "names": st.lists(st.sampled_from(WEIGHT_NAMES), min_size=1, max_size=8)},
-            "qkv": {"layer": layer, "pos": pos},
+            "qkv": {"layer": layer, "pos": pos, "values": st.booleans()},
             "scores": {"layer": layer, "pos": pos, "tile": tile},
             "attn_out": {"layer": layer, "pos": pos, "tile": tile},
             "gate_up": {"layer": layer},
             "down": {"layer": layer},
+            "o_proj": {"layer": layer},
         }.get(method, {})
     )
 

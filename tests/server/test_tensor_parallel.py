@@ -136,6 +136,22 @@ def test_logits_equal_transformers(sharded, name):
     assert max(tee.ops.checker.margin.values()) < 0.5  # the assembled results sit as deep inside the tolerance
 
 
+@pytest.mark.parametrize("attention", ["tee", "decode"])
+@pytest.mark.parametrize("name", ["gqa", "bias"])
+def test_attention_in_the_tee_on_a_sharded_server(sharded, name, attention):
+    """qkv's values gathered from the ranks' kv heads, o_proj summed over them: the logits stay transformers'."""
+    path, reference, server = sharded(name)
+    ids = token_ids(37, vocab=CONFIGS[name].get("vocab_size", 200), seed=37)
+    with Client(server.endpoint, timeout_s=60, alive=server.exit_reason) as client:
+        tee = tee_model(path, client.call, attention=attention)
+        attach(tee)
+        tee.ops.open_session(ids.shape[0])
+        logits = torch.cat([tee.forward(ids[:30]), tee.forward(ids[30:31], pos=30), tee.forward(ids[31:], pos=31)])
+        tee.ops.close_session()
+    torch.testing.assert_close(logits, reference_logits(reference, ids), atol=ATOL, rtol=0)
+    assert tee.ops.checker.checks["o_proj"] > 0 and max(tee.ops.checker.margin.values()) < 0.5
+
+
 def test_init_reply_is_the_unsharded_servers(sharded):
     path, _, server = sharded("gqa")
     with Client(server.endpoint, timeout_s=30) as client:

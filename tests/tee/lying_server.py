@@ -1,7 +1,7 @@
 """A lying server for the verification tests: an Engine that tampers with one op's results or its KV cache.
 
-`Tamper(op, part, kind)` names what to corrupt: the op (embedding, qkv, scores, attn_out, gate_up, down,
-lm_head), the part of a fused result (q or k of qkv, gate or up of gate_up), and how:
+`Tamper(op, part, kind)` names what to corrupt: the op (embedding, qkv, scores, attn_out, o_proj, gate_up,
+down, lm_head), the part of a fused result (q, k or v of qkv, gate or up of gate_up), and how:
 
     flip     negate the element of largest magnitude
     delta    add the result's largest magnitude to one element
@@ -114,6 +114,8 @@ class LyingEngine(Engine):
     def _part(self, plan: Tamper, results: list[torch.Tensor]) -> torch.Tensor:
         """The result, or its part (of the fused layout or of one tensor per part)."""
         c = self.config
+        if plan.op == "qkv" and plan.part == "v":
+            return results[1]  # [q | k], then v when asked for (attention in the TEE)
         widths = {
             "qkv": {"q": c.q_dim, "k": c.kv_dim},
             "gate_up": {"gate": c.intermediate_size, "up": c.intermediate_size},
@@ -121,7 +123,7 @@ class LyingEngine(Engine):
         if widths is None:
             return results[0]
         names = list(widths)
-        if len(results) == len(names):
+        if len(results) == len(names) and plan.op != "qkv":
             return results[names.index(plan.part)]
         start = sum(widths[n] for n in names[: names.index(plan.part)])
         return results[0][:, start : start + widths[plan.part]]

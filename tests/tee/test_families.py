@@ -3,7 +3,8 @@
 Each tiny checkpoint of support.FAMILY_MODELS (tied and untied, GQA and MQA, Qwen2's biases, Qwen3's and
 Gemma 3's q/k norms, sliding windows of 8 and 16 keys with prompts past them, Gemma 3's two layer kinds)
 must give transformers' logits at every position within 1e-4 (float32) and its greedy tokens for 32 new
-tokens, in plain mode and in private mode, every product verified.
+tokens, in plain mode (attention on the server, or in the TEE: `--attention tee`) and in private mode,
+every product verified.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tsqp.tee.remote import InProcess
 
 ATOL = 1e-4
 NEW_TOKENS = 32
-MODES = ["plain", "private"]
+MODES = ["plain", "tee", "private"]  # tee: the plain split with attention in the TEE
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,10 @@ def family_model(checkpoints):
 
 
 def attached(path, mode: str, pads_dir):
-    """A verified TeeModel over an in-process engine, plain or private."""
+    """A verified TeeModel over an in-process engine, plain (attention on either side) or private."""
     private = PrivateOptions(pads_dir=pads_dir) if mode == "private" else None
-    tee = tee_model(path, InProcess(Engine(str(path))), private=private)
+    attention = "tee" if mode == "tee" else None
+    tee = tee_model(path, InProcess(Engine(str(path))), private=private, attention=attention)
     attach(tee)
     return tee
 
@@ -48,6 +50,10 @@ def attached(path, mode: str, pads_dir):
 def checked_everything(tee, mode: str) -> bool:
     if mode == "private":
         return tee.ops.checked.checks > 0 and max(tee.ops.checked.margin.values()) < 0.5
+    if mode == "tee":  # no scores or attn_out crossed: v and o_proj checked as linears
+        checks = set(tee.ops.checker.checks)
+        crossed = {"qkv", "o_proj", "gate_up", "down", "lm_head"} <= checks and not {"scores", "attn_out"} & checks
+        return crossed and max(tee.ops.checker.margin.values()) < 0.5
     return {"qkv", "scores", "attn_out", "gate_up", "down", "lm_head"} <= set(tee.ops.checker.checks)
 
 

@@ -15,6 +15,7 @@ from support import FEATURES
 
 from tsqp.errors import IntegrityError, ServerError, TsqpError
 from tsqp.server.engine import Engine
+from tsqp.tee.attention import TeeAttention
 from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
@@ -115,15 +116,16 @@ def test_a_lying_server_is_caught_on_a_masked_product(tiny_model, tmp_path):
         tee.forward(token_ids(8))
 
 
-def test_attention_runs_only_where_the_protocol_keeps_v(tiny_model, tmp_path):
-    """The composer refuses what the server cannot serve: the plain protocol keeps v on the server, the
-    masked one hands it to the TEE. Nothing is sent to find out."""
+def test_attention_runs_only_where_the_mode_allows(tiny_model, tmp_path):
+    """The composer refuses what the mode cannot serve: private mode never shows the server q, k or v, so its
+    attention is the TEE's; the plain split may run it on either side. Nothing is sent to find out."""
     engine = Engine(str(tiny_model))
-    with pytest.raises(TsqpError, match="attention on the tee side"):
-        tee_model(tiny_model, InProcess(engine), attention="tee")
-    with pytest.raises(TsqpError, match="attention on the server side"):
+    with pytest.raises(TsqpError, match="private mode runs attention in the TEE"):
         tee_model(tiny_model, InProcess(engine), attention="server", private=PrivateOptions(pads_dir=tmp_path))
+    with pytest.raises(TsqpError, match="--attention must be one of"):
+        tee_model(tiny_model, InProcess(engine), attention="gpu")
     assert tee_model(tiny_model, InProcess(engine), attention="server").ops.attention.pipeline == "auto"
+    assert isinstance(tee_model(tiny_model, InProcess(engine), attention="tee").ops.attention, TeeAttention)
 
 
 def test_masked_products_cross_in_float64_and_no_token_id_crosses(tiny_model, tmp_path):

@@ -26,7 +26,7 @@ def decode_figures(generation: Generation, prompt_tokens: int, reference: dict |
     for col in ("run", "first token s", "tokens/s", "ms/token", "RPCs/token", "bytes/token"):
         table.add_column(col, justify="left" if col == "run" else "right")
     table.add_row(
-        "split (TSQP, KV cache on the server)",
+        "split (TSQP)",
         f"{figures['ttft_s']:.3f}",
         f"{figures['decode_tokens_per_s']:.1f}",
         f"{figures['ms_per_token']:.2f}",

@@ -141,8 +141,10 @@ class Replayer:
 def open_replayed(options: RunOptions, stats: Stats, recording: Recording) -> Iterator[TeeModel]:
     """A TeeModel in options' (plain) modes over a `Replayer` of recording (no server), attached as
     `open_model` attaches one: the recorded run's first replies are the server's init."""
+    attention = None if options.attention == "auto" else options.attention
+    replayer = Replayer(recording, stats)
     tee = tee_model(
-        options.model_dir, Replayer(recording, stats), stats, verify=options.verify, pipeline=options.pipeline
+        options.model_dir, replayer, stats, verify=options.verify, pipeline=options.pipeline, attention=attention
     )
     attach(tee)
     yield tee

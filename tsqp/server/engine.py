@@ -51,7 +51,8 @@ from tsqp.wire.protocol import (
     Message,
 )
 
-BATCHED = ("qkv", "attn_out", "gate_up", "down", "lm_head", "masked_linear")  # several clients' rows, one product
+# several clients' rows, one product
+BATCHED = ("qkv", "attn_out", "o_proj", "gate_up", "down", "lm_head", "masked_linear")
 PRIVATE_ONLY_METHODS = ("init", "ping", "attach_arena", "echo", "masked_linear", "pad")  # no sessions: no KV cache
 
 Item = tuple[bytes, Message, Alloc | None]  # (peer, request, reply slot allocator or None)

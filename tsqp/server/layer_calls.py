@@ -4,12 +4,14 @@ Each `op_` validates a request (the Engine's helpers) and reserves what its step
 resolves it into a Call; each `step_` runs the calls that share it on this rank's share (sharded.py).
 Per-layer flow, as the TEE's forward pass calls it (DESIGN.md):
 
-    qkv       x (T, hidden) -> [q | k] to the TEE for RoPE; v cached at [pos, pos+T)
+    qkv       x (T, hidden) -> [q | k] to the TEE for RoPE; v cached at [pos, pos+T) (and, with args.values,
+              returned too: the TEE attends over its own cache, o_proj then a `linear` call)
     scores    q, k post-RoPE -> q k^T / sqrt(hd) packed by query tiles; k cached; the TEE runs the softmax
     attn_out  probs -> o_proj(probs @ V)
 
 scores and attn_out take an optional `window` (a sliding-window layer, as the TEE's family declares it):
 each tile then scores and reads only the keys and values inside its rows' windows (protocol.query_tiles).
+    o_proj    attention's output (T, q_dim) -> o_proj, when the TEE attends over its own cache (qkv's values)
     gate_up   x -> [gate | up]; the TEE runs SiLU(gate) * up
     down      -> down_proj
 
@@ -70,15 +72,23 @@ class LayerCalls:
     # -- each layer's calls ----------------------------------------------------------------
 
     def op_qkv(self, session: Session, args, x) -> Call:
-        """x (T, hidden) -> [q | k] (T, q_dim + kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T)."""
+        """x (T, hidden) -> [q | k] (T, q_dim + kv_dim) to the TEE for RoPE; v is cached at [pos, pos+T).
+
+        args.values (optional, a bool): v (T, kv_dim) in the server dtype as a second result, for a TEE that
+        attends over its own cache (the server caches it all the same: a later call may score with it)."""
         layer, pos = self._layer_pos(session, args)
+        values = args.get("values", False)
+        if not isinstance(values, bool):
+            raise ProtocolError(f"argument 'values' must be true or false, got {values!r}")
         x = self._activation(x, self.config.hidden_size)
         self._check_room(session, pos, x.shape[0])
         c = self.config
-        # q and k in the server dtype; v, and x cast for it, in float32
-        self.budget.reserve_rows(x.shape[0], c.q_dim + c.kv_dim, self.dtype, "qkv", x)
+        # q and k (and v returned) in the server dtype; v, and x cast for it, in float32
+        self.budget.reserve_rows(x.shape[0], c.q_dim + c.kv_dim + values * c.kv_dim, self.dtype, "qkv", x)
         self.budget.reserve_rows(x.shape[0], c.kv_dim + c.hidden_size, VALUE_DTYPE, "qkv")
-        return Call("qkv", {"session": session.id, "layer": layer, "pos": pos}, (x,))
+        if values:  # the TEE keeps the keys and attends: no scores call will mark these positions cached
+            session.filled[layer] = pos + x.shape[0]
+        return Call("qkv", {"session": session.id, "layer": layer, "pos": pos, "values": values}, (x,))
 
     def step_qkv(self, calls):
         c, kv = self.config, len(self.shard.kv_heads)
@@ -88,7 +98,12 @@ class LayerCalls:
             session, layer, pos = self._where(call.args)
             T = values.shape[0]
             session.values[layer, :, pos : pos + T] = values.view(T, kv, c.head_dim).transpose(0, 1)
-        return split(self.linears.columns(x, weights.qk, weights.qk_bias, "qk"), calls)
+        qk = split(self.linears.columns(x, weights.qk, weights.qk_bias, "qk"), calls)
+        wanted = [call.args.get("values", False) for call in calls]
+        if not any(wanted):
+            return qk
+        returned = split(self.linears.assemble(v.to(self.dtype), "kv"), calls)  # after qk: its arena slot is next
+        return [q + v if want else q for q, v, want in zip(qk, returned, wanted, strict=True)]
 
     def op_scores(self, session: Session, args, q, k) -> Call:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE -> scores q k^T / sqrt(hd), packed by query tiles.
@@ -193,6 +208,21 @@ class LayerCalls:
         if args.get("window") is None:
             return None
         return int_arg(args, "window", 1, self.config.max_position_embeddings)
+
+    def op_o_proj(self, session: Session, args, x) -> Call:
+        """x (T, q_dim), attention computed in the TEE -> o_proj(x) (T, hidden), on the value path like
+        attn_out's (a float32 product, rounded to the server dtype once)."""
+        c = self.config
+        layer = int_arg(args, "layer", 0, c.num_layers - 1)
+        x = self._activation(x, c.q_dim)
+        self.budget.reserve_rows(x.shape[0], c.hidden_size, self.dtype, "o_proj", x)
+        self.budget.reserve_rows(x.shape[0], c.q_dim + c.hidden_size, VALUE_DTYPE, "o_proj")
+        return Call("o_proj", {"layer": layer}, (x,))
+
+    def step_o_proj(self, calls):
+        weights = self.layers[calls[0].args["layer"]]
+        x = stacked(calls).to(VALUE_DTYPE)
+        return split(self.linears.linear(x, weights.o, weights.o_bias, "o"), calls)
 
     def op_gate_up(self, session: Session, args, x) -> Call:
         layer = int_arg(args, "layer", 0, self.config.num_layers - 1)

@@ -182,10 +182,19 @@ class Linears:
         if self.ranks.world == 1:
             return linear_into(self.out((T, width), dtype), x, weight, bias)
         local = linear_into(torch.empty((T, weight.shape[0]), dtype=dtype, device=self.device), x, weight, bias)
+        return self.assemble(local, kind)
+
+    def assemble(self, local: torch.Tensor, kind: str) -> torch.Tensor | None:
+        """This rank's columns (T, its share of `kind`, Shard.columns) of a result gathered to rank 0 and
+        placed into the (T, out) result there (on one rank: copied to where results go); None on the others."""
+        width, _ = self.shard.columns(kind)
+        if self.ranks.world == 1:
+            return self.out((local.shape[0], width), local.dtype).copy_(local)
         parts = self.ranks.gather(local)
         if parts is None:
             return None
-        return assemble_columns(self.out((T, width), dtype), parts, [r.columns(kind)[1] for r in self.shards])
+        out = self.out((local.shape[0], width), local.dtype)
+        return assemble_columns(out, parts, [r.columns(kind)[1] for r in self.shards])
 
     def rows(self, x, weight, bias, width: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """sum over ranks of x_r W_r^T, + b: x (T, this rank's inputs), W_r the matching columns of W (o_proj,

@@ -34,6 +34,10 @@ class KVCache:
         self.values[layer, :, pos : pos + T] = v.transpose(0, 1)
         self.filled[layer] = pos + T
 
+    def put_keys(self, layer: int, pos: int, k: torch.Tensor) -> None:
+        """k (T, kv_heads, head_dim) post-RoPE at positions [pos, pos + T), attended elsewhere (on the server)."""
+        self.keys[layer, :, pos : pos + k.shape[0]] = k.transpose(0, 1)
+
     def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> softmax(q K^T / sqrt(hd)) V
         over keys [0, pos + T), causal, as (T, heads * hd) head-major like o_proj's input. window: the
@@ -42,7 +46,7 @@ class KVCache:
         end = pos + T
         if end > self.filled[layer]:
             raise TsqpError(f"attention of layer {layer} at positions up to {end} before their values")
-        self.keys[layer, :, pos:end] = k.transpose(0, 1)
+        self.put_keys(layer, pos, k)
         start = 0 if window is None else max(0, pos + 1 - window)
         # 4-d (batch 1): with 3-d inputs torch's CPU attention falls back to its unfused path, 4.6 times
         # slower here (1024 tokens, 32 heads: 740 against 160 ms)
@@ -63,9 +67,17 @@ class TeeAttention:
     """Attention in the TEE (`ops.Attention`): the session's KVCache here, o_proj through the linear seam.
 
     The values come with qkv (`put_values`), so the ops that use it are those whose qkv returns v: a linear
-    seam's fused qkv (private.LinearOps), never the server's plain qkv, which caches v itself."""
+    seam's fused qkv (private.LinearOps), or the plain split's qkv asked for them (remote.RemoteOps, o_proj
+    then the server call remote.OProj): one round trip a layer less than the server's scores and attn_out."""
 
     pipelined = False  # nothing crosses between the two products
+    keeps_values = True
+
+    def init(self, info: dict) -> None:
+        """The server's description: nothing here depends on it."""
+
+    def attends_here(self, pos: int, T: int) -> bool:
+        return True
 
     def __init__(self, config: ModelConfig, o_proj, stats: Stats):
         """o_proj: (layer, out (T, q_dim)) -> out W_o^T + b_o (T, hidden), through the linear seam."""
@@ -83,7 +95,7 @@ class TeeAttention:
     def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
         """v (T, kv_dim) from qkv at positions [pos, pos + T)."""
         if self.cache is None:
-            raise TsqpError("private mode: open a session before the per-layer calls")
+            raise TsqpError("open a session before the per-layer calls")
         self.cache.put_values(layer, pos, v.reshape(-1, self.config.num_kv_heads, self.config.head_dim))
 
     def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:

@@ -49,6 +49,12 @@ class StepCheck:
         """A chunk's scores were asked for q (T, heads, hd), k (T, kv, hd) as sent, in tiles of `tile` rows."""
         return NO_CHUNK_CHECK
 
+    def values(self, layer: int, pos: int, x: torch.Tensor, v: torch.Tensor) -> None:
+        """v (T, kv_dim) from qkv (x as sent), for attention in the TEE."""
+
+    def o_proj(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x (T, q_dim): the TEE's attention output as sent; y (T, hidden)."""
+
     def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None: ...
 
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
@@ -81,5 +87,6 @@ class Unchecked:
     def close_session(self) -> None: ...
 
     def begin_step(self, pos: int, T: int, attention) -> StepCheck:
-        """The hooks of a step's calls up to lm_head. attention: the step's ServerAttention (its chunks)."""
+        """The hooks of a step's calls up to lm_head. attention: the step's `ops.Attention` (where it runs, its
+        chunks)."""
         return NO_STEP_CHECK

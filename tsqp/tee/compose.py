@@ -2,6 +2,9 @@
 
     plain, verified     RemoteOps(Calls(link, Verifier), ServerAttention)
     plain, unverified   RemoteOps(Calls(link, Unchecked), ServerAttention)
+    plain, --attention tee   RemoteOps(Calls(...), TeeAttention(o_proj: OProj(calls))): qkv returns v
+    plain, --attention decode   RemoteOps(Calls(...), DecodeAttention(ServerAttention, TeeAttention)): a
+                        fresh prompt's prefill attends on the server, every later step in the TEE
     private             PrivateOps: Masked(Checked(Remote)) linears (Masked(Remote) unverified), TeeAttention,
                         pads from the pool or from a helper (PrivateOptions.helper)
 
@@ -18,16 +21,18 @@ from pathlib import Path
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
+from tsqp.tee.attention import TeeAttention
 from tsqp.tee.checks import Unchecked
+from tsqp.tee.decode_attention import DecodeAttention
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.linear import Local, Recording
 from tsqp.tee.ops import Call, Link, Ops
 from tsqp.tee.private import LinearOps, PrivateOps, PrivateOptions, calibration_ids
-from tsqp.tee.remote import Calls, RemoteOps, link_of
+from tsqp.tee.remote import Calls, OProj, RemoteOps, link_of
 from tsqp.tee.server_attention import ServerAttention
 from tsqp.tee.verify import Verifier
 
-ATTENTION = ("server", "tee")  # where attention runs: ServerAttention, TeeAttention
+ATTENTION = ("server", "tee", "decode")  # where attention runs: ServerAttention, TeeAttention, DecodeAttention
 
 
 def build_ops(
@@ -43,18 +48,21 @@ def build_ops(
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
     the server reports a GPU device): see server_attention.py. private: private mode's options; None: the
-    plain split. attention: server or tee; by default where the mode runs it (the only place it can)."""
+    plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
+    split's (private mode's is always in the TEE); by default where the mode runs it."""
     attention = attention or ("tee" if private is not None else "server")
-    if attention not in ATTENTION or (attention == "tee") != (private is not None):
-        raise TsqpError(
-            f"attention on the {attention} side is not served in this mode: the plain protocol keeps v on the "
-            "server (attention there), private mode's masked qkv returns it to the TEE (attention here)"
-        )
+    if attention not in ATTENTION:
+        raise TsqpError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
+    if attention == "server" and private is not None:
+        raise TsqpError("private mode runs attention in the TEE: the server never sees q, k or v")
     link = link_of(call)
     if private is not None:
         return PrivateOps(link, checkpoint, private, stats, verify=verify)
     calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
-    return RemoteOps(calls, ServerAttention(calls, pipeline))
+    if attention == "server":
+        return RemoteOps(calls, ServerAttention(calls, pipeline))
+    here = TeeAttention(checkpoint.config, OProj(calls), stats)
+    return RemoteOps(calls, here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here))
 
 
 def tee_model(model: str | Path | Checkpoint, call: Link | Call, stats: Stats | None = None, **modes) -> TeeModel:

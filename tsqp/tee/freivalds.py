@@ -134,6 +134,7 @@ class LinearKey:
 class LayerKeys:
     q: LinearKey
     k: LinearKey
+    v: LinearKey  # v_proj alone: attention in the TEE receives v (plain mode folds it into attn_out's check)
     o: LinearKey  # w = W_o^T s_o (q_dim, K); head h's rows are u_h
     gate: LinearKey
     up: LinearKey
@@ -209,6 +210,7 @@ def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Gener
     outs = {
         "q_proj": c.q_dim,
         "k_proj": c.kv_dim,
+        "v_proj": c.kv_dim,
         "o_proj": c.hidden_size,
         "gate_proj": c.intermediate_size,
         "up_proj": c.intermediate_size,
@@ -243,6 +245,7 @@ def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Gener
     attention = {}
     for name, tensor in checkpoint.tensors(v_names):
         layer = where[name][0]
+        keys[layer]["v_proj"] = project(tensor, secret[layer]["v_proj"], wire)
         attention[layer] = _layer_keys(c, keys[layer], biases, layer, tensor, wire)
     return ModelKeys(embed_s, embed_e, head, [attention[layer] for layer in range(c.num_layers)])
 
@@ -261,6 +264,7 @@ def _layer_keys(
     return LayerKeys(
         q=keys["q_proj"],
         k=keys["k_proj"],
+        v=keys["v_proj"],
         o=keys["o_proj"],
         gate=keys["gate_proj"],
         up=keys["up_proj"],

@@ -4,13 +4,16 @@
 Its compositions (compose.py builds them from the options):
 
     plain split     remote.RemoteOps(Calls(link, checker), ServerAttention)   the plain protocol
+                    remote.RemoteOps(Calls(...), TeeAttention(o_proj: OProj))  --attention tee (or decode:
+                    decode_attention.DecodeAttention over both)
     private         private.PrivateOps: Masked(Checked(Remote)) linears, TeeAttention, the TEE's embedding
     calibration     private.LinearOps: Recording(Local) linears, TeeAttention (the TEE alone)
 
 `Attention` is where attention runs: `server_attention.ServerAttention` (the server scores and applies
 the values, the TEE runs the softmax between) or `attention.TeeAttention` (the TEE's own KV cache, o_proj
-through the linear seam). The checker handed to `RemoteOps` (none, immediate, or at the end of a decode
-step) is checks.py's. `Link` is what carries requests: a `wire.client.Client` or `remote.Synchronous`.
+through the linear seam or the plain split's o_proj call). The checker handed to `RemoteOps` (none,
+immediate, or at the end of a decode step) is checks.py's. `Link` is what carries requests: a
+`wire.client.Client` or `remote.Synchronous`.
 """
 
 from __future__ import annotations

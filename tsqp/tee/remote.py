@@ -6,8 +6,9 @@ several requests in flight, or `Synchronous` over a plain call function such as 
 results are converted to float32 copies owned by the TEE before any math touches them.
 
 `RemoteOps` is the plain split behind the `ops.Ops` interface: embedding, qkv (the server caches v),
-gate_up, down and lm_head are calls; `attention` is its own seam (server_attention.py); every result passes
-through the checker's hooks (checks.py) with what was sent.
+gate_up, down and lm_head are calls; `attention` is its own seam (server_attention.py, or attention.py's
+TeeAttention: qkv returns v and o_proj is the call `OProj`); every result passes through the checker's
+hooks (checks.py) with what was sent.
 """
 
 from __future__ import annotations
@@ -177,6 +178,22 @@ class Calls:
         return self.collect(self.submit(method, args, inputs, shapes, session))
 
 
+class OProj:
+    """o_proj as a server call, for attention in the TEE (`attention.TeeAttention`'s o_proj): its input is the
+    TEE's attention output (what the plain split shows the server anyway: the server holds q, k and v)."""
+
+    def __init__(self, calls: Calls):
+        self.calls = calls
+
+    def __call__(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """out (T, q_dim) -> out W_o^T + b_o (T, hidden), checked."""
+        calls = self.calls
+        sent = out.to(calls.wire)
+        (y,) = calls.run("o_proj", {"layer": layer}, [sent], [(out.shape[0], calls.config.hidden_size)])
+        calls.step.o_proj(layer, sent, y)
+        return y
+
+
 class RemoteOps:
     """The plain split (`ops.Ops`): every product on the server, attention where `attention` runs it."""
 
@@ -241,12 +258,20 @@ class RemoteOps:
         return rows
 
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v."""
-        calls, c = self.calls, self.config
+        """h (T, hidden) -> q (T, q_dim), k (T, kv_dim); the server caches v, and returns it too when the
+        attention keeps values (`attention.TeeAttention`: its own cache)."""
+        calls, c, T = self.calls, self.config, h.shape[0]
         sent = calls.to_wire(h)
-        (qk,) = calls.run("qkv", {"layer": layer, "pos": pos}, [sent], [(h.shape[0], c.q_dim + c.kv_dim)])
+        if not self.attention.keeps_values:
+            (qk,) = calls.run("qkv", {"layer": layer, "pos": pos}, [sent], [(T, c.q_dim + c.kv_dim)])
+        else:
+            args = {"layer": layer, "pos": pos, "values": True}
+            qk, v = calls.run("qkv", args, [sent], [(T, c.q_dim + c.kv_dim), (T, c.kv_dim)])
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         calls.step.qkv(layer, pos, sent, q, k)
+        if self.attention.keeps_values:
+            calls.step.values(layer, pos, sent, v)
+            self.attention.put_values(layer, pos, v)
         return q, k
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

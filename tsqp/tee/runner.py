@@ -88,6 +88,7 @@ def open_model(
             verify=options.verify,
             pipeline=options.pipeline,
             private=private,
+            attention=None if options.attention == "auto" else options.attention,
         )
         if private is not None:
             stack.callback(tee.ops.close)

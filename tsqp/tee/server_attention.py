@@ -28,6 +28,8 @@ PIPELINE_MODES = ("auto", "on", "off")
 
 
 class ServerAttention:
+    keeps_values = False  # the server caches v (qkv returns q and k only)
+
     def __init__(self, calls: Calls, pipeline: str = "auto", tile: int = DEFAULT_QUERY_TILE):
         """pipeline: on, off, or auto: on when the server reports a device other than the CPU (a CPU server
         on the TEE's host computes on the TEE's cores, where overlapping the two only makes them compete)."""
@@ -42,6 +44,10 @@ class ServerAttention:
     def init(self, info: dict) -> None:
         if self.pipeline == "auto":
             self.pipelined = not str(info.get("device", "cpu")).startswith("cpu")
+
+    def attends_here(self, pos: int, T: int) -> bool:
+        """Whether the step's attention runs in the TEE: never."""
+        return False
 
     def open_session(self, capacity: int) -> None:
         """The server's session holds the cache."""

@@ -41,13 +41,16 @@ from tsqp.wire.protocol import Tile
 K = VECTORS
 LINEAR = ("q", "k", "gate", "up", "down")
 ORDER = ("qkv (q)", "qkv (k)", "scores", "attn_out", "gate_up (gate)", "gate_up (up)", "down")  # within a layer
+# attention in the TEE
+ORDER_HERE = ("qkv (q)", "qkv (k)", "qkv (v)", "o_proj", "gate_up (gate)", "gate_up (up)", "down")
 
 
 @dataclass
 class StackedKeys:
     """ModelKeys' layer keys stacked over the layers; each layer's key tensors become views of these."""
 
-    s: dict[str, torch.Tensor]  # kind (q, k, o, gate, up, down) -> (L, out, K)
+    s: dict[str, torch.Tensor]  # kind (q, k, v, o, gate, up, down) -> (L, out, K)
+    w: dict[str, torch.Tensor]  # v, o -> (L, in, K): attention in the TEE checks them as linears
     bias_s: dict[str, torch.Tensor]  # kind -> (L, 1, K)
     omega: dict[str, torch.Tensor]  # kind -> (L, 1, 1)
     frobenius: dict[str, torch.Tensor]
@@ -78,9 +81,10 @@ def stack_keys(keys: ModelKeys) -> StackedKeys:
     def scalars(kind: str, name: str) -> torch.Tensor:
         return torch.tensor([getattr(getattr(layer, kind), name) for layer in layers]).view(-1, 1, 1)
 
-    kinds = ("q", "k", "o", "gate", "up", "down")
+    kinds = ("q", "k", "v", "o", "gate", "up", "down")
     return StackedKeys(
         s={kind: stacked(key(kind), "s") for kind in kinds},
+        w={kind: stacked(key(kind), "w") for kind in ("v", "o")},
         bias_s={kind: torch.stack([getattr(layer, kind).bias_s for layer in layers]).view(-1, 1, K) for kind in kinds},
         omega={kind: scalars(kind, "omega") for kind in kinds},
         frobenius={kind: scalars(kind, "frobenius") for kind in kinds},
@@ -104,12 +108,16 @@ class StepChecks(StepCheck):
     not write them in place (it does not: RoPE, SiLU and the residuals make new tensors; the tests
     compare logits and check counts with call-by-call checking)."""
 
-    def __init__(self, verifier, pos: int, T: int):
+    def __init__(self, verifier, pos: int, T: int, here: bool = False):
+        """here: attention runs in the TEE (qkv's v and o_proj are checked as linears; no scores, no attn_out)."""
         L = verifier.config.num_layers
-        self.verifier, self.pos, self.T = verifier, pos, T
+        self.verifier, self.pos, self.T, self.here = verifier, pos, T, here
         self.state = verifier.session_state()  # the session's attention state, moved on by `settle`
-        self.x = {name: [None] * L for name in ("qkv", "gate_up", "down")}  # the inputs as sent (float32)
-        self.y = {name: [None] * L for name in (*LINEAR, "attn_out")}  # the results (float32 copies)
+        inputs, results = ("qkv", "gate_up", "down", "o_proj"), (*LINEAR, "v", "o")
+        if not here:
+            inputs, results = inputs[:-1], (*LINEAR, "attn_out")
+        self.x = {name: [None] * L for name in inputs}  # the inputs as sent (float32)
+        self.y = {name: [None] * L for name in results}  # the results (float32 copies)
         self.q, self.k = [None] * L, [None] * L  # scores' inputs as sent: (T, heads, hd), (T, kv, hd)
         self.scores_s = [None] * L  # each score tile times r: (heads, T, K)
         self.score_norms = [None] * L  # the tiles' row norms (heads, T, 1), where they are measured
@@ -131,6 +139,15 @@ class StepChecks(StepCheck):
     def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         self.state.expect_qkv_at(layer, pos)
         self.x["qkv"][layer], self.y["q"][layer], self.y["k"][layer] = self._expect(pos, x), q, k
+
+    def values(self, layer: int, pos: int, x: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.here:  # a step that attends on the server, the TEE keeping v for later ones (DecodeAttention)
+            self.verifier.immediate.values(layer, pos, x, v)
+            return
+        self.y["v"][layer] = v  # x is qkv's, kept by `qkv`
+
+    def o_proj(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x["o_proj"][layer], self.y["o"][layer] = self._expect(None, x), y
 
     def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
         self.x["gate_up"][layer], self.y["gate"][layer], self.y["up"][layer] = self._expect(None, x), gate, up
@@ -169,15 +186,11 @@ class StepChecks(StepCheck):
         The attention state moves on to the step's positions only when all pass."""
         v, c = self.verifier, self.verifier.config
         # `is None`, not `None in`: that compares None with every tensor by Tensor.__eq__ (0.74 ms a list of 22)
-        missing = [
-            name
-            for name, per_layer in {**self.x, **self.y, "probs": self.probs}.items()
-            if any(t is None for t in per_layer)
-        ]
+        gathered = {**self.x, **self.y} if self.here else {**self.x, **self.y, "probs": self.probs}
+        missing = [name for name, per_layer in gathered.items() if any(t is None for t in per_layer)]
         if missing:
             raise TsqpError(f"verified mode: the step at position {self.pos} ended without {', '.join(missing)}")
-        keys, state, T, pos = v.stacked, self.state, self.T, self.pos
-        L, heads, kv, group, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
+        keys = v.stacked
         checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # op -> lhs, rhs, bound
 
         x = torch.stack(self.x["qkv"])  # (L, T, hidden)
@@ -185,6 +198,11 @@ class StepChecks(StepCheck):
         proj = x @ keys.qkv_proj  # (L, T, 2K + heads K)
         checks["qkv (q)"] = self._linear("q", proj[..., :K], x_norm, c.hidden_size)
         checks["qkv (k)"] = self._linear("k", proj[..., K : 2 * K], x_norm, c.hidden_size)
+        if self.here:
+            checks["qkv (v)"] = self._linear("v", x @ keys.w["v"], x_norm, c.hidden_size)
+            o_x = torch.stack(self.x["o_proj"])  # (L, T, q_dim): the TEE's attention output as sent
+            o_norm = torch.linalg.vector_norm(o_x, dim=2, keepdim=True)
+            checks["o_proj"] = self._linear("o", o_x @ keys.w["o"], o_norm, c.q_dim)
         mlp_x = torch.stack(self.x["gate_up"])
         mlp_norm, mlp_proj = torch.linalg.vector_norm(mlp_x, dim=2, keepdim=True), mlp_x @ keys.mlp_proj
         checks["gate_up (gate)"] = self._linear("gate", mlp_proj[..., :K], mlp_norm, c.hidden_size)
@@ -192,6 +210,18 @@ class StepChecks(StepCheck):
         down_x = torch.stack(self.x["down"])
         down_norm = torch.linalg.vector_norm(down_x, dim=2, keepdim=True)
         checks["down"] = self._linear("down", down_x @ keys.down_w, down_norm, c.intermediate_size)
+        if self.here:  # nothing of attention crossed: the state's sums of keys and values stay unused
+            self._compare({op: checks[op] for op in ORDER_HERE})
+            self.state.c_filled[:] = [self.pos + self.T] * c.num_layers
+            return
+        self._attention(checks, proj, x_norm)
+
+    def _attention(self, checks: dict, proj: torch.Tensor, x_norm: torch.Tensor) -> None:
+        """The scores' and attn_out's checks added to the linears' (checks), all compared; the attention state
+        moved on when they pass. proj: qkv's inputs times [w_q | w_k | z] (L, T, 2K + heads K)."""
+        v, state, T, pos = self.verifier, self.state, self.T, self.pos
+        c, keys = v.config, v.stacked
+        L, heads, kv, group, hd = c.num_layers, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
 
         # scores: S r == q (K^T r) / sqrt(hd), K^T r the running sum with this step's keys added
         keys_seen, scale = pos + T, 1.0 / math.sqrt(hd)
@@ -231,7 +261,7 @@ class StepChecks(StepCheck):
         bound = rounding * y_norm + magnitude
         checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
 
-        self._compare(checks)
+        self._compare({op: checks[op] for op in ORDER})
         state.c[..., pos : pos + T] = fold
         state.kr.copy_(kr)
         state.k_sq.copy_(k_sq)
@@ -271,18 +301,18 @@ class StepChecks(StepCheck):
         """verify.Verifier.check for all of them: one ratio per op and layer, read in one go."""
         v = self.verifier
         worst = []
-        for op in ORDER:
+        for op in checks:
             lhs, rhs, bound = checks[op]
             worst.append(ratios(lhs, rhs, bound).flatten(1).amax(1))  # (L,): NaN stays NaN
         worst = torch.stack(worst).T.tolist()  # (L, ops)
         for layer, layer_worst in enumerate(worst):
-            for op, ratio in zip(ORDER, layer_worst, strict=True):
+            for op, ratio in zip(checks, layer_worst, strict=True):
                 if not ratio <= 1.0:
                     lhs, rhs, bound = checks[op]
                     v.check(op, layer, lhs[layer], rhs[layer], bound[layer])  # raises, naming what failed
                     v.failure = f"integrity check failed: the server's {op} of layer {layer} result is wrong"
                     raise IntegrityError(v.failure)
-        for i, op in enumerate(ORDER):
+        for i, op in enumerate(checks):
             v.margin[op] = max(v.margin.get(op, 0.0), max(layer_worst[i] for layer_worst in worst))
             v.checks[op.split(" ")[0]] += len(worst)
             v.comparisons += checks[op][0].numel()

@@ -14,7 +14,7 @@ product itself. The server never sees s.
     qkv         q (T, q_dim), k (T, kv_dim)   q s_q == x w_q + b_q s_q, same for k
     scores      tile (heads, rows, keys)      S r[first:end] == q (K^T r) / sqrt(hd)
     attn_out    y = o_proj(P V) (T, hidden)   y s_o == sum_h P_h c_h + b_o s_o
-    gate_up, down, lm_head                    like qkv
+    gate_up, down, lm_head                    like qkv (and, attention in the TEE, v_proj and o_proj)
 
 scores: r is a secret value per key position, drawn per session; K^T r is a running sum over the
 post-RoPE keys the TEE itself sent, so a server that caches other keys fails the check (a sliding-window
@@ -192,8 +192,9 @@ class Verifier:
         self.usable()
         if T > self.defer_rows or self.state is None:
             return self.immediate
-        tiles, _ = query_tiles(T, pos, self.config.num_heads, attention.tile)
-        if len(tiles) == 1 and len(attention.chunks(T, pos)) == 1:  # (a window changes neither count)
+        if attention.attends_here(pos, T):  # attention in the TEE (its linears only), or one tile in one chunk
+            return StepChecks(self, pos, T, here=True)  # (a window changes neither count)
+        if len(query_tiles(T, pos, self.config.num_heads, attention.tile)[0]) == len(attention.chunks(T, pos)) == 1:
             return StepChecks(self, pos, T)
         return self.immediate
 
@@ -273,17 +274,22 @@ class Immediate(StepCheck):
             v.check_linear("gate_up (gate)", layer, gate, proj[:, :VECTORS], x_norm, keys.gate)
             v.check_linear("gate_up (up)", layer, up, proj[:, VECTORS:], x_norm, keys.up)
 
+    def values(self, layer: int, pos: int, x: torch.Tensor, values: torch.Tensor) -> None:
+        self._linear("qkv (v)", layer, self.verifier.keys.layers[layer].v, x, values)
+
+    def o_proj(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._linear("o_proj", layer, self.verifier.keys.layers[layer].o, x, y)
+
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        v = self.verifier
-        with v.stats.tee("verify"):
-            keys, x = v.keys.layers[layer], x.float()
-            v.check_linear("down", layer, y, times(x, keys.down.w), _row_norm(x), keys.down)
+        self._linear("down", layer, self.verifier.keys.layers[layer].down, x, y)
 
     def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        v = self.verifier
+        self._linear("lm_head", None, self.verifier.keys.head, x, y)
+
+    def _linear(self, op: str, layer: int | None, key: LinearKey, x: torch.Tensor, y: torch.Tensor) -> None:
+        v, x = self.verifier, x.float()
         with v.stats.tee("verify"):
-            head, x = v.keys.head, x.float()
-            v.check_linear("lm_head", None, y, times(x, head.w), _row_norm(x), head)
+            v.check_linear(op, layer, y, times(x, key.w), _row_norm(x), key)
 
 
 def _row_norm(x: torch.Tensor) -> torch.Tensor:
