@@ -245,7 +245,7 @@ def build_keys(checkpoint: Checkpoint, wire: torch.dtype, generator: torch.Gener
     attention = {}
     for name, tensor in checkpoint.tensors(v_names):
         layer = where[name][0]
-        keys[layer]["v_proj"] = project(tensor, secret[layer]["v_proj"], wire)
+        keys[layer]["v_proj"] = project(tensor, secret[layer]["v_proj"], wire, buffer)
         attention[layer] = _layer_keys(c, keys[layer], biases, layer, tensor, wire)
     return ModelKeys(embed_s, embed_e, head, [attention[layer] for layer in range(c.num_layers)])
 
