@@ -44,7 +44,7 @@ def run(label: str, tree: str, name: str, model: str, out: Path, round_: int) ->
     command = [sys.executable, "-m", "tsqp", "bench", "--model", model, *COMMON, *CONFIGS[name]]
     command += ["--json", str(path)]
     env = {**os.environ, "PYTHONPATH": tree}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)  # -m puts the cwd first
     if done.returncode != 0:
         print(f"{name} on {label}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
@@ -81,7 +81,7 @@ def show(value) -> str:
 def main() -> None:
     args = arguments()
     trees = [tree.split("=", 1) for tree in args.tree] or [["here", os.getcwd()]]
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only.split(","):
