@@ -39,6 +39,8 @@ OPS = [
     ("down", None),
     ("lm_head", None),
 ]
+PROMPTS = [torch.tensor([3, 17, 42, 7, 99, 150]), torch.tensor([5, 23, 61, 11, 88, 140])]  # distinct ids
+NEXT = torch.tensor([77])
 KINDS = ["flip", "delta", "scale", "swap", "stale", "zeros"]
 
 
@@ -154,3 +156,16 @@ class LyingEngine(Engine):
                     values += values.abs().max() + 1
                     self.tampered += 1
         return results
+
+
+def two_prefills_and_a_step(tee) -> list[torch.Tensor]:
+    """An attached TeeModel's logits for two prefills of the same length in two sessions (so embedding and
+    lm_head have a reply to replay), then one decode step after the second (a past position in the cache)."""
+    outputs = []
+    for i, prompt in enumerate(PROMPTS):
+        tee.ops.open_session(len(prompt) + 1)
+        outputs.append(tee.forward(prompt))
+        if i == 1:
+            outputs.append(tee.forward(NEXT, pos=len(prompt)))
+        tee.ops.close_session()
+    return outputs

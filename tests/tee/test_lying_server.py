@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, run_tsqp, wait_for
-from lying_server import KINDS, OPS, TAMPER_LAYER, CacheTamper, LyingEngine, Tamper
+from lying_server import KINDS, OPS, PROMPTS, TAMPER_LAYER, CacheTamper, LyingEngine, Tamper, two_prefills_and_a_step
 
 from tsqp.errors import IntegrityError
 from tsqp.tee.compose import tee_model
@@ -27,8 +27,6 @@ DTYPES = ["float32", "bfloat16", "float16"]
 PLANS = [Tamper(op, part, kind) for op, part in OPS for kind in KINDS] + [
     CacheTamper(kind, past) for kind in ("k", "v") for past in (False, True)
 ]
-PROMPTS = [torch.tensor([3, 17, 42, 7, 99, 150]), torch.tensor([5, 23, 61, 11, 88, 140])]  # distinct ids
-NEXT = torch.tensor([77])
 SEED = 20240601
 
 
@@ -54,14 +52,7 @@ def run(model: Path, engine: LyingEngine, verify: bool, deferred: bool = True) -
         tee.ops.checker.generator.manual_seed(SEED)
         tee.ops.checker.defer_rows = tee.ops.checker.defer_rows if deferred else 0
     tee.attach()
-    outputs = []
-    for i, prompt in enumerate(PROMPTS):
-        tee.ops.open_session(len(prompt) + 1)
-        outputs.append(tee.forward(prompt))
-        if i == 1:
-            outputs.append(tee.forward(NEXT, pos=len(prompt)))
-        tee.ops.close_session()
-    return outputs
+    return two_prefills_and_a_step(tee)
 
 
 def expected_message(plan) -> str:

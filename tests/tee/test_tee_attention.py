@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import reference_logits, run_tsqp, token_ids
-from lying_server import KINDS, TAMPER_LAYER, LyingEngine, Tamper
+from lying_server import KINDS, TAMPER_LAYER, LyingEngine, Tamper, two_prefills_and_a_step
 
 from tsqp.errors import IntegrityError, ProtocolError, ServerError
 from tsqp.server.engine import Engine
@@ -25,8 +25,6 @@ from tsqp.wire.protocol import Message
 
 PARTS = [("qkv", "q"), ("qkv", "k"), ("qkv", "v"), ("o_proj", None)]
 PLANS = [Tamper(op, part, kind) for op, part in PARTS for kind in KINDS]
-PROMPTS = [torch.tensor([3, 17, 42, 7, 99, 150]), torch.tensor([5, 23, 61, 11, 88, 140])]
-NEXT = torch.tensor([77])
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +49,7 @@ def run(model, engine: LyingEngine, verify: bool, deferred: bool = True, attenti
     if verify and not deferred:
         tee.ops.checker.defer_rows = 0
     tee.attach()
-    outputs = []
-    for i, prompt in enumerate(PROMPTS):
-        tee.ops.open_session(len(prompt) + 1)
-        outputs.append(tee.forward(prompt))
-        if i == 1:
-            outputs.append(tee.forward(NEXT, pos=len(prompt)))
-        tee.ops.close_session()
-    return outputs
+    return two_prefills_and_a_step(tee)
 
 
 @pytest.fixture(scope="module")
