@@ -188,7 +188,7 @@ class OProj:
     def __call__(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """out (T, q_dim) -> out W_o^T + b_o (T, hidden), checked."""
         calls = self.calls
-        sent = out.to(calls.wire)
+        sent = calls.to_wire(out)
         (y,) = calls.run("o_proj", {"layer": layer}, [sent], [(out.shape[0], calls.config.hidden_size)])
         calls.step.o_proj(layer, sent, y)
         return y
