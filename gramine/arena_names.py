@@ -2,7 +2,8 @@
 
 Run by gramine/Makefile as `python arena_names.py ARENA TEE_ARGS` (TEE_ARGS comma-separated, as the
 Makefile takes it). One arena for a single client (`generate`, `logits`...); for `tsqp api`, one per
-slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so). Standalone, without tsqp:
+slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so), and ARENA.{parallel} for the
+batch model of `--slots batched`. Standalone, without tsqp:
 gramine/Makefile runs it with whatever interpreter it is given, and the test keeps DEFAULT_PARALLEL
 equal to `tsqp api`'s own default.
 """
@@ -21,8 +22,9 @@ def arena_files(arena: str, tee_args: str) -> list[str]:
         return [arena]
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
-    parallel = parser.parse_known_args(argv[1:])[0].parallel
-    return [f"{arena}.{k}" for k in range(parallel)]
+    parser.add_argument("--slots", default="threads")
+    known = parser.parse_known_args(argv[1:])[0]
+    return [f"{arena}.{k}" for k in range(known.parallel + (known.slots == "batched"))]
 
 
 if __name__ == "__main__":

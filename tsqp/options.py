@@ -375,10 +375,10 @@ class ApiOptions:
     )
     parallel: int = option("generations at once, each its own server session (default 4)", 4)
     slots: str = option(
-        "where each of the --parallel generations runs: a thread of this process (the default; they share its "
-        "interpreter lock) or a process of its own (slow to start under Gramine)",
+        "where the --parallel generations run: threads of this process (the default; one interpreter lock), "
+        "processes (slow to start under Gramine), or batched: threads whose decode steps run as one",
         "threads",
-        choices=("threads", "processes"),
+        choices=("threads", "processes", "batched"),
     )
     tls: bool = option(
         "serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",

@@ -272,7 +272,7 @@ def metric(api: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.parametrize("slots", ["threads", "processes"])
+@pytest.mark.parametrize("slots", ["threads", "processes", "batched"])
 def test_a_client_gone_mid_stream_frees_its_slot_at_once(tmp_path, slots):
     """One slot: a long stream dropped after a few chunks must not keep the next request waiting."""
     with api_process("--model", "tiny", "--parallel", "1", "--slots", slots) as (url, process, lines):

@@ -45,6 +45,8 @@ class ApiState:
 
     def __post_init__(self):
         self.metrics = Metrics(self.model)
+        if self.slots.batcher is not None:
+            self.metrics.watch_batcher(self.slots.batcher)
         self.executor = ThreadPoolExecutor(max_workers=self.slots.parallel, thread_name_prefix="tsqp-slot")
 
 

@@ -42,6 +42,14 @@ class Metrics:
             "tsqp:e2e_request_latency_seconds", "Request arrival to last token", labels, buckets=E2E_BUCKETS, registry=r
         )
 
+    def watch_batcher(self, batcher) -> None:
+        """`--slots batched`: the batched decode steps run and the rows they held (their mean batch)."""
+        r = self.registry
+        steps = Gauge("tsqp:batched_decode_steps", "Decode steps run as one forward pass (--slots batched)", registry=r)
+        rows = Gauge("tsqp:batched_decode_rows", "Generations' decode steps those passes held", registry=r)
+        steps.set_function(lambda: batcher.steps)
+        rows.set_function(lambda: batcher.rows)
+
     def finished(self, reason: str, prompt_tokens: int, token_times: list[float], arrival: float) -> None:
         """One generation done: token_times are perf_counter stamps of each generated token."""
         m = self.model

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tsqp.api.app import ApiState, build_app
-from tsqp.api.slots import ModelSlots
+from tsqp.api.slots import ModelSlots, batched_options
 from tsqp.api.tls import TlsFiles, ephemeral
 from tsqp.attest.evidence import Evidence, make_claims, report_data
 from tsqp.attest.sources import NoQuotes, QuoteSource, select
@@ -42,6 +42,8 @@ def is_loopback(host: str) -> bool:
 def check_options(options: ApiOptions) -> None:
     if options.parallel < 1:
         raise TsqpError("--parallel must be at least 1")
+    if options.slots == "batched":
+        batched_options(options.run)  # refused before a server starts
     if (options.tls_cert is None) != (options.tls_key is None):
         raise TsqpError("--tls-cert and --tls-key go together")
     tls = options.tls or options.tls_cert is not None
@@ -109,8 +111,8 @@ def run_api(options: ApiOptions, gguf: Path | None = None, source: QuoteSource |
         server = stack.enter_context(start_server(run)) if not run.connect else None
         eos = eos_token_ids(run.model_dir, ModelConfig.from_model_dir(run.model_dir))
         slots = ModelSlots(run, eos, options.parallel, server=server, kind=options.slots)
-        first = slots.start()
         stack.callback(slots.close)
+        first = slots.start()
         state = ApiState(
             model=options.name,
             tokenizer=tokenizer,

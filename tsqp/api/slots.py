@@ -15,19 +15,27 @@ A slot is a thread of this process (`ThreadSlot`, the default) or a process of i
 generations' Python work runs one at a time; processes can run it on every core, but each costs a start
 (slow under Gramine) and its own copy of the keys. On two shared cores, where the server's products and
 the other sessions already take the cores, processes measured no faster (docs/benchmarks.md).
+
+`--slots batched`: threads whose decode steps run together, one forward pass for all of them
+(`BatchedSlot`, api/batcher.py): each prefill on its slot, attention in the TEE (prefills on the server
+by default: `--attention decode`), the batch model on its own link (arena NAME.{parallel}).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from tsqp.api.batcher import DecodeBatcher
 from tsqp.api.slot_process import ClientGone, ProcessSlot
+from tsqp.errors import TsqpError
 from tsqp.model.config import ModelConfig
 from tsqp.options import RunOptions
+from tsqp.tee.compose import ROWS
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
@@ -47,16 +55,37 @@ class ThreadSlot:
         self.config: ModelConfig = self.tee.config
         self.fingerprint: str = self.tee.fingerprint
 
-    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token) -> Generation:
-        """`ProcessSlot.generate`, on this process's model."""
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token, decode=None) -> Generation:
+        """`ProcessSlot.generate`, on this process's model (decode: `generate`'s)."""
         try:
-            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token)
+            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token, decode=decode)
         finally:
             self.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
             self.tee.stats.server_spans.clear()
 
     def close(self) -> None:
         self.stack.close()
+
+
+class BatchedSlot(ThreadSlot):
+    """A thread slot whose decode steps run in the batcher's forward passes, with every other slot's."""
+
+    def __init__(self, options: RunOptions, server, batcher: DecodeBatcher):
+        super().__init__(options, server)
+        self.batcher = batcher
+
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token, decode=None) -> Generation:
+        with self.batcher.generation(lambda: self.tee.ops.attention.cache) as decode:
+            return super().generate(prompt_ids, max_tokens, sampling, eos_ids, on_token, decode)
+
+
+def batched_options(options: RunOptions) -> RunOptions:
+    """A batched slot's options: the plain split with attention in the TEE at least for decoding."""
+    if options.private:
+        raise TsqpError("--slots batched runs the plain split: private mode's slots are threads or processes")
+    if options.attention == "server":
+        raise TsqpError("--slots batched attends in the TEE: use --attention decode (the default there) or tee")
+    return dataclasses.replace(options, attention="decode" if options.attention == "auto" else options.attention)
 
 
 def arena_names(name: str | None, parallel: int) -> list[str | None]:
@@ -67,9 +96,15 @@ def arena_names(name: str | None, parallel: int) -> list[str | None]:
 class ModelSlots:
     def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="threads"):
         """server: the `launcher.ServerProcess` the API started, or None with options.connect set.
-        kind: threads or processes (module docstring)."""
-        self.options = options
+        kind: threads, processes or batched (module docstring)."""
+        self.options = options = batched_options(options) if kind == "batched" else options
         self.slot = ProcessSlot if kind == "processes" else ThreadSlot
+        self.batcher: DecodeBatcher | None = None
+        if kind == "batched":
+            name = options.arena_name and f"{options.arena_name}.{parallel}"  # after the slots' names
+            rows = dataclasses.replace(options, attention=ROWS, arena_name=name)
+            self.batcher = DecodeBatcher(functools.partial(open_model, rows, server=server), parallel)
+            self.slot = functools.partial(BatchedSlot, batcher=self.batcher)
         self.server = server
         self.eos_ids = eos_ids
         self.parallel = parallel
@@ -146,4 +181,6 @@ class ModelSlots:
             try:
                 self._close(self.idle.get_nowait())
             except queue.Empty:
-                return
+                break
+        if self.batcher is not None:
+            self.batcher.close()

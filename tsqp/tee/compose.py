@@ -3,6 +3,8 @@
     plain, verified     RemoteOps(Calls(link, Verifier), ServerAttention)
     plain, unverified   RemoteOps(Calls(link, Unchecked), ServerAttention)
     plain, --attention tee   RemoteOps(Calls(...), TeeAttention(o_proj: OProj(calls))): qkv returns v
+    plain, rows         RemoteOps(Calls(...), RowsAttention(o_proj: OProj(calls))): the API's batched decode
+                        steps, each row attended over its own generation's cache (api/batcher.py)
     plain, --attention decode   RemoteOps(Calls(...), DecodeAttention(ServerAttention, TeeAttention)): a
                         fresh prompt's prefill attends on the server, every later step in the TEE
     private             PrivateOps: Masked(Checked(Remote)) linears (Masked(Remote) unverified), TeeAttention,
@@ -29,10 +31,12 @@ from tsqp.tee.linear import Local, Recording
 from tsqp.tee.ops import Call, Link, Ops
 from tsqp.tee.private import LinearOps, PrivateOps, PrivateOptions, calibration_ids
 from tsqp.tee.remote import Calls, OProj, RemoteOps, link_of
+from tsqp.tee.rows_attention import RowsAttention
 from tsqp.tee.server_attention import ServerAttention
 from tsqp.tee.verify import Verifier
 
 ATTENTION = ("server", "tee", "decode")  # where attention runs: ServerAttention, TeeAttention, DecodeAttention
+ROWS = "rows"  # a step of many sequences' decode rows (RowsAttention): the API's batcher, not a user's choice
 
 
 def build_ops(
@@ -51,7 +55,7 @@ def build_ops(
     plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
     split's (private mode's is always in the TEE); by default where the mode runs it."""
     attention = attention or ("tee" if private is not None else "server")
-    if attention not in ATTENTION:
+    if attention not in ATTENTION and not (attention == ROWS and private is None):
         raise TsqpError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
     if attention == "server" and private is not None:
         raise TsqpError("private mode runs attention in the TEE: the server never sees q, k or v")
@@ -61,6 +65,8 @@ def build_ops(
     calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
     if attention == "server":
         return RemoteOps(calls, ServerAttention(calls, pipeline))
+    if attention == ROWS:
+        return RemoteOps(calls, RowsAttention(checkpoint.config, OProj(calls), stats))
     here = TeeAttention(checkpoint.config, OProj(calls), stats)
     return RemoteOps(calls, here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here))
 

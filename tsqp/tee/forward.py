@@ -66,17 +66,29 @@ class TeeModel:
         """ids (T,) at positions [pos, pos+T) of the open session -> float32 logits (T or 1, vocab)."""
         self.check_ids(ids)
         with one_thread(ids.shape[0] <= SMALL_STEP_ROWS):
-            return self._forward(ids, pos, last_only)
+            with self.stats.tee("rope"):
+                tables = {rope: rotary.cos_sin(pos, ids.shape[0]) for rope, rotary in self.rotaries.items()}
+            return self._forward(ids, pos, last_only, tables)
 
-    def _forward(self, ids: torch.Tensor, pos: int, last_only: bool) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids (B,), one token of each of B sequences, at positions (B,) -> float32 logits (B, vocab).
+
+        Each row is a decode step of its own sequence: the ops attend each row over its own sequence's
+        cache (rows_attention.RowsAttention), and every other call is a linear over the B rows at once."""
+        self.check_ids(ids)
+        with one_thread(ids.shape[0] <= SMALL_STEP_ROWS):
+            with self.stats.tee("rope"):
+                tables = {rope: rotary.cos_sin_at(positions) for rope, rotary in self.rotaries.items()}
+            return self._forward(ids, 0, False, tables)
+
+    def _forward(self, ids: torch.Tensor, pos: int, last_only: bool, rope_tables: dict) -> torch.Tensor:
+        """rope_tables: each rope's cos and sin at the rows' positions (`Rotary.cos_sin`)."""
         f, ops, stats = self.family, self.ops, self.stats
-        T = ids.shape[0]
-        ops.begin_step(pos, T)
+        ops.begin_step(pos, ids.shape[0])
         x = ops.embedding(ids)  # (T, hidden)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        with stats.tee("rope"):
-            rope_tables = {rope: rotary.cos_sin(pos, T) for rope, rotary in self.rotaries.items()}
         for layer in range(self.config.num_layers):
             stats.layer = layer
             x = self._layer(layer, pos, x, rope_tables[f.layer_rope(layer)])

@@ -51,6 +51,13 @@ class Rotary:
             self._grow(max(pos + T, 2 * self.cos.shape[0], self.GROW_FROM))
         return self.cos[pos : pos + T], self.sin[pos : pos + T]
 
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (T, 1, head_dim) at positions (T,) int64, each row its own (a batch of sequences)."""
+        end = int(positions.max()) + 1
+        if end > self.cos.shape[0]:
+            self._grow(max(end, 2 * self.cos.shape[0], self.GROW_FROM))
+        return self.cos[positions], self.sin[positions]
+
     def _grow(self, n: int) -> None:
         freqs = torch.arange(n).float()[:, None] * self.inv_freq[None, :]  # (n, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (n, 1, head_dim)
