@@ -2,8 +2,8 @@
 
 Run by gramine/Makefile as `python arena_names.py ARENA TEE_ARGS` (TEE_ARGS comma-separated, as the
 Makefile takes it). One arena for a single client (`generate`, `logits`...); for `tsqp api`, one per
-slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so), and ARENA.{parallel} for the
-batch model of `--slots batched`. Standalone, without tsqp:
+slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so); with `--slots batched`, the
+batch model's one link maps ARENA.0 alone. Standalone, without tsqp:
 gramine/Makefile runs it with whatever interpreter it is given, and the test keeps DEFAULT_PARALLEL
 equal to `tsqp api`'s own default.
 """
@@ -24,7 +24,7 @@ def arena_files(arena: str, tee_args: str) -> list[str]:
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
     parser.add_argument("--slots", default="threads")
     known = parser.parse_known_args(argv[1:])[0]
-    return [f"{arena}.{k}" for k in range(known.parallel + (known.slots == "batched"))]
+    return [f"{arena}.{k}" for k in range(1 if known.slots == "batched" else known.parallel)]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """`tsqp api --slots batched`: the concurrent generations' decode steps run as the rows of one forward pass.
 
 Through the real API (a subprocess, the `openai` client): concurrent streams get what each gets alone
-and what `--slots threads` gives, the batch model maps its own arena after the slots' (a Gramine manifest
-lists NAME.{parallel} too), /metrics shows steps that held several rows, and the modes that cannot be
-batched are refused at start with one line.
+and what `--slots threads` gives, the batch model's one link maps one arena (NAME.0, what a Gramine
+manifest lists), /metrics shows steps that held several rows, and the modes that cannot be batched are
+refused at start with one line.
 """
 
 from __future__ import annotations
@@ -55,15 +55,20 @@ def test_batched_streams_equal_each_alone_and_the_thread_slots():
         threads_alone, _ = completions(url)
     assert together == alone == threads_alone
     assert len(set(alone)) > 1
-    assert arenas == [f"{name}.{k}" for k in range(4)]  # three slots, then the batch model's
+    assert arenas == [f"{name}.0"]  # the batch model's link, the only one
     assert not list(Path("/dev/shm").glob(f"{name}*"))
-    assert rows == 2 * len(PROMPTS) * 9  # every decode step of both rounds went through the batcher
-    assert rows > steps  # and the concurrent round's steps held several rows
+    assert steps >= 2 * 10  # each round's prompt and nine decode steps, at least
+    assert rows > 2 * len(PROMPTS) * 9  # every prompt row and decode step of both rounds
+    assert rows / steps > 1.5  # the concurrent round's steps held several generations' rows
 
 
 @pytest.mark.parametrize(
     ("flags", "fragment"),
-    [(["--private"], "private mode"), (["--attention", "server"], "--attention decode")],
+    [
+        (["--private"], "private mode"),
+        (["--attention", "server"], "--attention tee"),
+        (["--attention", "decode"], "its own cache"),
+    ],
 )
 def test_modes_that_cannot_be_batched_are_refused(flags, fragment):
     result = run_tsqp("api", "--model", "tiny", "--port", "0", "--slots", "batched", *flags, timeout=120)

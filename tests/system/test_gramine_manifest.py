@@ -356,7 +356,7 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
     [
         ("api,--tls,--parallel,3", ["a.0", "a.1", "a.2"]),
         ("api,--parallel=2", ["a.0", "a.1"]),
-        ("api,--parallel=2,--slots,batched", ["a.0", "a.1", "a.2"]),  # and the batch model's
+        ("api,--parallel=3,--slots,batched", ["a.0"]),  # the batch model's link alone
         ("api,--tls", [f"a.{k}" for k in range(4)]),  # tsqp api's default --parallel
         ("generate,--prompt,Hello there", ["a"]),
     ],

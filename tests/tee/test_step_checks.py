@@ -18,6 +18,7 @@ from tsqp.tee.compose import tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.remote import InProcess
 from tsqp.tee.step_checks import StepChecks
+from tsqp.tuning import SHORT_STEP_ROWS
 
 SEED = 99
 
@@ -35,7 +36,7 @@ def tee_for(model, engine=None, deferred: bool = True, dtype: str = "float32") -
     return tee
 
 
-def decode(tee: TeeModel, steps: int = 5, prompt: int = 20) -> list[torch.Tensor]:
+def decode(tee: TeeModel, steps: int = 5, prompt: int = SHORT_STEP_ROWS + 20) -> list[torch.Tensor]:
     tee.ops.open_session(prompt + steps)
     out = [tee.forward(token_ids(prompt, seed=3))]  # longer than defer_rows: checked call by call
     out += [tee.forward(token_ids(1, seed=pos), pos=pos) for pos in range(prompt, prompt + steps)]
@@ -49,7 +50,8 @@ def test_decode_steps_are_checked_once_each_with_the_same_results(model, monkeyp
     monkeypatch.setattr(StepChecks, "settle", lambda step: settled.append(step.pos) or real(step))
     deferred, immediate = tee_for(model, dtype=dtype), tee_for(model, deferred=False, dtype=dtype)
     got, expected = decode(deferred), decode(immediate)
-    assert settled == [20, 21, 22, 23, 24]  # each decode step once; the prefill is checked as it goes
+    first = SHORT_STEP_ROWS + 20
+    assert settled == list(range(first, first + 5))  # each decode step once; the prefill is checked as it goes
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)  # the checks do not touch what the forward pass computes
     assert deferred.ops.checker.checks == immediate.ops.checker.checks

@@ -1,18 +1,19 @@
-"""The decode steps of the API's concurrent generations, run as one forward pass (`tsqp api --slots batched`).
+"""The API's concurrent generations run as one forward pass a step (`tsqp api --slots batched`).
 
-Slots that are threads share one interpreter lock: four generations decoding at once make four times the
-TEE's Python work per token (every call packed, sent, unpacked and checked once per generation), one at a
-time. Here each generation still runs its prefill on its own slot (its own session and KV cache, in the
-TEE), but every decode step is handed to one `DecodeBatcher`, whose thread gathers the steps waiting
-and runs them as the rows of one step (`TeeModel.forward_rows`): one call per linear for all of them,
-one check of each (the batch's own Verifier, same keys and bounds per row), each row attended over its
-own generation's cache (tee/rows_attention.py). Sampling stays with each generation.
+Slots that are threads share one interpreter lock: four generations at once make four times the TEE's
+Python work per token (every call packed, sent, unpacked and checked once per generation), one at a
+time. Here a generation holds only its KV cache (in the TEE) and its sampling; each of its forward
+passes, its prompt's and each decode step's, is a request to one `DecodeBatcher`, whose thread runs the
+requests waiting as the rows of one step (`TeeModel.forward_rows`): one server call per linear for all
+of them, one Freivalds check of each (the batch model's own Verifier: same keys and bounds per row),
+each request's rows attended over its own cache (tee/rows_attention.py).
 
-A step waits for the generations that are decoding (between their first decode step and their end) to
-hand in their next token, at most `GATHER_S`, so that one busy sending its token to its HTTP client does
-not hold the others back. A step that fails (the server gone, a result that failed verification) fails
-every row in it; the batch model is then closed, and the next step opens a fresh one (new keys, a new
-link and session), as a slot is replaced.
+A step takes the decode steps waiting first, then prompts, in arrival order, up to `STEP_TOKENS` rows; a
+longer prompt runs in chunks over several steps (its generation waits for the last). Once a request
+waits, a step waits for every open generation to hand in its next request, at most `GATHER_S` (one busy
+sending its token to its HTTP client does not hold the others back). A step that fails (the server
+gone, a result that failed verification) fails every request in it; the batch model is then closed and
+the next step opens a fresh one (new keys, a new link and session), as a slot would be replaced.
 """
 
 from __future__ import annotations
@@ -20,81 +21,77 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
+from tsqp.errors import TsqpError
+from tsqp.stats import Stats
 from tsqp.tee.attention import KVCache
-from tsqp.tee.forward import TeeModel
+from tsqp.tee.forward import TeeModel, check_token_ids
+from tsqp.tee.rows_attention import Segment
 
 OpenModel = AbstractContextManager[TeeModel]
-GATHER_S = 0.005  # the longest a step waits for the decoding generations' next tokens
+GATHER_S = 0.005  # the longest a step waits for the open generations' next requests
+STEP_TOKENS = 256  # the most rows a step takes (a longer prompt runs in chunks)
 
 
 @dataclass(eq=False)
-class Row:
-    """One generation's decode step: its token at pos over its cache, and what came of it."""
+class Request:
+    """One forward pass of a generation: ids at [pos, pos + len(ids)) over its cache, and what came of it."""
 
     cache: KVCache
-    token: int
+    ids: torch.Tensor  # (T,) int64
     pos: int
+    ran: int = 0  # rows run so far (a prompt in chunks)
     done: threading.Event = field(default_factory=threading.Event)
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (1, vocab): its last row's
     error: BaseException | None = None
+
+    @property
+    def left(self) -> int:
+        return self.ids.shape[0] - self.ran
 
 
 class DecodeBatcher:
-    def __init__(self, open_model: Callable[[], OpenModel], rows: int, gather_s: float = GATHER_S):
+    def __init__(self, open_model: Callable[[], OpenModel], step_tokens: int = STEP_TOKENS, gather_s: float = GATHER_S):
         """open_model: an attached TeeModel whose attention is `RowsAttention` (compose ROWS), opened now and
-        again after a failed step; rows: the most rows a step takes (the API's --parallel)."""
-        self.open_model, self.max_rows, self.gather_s = open_model, rows, gather_s
+        again after a failed step."""
+        self.open_model, self.step_tokens, self.gather_s = open_model, step_tokens, gather_s
         self.ready = threading.Condition()
-        self.pending: list[Row] = []
-        self.decoding = 0  # generations between their first decode step and their end
+        self.pending: list[Request] = []
+        self.open = 0  # generations between open_session and close_session
         self.closed = False
-        self.steps = 0  # forward passes run, and their rows: the mean batch is rows / steps
+        self.steps = 0  # forward passes run, and the rows they held
         self.rows = 0
         self.stack = ExitStack()
         self.tee: TeeModel | None = None
         self.in_session = False
         self._open()  # a model or server problem is reported at start
+        self.config, self.fingerprint = self.tee.config, self.tee.fingerprint
         self.thread = threading.Thread(target=self._loop, name="tsqp-batch", daemon=True)
         self.thread.start()
 
-    @contextmanager
-    def generation(self, cache: Callable[[], KVCache]):
-        """A generation's `decode` function for `generate`, while the block runs. cache: its KV cache once its
-        prefill has filled it."""
-        joined = False
-
-        def decode(token: int, pos: int) -> torch.Tensor:
-            nonlocal joined
-            if not joined:
-                with self.ready:
-                    self.decoding += 1
-                joined = True
-            return self.step(Row(cache(), token, pos))
-
-        try:
-            yield decode
-        finally:
-            if joined:
-                with self.ready:
-                    self.decoding -= 1
-                    self.ready.notify_all()
-
-    def step(self, row: Row) -> torch.Tensor:
-        """row's (1, vocab) logits, from the next batched step; raises that step's error."""
+    def run(self, cache: KVCache, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids (T,) at [pos, pos + T) of the generation whose cache this is -> its last row's (1, vocab) logits,
+        from the next steps; raises the error of a step it took part in."""
+        request = Request(cache, ids, pos)
         with self.ready:
             if self.closed:
-                raise RuntimeError("the API is shutting down")
-            self.pending.append(row)
+                raise TsqpError("the API is shutting down")
+            self.pending.append(request)
             self.ready.notify_all()
-        row.done.wait()
-        if row.error is not None:
-            raise row.error
-        return row.logits
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.logits
+
+    def joined(self, change: int) -> None:
+        """A generation opens (+1) or closes (-1): the steps wait for the open ones' requests."""
+        with self.ready:
+            self.open += change
+            self.ready.notify_all()
 
     def close(self) -> None:
         with self.ready:
@@ -106,66 +103,76 @@ class DecodeBatcher:
     # -- the batch thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            rows = self._gather()
-            if rows is None:
-                return
+        while (plan := self._gather()) is not None:
             try:
-                logits = self._forward(rows)
-            except BaseException as exc:  # every row's generation sees it; a fresh model next time
-                for row in rows:
-                    row.error = exc
-                    row.done.set()
+                logits = self._forward(plan)
+            except BaseException as exc:  # every request of the step sees it; a fresh model next time
+                self._settle(plan, error=exc)
                 self._reset()
                 continue
-            for i, row in enumerate(rows):
-                row.logits = logits[i : i + 1]
-                row.done.set()
+            self._settle(plan, logits)
             with self.ready:
-                idle = not self.pending and self.decoding == 0
-            if idle:  # no session held open while nothing decodes (the server's idle timeout would free it)
+                idle = not self.pending and self.open == 0
+            if idle:  # no session held open while nothing runs (the server's idle timeout would free it)
                 try:
                     self._end_session()
                 except Exception:  # noqa: BLE001 - the link broke: the next step opens a fresh model
                     self._reset()
 
-    def _gather(self) -> list[Row] | None:
-        """The rows of the next step: once one waits, every decoding generation's or what came in GATHER_S."""
+    def _gather(self) -> list[tuple[Request, int]] | None:
+        """The next step: (request, rows of it) once one waits and every open generation's has come or
+        GATHER_S passed; decode steps first, then prompts in arrival order, up to step_tokens rows."""
         with self.ready:
             while not self.pending and not self.closed:
                 self.ready.wait()
             if self.closed:
-                for row in self.pending:
-                    row.error = RuntimeError("the API is shutting down")
-                    row.done.set()
+                self._settle([(r, 0) for r in self.pending], error=TsqpError("the API is shutting down"))
                 return None
             deadline = time.monotonic() + self.gather_s
-            while len(self.pending) < min(self.decoding, self.max_rows):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            while len(self.pending) < self.open and (left := deadline - time.monotonic()) > 0:
                 self.ready.wait(left)
-            rows, self.pending = self.pending[: self.max_rows], self.pending[self.max_rows :]
-            return rows
+            plan, budget = [], self.step_tokens
+            for request in sorted(self.pending, key=lambda r: r.left > 1):  # stable: arrival order within each
+                if budget == 0:
+                    break
+                plan.append((request, min(request.left, budget)))
+                budget -= plan[-1][1]
+            return plan
 
-    def _forward(self, rows: list[Row]) -> torch.Tensor:
+    def _forward(self, plan: list[tuple[Request, int]]) -> torch.Tensor:
         if self.tee is None:
             self._open()
         tee = self.tee
         if not self.in_session:
-            tee.ops.open_session(self.max_rows)
+            tee.ops.open_session(self.step_tokens)
             self.in_session = True
-        tee.ops.attention.rows = [(row.cache, row.pos) for row in rows]
-        ids = torch.tensor([row.token for row in rows], dtype=torch.int64)
-        positions = torch.tensor([row.pos for row in rows], dtype=torch.int64)
+        segments = [Segment(r.cache, r.pos + r.ran, rows) for r, rows in plan]
+        ids = torch.cat([r.ids[r.ran : r.ran + rows] for r, rows in plan])
+        positions = torch.cat([torch.arange(s.pos, s.pos + s.rows) for s in segments])
+        last = torch.tensor([s.rows for s in segments]).cumsum(0) - 1
+        tee.ops.attention.segments = segments
         try:
-            return tee.forward_rows(ids, positions)
+            return tee.forward_rows(ids, positions, last)
         finally:
-            tee.ops.attention.rows = []
+            tee.ops.attention.segments = []
             tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
             tee.stats.server_spans.clear()
             self.steps += 1
-            self.rows += len(rows)
+            self.rows += ids.shape[0]
+
+    def _settle(self, plan: list[tuple[Request, int]], logits: torch.Tensor | None = None, error=None) -> None:
+        """Hands out what the step gave: a finished request's logits, or the error to every request in it."""
+        finished = []
+        for i, (request, rows) in enumerate(plan):
+            request.ran += rows
+            if error is None and request.left:
+                continue  # a prompt with chunks to go stays pending
+            request.logits, request.error = (logits[i : i + 1], None) if error is None else (None, error)
+            finished.append(request)
+        with self.ready:
+            self.pending = [r for r in self.pending if r not in finished]
+        for request in finished:
+            request.done.set()
 
     def _open(self) -> None:
         self.tee = self.stack.enter_context(self.open_model())
@@ -183,3 +190,36 @@ class DecodeBatcher:
             stack.close()
         except Exception:  # noqa: BLE001 - a broken link may fail to close; the next step opens a new one
             pass
+
+
+class BatchedSequence:
+    """One generation over the batcher: what `generate.generate` asks of a TeeModel (config, check_ids,
+    stats, ops.open_session/close_session, forward), with only its KV cache held here. Its stats count
+    nothing: the traffic is the batch model's, shared by every generation in a step."""
+
+    def __init__(self, batcher: DecodeBatcher):
+        self.batcher, self.config = batcher, batcher.config
+        self.stats = Stats()
+        self.ops = self
+        self.cache: KVCache | None = None
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        check_token_ids(ids, self.config.vocab_size)
+
+    def open_session(self, capacity: int) -> None:
+        self.cache = KVCache(self.config, capacity)
+        self.batcher.joined(+1)
+
+    def close_session(self) -> None:
+        if self.cache is not None:
+            self.cache = None
+            self.batcher.joined(-1)
+
+    def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = True) -> torch.Tensor:
+        """The last row's logits only (a generation asks no more)."""
+        if not last_only:
+            raise TsqpError("a batched generation's forward returns its last row's logits only")
+        if self.cache is None:
+            raise TsqpError("open a session first")
+        self.check_ids(ids)
+        return self.batcher.run(self.cache, ids, pos)

@@ -16,9 +16,9 @@ generations' Python work runs one at a time; processes can run it on every core,
 (slow under Gramine) and its own copy of the keys. On two shared cores, where the server's products and
 the other sessions already take the cores, processes measured no faster (docs/benchmarks.md).
 
-`--slots batched`: threads whose decode steps run together, one forward pass for all of them
-(`BatchedSlot`, api/batcher.py): each prefill on its slot, attention in the TEE (prefills on the server
-by default: `--attention decode`), the batch model on its own link (arena NAME.{parallel}).
+`--slots batched`: threads that hold only their generation's KV cache (in the TEE) and sampling, every
+forward pass of theirs run with the others' as the rows of one step (`BatchedSlot`, api/batcher.py): one
+TEE model, one link (arena NAME.0), one server session, attention in the TEE.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from tsqp.api.batcher import DecodeBatcher
+from tsqp.api.batcher import BatchedSequence, DecodeBatcher
 from tsqp.api.slot_process import ClientGone, ProcessSlot
 from tsqp.errors import TsqpError
 from tsqp.model.config import ModelConfig
@@ -55,10 +55,10 @@ class ThreadSlot:
         self.config: ModelConfig = self.tee.config
         self.fingerprint: str = self.tee.fingerprint
 
-    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token, decode=None) -> Generation:
-        """`ProcessSlot.generate`, on this process's model (decode: `generate`'s)."""
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token) -> Generation:
+        """`ProcessSlot.generate`, on this process's model."""
         try:
-            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token, decode=decode)
+            return generate(self.tee, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token)
         finally:
             self.tee.stats.tee_spans.clear()  # a long-running API keeps no per-call history
             self.tee.stats.server_spans.clear()
@@ -67,25 +67,33 @@ class ThreadSlot:
         self.stack.close()
 
 
-class BatchedSlot(ThreadSlot):
-    """A thread slot whose decode steps run in the batcher's forward passes, with every other slot's."""
+class BatchedSlot:
+    """A slot whose generation holds only its KV cache: every forward pass of it runs in the batcher's steps."""
 
     def __init__(self, options: RunOptions, server, batcher: DecodeBatcher):
-        super().__init__(options, server)
+        """options, server: unused (the batcher holds the one link)."""
         self.batcher = batcher
+        self.config: ModelConfig = batcher.config
+        self.fingerprint: str = batcher.fingerprint
 
-    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token, decode=None) -> Generation:
-        with self.batcher.generation(lambda: self.tee.ops.attention.cache) as decode:
-            return super().generate(prompt_ids, max_tokens, sampling, eos_ids, on_token, decode)
+    def generate(self, prompt_ids, max_tokens, sampling, eos_ids, on_token) -> Generation:
+        sequence = BatchedSequence(self.batcher)
+        try:
+            return generate(sequence, prompt_ids, max_tokens, sampling, eos_ids, on_token=on_token)
+        finally:
+            sequence.close_session()  # after a lost connection too, which generate leaves open
+
+    def close(self) -> None:
+        pass
 
 
 def batched_options(options: RunOptions) -> RunOptions:
-    """A batched slot's options: the plain split with attention in the TEE at least for decoding."""
+    """The batch model's options: the plain split, each generation attended over its own cache in the TEE."""
     if options.private:
         raise TsqpError("--slots batched runs the plain split: private mode's slots are threads or processes")
-    if options.attention == "server":
-        raise TsqpError("--slots batched attends in the TEE: use --attention decode (the default there) or tee")
-    return dataclasses.replace(options, attention="decode" if options.attention == "auto" else options.attention)
+    if options.attention not in ("auto", "tee"):
+        raise TsqpError("--slots batched attends in the TEE, each generation over its own cache: --attention tee")
+    return dataclasses.replace(options, attention=ROWS)
 
 
 def arena_names(name: str | None, parallel: int) -> list[str | None]:
@@ -97,13 +105,12 @@ class ModelSlots:
     def __init__(self, options: RunOptions, eos_ids: tuple[int, ...], parallel: int, server=None, kind="threads"):
         """server: the `launcher.ServerProcess` the API started, or None with options.connect set.
         kind: threads, processes or batched (module docstring)."""
-        self.options = options = batched_options(options) if kind == "batched" else options
+        self.options = options
         self.slot = ProcessSlot if kind == "processes" else ThreadSlot
         self.batcher: DecodeBatcher | None = None
-        if kind == "batched":
-            name = options.arena_name and f"{options.arena_name}.{parallel}"  # after the slots' names
-            rows = dataclasses.replace(options, attention=ROWS, arena_name=name)
-            self.batcher = DecodeBatcher(functools.partial(open_model, rows, server=server), parallel)
+        if kind == "batched":  # one link, the batch model's, on the first arena name
+            batch = dataclasses.replace(batched_options(options), arena_name=arena_names(options.arena_name, 1)[0])
+            self.batcher = DecodeBatcher(functools.partial(open_model, batch, server=server))
             self.slot = functools.partial(BatchedSlot, batcher=self.batcher)
         self.server = server
         self.eos_ids = eos_ids

@@ -16,7 +16,7 @@ import torch
 from tsqp.tee.attention import TeeAttention
 from tsqp.tee.ops import Softmax
 from tsqp.tee.server_attention import ServerAttention
-from tsqp.tuning import SMALL_STEP_ROWS
+from tsqp.tuning import SHORT_STEP_ROWS
 
 
 class DecodeAttention:
@@ -24,7 +24,7 @@ class DecodeAttention:
 
     keeps_values = True  # qkv returns v on every step: the TEE's cache must hold the prefill's too
 
-    def __init__(self, server: ServerAttention, tee: TeeAttention, rows: int = SMALL_STEP_ROWS):
+    def __init__(self, server: ServerAttention, tee: TeeAttention, rows: int = SHORT_STEP_ROWS):
         """rows: a step of more tokens than this at position 0 attends on the server."""
         self.server, self.tee, self.rows = server, tee, rows
 

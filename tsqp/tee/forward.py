@@ -22,7 +22,7 @@ from tsqp.stats import Stats
 from tsqp.tee.ops import Ops
 from tsqp.tee.remote import server_dtype
 from tsqp.tee.rope import Rotary
-from tsqp.tuning import SMALL_STEP_ROWS, one_thread
+from tsqp.tuning import SHORT_STEP_ROWS, one_thread
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
@@ -65,25 +65,27 @@ class TeeModel:
     def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """ids (T,) at positions [pos, pos+T) of the open session -> float32 logits (T or 1, vocab)."""
         self.check_ids(ids)
-        with one_thread(ids.shape[0] <= SMALL_STEP_ROWS):
+        with one_thread(ids.shape[0] <= SHORT_STEP_ROWS):
             with self.stats.tee("rope"):
                 tables = {rope: rotary.cos_sin(pos, ids.shape[0]) for rope, rotary in self.rotaries.items()}
             return self._forward(ids, pos, last_only, tables)
 
     @torch.inference_mode()
-    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids (B,), one token of each of B sequences, at positions (B,) -> float32 logits (B, vocab).
+    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """ids (N,) of several sequences' steps, laid end to end, at positions (N,) -> float32 logits (S, vocab)
+        of the rows `last` (S,) (each sequence's last row).
 
-        Each row is a decode step of its own sequence: the ops attend each row over its own sequence's
-        cache (rows_attention.RowsAttention), and every other call is a linear over the B rows at once."""
+        Each sequence's rows are attended over its own cache (rows_attention.RowsAttention, told the
+        segments); every other call is a linear over the N rows at once, whatever sequence each is of."""
         self.check_ids(ids)
-        with one_thread(ids.shape[0] <= SMALL_STEP_ROWS):
+        with one_thread(ids.shape[0] <= SHORT_STEP_ROWS):
             with self.stats.tee("rope"):
                 tables = {rope: rotary.cos_sin_at(positions) for rope, rotary in self.rotaries.items()}
-            return self._forward(ids, 0, False, tables)
+            return self._forward(ids, 0, last, tables)
 
-    def _forward(self, ids: torch.Tensor, pos: int, last_only: bool, rope_tables: dict) -> torch.Tensor:
-        """rope_tables: each rope's cos and sin at the rows' positions (`Rotary.cos_sin`)."""
+    def _forward(self, ids: torch.Tensor, pos: int, last, rope_tables: dict) -> torch.Tensor:
+        """last: True (the last row's logits), False (every row's) or the rows to keep (a tensor of indices);
+        rope_tables: each rope's cos and sin at the rows' positions (`Rotary.cos_sin`)."""
         f, ops, stats = self.family, self.ops, self.stats
         ops.begin_step(pos, ids.shape[0])
         x = ops.embedding(ids)  # (T, hidden)
@@ -93,8 +95,10 @@ class TeeModel:
             stats.layer = layer
             x = self._layer(layer, pos, x, rope_tables[f.layer_rope(layer)])
         stats.layer = None
-        if last_only:
+        if last is True:
             x = x[-1:]
+        elif last is not False:
+            x = x[last]
         x = self.rms_norm(x, "model.norm.weight")
         logits = ops.lm_head(x)  # (T or 1, vocab)
         if f.logit_softcap is not None:
@@ -136,12 +140,17 @@ class TeeModel:
             return causal_softmax_(block, window)
 
     def check_ids(self, ids: torch.Tensor) -> None:
-        if ids.dim() != 1 or ids.numel() == 0:
-            raise TsqpError("give at least one token id")
-        low, high = (int(end) for end in torch.aminmax(ids))  # one pass: this runs every decode step
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise TsqpError(f"token id {bad} is out of range: the vocabulary has {self.config.vocab_size} entries")
+        check_token_ids(ids, self.config.vocab_size)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """ids must be a non-empty 1-d tensor of ids in [0, vocab_size)."""
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise TsqpError("give at least one token id")
+    low, high = (int(end) for end in torch.aminmax(ids))  # one pass: this runs every decode step
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise TsqpError(f"token id {bad} is out of range: the vocabulary has {vocab_size} entries")
 
 
 def norm_name(prefix: str, norm: str | None) -> str | None:

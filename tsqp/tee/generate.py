@@ -74,21 +74,16 @@ def kv_session(tee: TeeModel, capacity: int) -> Iterator[None]:
 
 
 def generate(
-    tee: TeeModel,
+    tee: TeeModel,  # or what it asks of one: api/batcher.BatchedSequence
     prompt_ids: list[int],
     max_new_tokens: int,
     sampling: SamplingOptions = GREEDY,
     eos_ids: Iterable[int] = (),
     on_token: Callable[[int], bool | None] | None = None,
-    decode: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Generation:
     """Up to max_new_tokens tokens after prompt_ids; stops early after a token of eos_ids, or after a token
     for which on_token returns True (a stop string seen in the text, say). An exception raised by on_token
-    (a client gone) ends the generation and frees the session.
-
-    decode: (token, pos) -> (1, vocab) logits, each step after the prefill; by default the model's own
-    forward pass (the API's batched slots hand in their batcher's, api/batcher.py: the traffic counted is
-    then this model's only)."""
+    (a client gone) ends the generation and frees the session."""
     capacity = session_capacity(tee.config, len(prompt_ids), max_new_tokens)
     prompt = torch.tensor(prompt_ids, dtype=torch.int64)
     tee.check_ids(prompt)
@@ -115,10 +110,7 @@ def generate(
         first, (calls, nbytes) = time.perf_counter(), traffic()
         pos = len(prompt_ids)
         while going:
-            if decode is None:
-                going = emit(tee.forward(torch.tensor(generated[-1:]), pos, last_only=True))
-            else:
-                going = emit(decode(generated[-1], pos))
+            going = emit(tee.forward(torch.tensor(generated[-1:]), pos, last_only=True))
             pos += 1
         end, (calls_end, nbytes_end) = time.perf_counter(), traffic()
     return Generation(

@@ -1,15 +1,17 @@
-"""Attention for a step whose rows belong to different sequences (`TeeModel.forward_rows`): each row a
-decode step of its own generation, attended over that generation's own KV cache.
+"""Attention for a step whose rows belong to different sequences (`TeeModel.forward_rows`): each sequence's
+rows (a decode step's one, or a chunk of its prompt) attended over that sequence's own KV cache.
 
-The API batches the decode steps of its concurrent generations into one forward pass (api/batcher.py):
-every call of it but attention is a linear, which the server computes for all rows at once whatever
-sequence each belongs to; only attention needs to know. Each generation keeps its cache where its
-prefill put it (attention.TeeAttention's `KVCache`: the TEE's, so no server session is involved), and
-this seam appends each row's values and keys to its own cache and attends it there; o_proj is then one
-server call for every row (remote.OProj), checked like any linear.
+The API batches its concurrent generations into one forward pass a step (api/batcher.py): every call of
+it but attention is a linear, which the server computes for all rows at once whatever sequence each
+belongs to; only attention needs to know. Each generation's cache lives in the TEE (attention.KVCache),
+so no server session holds any of it: this seam appends each segment's values and keys to its own cache
+and attends it there (causal within a prompt's chunk); o_proj is then one server call for every row
+(remote.OProj), checked like any linear.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -19,16 +21,25 @@ from tsqp.stats import Stats
 from tsqp.tee.attention import KVCache
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A sequence's rows of a step: `rows` tokens at positions [pos, pos + rows) of its `cache`."""
+
+    cache: KVCache
+    pos: int
+    rows: int
+
+
 class RowsAttention:
-    """`ops.Attention` over one KV cache per row: set `rows` before each step."""
+    """`ops.Attention` over one KV cache per segment of the step's rows: set `segments` before each step."""
 
     pipelined = False
-    keeps_values = True  # qkv returns v: each row's goes to its own cache
+    keeps_values = True  # qkv returns v: each segment's goes to its own cache
 
     def __init__(self, config: ModelConfig, o_proj, stats: Stats):
-        """o_proj: (layer, out (B, q_dim)) -> (B, hidden), the server call."""
+        """o_proj: (layer, out (N, q_dim)) -> (N, hidden), the server call."""
         self.config, self.o_proj, self.stats = config, o_proj, stats
-        self.rows: list[tuple[KVCache, int]] = []  # each row's cache and position
+        self.segments: list[Segment] = []  # in row order, covering every row
 
     def init(self, info: dict) -> None:
         """The server's description: nothing here depends on it."""
@@ -37,28 +48,26 @@ class RowsAttention:
         return True
 
     def open_session(self, capacity: int) -> None:
-        """The rows' caches are their generations' own: nothing to open."""
+        """The segments' caches are their generations' own: nothing to open."""
 
     def close_session(self) -> None:
-        self.rows = []
+        self.segments = []
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.shape[0] != sum(s.rows for s in self.segments):
+            raise TsqpError(f"{x.shape[0]} rows for segments of {sum(s.rows for s in self.segments)}")
+        return x.split([s.rows for s in self.segments])
 
     def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
-        """v (B, kv_dim): row i's at its own position in its own cache."""
+        """v (N, kv_dim): each segment's at its positions in its own cache."""
         c = self.config
-        if v.shape[0] != len(self.rows):
-            raise TsqpError(f"{v.shape[0]} rows of values for a step of {len(self.rows)} sequences")
-        per_head = v.view(-1, 1, c.num_kv_heads, c.head_dim)
-        for (cache, position), values in zip(self.rows, per_head, strict=True):
-            cache.put_values(layer, position, values)
+        for segment, values in zip(self.segments, self._split(v), strict=True):
+            segment.cache.put_values(layer, segment.pos, values.view(-1, c.num_kv_heads, c.head_dim))
 
     def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
-        """q (B, heads, hd), k (B, kv_heads, hd) post-RoPE, row i at its own position -> o_proj (B, hidden)."""
+        """q (N, heads, hd), k (N, kv_heads, hd) post-RoPE, each segment at its own positions -> (N, hidden)."""
         window = self.config.family.windows[layer]
         with self.stats.tee("attention"):
-            out = torch.cat(
-                [
-                    cache.attend(layer, position, q[i : i + 1], k[i : i + 1], window)
-                    for i, (cache, position) in enumerate(self.rows)
-                ]
-            )  # (B, q_dim)
+            parts = zip(self.segments, self._split(q), self._split(k), strict=True)
+            out = torch.cat([s.cache.attend(layer, s.pos, q_s, k_s, window) for s, q_s, k_s in parts])  # (N, q_dim)
         return self.o_proj(layer, out)

@@ -87,7 +87,7 @@ from tsqp.tee.freivalds import (
     times,
 )
 from tsqp.tee.step_checks import StackedKeys, StepChecks, stack_keys
-from tsqp.tuning import SMALL_STEP_ROWS
+from tsqp.tuning import SHORT_STEP_ROWS
 from tsqp.wire.protocol import query_tiles
 
 
@@ -150,7 +150,7 @@ class Verifier:
         self.bounded_norms = True  # the wire dtype is float32
         self.keys: ModelKeys | None = None
         self.stacked: StackedKeys | None = None  # the layer keys stacked, for a step's checks at once
-        self.defer_rows = SMALL_STEP_ROWS  # steps of up to this many tokens are checked at their end
+        self.defer_rows = SHORT_STEP_ROWS  # steps of up to this many tokens are checked at their end
         self.immediate = Immediate(self)
         self.state: AttentionState | None = None
         self.setup_s = 0.0  # computing the keys from the checkpoint
