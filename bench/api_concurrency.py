@@ -1,7 +1,7 @@
 """Concurrent streamed chat requests against one `tsqp api`: aggregate tokens/s by the number of streams.
 
     python bench/api_concurrency.py [--model smollm2-135m-instruct] [--streams 1,2,4,8] [--max-tokens 24]
-                                    [--rounds 2] [--slots threads,processes] [--json FILE] [-- API FLAGS...]
+                                    [--rounds 2] [--slots batched,threads] [--json FILE] [-- API FLAGS...]
 
 Starts one `tsqp api --port 0 --parallel max(streams) --slots KIND` per kind of `--slots` (and the flags
 after `--`), warms every slot up with one request each, then for each N runs N streamed chat completions
@@ -39,7 +39,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--streams", default="1,2,4,8", help="numbers of concurrent streams, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each number of streams")
-    parser.add_argument("--slots", default="threads,processes", help="`tsqp api --slots` kinds, comma-separated")
+    parser.add_argument("--slots", default="batched,threads", help="`tsqp api --slots` kinds, comma-separated")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("api_args", nargs="*", help="more `tsqp api` flags, after --")
     return parser.parse_args()

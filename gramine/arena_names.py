@@ -2,8 +2,9 @@
 
 Run by gramine/Makefile as `python arena_names.py ARENA TEE_ARGS` (TEE_ARGS comma-separated, as the
 Makefile takes it). One arena for a single client (`generate`, `logits`...); for `tsqp api`, one per
-slot: ARENA.0 ... ARENA.{parallel-1} (tsqp/api/slots.py names them so); with `--slots batched`, the
-batch model's one link maps ARENA.0 alone. Standalone, without tsqp:
+slot with `--slots threads|processes` (and by default in private mode): ARENA.0 ... ARENA.{parallel-1}
+(tsqp/api/slots.py names them so); batched slots (the default otherwise) share the batch model's one
+link, which maps ARENA.0 alone. Standalone, without tsqp:
 gramine/Makefile runs it with whatever interpreter it is given, and the test keeps DEFAULT_PARALLEL
 equal to `tsqp api`'s own default.
 """
@@ -22,9 +23,16 @@ def arena_files(arena: str, tee_args: str) -> list[str]:
         return [arena]
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL)
-    parser.add_argument("--slots", default="threads")
+    parser.add_argument("--slots", default="auto")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--helper")
     known = parser.parse_known_args(argv[1:])[0]
-    return [f"{arena}.{k}" for k in range(1 if known.slots == "batched" else known.parallel)]
+    slots = known.slots  # auto as tsqp/api/slots.py slots_kind resolves it
+    if slots == "auto":
+        threads = known.private or known.helper or known.attention in ("server", "decode")
+        slots = "threads" if threads else "batched"
+    return [f"{arena}.{k}" for k in range(1 if slots == "batched" else known.parallel)]
 
 
 if __name__ == "__main__":

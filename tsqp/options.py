@@ -375,10 +375,10 @@ class ApiOptions:
     )
     parallel: int = option("generations at once, each its own server session (default 4)", 4)
     slots: str = option(
-        "where the --parallel generations run: threads of this process (the default; one interpreter lock), "
-        "processes (slow to start under Gramine), or batched: threads whose decode steps run as one",
-        "threads",
-        choices=("threads", "processes", "batched"),
+        "where the --parallel generations run: batched (one forward pass a step for all), threads (one lock), "
+        "processes (slow under Gramine); auto: batched, threads if private or --attention server|decode",
+        "auto",
+        choices=("auto", "batched", "threads", "processes"),
     )
     tls: bool = option(
         "serve HTTPS with a key made in the TEE at start (kept in memory); its certificate is written out to pin",

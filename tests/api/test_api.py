@@ -159,10 +159,11 @@ def test_eight_concurrent_streams_each_get_what_they_get_alone(client):
 
 
 def test_fixed_arena_name_gives_each_slot_its_own_arena():
-    """--arena-name (a Gramine manifest fixes it): slot k maps NAME.k, so concurrent slots never share one."""
+    """--arena-name (a Gramine manifest fixes it): thread slot k maps NAME.k, so concurrent slots never share one
+    (batched slots share one link: test_batched_slots.py)."""
     name = f"tsqp-test-slots-{time.monotonic_ns()}"
     prompts = ["the key model", "the value model", "the query model", "the token model"]
-    with api_process("--model", "tiny", "--parallel", "2", "--arena-name", name) as (url, _, _):
+    with api_process("--model", "tiny", "--parallel", "2", "--slots", "threads", "--arena-name", name) as (url, _, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
 
         def complete(prompt: str) -> str:

@@ -354,15 +354,18 @@ def test_makefile_renders_a_manifest_for_a_model_folder(tmp_path):
 @pytest.mark.parametrize(
     ("tee_args", "names"),
     [
-        ("api,--tls,--parallel,3", ["a.0", "a.1", "a.2"]),
-        ("api,--parallel=2", ["a.0", "a.1"]),
+        ("api,--tls,--parallel,3,--slots,threads", ["a.0", "a.1", "a.2"]),
+        ("api,--parallel=2,--slots=processes", ["a.0", "a.1"]),
         ("api,--parallel=3,--slots,batched", ["a.0"]),  # the batch model's link alone
-        ("api,--tls", [f"a.{k}" for k in range(4)]),  # tsqp api's default --parallel
+        ("api,--tls", ["a.0"]),  # auto: batched in plain mode
+        ("api,--attention,server", [f"a.{k}" for k in range(4)]),  # auto: threads, at the default --parallel
+        ("api,--private,--parallel,2", ["a.0", "a.1"]),  # auto: threads
         ("generate,--prompt,Hello there", ["a"]),
     ],
 )
 def test_makefile_allows_one_arena_per_api_slot(tmp_path, tee_args, names):
-    """`tsqp api` maps one arena per slot (tsqp/api/slots.py): each is allowed, none shared."""
+    """`tsqp api` maps one arena per slot (tsqp/api/slots.py), or one for all batched slots: each is allowed,
+    none shared."""
     m, _, _ = run_make(tmp_path, "ARENA=a", f"TEE_ARGS={tee_args}")
     assert m["sgx"]["allowed_files"] == [f"dev:/dev/shm/{name}" for name in names]
     assert flag(m["loader"]["argv"], "--arena-name") == "a"
@@ -376,7 +379,8 @@ def test_arena_names_default_is_the_api_default():
     from tsqp.options import ApiOptions
 
     assert module.DEFAULT_PARALLEL == ApiOptions.parallel
-    assert module.arena_files("x", "api") == arena_names("x", ApiOptions.parallel)
+    assert module.arena_files("x", "api,--slots,threads") == arena_names("x", ApiOptions.parallel)
+    assert module.arena_files("x", "api") == arena_names("x", 1)  # auto: batched, one link
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from tsqp.api.app import ApiState, build_app
-from tsqp.api.slots import ModelSlots, batched_options
+from tsqp.api.slots import ModelSlots, batched_options, slots_kind
 from tsqp.api.tls import TlsFiles, ephemeral
 from tsqp.attest.evidence import Evidence, make_claims, report_data
 from tsqp.attest.sources import NoQuotes, QuoteSource, select
@@ -42,7 +42,7 @@ def is_loopback(host: str) -> bool:
 def check_options(options: ApiOptions) -> None:
     if options.parallel < 1:
         raise TsqpError("--parallel must be at least 1")
-    if options.slots == "batched":
+    if slots_kind(options) == "batched":
         batched_options(options.run)  # refused before a server starts
     if (options.tls_cert is None) != (options.tls_key is None):
         raise TsqpError("--tls-cert and --tls-key go together")
@@ -110,7 +110,7 @@ def run_api(options: ApiOptions, gguf: Path | None = None, source: QuoteSource |
         stack.callback(sock.close)
         server = stack.enter_context(start_server(run)) if not run.connect else None
         eos = eos_token_ids(run.model_dir, ModelConfig.from_model_dir(run.model_dir))
-        slots = ModelSlots(run, eos, options.parallel, server=server, kind=options.slots)
+        slots = ModelSlots(run, eos, options.parallel, server=server, kind=slots_kind(options))
         stack.callback(slots.close)
         first = slots.start()
         state = ApiState(

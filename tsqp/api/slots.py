@@ -87,6 +87,15 @@ class BatchedSlot:
         pass
 
 
+def slots_kind(options) -> str:
+    """`--slots` as given, or auto's choice: batched, unless the run is private or attends on the server
+    (which batched slots cannot do: they attend in the TEE, each generation over its own cache)."""
+    run = options.run
+    if options.slots != "auto":
+        return options.slots
+    return "threads" if run.private or run.attention in ("server", "decode") else "batched"
+
+
 def batched_options(options: RunOptions) -> RunOptions:
     """The batch model's options: the plain split, each generation attended over its own cache in the TEE."""
     if options.private:
