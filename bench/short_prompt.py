@@ -1,11 +1,12 @@
-"""A short prompt's prefill (an API request's chat turn) with the short-step rules at 8 rows and at 64, in turns.
+"""A short prompt's prefill (an API request's chat turn) under several short-step limits, in turns.
 
-    python bench/short_prompt.py [--model smollm2-135m-instruct] [--tokens 40] [--runs 5] [-- CLIENT FLAGS...]
+    python bench/short_prompt.py [--model smollm2-135m-instruct] [--tokens 40] [--runs 5] [--short 8,64]
+                                 [-- CLIENT FLAGS...]
 
 `tuning.SHORT_STEP_ROWS` decides which steps are short: run on one TEE thread (forward.py), verified at
 their end, every layer's checks at once (verify.Verifier.defer_rows), and attended in the TEE under
 `--attention decode`. It was 8 (a decode step); this prints a --tokens prefill's time, and its
-verification's, under each value, on one server, the two taking turns run by run.
+verification's, under each value of --short, on one server, the values taking turns run by run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--short", default=f"8,{forward.SHORT_STEP_ROWS}", help="values of SHORT_STEP_ROWS to compare")
     parser.add_argument("client_args", nargs="*", help="more client flags (`tsqp generate`'s), after --")
     return parser.parse_args()
 
@@ -34,7 +36,7 @@ def main() -> None:
     args = arguments()
     cli = build_parser().parse_args(["generate", "--model", args.model, "--prompt", "-", *args.client_args])
     options = run_options(cli, resolve_model(cli))
-    rules = {8: {"s": [], "verify": []}, forward.SHORT_STEP_ROWS: {"s": [], "verify": []}}
+    rules = {int(rows): {"s": [], "verify": []} for rows in args.short.split(",")}
     with open_model(options) as tee:
         ids = torch.arange(args.tokens) + 100
         for run in range(args.runs + 1):  # the first round warms up

@@ -58,12 +58,12 @@ def release_freed_memory() -> bool:
 
 
 SMALL_STEP_ROWS = 8  # a forward of at most this many tokens (a decode step) runs on one TEE thread
-# A TEE step of at most this many tokens is short: a decode step, or a short prompt (an API request's chat
-# turn). It runs on one TEE thread, a verified one has its checks made at its end, all layers at once
-# (step_checks.py), and `--attention decode` attends it in the TEE. SmolLM2, a 40-token prompt on this
-# 2-core host (docs/benchmarks.md): checks 90-220 ms call by call, 14-52 ms at the end; the step 400-580 ms
-# on two TEE threads beside the server, 260-360 ms on one.
-SHORT_STEP_ROWS = 64
+# A TEE step of at most this many tokens is short: a decode step, a short prompt (an API request's chat
+# turn), a step of the API's batches. A verified one has its checks made at its end, all layers at once
+# (step_checks.py); it runs on one TEE thread (forward.TeeModel.threads); `--attention decode` attends it in
+# the TEE. SmolLM2 on this 2-core host, a 40-token prompt: checks 88-105 ms call by call, 17-21 ms at the
+# end (python bench/short_prompt.py, docs/benchmarks.md).
+SHORT_STEP_ROWS = 128
 
 
 @contextmanager

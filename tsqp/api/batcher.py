@@ -31,10 +31,11 @@ from tsqp.stats import Stats
 from tsqp.tee.attention import KVCache
 from tsqp.tee.forward import TeeModel, check_token_ids
 from tsqp.tee.rows_attention import Segment
+from tsqp.tuning import SHORT_STEP_ROWS
 
 OpenModel = AbstractContextManager[TeeModel]
 GATHER_S = 0.005  # the longest a step waits for the open generations' next requests
-STEP_TOKENS = 256  # the most rows a step takes (a longer prompt runs in chunks)
+STEP_TOKENS = SHORT_STEP_ROWS  # the most rows a step takes (a longer prompt runs in chunks): each step is short
 
 
 @dataclass(eq=False)

@@ -39,6 +39,7 @@ class TeeModel:
         self.rotaries = {rope: Rotary(rope, c.head_dim) for rope in {f.layer_rope(i) for i in range(c.num_layers)}}
         self.activation = ACTIVATIONS[f.activation]
         self.embed_scale = f.embed_scale  # rounded to the server's dtype once attached
+        self.shares_cores = False  # the server computes on this host's CPU cores (attach tells): see `threads`
         self.stats = stats or Stats()
         self.ops = ops
 
@@ -50,6 +51,7 @@ class TeeModel:
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
+        self.shares_cores = not str(info.get("device", "cpu")).startswith(("cuda", "xpu", "mps"))
         if "dtype" in info:  # transformers rounds Gemma's sqrt(hidden) to the embedding's dtype (bfloat16: 25.25)
             self.embed_scale = float(torch.tensor(self.family.embed_scale, dtype=server_dtype(info)))
         return info
@@ -65,7 +67,7 @@ class TeeModel:
     def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """ids (T,) at positions [pos, pos+T) of the open session -> float32 logits (T or 1, vocab)."""
         self.check_ids(ids)
-        with one_thread(ids.shape[0] <= SHORT_STEP_ROWS):
+        with self.threads(ids.shape[0]):
             with self.stats.tee("rope"):
                 tables = {rope: rotary.cos_sin(pos, ids.shape[0]) for rope, rotary in self.rotaries.items()}
             return self._forward(ids, pos, last_only, tables)
@@ -78,10 +80,17 @@ class TeeModel:
         Each sequence's rows are attended over its own cache (rows_attention.RowsAttention, told the
         segments); every other call is a linear over the N rows at once, whatever sequence each is of."""
         self.check_ids(ids)
-        with one_thread(ids.shape[0] <= SHORT_STEP_ROWS):
+        with self.threads(ids.shape[0]):
             with self.stats.tee("rope"):
                 tables = {rope: rotary.cos_sin_at(positions) for rope, rotary in self.rotaries.items()}
             return self._forward(ids, 0, last, tables)
+
+    def threads(self, T: int):
+        """One TEE thread for a short step, or for any step while the server computes on CPU cores: between
+        its parallel regions a second OpenMP thread spins, waiting, on a core the server needs (a 512-token
+        SmolLM2 prefill on two cores shared with the server: 3.3 s on two TEE threads, 2.0 s on one;
+        docs/benchmarks.md). A server on a GPU leaves the cores to the TEE: long steps use them all."""
+        return one_thread(self.shares_cores or T <= SHORT_STEP_ROWS)
 
     def _forward(self, ids: torch.Tensor, pos: int, last, rope_tables: dict) -> torch.Tensor:
         """last: True (the last row's logits), False (every row's) or the rows to keep (a tensor of indices);

@@ -6,6 +6,8 @@ Its compositions (compose.py builds them from the options):
     plain split     remote.RemoteOps(Calls(link, checker), ServerAttention)   the plain protocol
                     remote.RemoteOps(Calls(...), TeeAttention(o_proj: OProj))  --attention tee (or decode:
                     decode_attention.DecodeAttention over both)
+                    remote.RemoteOps(Calls(...), RowsAttention(o_proj: OProj))  the API's batches: each
+                    sequence's rows over its own cache (rows_attention.py, api/batcher.py)
     private         private.PrivateOps: Masked(Checked(Remote)) linears, TeeAttention, the TEE's embedding
     calibration     private.LinearOps: Recording(Local) linears, TeeAttention (the TEE alone)
 
