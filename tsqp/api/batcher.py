@@ -104,6 +104,16 @@ class DecodeBatcher:
     # -- the batch thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as exc:  # a bug here must not leave generations waiting for ever
+            with self.ready:
+                self.closed = True
+                waiting = list(self.pending)
+            self._settle([(r, 0) for r in waiting], error=TsqpError(f"the batcher stopped: {exc!r}"))
+            raise
+
+    def _steps(self) -> None:
         while (plan := self._gather()) is not None:
             try:
                 logits = self._forward(plan)
