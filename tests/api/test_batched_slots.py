@@ -50,7 +50,7 @@ def test_batched_streams_equal_each_alone_and_the_thread_slots():
     with api_process("--model", "tiny", "--parallel", "3", "--slots", "batched", "--arena-name", name) as (url, _, _):
         alone, together = completions(url)
         arenas = sorted(path.name for path in Path("/dev/shm").glob(f"{name}*"))
-        steps, rows = metric(url, "tsqp:batched_decode_steps"), metric(url, "tsqp:batched_decode_rows")
+        steps, rows = metric(url, "tsqp:batched_steps"), metric(url, "tsqp:batched_rows")
     with api_process("--model", "tiny", "--parallel", "3") as (url, _, _):
         threads_alone, _ = completions(url)
     assert together == alone == threads_alone

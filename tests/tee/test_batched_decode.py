@@ -2,7 +2,7 @@
 
 A step's segments (decode rows and prompt chunks of different sequences, each at its own positions over
 its own cache) must give the logits each sequence's own forward pass gives, in every family (windows,
-q/k norms, soft-caps, GQA); generations run at once through one `DecodeBatcher` must give the tokens each
+q/k norms, soft-caps, GQA); generations run at once through one `StepBatcher` must give the tokens each
 gives alone, a prompt longer than a step's rows running in chunks; a lying server must be caught in a
 batched step, failing every generation in it, and the batcher must go on with a fresh model.
 """
@@ -18,7 +18,7 @@ from conftest import token_ids
 from lying_server import LyingEngine, Tamper
 from support import FAMILY_MODELS
 
-from tsqp.api.batcher import BatchedSequence, DecodeBatcher
+from tsqp.api.batcher import BatchedSequence, StepBatcher
 from tsqp.errors import IntegrityError
 from tsqp.server.engine import Engine
 from tsqp.tee.attention import KVCache
@@ -102,7 +102,7 @@ def test_generations_through_the_batcher_equal_each_alone(tiny_model):
     lengths = [12, 7, 12, 9]
     solo = attached(tiny_model, Engine(str(tiny_model)), "server")
     alone = [generate(solo, p, n).generated_ids for p, n in zip(prompts, lengths, strict=True)]
-    batcher = DecodeBatcher(lambda: rows_model(tiny_model, Engine(str(tiny_model))), step_tokens=16, gather_s=0.5)
+    batcher = StepBatcher(lambda: rows_model(tiny_model, Engine(str(tiny_model))), step_tokens=16, gather_s=0.5)
     try:
         together = at_once(batcher, prompts, lengths)
     finally:
@@ -123,7 +123,7 @@ def test_a_lie_in_a_batched_step_fails_every_generation_in_it_and_a_fresh_model_
         opened.append(1)
         return rows_model(tiny_model, liar)
 
-    batcher = DecodeBatcher(open_model, gather_s=0.5)
+    batcher = StepBatcher(open_model, gather_s=0.5)
     try:
         failed = at_once(batcher, prompts, [4, 4])
         assert all(isinstance(result, IntegrityError) for result in failed), failed

@@ -3,7 +3,7 @@
 Slots that are threads share one interpreter lock: four generations at once make four times the TEE's
 Python work per token (every call packed, sent, unpacked and checked once per generation), one at a
 time. Here a generation holds only its KV cache (in the TEE) and its sampling; each of its forward
-passes, its prompt's and each decode step's, is a request to one `DecodeBatcher`, whose thread runs the
+passes, its prompt's and each decode step's, is a request to one `StepBatcher`, whose thread runs the
 requests waiting as the rows of one step (`TeeModel.forward_rows`): one server call per linear for all
 of them, one Freivalds check of each (the batch model's own Verifier: same keys and bounds per row),
 each request's rows attended over its own cache (tee/rows_attention.py).
@@ -55,7 +55,7 @@ class Request:
         return self.ids.shape[0] - self.ran
 
 
-class DecodeBatcher:
+class StepBatcher:
     def __init__(self, open_model: Callable[[], OpenModel], step_tokens: int = STEP_TOKENS, gather_s: float = GATHER_S):
         """open_model: an attached TeeModel whose attention is `RowsAttention` (compose ROWS), opened now and
         again after a failed step."""
@@ -208,7 +208,7 @@ class BatchedSequence:
     stats, ops.open_session/close_session, forward), with only its KV cache held here. Its stats count
     nothing: the traffic is the batch model's, shared by every generation in a step."""
 
-    def __init__(self, batcher: DecodeBatcher):
+    def __init__(self, batcher: StepBatcher):
         self.batcher, self.config = batcher, batcher.config
         self.stats = Stats()
         self.ops = self

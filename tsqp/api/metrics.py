@@ -43,10 +43,10 @@ class Metrics:
         )
 
     def watch_batcher(self, batcher) -> None:
-        """`--slots batched`: the batched decode steps run and the rows they held (their mean batch)."""
+        """`--slots batched`: the batched steps run and the rows they held (prompt rows and decode steps)."""
         r = self.registry
-        steps = Gauge("tsqp:batched_decode_steps", "Decode steps run as one forward pass (--slots batched)", registry=r)
-        rows = Gauge("tsqp:batched_decode_rows", "Generations' decode steps those passes held", registry=r)
+        steps = Gauge("tsqp:batched_steps", "Forward passes run for all generations at once", registry=r)
+        rows = Gauge("tsqp:batched_rows", "Rows those steps held: prompt tokens and decode steps", registry=r)
         steps.set_function(lambda: batcher.steps)
         rows.set_function(lambda: batcher.rows)
 

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from tsqp.api.batcher import BatchedSequence, DecodeBatcher
+from tsqp.api.batcher import BatchedSequence, StepBatcher
 from tsqp.api.slot_process import ClientGone, ProcessSlot
 from tsqp.errors import TsqpError
 from tsqp.model.config import ModelConfig
@@ -70,7 +70,7 @@ class ThreadSlot:
 class BatchedSlot:
     """A slot whose generation holds only its KV cache: every forward pass of it runs in the batcher's steps."""
 
-    def __init__(self, options: RunOptions, server, batcher: DecodeBatcher):
+    def __init__(self, options: RunOptions, server, batcher: StepBatcher):
         """options, server: unused (the batcher holds the one link)."""
         self.batcher = batcher
         self.config: ModelConfig = batcher.config
@@ -116,10 +116,10 @@ class ModelSlots:
         kind: threads, processes or batched (module docstring)."""
         self.options = options
         self.slot = ProcessSlot if kind == "processes" else ThreadSlot
-        self.batcher: DecodeBatcher | None = None
+        self.batcher: StepBatcher | None = None
         if kind == "batched":  # one link, the batch model's, on the first arena name
             batch = dataclasses.replace(batched_options(options), arena_name=arena_names(options.arena_name, 1)[0])
-            self.batcher = DecodeBatcher(functools.partial(open_model, batch, server=server))
+            self.batcher = StepBatcher(functools.partial(open_model, batch, server=server))
             self.slot = functools.partial(BatchedSlot, batcher=self.batcher)
         self.server = server
         self.eos_ids = eos_ids

@@ -33,11 +33,6 @@ class DecodeAttention:
         return self.server.pipelined
 
     @property
-    def cache(self):
-        """The TEE's KVCache of the open session (every position's keys and values, wherever they attended)."""
-        return self.tee.cache
-
-    @property
     def tile(self) -> int:
         return self.server.tile
 
