@@ -205,7 +205,7 @@ class RunOptions:
         choices=("auto", "on", "off"),
     )
     attention: str = option(
-        "plain split's attention: server (5 calls a layer), tee (its own KV cache, 4), decode (prefill: server)",
+        "plain split's attention: server (5 calls a layer), tee (its own KV cache, 4), decode (prefill: server; auto)",
         "auto",
         choices=("auto", "server", "tee", "decode"),
     )

@@ -10,6 +10,7 @@ protocol's validation of the new argument and call; the CLI flag end to end.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +19,14 @@ from conftest import reference_logits, run_tsqp, token_ids
 from lying_server import KINDS, TAMPER_LAYER, LyingEngine, Tamper, two_prefills_and_a_step
 
 from tsqp.errors import IntegrityError, ProtocolError, ServerError
+from tsqp.options import RunOptions
 from tsqp.server.engine import Engine
-from tsqp.tee.compose import tee_model
+from tsqp.tee.compose import run_attention, tee_model
+from tsqp.tee.decode_attention import DecodeAttention
+from tsqp.tee.generate import generate
 from tsqp.tee.remote import InProcess
+from tsqp.tee.runner import open_model
+from tsqp.tee.server_attention import ServerAttention
 from tsqp.wire.protocol import Message
 
 PARTS = [("qkv", "q"), ("qkv", "k"), ("qkv", "v"), ("o_proj", None)]
@@ -207,3 +213,22 @@ def test_cli_attention_tee_matches_transformers(tiny_model, tiny_reference, tmp_
     assert json.loads(here.stdout)["generated_ids"] == json.loads(there.stdout)["generated_ids"]
     refused = run_tsqp("logits", *args, "--attention", "elsewhere")
     assert refused.returncode != 0 and "--attention" in refused.stderr
+
+
+def test_auto_attends_decode_steps_in_the_tee(tiny_model, tiny_reference):
+    """`--attention auto`, the command line's default: the plain split's decode steps attend in the TEE (four
+    calls a layer, no scores round trip), a long prompt on the server; private mode always in the TEE; the
+    library's own default (None) stays the server path."""
+    assert run_attention("auto", private=False) == "decode"
+    assert run_attention("auto", private=True) == "tee"
+    assert [run_attention(a, private=False) for a in ("server", "tee", "decode")] == ["server", "tee", "decode"]
+    assert isinstance(tee_model(tiny_model, InProcess(Engine(tiny_model))).ops.attention, ServerAttention)
+    with open_model(RunOptions(model_dir=Path(tiny_model), start_timeout_s=60)) as tee:
+        assert isinstance(tee.ops.attention, DecodeAttention)
+        layers, ids = tee.config.num_layers, token_ids(9, seed=4)
+        generation = generate(tee, ids.tolist(), 4)
+        assert generation.decode_rpc_calls == 3 * (4 * layers + 2)  # embedding, 4 a layer, lm_head; a step each
+        tee.ops.open_session(ids.shape[0])
+        logits = tee.forward(ids)
+        tee.ops.close_session()
+    assert float((logits - reference_logits(tiny_reference, ids)).abs().max()) < 1e-4

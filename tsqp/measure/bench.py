@@ -23,6 +23,7 @@ from tsqp.measure.reference import time_reference
 from tsqp.measure.replay import Recorder, Recording, open_replayed
 from tsqp.options import RunOptions
 from tsqp.stats import Stats
+from tsqp.tee.compose import run_attention
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
 
@@ -187,7 +188,7 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
 
 def attention_side(options: RunOptions) -> str:
     """Where the run attended: server, tee (private mode, or --attention tee) or decode (prefill on the server)."""
-    return "tee" if options.private else "server" if options.attention == "auto" else options.attention
+    return run_attention(options.attention, options.private)
 
 
 def print_prefill(options: RunOptions, run: Measured, result: dict, console: Console) -> None:

@@ -24,7 +24,7 @@ import torch
 from tsqp.errors import TsqpError
 from tsqp.options import RunOptions
 from tsqp.stats import Stats
-from tsqp.tee.compose import attach, tee_model
+from tsqp.tee.compose import attach, run_attention, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.ops import Draft, Link
 from tsqp.tee.remote import LocalDraft
@@ -141,7 +141,7 @@ class Replayer:
 def open_replayed(options: RunOptions, stats: Stats, recording: Recording) -> Iterator[TeeModel]:
     """A TeeModel in options' (plain) modes over a `Replayer` of recording (no server), attached as
     `open_model` attaches one: the recorded run's first replies are the server's init."""
-    attention = None if options.attention == "auto" else options.attention
+    attention = run_attention(options.attention, False)  # a replay is of the plain split
     replayer = Replayer(recording, stats)
     tee = tee_model(
         options.model_dir, replayer, stats, verify=options.verify, pipeline=options.pipeline, attention=attention

@@ -113,6 +113,10 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
         # which linear kernel wins here, by shape and rows: measured once per host, then kept (kernel_plans.py)
         self.kernel_store = PlanStore.default(kernels.choice()) if self.device.type == "cpu" else None
         self.kernel_timings = tune(self._linear_weights(), store=self.kernel_store) if self.kernel_store else {}
+        self.kernel_plan = {  # the fastest kernel by weight shape and row count, reported by every ping
+            shape: {str(rows): ranking(times)[0] for rows, times in figures.items()}
+            for shape, figures in self.kernel_timings.items()
+        }
         self.tuning_s = time.perf_counter() - started
         self.budget = Budget(max_memory_bytes)
         self.budget.count("kv_cache", self.sessions.cache_bytes)
@@ -262,17 +266,10 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
             "cache_bytes": self.sessions.cache_bytes(),
             "batched": self.batched,
             "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())},
-            "kernels": self.kernel_plan(),
+            "kernels": self.kernel_plan,
             "memory": self.budget.report(),
             "cpu_s": time.process_time(),
         }, []
-
-    def kernel_plan(self) -> dict[str, dict[str, str]]:
-        """The fastest linear kernel measured at load, by weight shape and row count (kernel_tuning.py)."""
-        return {
-            shape: {str(rows): ranking(times)[0] for rows, times in figures.items()}
-            for shape, figures in self.kernel_timings.items()
-        }
 
     def op_init(self, peer, session_id, args):
         c = self.config

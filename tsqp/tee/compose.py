@@ -36,6 +36,7 @@ from tsqp.tee.server_attention import ServerAttention
 from tsqp.tee.verify import Verifier
 
 ATTENTION = ("server", "tee", "decode")  # where attention runs: ServerAttention, TeeAttention, DecodeAttention
+AUTO_PLAIN = "decode"  # `--attention auto` in the plain split: a prompt's prefill on the server, later steps here
 ROWS = "rows"  # a step of many sequences' decode rows (RowsAttention): the API's batcher, not a user's choice
 
 
@@ -69,6 +70,17 @@ def build_ops(
         return RemoteOps(calls, RowsAttention(checkpoint.config, OProj(calls), stats))
     here = TeeAttention(checkpoint.config, OProj(calls), stats)
     return RemoteOps(calls, here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here))
+
+
+def run_attention(attention: str, private: bool) -> str:
+    """Where a run of the command line attends (`--attention`): as asked, and for `auto` in the TEE in private
+    mode, else AUTO_PLAIN. Decode steps in the TEE save a round trip a layer (the scores, 5 calls a layer -> 4)
+    and half a token's bytes, and a prompt of more than SHORT_STEP_ROWS tokens still attends on the server,
+    whose T^2 products a fast server does far quicker (docs/benchmarks.md, "Attention in the TEE").
+    build_ops' own default (None) stays the complete server path: the checks of every server product."""
+    if attention != "auto":
+        return attention
+    return "tee" if private else AUTO_PLAIN
 
 
 def tee_model(model: str | Path | Checkpoint, call: Link | Call, stats: Stats | None = None, **modes) -> TeeModel:

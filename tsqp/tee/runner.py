@@ -10,7 +10,7 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.presets import cache_dir
 from tsqp.options import RunOptions
 from tsqp.stats import Stats
-from tsqp.tee.compose import attach, tee_model
+from tsqp.tee.compose import attach, run_attention, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.ops import Link
@@ -88,7 +88,7 @@ def open_model(
             verify=options.verify,
             pipeline=options.pipeline,
             private=private,
-            attention=None if options.attention == "auto" else options.attention,
+            attention=run_attention(options.attention, options.private),
         )
         if private is not None:
             stack.callback(tee.ops.close)
