@@ -11,6 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 TEE_PID, SERVER_PID = 1, 2
+# A round trip's parts, summed over the calls (Stats.phase_s; floor.py reports them per call):
+#   send       submit to the request being out (placing tensors in the arena, the header, the doorbell)
+#   to_server  out to the server's compute starting (its wake, reading and checking the request)
+#   compute    the server's compute
+#   back       compute done (or the TEE waiting, if later) to the reply in the TEE's hands (the reply's
+#              header, the wake, reading and checking it)
+#   between    the TEE's own work from one call's reply to the next call's submit
+# to_server, compute and back need the server's clock (the same host); `between` skips overlapping calls.
+PHASES = ("send", "to_server", "compute", "back", "between")
 
 
 @dataclass(slots=True)
@@ -39,6 +48,8 @@ class Stats:
     trace: list[dict] | None = None  # Chrome trace events (perf_counter clock, shared by both processes)
     lanes: list[float] = field(default_factory=list)  # per round-trip lane of the trace: when its last call ended
     layer: int | None = None  # the layer the TEE is in, for trace annotations
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # see PHASES
+    last_done: float | None = None  # when the last reply was in hand (for `between`)
 
     def rpc(
         self,
@@ -65,6 +76,7 @@ class Stats:
         self.rpc_calls += 1
         self.rpc_s += (sent_at - start) + (done - waiting)
         self.tee_spans += [(start, sent_at), (waiting, done)]
+        self._phases(start, sent_at, waiting, done, server_start if clocked else None, server_s)
         if clocked:
             self.server_spans.append((server_start, server_start + server_s))
         else:
@@ -74,6 +86,18 @@ class Stats:
         self.bytes_sent += sent
         self.bytes_received += received
         self.server_ops[method].add(server_s)
+
+    def _phases(self, start, sent_at, waiting, done, server_start: float | None, server_s: float) -> None:
+        phase = self.phase_s
+        phase["send"] += sent_at - start
+        if server_start is not None:
+            server_end = server_start + server_s
+            phase["to_server"] += max(server_start - sent_at, 0.0)
+            phase["compute"] += server_s
+            phase["back"] += max(done - max(server_end, waiting), 0.0)
+        if self.last_done is not None and start >= self.last_done:
+            phase["between"] += start - self.last_done
+        self.last_done = done
 
     @property
     def waited_on_server_s(self) -> float:

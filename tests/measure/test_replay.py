@@ -81,6 +81,26 @@ def test_cost_is_the_wall_time_less_the_wait_on_the_server_per_token_and_per_cal
     assert list(figures["ops"]) == ["verify", "rope"]  # largest first
 
 
+def test_a_round_trips_parts_are_summed_per_call_from_its_timestamps():
+    stats = Stats()
+    # out after 10 us, the server starts 30 us later and computes 100 us, the reply in hand 20 us after
+    stats.rpc("qkv", **call(0.0, sent_at=10e-6, server_start=40e-6, server_s=100e-6, done=160e-6))
+    # 50 us of the TEE's own work; the TEE waits only from 300 us, after the server's end at 280 us
+    stats.rpc("down", **call(210e-6, sent_at=220e-6, server_start=230e-6, server_s=50e-6, done=320e-6, waiting=300e-6))
+    phases = {name: round(1e6 * seconds, 6) for name, seconds in stats.phase_s.items()}
+    assert phases == {"send": 20, "to_server": 40, "compute": 150, "back": 40, "between": 50}
+    start = Snapshot({}, calls=0, waited_s=0.0, at=0.0)
+    figures = cost(320e-6, 1, start, Snapshot({}, calls=2, waited_s=0.0, at=320e-6, phases=stats.phase_s))
+    assert figures["call_us"] == pytest.approx({"send": 10, "to_server": 20, "compute": 75, "back": 20, "between": 25})
+
+
+def call(start: float, sent_at: float, server_start: float, server_s: float, done: float, waiting=None) -> dict:
+    return dict(
+        sent=0, received=0, serialize_s=0.0, deserialize_s=0.0, server_s=server_s, start=start, sent_at=sent_at,
+        waiting=sent_at if waiting is None else waiting, done=done, server_start=server_start,
+    )  # fmt: skip
+
+
 def test_bench_replay_reports_the_floor_next_to_the_run(tiny_model, tmp_path):
     path = tmp_path / "bench.json"
     result = run_tsqp(
@@ -95,6 +115,9 @@ def test_bench_replay_reports_the_floor_next_to_the_run(tiny_model, tmp_path):
         assert floor[span]["tokens"] == run[span]["tokens"], span
         assert floor[span]["own_s"] == pytest.approx(floor[span]["seconds"], abs=1e-3), span  # nothing to wait on
         assert "verify" in floor[span]["ops"] and "rmsnorm" in floor[span]["ops"], span
+        parts = run[span]["call_us"]  # a call's parts: what the server computed, and the rest, add up to its time
+        assert parts["compute"] > 0 and floor[span]["call_us"]["compute"] == 0, span
+        assert sum(parts.values()) * run[span]["rpc_calls"] / 1e6 <= run[span]["seconds"] * 1.01, span
     assert figures["rpc_calls"] == run["prefill"]["rpc_calls"]  # the existing fields stay
     assert "floor prefill" in result.stdout
 

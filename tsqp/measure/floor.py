@@ -13,6 +13,8 @@ JSON (`tsqp bench --json`): `tee_cost.prefill` and `tee_cost.decode` for the run
     own_s                              seconds less the wait on the server's compute
     own_ms_per_token, own_us_per_call  own_s per token and per round trip
     ops                                op -> {seconds, count, us_per_token, us_per_call} (the TEE's timed ops)
+    call_us                            a round trip's parts, mean us a call: send, to_server, compute, back,
+                                       between (tsqp/stats.py, PHASES; the floor's server parts are 0)
 
 plus `floor.same_tokens` (the replayed generation's tokens equal the recorded one's) and
 `floor.recorded_bytes` (what the recording held).
@@ -21,12 +23,12 @@ plus `floor.same_tokens` (the replayed generation's tokens equal the recorded on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
 
-from tsqp.stats import Stats
+from tsqp.stats import PHASES, Stats
 
 
 @dataclass
@@ -37,11 +39,12 @@ class Snapshot:
     calls: int
     waited_s: float
     at: float
+    phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # Stats.phase_s
 
     @classmethod
     def of(cls, stats: Stats) -> Snapshot:
         ops = {name: (op.count, op.seconds) for name, op in stats.tee_ops.items()}
-        return cls(ops, stats.rpc_calls, stats.waited_on_server_s, time.perf_counter())
+        return cls(ops, stats.rpc_calls, stats.waited_on_server_s, time.perf_counter(), dict(stats.phase_s))
 
 
 EMPTY = Snapshot({}, 0, 0.0, 0.0)
@@ -70,6 +73,7 @@ def cost(seconds: float, tokens: int, start: Snapshot, end: Snapshot) -> dict:
         "own_ms_per_token": 1e3 * own_s / max(tokens, 1),
         "own_us_per_call": 1e6 * own_s / max(calls, 1),
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["seconds"])),
+        "call_us": {name: 1e6 * (end.phases[name] - start.phases[name]) / max(calls, 1) for name in PHASES},
     }
 
 
@@ -113,3 +117,10 @@ def print_costs(costs: dict[str, dict], console: Console) -> None:
     for op in names:
         ops.add_row(op, *(f"{f['ops'][op]['us_per_call']:.1f}" if op in f["ops"] else "-" for f in costs.values()))
     console.print(ops)
+    parts = Table(title="A round trip's parts: us a call (mean; tsqp/stats.py PHASES)", title_justify="left")
+    parts.add_column("run")
+    for name in PHASES:
+        parts.add_column(name, justify="right")
+    for name, f in costs.items():
+        parts.add_row(name, *(f"{f['call_us'][phase]:.1f}" for phase in PHASES))
+    console.print(parts)
