@@ -130,7 +130,8 @@ def test_cli_stops_with_one_line_against_a_lying_server(model, tmp_path):
         assert wait_for(lambda: (tmp_path / "lying.sock").exists() or server.poll() is not None, 60)
         assert server.poll() is None, server.stderr.read()
         lied = run_tsqp(
-            "logits", "--model", model, "--connect", endpoint, "--token-ids", "1,2,3,4", "--out", tmp_path / "lied.npy"
+            *("logits", "--model", model, "--connect", endpoint, "--token-ids", "1,2,3,4"),
+            *("--attention", "server", "--out", tmp_path / "lied.npy"),  # the lie is about attn_out
         )
         assert_one_line_error(lied, "integrity check failed", "attn_out of layer 1")
         assert not (tmp_path / "lied.npy").exists()
@@ -145,6 +146,8 @@ def test_cli_stops_with_one_line_against_a_lying_server(model, tmp_path):
             "--out",
             tmp_path / "unchecked.npy",
             "--no-verify",
+            "--attention",
+            "server",
         )
         assert unchecked.returncode == 0, unchecked.stderr
     finally:

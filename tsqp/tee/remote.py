@@ -290,10 +290,18 @@ class RemoteOps:
         return y
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's last product, its largest: the request goes out first, and the step's deferred checks
+        run while the server computes it. They pass before its result is read; a failed one gives the request
+        up and raises (the server learns nothing new from x: in the plain split it holds every input)."""
         calls = self.calls
         step, calls.step = calls.step, self.checker.immediate  # the step ends here
-        step.layers_done()  # the layers' checks pass before anything else is asked
         sent = calls.to_wire(x)
-        (y,) = calls.run("lm_head", {}, [sent], [(x.shape[0], self.config.vocab_size)], session=False)
+        request = calls.submit("lm_head", {}, [sent], [(x.shape[0], self.config.vocab_size)], session=False)
+        try:
+            step.layers_done()
+        except BaseException:
+            calls.link.discard(request.id)
+            raise
+        (y,) = calls.collect(request)
         step.lm_head(sent, y)
         return y
