@@ -1,13 +1,17 @@
 """Issue 32's table in one run: two trees (before and after a change) through the same `tsqp bench` commands.
 
     python bench/cost_table.py [--model smollm2-135m-instruct] [--tree before=PATH] [--tree after=PATH]
-                               [--rounds 1] [--only plain,bf16,private,...] [--out DIR]
+                               [--rounds 1] [--only plain,bf16,private,...] [--out DIR] [--pin]
 
 For each configuration and round, each tree's run in turn (`PYTHONPATH=TREE python -m tsqp bench ...
 --json`), so a drift in the shared host's load falls on both alike. Prints one row per tree and
 configuration with the issue's ratios, each measured against transformers (or the plain split) in the
 same `tsqp bench` run; the JSON files stay in --out. A configuration that names a flag a tree lacks (an
 option added after it) fails on that tree alone and is reported as such.
+
+--pin: a server that does not share the TEE's cores, as a GPU or another host would be: each run starts
+the tree's own `tsqp serve` on the last CPU (`taskset`) and the bench on the others (`--connect`), without
+`--compare` (transformers would get the TEE's cores only): the split's own figures, before against after.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 COMMON = ["--tokens", "512", "--decode", "64", "--compare"]
@@ -36,15 +42,33 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default=",".join(CONFIGS), help="configurations, comma-separated")
     parser.add_argument("--out", default="/tmp/cost_table")
+    parser.add_argument("--pin", action="store_true", help="the server on the last CPU, the TEE on the others")
     return parser.parse_args()
 
 
-def run(label: str, tree: str, name: str, model: str, out: Path, round_: int) -> dict | None:
+def run(label: str, tree: str, name: str, model: str, out: Path, round_: int, pin: bool = False) -> dict | None:
     path = out / f"{name}-{label}-{round_}.json"
-    command = [sys.executable, "-m", "tsqp", "bench", "--model", model, *COMMON, *CONFIGS[name]]
-    command += ["--json", str(path)]
+    tsqp = [sys.executable, "-m", "tsqp"]
+    command = [*tsqp, "bench", "--model", model, *COMMON, *CONFIGS[name], "--json", str(path)]
     env = {**os.environ, "PYTHONPATH": tree}
-    done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)  # -m puts the cwd first
+    server = None
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        address = f"ipc://{tempfile.mkdtemp()}/server.sock"
+        serve = ["taskset", "-c", str(cpus[-1]), *tsqp, "serve", "--model", model, "--listen", address]
+        server = subprocess.Popen(serve, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        socket, deadline = Path(address.removeprefix("ipc://")), time.monotonic() + 120
+        while not socket.exists() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the server is listening once its socket is there
+        tee_cpus = ",".join(map(str, cpus[:-1]))
+        command = ["taskset", "-c", tee_cpus, *[c for c in command if c != "--compare"]]
+        command += ["--connect", address, "--connect-timeout", "120"]
+    try:
+        done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True)  # -m: the cwd first
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
     if done.returncode != 0:
         print(f"{name} on {label}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         return None
@@ -66,6 +90,7 @@ def row(result: dict) -> dict:
         "floor_us_per_call": floor.get("own_us_per_call"),
         "private_x_plain": result.get("ratio_plain"),
         "pads_x_float64": result.get("ratio_pads_float64"),
+        "ttft_s": decode.get("ttft_s"),
         "same_tokens": decode.get("same_tokens"),
     }
 
@@ -87,7 +112,7 @@ def main() -> None:
     for name in args.only.split(","):
         for round_ in range(args.rounds):
             for label, tree in trees:
-                result = run(label, tree, name, args.model, out, round_)
+                result = run(label, tree, name, args.model, out, round_, args.pin)
                 if result is not None:
                     rows.append({"config": name, "tree": label, "round": round_, **row(result)})
                     print(json.dumps(rows[-1]), flush=True)

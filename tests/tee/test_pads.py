@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from tsqp.tee.forward import TeeModel
 from tsqp.tee.launcher import ServerProcess
 from tsqp.tee.op_weights import load_weight, model_ops, product
 from tsqp.tee.pad_pool import BLOCK_ROWS, MAGIC, NONCE, PoolError, PoolReader, fill, pool_key, streams
-from tsqp.tee.pads import AHEAD_ROWS, PadReuse, PoolPads
+from tsqp.tee.pads import AHEAD_ROWS, Ahead, PadReuse, PoolPads
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
 from tsqp.wire.curve import generate
@@ -172,6 +173,45 @@ def test_one_row_takes_are_cut_from_rows_expanded_ahead_and_erased(ckpt, tmp_pat
     assert torch.all(held[1:].abs().sum(1) > 0)
     pads.close()
     assert torch.all(held == 0) and pads.ahead == {}  # rows expanded ahead and never used: erased
+
+
+def test_the_next_ops_pad_is_taken_ahead_in_order_and_a_pad_not_asked_for_is_erased(ckpt, tmp_path):
+    """`Ahead`: each op's pad is the pool's, with the right z W^T; the step's next op is taken by the worker
+    thread (long takes only); a pad taken ahead and then not asked for is erased, its rows spent and never
+    handed out."""
+    make_pool(ckpt, tmp_path)
+    stats = Stats()
+    pool = PoolPads(ckpt, ckpt.fingerprint(), F32, tmp_path, stats)
+    taken = []  # every pad the pool handed out, and whether the worker thread took it
+    start = pool.start
+
+    def recorded(op, rows, *label):
+        taken.append((start(op, rows, *label), threading.current_thread() is not threading.main_thread()))
+        return taken[-1][0]
+
+    pool.start = recorded
+    pads = Ahead(pool, ckpt.config)
+    pads.reserve(TOKENS)
+    ops, rows = model_ops(ckpt.config), AHEAD_ROWS
+    for op in ops:  # one step: qkv of layer 0 taken when asked, every later layer op ahead
+        pad = pads.start(op, rows)
+        weight = load_weight(ckpt, op, F32, torch.float64)[0]
+        torch.testing.assert_close(pad.result(), pad.z @ weight.T, rtol=0, atol=1e-12)
+    assert [pad.op for pad, _ in taken] == ops
+    assert [ahead for _, ahead in taken] == [False] + [True] * (len(ops) - 2) + [False]  # LM head: when asked
+    assert stats.tee_ops["pads ahead"].count == len(ops) - 2 and pads.pending is None
+    pads.start(ops[0], rows)  # takes ops[1] ahead ...
+    short = pads.start(ops[1], 3)  # ... asked for 3 rows: that pad erased unused, 3 taken now, none ahead
+    unused = taken[-2][0]
+    assert unused.op == ops[1] and unused.used and torch.all(unused.z == 0) and pads.pending is None
+    assert taken[-1][0] is short and not taken[-1][1]
+    assert pool.readers[0].left(pool.index[ops[1]]) == TOKENS - 2 * rows - 3
+    firsts = [float(row[0]) for p, _ in taken if p is not unused for row in p.z]
+    assert len(set(firsts)) == len(firsts) == rows * (len(ops) + 1) + 3  # no row twice
+    pads.start(ops[2], rows)
+    assert pads.pending is not None
+    pads.close()
+    assert torch.all(taken[-1][0].z == 0) and pads.worker is None  # the last take ahead (ops[3]) erased
 
 
 def test_reader_hands_out_rows_once_and_erases_them(ckpt, tmp_path):

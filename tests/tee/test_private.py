@@ -20,6 +20,8 @@ from tsqp.tee.compose import attach, tee_model
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.generate import generate
 from tsqp.tee.launcher import ServerProcess
+from tsqp.tee.op_weights import Op
+from tsqp.tee.pads import AHEAD_ROWS
 from tsqp.tee.private import PrivateOptions
 from tsqp.tee.remote import InProcess, Synchronous
 from tsqp.wire.client import Client
@@ -218,12 +220,15 @@ def test_a_failed_product_erases_its_pad_and_drops_the_helpers_reply(tiny_model,
         helper=Engine(str(tiny_model)) if helper else None,
     )
     handed = []
-    start = tee.ops.pads.start
-    tee.ops.masked.pads.start = lambda op, rows: handed.append(start(op, rows)) or handed[-1]
-    tee.ops.open_session(6)
+    source = getattr(tee.ops.pads, "source", tee.ops.pads)  # under Ahead: its takes ahead too
+    start = source.start
+    source.start = lambda op, rows, *label: handed.append(start(op, rows, *label)) or handed[-1]
+    tee.ops.open_session(AHEAD_ROWS)  # a take long enough to be taken ahead
     with pytest.raises(ServerError, match="out of memory"):
-        tee.forward(token_ids(6))
-    assert handed[-1].op.name == "down" and handed[-1].used
+        tee.forward(token_ids(AHEAD_ROWS))
+    tee.ops.close()  # a pad taken ahead for the step's next op is erased unused
+    assert Op("down", 0) in [pad.op for pad in handed] and all(pad.used for pad in handed)
+    assert handed[-1].op == (Op("down", 0) if helper else Op("qkv", 1))  # the pool's: taken ahead of its turn
     assert all(bool((pad.z == 0).all()) for pad in handed)  # every pad handed out is erased
     if helper:
         assert tee.ops.options.helper.replies == {}  # the failed call's helper reply was not kept

@@ -8,6 +8,9 @@ Gaussians and, once asked, z W^T (rows, out). `linear.Masked` scales both by the
     HelperPads  a second, non-colluding server computes z W^T from the pad's seed (sent over CurveZMQ)
                 while the primary computes (x + s z) W^T; nothing is precomputed
 
+and one layer over a pool, `Ahead`: the next op's pad is taken from the pool (its z W^T decrypted, its z
+expanded) in a worker thread while the current product is masked, computed and checked.
+
 Every pad is handed out once: a pool's rows are erased as they are taken, a helper's seed is new for
 each call, and a Pad's result can be taken only once.
 """
@@ -15,6 +18,7 @@ each call, and a Pad's result can be taken only once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
 from tsqp.tee.linear import Checked
-from tsqp.tee.op_weights import Op, op_dims
+from tsqp.tee.op_weights import Op, model_ops, op_dims
 from tsqp.tee.pad_pool import PoolClaimed, PoolError, PoolReader, fill, pool_files, pool_key, streams
 from tsqp.wire.pad_seeds import expand, new_seed
 from tsqp.wire.protocol import MASKED_DTYPE, expect
@@ -103,11 +107,12 @@ class PoolPads:
             self.computed_tokens += missing
             self.readers.append(PoolReader(path, pool_key(self.folder), self.fingerprint, self.wire, self.layout))
 
-    def start(self, op: Op, rows: int) -> Pad:
+    def start(self, op: Op, rows: int, label: str = "pads") -> Pad:
+        """The next `rows` rows of the op's stream; `label` names the time in Stats."""
         stream = self.index[op]
         if sum(r.left(stream) for r in self.readers) < rows:
             self.reserve(rows)  # a forward pass outside a reserved session
-        with self.stats.tee("pads"):
+        with self.stats.tee(label):
             width = self.layout[stream].width
             zs, zws, done = [], [], 0
             for reader in self.readers:
@@ -165,6 +170,72 @@ def _keep(reader: PoolReader) -> bool:
         return True
     reader.close()
     return False
+
+
+class Ahead:
+    """A pool source whose next pad is made while the current one is in use: when the step asks for an
+    op's pad, the following op of the same step (the forward order, `model_ops`) with as many rows is
+    taken from the pool in a worker thread (AES-GCM and the keystream's expansion leave the interpreter
+    lock; so do the TEE's waits on the server), and handed out when asked for.
+
+    Only what the step surely asks for next is taken ahead: the ops of one step run in order with the
+    same rows, up to the last layer's down; the LM head (its rows vary) and a step's first op are taken
+    when asked. So are short takes (fewer than AHEAD_ROWS rows: a decode step's): their cost is mostly
+    the interpreter's, which a thread only moves under the step's own Python (one interpreter lock: a
+    decode's `mask` went from 48 to 105 us a call when its one-row pads were taken ahead). A pad taken
+    ahead and not asked for (a failed step, another order) is erased unused: the pool rows it took are
+    spent, never handed out. The source is used by one thread at a time: the worker's take is waited for
+    before anything else touches it."""
+
+    def __init__(self, source: PoolPads, config):
+        self.source, self.stats = source, source.stats
+        ops = model_ops(config)
+        self.following = {op: ops[i + 1] for i, op in enumerate(ops[:-2])}  # down of the last layer: none
+        self.worker: ThreadPoolExecutor | None = None  # started at the first take ahead, ended at close
+        self.pending: tuple[Op, int, Future] | None = None
+
+    # what the benchmark reads of the source
+    offline_s = property(lambda self: self.source.offline_s)
+    computed_tokens = property(lambda self: self.source.computed_tokens)
+    claimed_tokens = property(lambda self: self.source.claimed_tokens)
+    bytes_per_token = property(lambda self: self.source.bytes_per_token)
+
+    def start(self, op: Op, rows: int) -> Pad:
+        pad = self._settle(op, rows)
+        if pad is None:
+            pad = self.source.start(op, rows)
+        following = self.following.get(op)
+        if following is not None and rows >= AHEAD_ROWS:
+            self.worker = self.worker or ThreadPoolExecutor(1, thread_name_prefix="tsqp-pads")
+            self.pending = (following, rows, self.worker.submit(self.source.start, following, rows, "pads ahead"))
+        return pad
+
+    def _settle(self, op: Op, rows: int | None = None) -> Pad | None:
+        """The pad taken ahead if it is the one asked for; otherwise it is erased unused."""
+        if self.pending is None:
+            return None
+        ahead_op, ahead_rows, future = self.pending
+        self.pending = None
+        with self.stats.tee("pads"):
+            pad = future.result()  # the pool's error, if it failed, is raised here
+        if (ahead_op, ahead_rows) == (op, rows):
+            return pad
+        with torch.inference_mode():  # the pool's z W^T is an inference tensor, whoever erases it
+            pad.cancel()
+        return None
+
+    def reserve(self, tokens: int) -> None:
+        self._settle(None)
+        self.source.reserve(tokens)
+
+    def close(self) -> None:
+        try:
+            self._settle(None)
+        finally:
+            self.source.close()
+            if self.worker is not None:
+                self.worker.shutdown(wait=True)
+                self.worker = None
 
 
 class HelperPads:

@@ -37,7 +37,7 @@ from tsqp.tee.freivalds import masked_keys
 from tsqp.tee.linear import Checked, Linear, Masked, Remote, leak_bits
 from tsqp.tee.op_weights import Op, model_ops
 from tsqp.tee.ops import Link
-from tsqp.tee.pads import HelperPads, PoolPads
+from tsqp.tee.pads import Ahead, HelperPads, PoolPads
 from tsqp.tee.remote import server_dtype
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
 
@@ -159,7 +159,8 @@ class PrivateOps(LinearOps):
             self.pads = HelperPads(self.options.helper, self.config, self.checked, self.stats)
         else:
             fingerprint = self.checkpoint.fingerprint()  # the TEE's own: pools are made from its weights
-            self.pads = PoolPads(self.checkpoint, fingerprint, self.wire, self.options.pads_dir, self.stats)
+            pool = PoolPads(self.checkpoint, fingerprint, self.wire, self.options.pads_dir, self.stats)
+            self.pads = Ahead(pool, self.config)  # the next op's pad taken while this one's product is made
         self.linear = None  # install_scales masks it: nothing is sent before the pad scales are known
         self.unmasked = self.checked or remote
         self.setup_s = time.perf_counter() - start
