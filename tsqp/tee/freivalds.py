@@ -16,6 +16,7 @@ times the bound, with one rule for zero, NaN and infinite tolerances.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ EMBED = "model.embed_tokens.weight"
 # -- tolerance and comparison ------------------------------------------------------------------
 
 
+@functools.cache  # a decode step asks it for the same few shapes some 120 times
 def linear_gains(u: float, unit: float, in_dim: int, out_dim: int) -> tuple[float, float]:
     """The bound of a row of y = x W^T + b checked against one secret vector is
     rounding ||y|| + accumulation omega ||x||: (rounding, accumulation) for a result in a dtype of unit
@@ -80,11 +82,15 @@ def ratios(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor) -> torch.T
 def compare(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, what: str, who: str = "server") -> float:
     """The largest ratio (`ratios`) when it is at most 1; raises IntegrityError naming `what` and the first
     element that failed otherwise."""
-    worst = float(ratios(lhs, rhs, bound).max())
+    return compare_difference(lhs - rhs, bound * LAMBDA, what, who)
+
+
+def compare_difference(difference: torch.Tensor, tolerance: torch.Tensor, what: str, who: str = "server") -> float:
+    """`compare` of lhs - rhs against a tolerance already LAMBDA times the bound (the rules of `ratios`)."""
+    worst = float(difference.abs().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0).max())
     if worst <= 1.0:
         return worst
-    tolerance = bound * LAMBDA
-    deviation = (lhs - rhs).abs()
+    deviation = difference.abs()
     bad = ~(deviation <= tolerance) | ~torch.isfinite(tolerance)
     index = tuple(int(i) for i in bad.nonzero()[0])
     raise IntegrityError(

@@ -22,7 +22,7 @@ from tsqp.errors import IntegrityError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
-from tsqp.tee.freivalds import U64, LinearKey, compare, linear_gains, times
+from tsqp.tee.freivalds import LAMBDA, U64, LinearKey, compare_difference, linear_gains, times
 from tsqp.tee.op_weights import Op, op_dims, product
 from tsqp.wire.protocol import MASKED_DTYPE, expect
 
@@ -78,17 +78,19 @@ class Checked:
 
     def check(self, op: Op, x: torch.Tensor, y: torch.Tensor, bias: bool, who: str = "server") -> None:
         """y (T, out) against x (T, in), both float64; bias: y includes the op's bias (a pad does not)."""
-        with self.stats.tee("verify"):
+        with self.stats.tee("verify"):  # in as few tensor operations as it takes: a decode step makes ~120
             key = self.keys[op]
             rounding, accumulation = linear_gains(U64, U64, x.shape[1], y.shape[1])
-            x_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-            y_norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-            bound = rounding * y_norm + accumulation * key.omega * x_norm
-            lhs = times(y, key.s)
-            rhs = times(x, key.w) + (key.bias_s if bias else 0.0)
+            # LAMBDA (rounding ||y|| + accumulation omega ||x||), the bound times LAMBDA, per row
+            tolerance = torch.linalg.vector_norm(y, dim=1, keepdim=True).mul_(LAMBDA * rounding)
+            tolerance.add_(torch.linalg.vector_norm(x, dim=1, keepdim=True), alpha=LAMBDA * accumulation * key.omega)
+            difference = times(y, key.s).sub_(times(x, key.w))  # y s - (x w + b s)
+            if bias:
+                difference.sub_(key.bias_s)
             self.checks += 1
             try:
-                worst = compare(lhs, rhs, bound, f"{'pad for ' if who == 'helper' else ''}{op}", who)
+                what = f"{'pad for ' if who == 'helper' else ''}{op}"
+                worst = compare_difference(difference, tolerance, what, who)
             except IntegrityError as exc:
                 self.failure = str(exc)
                 raise
