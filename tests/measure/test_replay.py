@@ -10,7 +10,7 @@ import torch
 from conftest import run_tsqp, token_ids
 
 from tsqp.errors import IntegrityError, TsqpError
-from tsqp.measure.floor import Snapshot, cost
+from tsqp.measure.floor import DecodeMark, Snapshot, cost
 from tsqp.measure.replay import Recorder, Recording, Replayer
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
@@ -92,6 +92,17 @@ def test_a_round_trips_parts_are_summed_per_call_from_its_timestamps():
     start = Snapshot({}, calls=0, waited_s=0.0, at=0.0)
     figures = cost(320e-6, 1, start, Snapshot({}, calls=2, waited_s=0.0, at=320e-6, phases=stats.phase_s))
     assert figures["call_us"] == pytest.approx({"send": 10, "to_server": 20, "compute": 75, "back": 20, "between": 25})
+
+
+def test_decodes_between_counts_from_the_first_token_not_from_the_prefills_last_reply():
+    stats = Stats()
+    stats.rpc("lm_head", **call(0.0, sent_at=1e-6, server_start=2e-6, server_s=1e-6, done=4e-6))  # prefill's end
+    mark = DecodeMark(stats)
+    mark(7)  # the first token: decode starts here
+    start = mark.first.at
+    stats.rpc("qkv", **call(start + 30e-6, sent_at=start + 31e-6, server_start=start + 32e-6, server_s=1e-6,
+                            done=start + 34e-6))  # fmt: skip
+    assert stats.phase_s["between"] == pytest.approx(30e-6, abs=1e-9)  # not the sampling of the first token
 
 
 def call(start: float, sent_at: float, server_start: float, server_s: float, done: float, waiting=None) -> dict:

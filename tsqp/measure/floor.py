@@ -92,6 +92,7 @@ class DecodeMark:
     def __call__(self, token: int) -> None:
         if self.first is None:
             self.first = Snapshot.of(self.stats)
+            self.stats.last_done = self.first.at  # `between` counts from here: the prefill's tail is not decode's
 
     def cost(self, tokens: int) -> dict:
         end = Snapshot.of(self.stats)
