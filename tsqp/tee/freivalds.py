@@ -75,8 +75,12 @@ def ratios(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor) -> torch.T
     One ratio carries all three rules: a zero tolerance is raised to TINY (an exact zero still passes), NaN
     stays NaN (it fails every comparison), and adding 0 * tolerance turns an infinite tolerance into NaN
     (IEEE: 0 * inf is NaN), which no finite deviation could otherwise exceed."""
-    tolerance = bound * LAMBDA
-    return (lhs - rhs).abs_().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
+    return ratio_of((lhs - rhs).abs_(), bound * LAMBDA)
+
+
+def ratio_of(deviation: torch.Tensor, tolerance: torch.Tensor) -> torch.Tensor:
+    """`ratios` from |lhs - rhs| (overwritten) and LAMBDA times the bound."""
+    return deviation.div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0)
 
 
 def compare(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, what: str, who: str = "server") -> float:
@@ -87,7 +91,7 @@ def compare(lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, what: str
 
 def compare_difference(difference: torch.Tensor, tolerance: torch.Tensor, what: str, who: str = "server") -> float:
     """`compare` of lhs - rhs against a tolerance already LAMBDA times the bound (the rules of `ratios`)."""
-    worst = float(difference.abs().div_(tolerance.clamp_min(TINY)).add_(tolerance, alpha=0.0).max())
+    worst = float(ratio_of(difference.abs(), tolerance).max())
     if worst <= 1.0:
         return worst
     deviation = difference.abs()
