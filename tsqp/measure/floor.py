@@ -12,7 +12,9 @@ JSON (`tsqp bench --json`): `tee_cost.prefill` and `tee_cost.decode` for the run
     seconds, tokens, rpc_calls         wall time, tokens it covered, round trips
     own_s                              seconds less the wait on the server's compute
     own_ms_per_token, own_us_per_call  own_s per token and per round trip
-    ops                                op -> {seconds, count, us_per_token, us_per_call} (the TEE's timed ops)
+    ops                                op -> {seconds, count, us_per_token, us_per_call} (the TEE's timed ops;
+                                       private mode's `pads ahead` runs in a worker thread beside the others,
+                                       its wait in `pads`)
     call_us                            a round trip's parts, mean us a call: send, to_server, compute, back,
                                        between (tsqp/stats.py, PHASES; the floor's server parts are 0)
 
