@@ -10,6 +10,7 @@ attention is far from uniform (so a RoPE or masking bug changes the logits visib
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings as hypothesis_settings
+
+from tsqp.tuning import release_freed_memory
 
 # The README's test command is reproducible: hypothesis draws the same examples every run ("ci"); a random
 # run, with its seed printed, is bench/fuzz.sh (--hypothesis-profile=random --hypothesis-seed=N).
@@ -143,6 +146,16 @@ def _test_environment(tmp_path_factory):
         mp.delenv(name, raising=False)
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _heap_given_back():
+    """Each test module starts from a collected heap with its free pages given back to the OS: the suite runs
+    in one process, and a later module's peak (transformers loading Gemma 3's GGUF, some 3 GB) adds to
+    whatever the earlier ones left in the allocator's arenas."""
+    gc.collect()
+    release_freed_memory()
+    yield
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
