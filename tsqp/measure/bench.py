@@ -172,7 +172,7 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
         "device": options.device,
         "transport": options.transport,
         "pipelined": run.pipelined,
-        "attention": attention_side(options),
+        "attention": run_attention(options.attention, options.private),  # server, tee or decode
         "tee_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
         "verify": options.verify,
@@ -186,11 +186,6 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
     return result
 
 
-def attention_side(options: RunOptions) -> str:
-    """Where the run attended: server, tee (private mode, or --attention tee) or decode (prefill on the server)."""
-    return run_attention(options.attention, options.private)
-
-
 def print_prefill(options: RunOptions, run: Measured, result: dict, console: Console) -> None:
     """The prefill's line, its mode's (pads or attention), verification's cost, and the counters' table."""
     tokens, prefill_s = run.main.tokens, run.main.seconds
@@ -201,8 +196,8 @@ def print_prefill(options: RunOptions, run: Measured, result: dict, console: Con
     )
     if run.private:
         print_private(run.private, console)
-    elif attention_side(options) != "server":
-        where = "every step" if attention_side(options) == "tee" else "decode steps; the prefill's on the server"
+    elif result["attention"] != "server":
+        where = "every step" if result["attention"] == "tee" else "decode steps; the prefill's on the server"
         console.print(f"attention: in the TEE over its own KV cache (qkv returns v, o_proj a call): {where}")
     else:
         console.print(
