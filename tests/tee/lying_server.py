@@ -72,14 +72,14 @@ class LyingEngine(Engine):
 
     def handle(self, peer, request, *rest, **options):
         reply_args, results = super().handle(peer, request, *rest, **options)
-        method, plan = request.header.get("method"), self.plan
-        key = (method, tuple(tuple(t.shape) for t in results))
-        honest = [t.clone() for t in results]
-        layer = request.args.get("layer")
-        if isinstance(plan, Tamper) and plan.op == method and layer in (None, TAMPER_LAYER):
-            if plan.kind != "stale" or key in self.previous:
-                self.tampered += self._tamper(plan, request, results, self.previous.get(key))
-        self.previous[key] = honest
+        plan = self.plan
+        for method, layer, part in products(request, results):
+            key = (method, tuple(tuple(t.shape) for t in part))
+            honest = [t.clone() for t in part]
+            if isinstance(plan, Tamper) and plan.op == method and layer in (None, TAMPER_LAYER):
+                if plan.kind != "stale" or key in self.previous:
+                    self.tampered += self._tamper(plan, request, part, self.previous.get(key))
+            self.previous[key] = honest
         return reply_args, results
 
     def _tamper(self, plan: Tamper, request, results: list[torch.Tensor], stale) -> bool:
@@ -156,6 +156,17 @@ class LyingEngine(Engine):
                     values += values.abs().max() + 1
                     self.tampered += 1
         return results
+
+
+def products(request, results: list[torch.Tensor]) -> list[tuple[str, int | None, list[torch.Tensor]]]:
+    """A reply's products as (op, layer, its results): a fused call's two (server/fused_calls.py), each a
+    list of the reply's own tensors (tampering with one tampers with the reply)."""
+    method, layer = request.header.get("method"), request.args.get("layer")
+    if method == "o_proj_gate_up":
+        return [("o_proj", layer, results[:1]), ("gate_up", layer, results[1:])]
+    if method == "down_qkv":
+        return [("down", layer, results[:1]), ("qkv", layer + 1, results[1:])]
+    return [(method, layer, results)]
 
 
 def two_prefills_and_a_step(tee) -> list[torch.Tensor]:

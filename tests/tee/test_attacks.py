@@ -118,7 +118,7 @@ def world(checkpoints, tmp_path_factory) -> World:
     w = World(path, ids, other, activations(reference, ids), activations(reference, other))
     pads = tmp_path_factory.mktemp("pads")
     server = RecordingServer(path)
-    plain = tee_model(path, server)
+    plain = tee_model(path, server, fuse=False)  # each linear's input received as a call's (fused: the residual)
     private = tee_model(path, server, private=PrivateOptions(pads_dir=pads))
     fresh = tee_model(path, server, private=PrivateOptions(pads_dir=pads))
     runs = [(plain, "plain", ids), (plain, "plain again", ids), (plain, "plain other", other)]

@@ -14,9 +14,9 @@ tensor-parallel server (parallel.py) rank 0 sends the step with its calls to the
 runs the same step method; on a single server the share is the whole model and the collectives do nothing.
 
 Here: dispatch, the control calls (sessions, init, ping) and the validation helpers. The data calls are
-mixed in by seam: layer_calls.py (plain mode), masked_weights.py (private mode and its float64 weights),
-seed_calls.py (the seed's generic calls); sessions.py keeps the sessions' books, sharded.py the linears
-over the ranks' shares, budget.py the memory budget.
+mixed in by seam: layer_calls.py (plain mode), fused_calls.py (its two-product calls), masked_weights.py
+(private mode and its float64 weights), seed_calls.py (the seed's generic calls); sessions.py keeps the
+sessions' books, sharded.py the linears over the ranks' shares, budget.py the memory budget.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
+from tsqp.model.norms import Norms
 from tsqp.server import kernels
 from tsqp.server.budget import Budget
 from tsqp.server.calls import Call, int_arg
+from tsqp.server.fused_calls import FUSED, FusedCalls
 from tsqp.server.kernel_plans import PlanStore
 from tsqp.server.kernel_tuning import ranking, tune
 from tsqp.server.layer_calls import LayerCalls
@@ -52,14 +54,14 @@ from tsqp.wire.protocol import (
 )
 
 # several clients' rows, one product
-BATCHED = ("qkv", "attn_out", "o_proj", "gate_up", "down", "lm_head", "masked_linear")
+BATCHED = ("qkv", "attn_out", "o_proj", "gate_up", "down", "lm_head", "masked_linear", *FUSED)
 PRIVATE_ONLY_METHODS = ("init", "ping", "attach_arena", "echo", "masked_linear", "pad")  # no sessions: no KV cache
 
 Item = tuple[bytes, Message, Alloc | None]  # (peer, request, reply slot allocator or None)
 Outcome = tuple[dict, list[torch.Tensor]] | Exception  # (reply args, result tensors), or why it was refused
 
 
-class Engine(LayerCalls, PrivateCalls, SeedCalls):
+class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
     """One server rank's model and sessions, and every call of the protocol (op_ on rank 0, step_ on every rank)."""
 
     def __init__(
@@ -95,6 +97,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
         self.linears = Linears(self.ranks, self.shards, self.device, self.dtype)
         self.masked = MaskedWeights(self.config, self.dtype, self)
         self.fingerprint = self.checkpoint.fingerprint()
+        self.norms = Norms(self.checkpoint)  # the fused calls compute a product's input from the residual stream
         self.batched = 0  # requests that ran in a product shared with other clients' (handle_batch)
         self.batch_sizes: Counter[int] = Counter()  # products of batchable ops by how many requests shared them
         self.private_only = private_only
@@ -159,7 +162,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
         if not isinstance(request, Message):
             return None
         method, args = request.header.get("method"), request.args
-        if method not in BATCHED or len(request.tensors) != 1:
+        if method not in BATCHED or len(request.tensors) != METHODS[method]:
             return None
         layer, op = args.get("layer"), args.get("op")
         if not isinstance(layer, (int, type(None))) or not isinstance(op, (str, type(None))):
@@ -285,6 +288,7 @@ class Engine(LayerCalls, PrivateCalls, SeedCalls):
             "layers": c.num_layers,
             "hidden": c.hidden_size,
             "vocab": c.vocab_size,
+            "fused": self.fuses,  # o_proj_gate_up and down_qkv (fused_calls.py)
         }
         return info, []
 

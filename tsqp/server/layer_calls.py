@@ -76,11 +76,14 @@ class LayerCalls:
 
         args.values (optional, a bool): v (T, kv_dim) in the server dtype as a second result, for a TEE that
         attends over its own cache (the server caches it all the same: a later call may score with it)."""
+        return self._qkv(session, args, self._activation(x, self.config.hidden_size))
+
+    def _qkv(self, session: Session, args, x) -> Call:
+        """qkv's books for x (T, hidden): its position, room and working memory (a fused down_qkv's too)."""
         layer, pos = self._layer_pos(session, args)
         values = args.get("values", False)
         if not isinstance(values, bool):
             raise ProtocolError(f"argument 'values' must be true or false, got {values!r}")
-        x = self._activation(x, self.config.hidden_size)
         self._check_room(session, pos, x.shape[0])
         c = self.config
         # q and k (and v returned) in the server dtype; v, and x cast for it, in float32

@@ -80,7 +80,8 @@ class TeeAttention:
         return True
 
     def __init__(self, config: ModelConfig, o_proj, stats: Stats):
-        """o_proj: (layer, out (T, q_dim)) -> out W_o^T + b_o (T, hidden), through the linear seam."""
+        """o_proj: (layer, out (T, q_dim), residual or None) -> out W_o^T + b_o (T, hidden), through the linear
+        seam (residual: `ops.Attention`'s)."""
         self.config, self.o_proj, self.stats = config, o_proj, stats
         self.cache: KVCache | None = None
 
@@ -98,8 +99,8 @@ class TeeAttention:
             raise TsqpError("open a session before the per-layer calls")
         self.cache.put_values(layer, pos, v.reshape(-1, self.config.num_kv_heads, self.config.head_dim))
 
-    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
-        """softmax_: unused (the fused kernel runs it)."""
+    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None, residual=None):
+        """softmax_: unused (the fused kernel runs it); residual: handed to o_proj (`ops.Attention`)."""
         with self.stats.tee("attention"):
             out = self.cache.attend(layer, pos, q, k, self.config.family.windows[layer])  # (T, q_dim)
-        return self.o_proj(layer, out)
+        return self.o_proj(layer, out, residual)

@@ -48,13 +48,15 @@ def build_ops(
     pipeline: str = "auto",
     private: PrivateOptions | None = None,
     attention: str | None = None,
+    fuse: bool = True,
 ) -> Ops:
     """call: a `wire.client.Client`, a `remote.InProcess`, or a call function.
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
     the server reports a GPU device): see server_attention.py. private: private mode's options; None: the
     plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
-    split's (private mode's is always in the TEE); by default where the mode runs it."""
+    split's (private mode's is always in the TEE); by default where the mode runs it. fuse: the plain split
+    sends fused calls (two products a call, server/fused_calls.py) when the server computes them."""
     attention = attention or ("tee" if private is not None else "server")
     if attention not in ATTENTION and not (attention == ROWS and private is None):
         raise TsqpError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")
@@ -65,11 +67,12 @@ def build_ops(
         return PrivateOps(link, checkpoint, private, stats, verify=verify)
     calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
     if attention == "server":
-        return RemoteOps(calls, ServerAttention(calls, pipeline))
+        return RemoteOps(calls, ServerAttention(calls, pipeline), fuse)
     if attention == ROWS:
-        return RemoteOps(calls, RowsAttention(checkpoint.config, OProj(calls), stats))
+        return RemoteOps(calls, RowsAttention(checkpoint.config, OProj(calls), stats), fuse)
     here = TeeAttention(checkpoint.config, OProj(calls), stats)
-    return RemoteOps(calls, here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here))
+    where = here if attention == "tee" else DecodeAttention(ServerAttention(calls, pipeline), here)
+    return RemoteOps(calls, where, fuse)
 
 
 def run_attention(attention: str, private: bool) -> str:

@@ -56,8 +56,8 @@ class DecodeAttention:
     def put_values(self, layer: int, pos: int, v: torch.Tensor) -> None:
         self.tee.put_values(layer, pos, v)
 
-    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
+    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax, residual=None):
         if self.attends_here(pos, q.shape[0]):
-            return self.tee(layer, pos, q, k)
+            return self.tee(layer, pos, q, k, residual=residual)
         self.tee.cache.put_keys(layer, pos, k)  # for the decode steps after this prefill
         return self.server(layer, pos, q, k, softmax_)

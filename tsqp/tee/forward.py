@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from tsqp.errors import TsqpError
-from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
+from tsqp.model.checkpoint import Checkpoint, layer_prefix
+from tsqp.model.norms import Norms
 from tsqp.stats import Stats
 from tsqp.tee.ops import Ops
 from tsqp.tee.remote import server_dtype
@@ -35,7 +36,7 @@ class TeeModel:
         self.family = f = c.family
         self.fingerprint = checkpoint.fingerprint()
         # gains as the norm multiplies by them, in float32: w, or Gemma's 1 + w
-        self.norms = {name: t.to(torch.float32) + f.norm_offset for name, t in checkpoint.tensors(norm_weight_names(c))}
+        self.norms = Norms(checkpoint)
         self.rotaries = {rope: Rotary(rope, c.head_dim) for rope in {f.layer_rope(i) for i in range(c.num_layers)}}
         self.activation = ACTIVATIONS[f.activation]
         self.embed_scale = f.embed_scale  # rounded to the server's dtype once attached
@@ -61,7 +62,7 @@ class TeeModel:
         if name is None:
             return x
         with self.stats.tee("rmsnorm"):  # one fused op: x rsqrt(mean(x^2) + eps) w, in float32
-            return F.rms_norm(x, x.shape[-1:], self.norms[name], self.config.rms_norm_eps)
+            return self.norms(x, name)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int = 0, last_only: bool = False) -> torch.Tensor:
@@ -115,13 +116,18 @@ class TeeModel:
         return logits
 
     def _layer(self, layer: int, pos: int, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """One decoder layer on x (T, hidden) at positions [pos, pos+T)."""
-        c, f, ops, stats = self.config, self.family, self.ops, self.stats
-        T, p = x.shape[0], layer_prefix(layer)
-        h = self.rms_norm(x, norm_name(p, f.attn_in_norm))
+        """One decoder layer on x (T, hidden) at positions [pos, pos+T).
+
+        The residual stream x goes with the products that end each half (attention's o_proj, down): ops that
+        fuse calls (the plain split's, fused_calls.py) send it, and the server computes the next product's
+        input from it exactly as the TEE does here; the TEE checks that product against its own input."""
+        c, f, ops, stats, norms = self.config, self.family, self.ops, self.stats, self.norms
+        T = x.shape[0]
+        h = self.rms_norm(x, norms.layer(layer, f.attn_in_norm))
         q, k = ops.qkv(layer, pos, h)  # (T, q_dim), (T, kv_dim)
         q, k = q.view(T, c.num_heads, c.head_dim), k.view(T, c.num_kv_heads, c.head_dim)
         if f.qk_norm:  # per head, before rope
+            p = layer_prefix(layer)
             q, k = self.rms_norm(q, p + "self_attn.q_norm.weight"), self.rms_norm(k, p + "self_attn.k_norm.weight")
         with stats.tee("rope"):
             q, k = Rotary.apply(q, *cos_sin), Rotary.apply(k, *cos_sin)
@@ -129,16 +135,17 @@ class TeeModel:
                 q = q * f.query_scale
         window = f.windows[layer]
         softmax_ = self.softmax_ if window is None else functools.partial(self.softmax_, window=window)
-        attn = ops.attention(layer, pos, q, k, softmax_)  # o_proj(softmax(q k^T) V) (T, hidden)
-        attn = self.rms_norm(attn, norm_name(p, f.attn_out_norm))
+        attn = ops.attention(layer, pos, q, k, softmax_, residual=x)  # o_proj(softmax(q k^T) V) (T, hidden)
+        attn = self.rms_norm(attn, norms.layer(layer, f.attn_out_norm))
         with stats.tee("residual"):
             x = x + attn
-        h = self.rms_norm(x, norm_name(p, f.mlp_in_norm))
+        h = self.rms_norm(x, norms.layer(layer, f.mlp_in_norm))
         gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
         with stats.tee("act_mul"):  # the gated activation: act(gate) * up
             act = self.activation(gate).mul_(up)
-        mlp = ops.down(layer, act)  # (T, hidden)
-        mlp = self.rms_norm(mlp, norm_name(p, f.mlp_out_norm))
+        last = layer == c.num_layers - 1  # its down is followed by the final norm and the LM head: not fused
+        mlp = ops.down(layer, act, residual=None if last else x)  # (T, hidden)
+        mlp = self.rms_norm(mlp, norms.layer(layer, f.mlp_out_norm))
         with stats.tee("residual"):
             return x + mlp
 
@@ -160,11 +167,6 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise TsqpError(f"token id {bad} is out of range: the vocabulary has {vocab_size} entries")
-
-
-def norm_name(prefix: str, norm: str | None) -> str | None:
-    """A layer's norm gain by its checkpoint name, or None where the family has none."""
-    return None if norm is None else f"{prefix}{norm}.weight"
 
 
 @functools.lru_cache(maxsize=8)

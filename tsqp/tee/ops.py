@@ -28,6 +28,7 @@ import torch
 from tsqp.wire.protocol import Message
 
 Call = Callable[..., Message]  # call(method, args=None, tensors=(), session=None, reply_bytes=0) -> reply
+Residual = torch.Tensor | None  # the residual stream (T, hidden) a product's result is added to, if given
 Softmax = Callable[[torch.Tensor], torch.Tensor]  # a tile's scores (heads, rows, keys) -> probs, in place
 
 
@@ -51,14 +52,18 @@ class Ops(Protocol):
     def qkv(self, layer: int, pos: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> q (T, q_dim), k (T, kv_dim) before RoPE; v is kept where attention runs."""
 
-    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
-        """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE."""
+    def attention(
+        self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax, residual: Residual = None
+    ) -> torch.Tensor:
+        """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE.
+        residual: the stream (T, hidden) the result is added to; ops that fuse calls send it with o_proj, and
+        the server computes gate_up from it (server/fused_calls.py): the next `gate_up` is then its result."""
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> gate, up (T, intermediate) each."""
 
-    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        """a (T, intermediate) -> (T, hidden)."""
+    def down(self, layer: int, a: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """a (T, intermediate) -> (T, hidden). residual: as attention's; the next layer's qkv comes with it."""
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, hidden) -> logits (T, vocab)."""
@@ -71,8 +76,11 @@ class Attention(Protocol):
 
     def close_session(self) -> None: ...
 
-    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
-        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> (T, hidden)."""
+    def __call__(
+        self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax, residual: Residual = None
+    ) -> torch.Tensor:
+        """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> (T, hidden); residual: handed to
+        o_proj where the seam calls it (`remote.OProj` may fuse gate_up into that call)."""
 
 
 class Draft(Protocol):

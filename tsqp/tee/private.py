@@ -69,7 +69,7 @@ class LinearOps:
     def __init__(self, config: ModelConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
         """embed: the whole embedding table (None until init); linear: None until attached."""
         self.config, self.embed, self.linear, self.stats = config, embed, linear, stats
-        self.attention = TeeAttention(config, lambda layer, out: self._run(Op("o_proj", layer), out), stats)
+        self.attention = TeeAttention(config, lambda layer, out, _residual: self._run(Op("o_proj", layer), out), stats)
 
     def init(self) -> dict:
         """Nothing to meet: the seam is the TEE's own (a subclass meets a server)."""
@@ -106,7 +106,8 @@ class LinearOps:
         gate, up = self._run(Op("gate_up", layer), h).split([inter, inter], dim=1)
         return gate, up
 
-    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+    def down(self, layer: int, a: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: unused (private mode fuses no calls: the server sees only masked inputs)."""
         return self._run(Op("down", layer), a)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,11 @@ results are converted to float32 copies owned by the TEE before any math touches
 gate_up, down and lm_head are calls; `attention` is its own seam (server_attention.py, or attention.py's
 TeeAttention: qkv returns v and o_proj is the call `OProj`); every result passes through the checker's
 hooks (checks.py) with what was sent.
+
+Fused calls (a server whose init says `fused`, server/fused_calls.py): o_proj goes with the TEE's residual
+stream and comes back with gate_up (`o_proj_gate_up`), down with the next layer's qkv (`down_qkv`): two
+round trips a layer instead of four. The second product's result waits in `Calls.next` until the forward
+pass asks for it with its own input, which is what it is checked against: the same hooks, in the same order.
 """
 
 from __future__ import annotations
@@ -72,6 +77,15 @@ class Synchronous:
 
 
 @dataclass(slots=True)
+class Next:
+    """A fused call's second product, computed by the server from the residual stream the TEE sent."""
+
+    op: str  # gate_up or qkv
+    layer: int
+    results: list[torch.Tensor]
+
+
+@dataclass(slots=True)
 class Request:
     """A request in flight, with what its reply must hold and what was sent (verification needs it)."""
 
@@ -127,6 +141,8 @@ class Calls:
         self.session: bytes | None = None
         self.step: StepCheck = self.checker.immediate  # the open step's checks (call by call outside one)
         self.stats = stats or Stats()
+        self.fused = False  # the server computes fused calls (its init says so) and the ops may send them
+        self.next: Next | None = None  # the last fused call's second product, until the forward asks for it
 
     @property
     def wire_name(self) -> str:
@@ -149,10 +165,13 @@ class Calls:
         inputs: list[torch.Tensor],
         shapes: list[tuple[int, ...]],
         session: bool = True,
+        exact: tuple[torch.Tensor, ...] = (),
     ) -> Request:
+        """exact: inputs sent as they are, after `inputs` (a fused call's float32 residual stream)."""
         if self.checker.failure is not None:  # nothing more is sent after a failed check
             self.checker.usable()
-        sent = [self.to_wire(t) for t in inputs]
+        self.next = None  # a fused result not asked for before the next call is not used
+        sent = [self.to_wire(t) for t in inputs] + list(exact)
         reply_bytes = sum(math.prod(shape) for shape in shapes) * self.wire.itemsize
         session_id = self.session if session else None
         request_id = self.link.submit(method, args, sent, session=session_id, reply_bytes=reply_bytes)
@@ -172,10 +191,22 @@ class Calls:
                 return [t.clone() for t in reply.tensors]
             return [t.to(torch.float32) for t in reply.tensors]
 
-    def run(
-        self, method: str, args: dict, inputs: list[torch.Tensor], shapes: list[tuple[int, ...]], session: bool = True
-    ) -> list[torch.Tensor]:
-        return self.collect(self.submit(method, args, inputs, shapes, session))
+    def run(self, method: str, args: dict, inputs: list[torch.Tensor], shapes, **options) -> list[torch.Tensor]:
+        """submit (options: session, exact), then collect."""
+        return self.collect(self.submit(method, args, inputs, shapes, **options))
+
+    def fuses(self, residual: torch.Tensor | None) -> bool:
+        """Whether a product with this residual stream (None: none given) goes out as a fused call."""
+        return self.fused and residual is not None
+
+    def take(self, op: str, layer: int) -> list[torch.Tensor] | None:
+        """The product op of layer if the last call computed it (fused), else None: it is asked for now."""
+        ready, self.next = self.next, None
+        if ready is None:
+            return None
+        if (ready.op, ready.layer) != (op, layer):  # the forward pass asks in the order the server computes
+            raise TsqpError(f"{op} of layer {layer} asked for after a fused call computed {ready.op} of {ready.layer}")
+        return ready.results
 
 
 class OProj:
@@ -185,11 +216,17 @@ class OProj:
     def __init__(self, calls: Calls):
         self.calls = calls
 
-    def __call__(self, layer: int, out: torch.Tensor) -> torch.Tensor:
-        """out (T, q_dim) -> out W_o^T + b_o (T, hidden), checked."""
-        calls = self.calls
+    def __call__(self, layer: int, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """out (T, q_dim) -> out W_o^T + b_o (T, hidden), checked. residual (T, hidden): the stream the result
+        is added to; on a fused server gate_up comes back with it (`Calls.next`), computed from it."""
+        calls, c, T = self.calls, self.calls.config, out.shape[0]
         sent = calls.to_wire(out)
-        (y,) = calls.run("o_proj", {"layer": layer}, [sent], [(out.shape[0], calls.config.hidden_size)])
+        if calls.fuses(residual):
+            shapes = [(T, c.hidden_size), (T, 2 * c.intermediate_size)]
+            y, gate_up = calls.run("o_proj_gate_up", {"layer": layer}, [sent], shapes, exact=(residual,))
+            calls.next = Next("gate_up", layer, [gate_up])
+        else:
+            (y,) = calls.run("o_proj", {"layer": layer}, [sent], [(T, c.hidden_size)])
         calls.step.o_proj(layer, sent, y)
         return y
 
@@ -197,10 +234,13 @@ class OProj:
 class RemoteOps:
     """The plain split (`ops.Ops`): every product on the server, attention where `attention` runs it."""
 
-    def __init__(self, calls: Calls, attention: Attention):
-        """attention: the seam itself is the `attention` op (the forward pass calls it directly)."""
+    def __init__(self, calls: Calls, attention: Attention, fuse: bool = True):
+        """attention: the seam itself is the `attention` op (the forward pass calls it directly). fuse: send
+        fused calls when the server computes them (off: four or five calls a layer, for comparison)."""
         self.calls, self.attention = calls, attention
         self.config, self.checker = calls.config, calls.checker
+        self.fuse = fuse
+        self.pos = 0  # the open step's first position: a fused down's qkv is at it
 
     @property
     def link(self) -> Link:
@@ -228,6 +268,7 @@ class RemoteOps:
 
     def init(self) -> dict:
         info = self.calls.init()
+        self.calls.fused = self.fuse and info.get("fused") is True
         self.attention.init(info)
         return info
 
@@ -249,6 +290,7 @@ class RemoteOps:
 
     def begin_step(self, pos: int, T: int) -> None:
         self.calls.step = self.checker.begin_step(pos, T, self.attention)
+        self.calls.next, self.pos = None, pos
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -262,30 +304,44 @@ class RemoteOps:
         attention keeps values (`attention.TeeAttention`: its own cache)."""
         calls, c, T = self.calls, self.config, h.shape[0]
         sent = calls.to_wire(h)
-        if not self.attention.keeps_values:
-            (qk,) = calls.run("qkv", {"layer": layer, "pos": pos}, [sent], [(T, c.q_dim + c.kv_dim)])
-        else:
-            args = {"layer": layer, "pos": pos, "values": True}
-            qk, v = calls.run("qkv", args, [sent], [(T, c.q_dim + c.kv_dim), (T, c.kv_dim)])
+        results = calls.take("qkv", layer)
+        if results is None:
+            args = {"layer": layer, "pos": pos} | ({"values": True} if self.attention.keeps_values else {})
+            results = calls.run("qkv", args, [sent], self._qkv_shapes(T))
+        qk, *v = results
         q, k = qk.split([c.q_dim, c.kv_dim], dim=1)
         calls.step.qkv(layer, pos, sent, q, k)
-        if self.attention.keeps_values:
-            calls.step.values(layer, pos, sent, v)
-            self.attention.put_values(layer, pos, v)
+        if v:
+            calls.step.values(layer, pos, sent, v[0])
+            self.attention.put_values(layer, pos, v[0])
         return q, k
+
+    def _qkv_shapes(self, T: int) -> list[tuple[int, ...]]:
+        """qkv's results: [q | k], and v when the attention keeps values."""
+        c = self.config
+        return [(T, c.q_dim + c.kv_dim)] + [(T, c.kv_dim)] * self.attention.keeps_values
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls, inter = self.calls, self.config.intermediate_size
         sent = calls.to_wire(h)
-        (gate_up,) = calls.run("gate_up", {"layer": layer}, [sent], [(h.shape[0], 2 * inter)])
+        shapes = [(h.shape[0], 2 * inter)]
+        (gate_up,) = calls.take("gate_up", layer) or calls.run("gate_up", {"layer": layer}, [sent], shapes)
         gate, up = gate_up.split([inter, inter], dim=1)
         calls.step.gate_up(layer, sent, gate, up)
         return gate, up
 
-    def down(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        calls = self.calls
+    def down(self, layer: int, a: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """a (T, intermediate) -> (T, hidden); on a fused server, with residual, the next layer's qkv comes
+        back with it, at the step's position (`Calls.next`)."""
+        calls, T = self.calls, a.shape[0]
         sent = calls.to_wire(a)
-        (y,) = calls.run("down", {"layer": layer}, [sent], [(a.shape[0], self.config.hidden_size)])
+        if calls.fuses(residual) and layer + 1 < self.config.num_layers:
+            args = {"layer": layer, "pos": self.pos, "values": self.attention.keeps_values}
+            shapes = [(T, self.config.hidden_size), *self._qkv_shapes(T)]
+            y, *results = calls.run("down_qkv", args, [sent], shapes, exact=(residual,))
+            calls.next = Next("qkv", layer + 1, results)
+        else:
+            (y,) = calls.run("down", {"layer": layer}, [sent], [(T, self.config.hidden_size)])
         calls.step.down(layer, sent, y)
         return y
 

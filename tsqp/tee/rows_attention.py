@@ -37,7 +37,7 @@ class RowsAttention:
     keeps_values = True  # qkv returns v: each segment's goes to its own cache
 
     def __init__(self, config: ModelConfig, o_proj, stats: Stats):
-        """o_proj: (layer, out (N, q_dim)) -> (N, hidden), the server call."""
+        """o_proj: (layer, out (N, q_dim), residual or None) -> (N, hidden), the server call (remote.OProj)."""
         self.config, self.o_proj, self.stats = config, o_proj, stats
         self.segments: list[Segment] = []  # in row order, covering every row
 
@@ -64,10 +64,10 @@ class RowsAttention:
         for segment, values in zip(self.segments, self._split(v), strict=True):
             segment.cache.put_values(layer, segment.pos, values.view(-1, c.num_kv_heads, c.head_dim))
 
-    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None) -> torch.Tensor:
+    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_=None, residual=None):
         """q (N, heads, hd), k (N, kv_heads, hd) post-RoPE, each segment at its own positions -> (N, hidden)."""
         window = self.config.family.windows[layer]
         with self.stats.tee("attention"):
             parts = zip(self.segments, self._split(q), self._split(k), strict=True)
             out = torch.cat([s.cache.attend(layer, s.pos, q_s, k_s, window) for s, q_s, k_s in parts])  # (N, q_dim)
-        return self.o_proj(layer, out)
+        return self.o_proj(layer, out, residual)

@@ -54,8 +54,9 @@ class ServerAttention:
 
     def close_session(self) -> None: ...
 
-    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax) -> torch.Tensor:
+    def __call__(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax, residual=None):
         """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE
+        (residual: unused, attn_out fuses no later product)
         at positions [pos, pos+T); softmax_ runs on the TEE, in place on each query tile of scores.
 
         While the TEE works on one chunk the server has the next two chunks' scores to compute (LOOKAHEAD),

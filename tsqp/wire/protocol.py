@@ -56,7 +56,8 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # Every call and the number of tensors it takes. The seed's vocabulary (embedding, linear,
 # batch_linear, matmul, lm_head) stays for tools that drive the server op by op; the TEE forward pass
 # uses the fused per-layer calls, one round trip between two TEE steps: five a layer (four with attention
-# in the TEE: qkv returns v too, args values, and o_proj takes the TEE's attention output).
+# in the TEE: qkv returns v too, args values, and o_proj takes the TEE's attention output; two on a server
+# whose init reply says `fused`: o_proj_gate_up and down_qkv, each with the TEE's float32 residual stream).
 METHODS: dict[str, int] = {
     "init": 0,
     "ping": 0,
@@ -75,11 +76,13 @@ METHODS: dict[str, int] = {
     "o_proj": 1,
     "gate_up": 1,
     "down": 1,  # fused, per layer, need a session
+    "o_proj_gate_up": 2,  # o_proj, then gate_up from the TEE's residual stream (server/fused_calls.py)
+    "down_qkv": 2,  # down, then the next layer's qkv from the residual stream: two calls a layer
     "masked_linear": 1,  # private mode: (x + r) W^T + b in float64, no session
     "pad": 0,  # private mode, helper server: z W^T for the pad z expanded from a seed (pad_seeds.py)
 }
 CONTROL_METHODS = ("init", "ping", "open_session", "close_session", "attach_arena")
-SESSION_METHODS = ("qkv", "scores", "attn_out", "o_proj", "gate_up", "down")
+SESSION_METHODS = ("qkv", "scores", "attn_out", "o_proj", "gate_up", "down", "o_proj_gate_up", "down_qkv")
 # The linears of private mode (args op, and layer for all but lm_head): qkv is q, k and v fused.
 MASKED_LINEARS = ("qkv", "o_proj", "gate_up", "down", "lm_head")
 MASKED_DTYPE = torch.float64

@@ -1,0 +1,152 @@
+"""The plain split's fused calls (server/fused_calls.py): o_proj with gate_up, down with the next layer's qkv,
+the second product computed by the server from the residual stream the TEE sends.
+
+They give the unfused calls' logits bit for bit (the server's norm and residual add are the TEE's own float32
+operations), in every family and attention mode, in half the round trips of a step; a server that computes
+the second product from anything but the TEE's stream fails the check of that product; a server that does
+not fuse (a tensor-parallel one says so in its init reply) gets the calls apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import token_ids
+from support import FAMILY_MODELS
+
+from tsqp.errors import IntegrityError, ProtocolError, ServerError, TsqpError
+from tsqp.server.engine import Engine
+from tsqp.tee.compose import tee_model
+from tsqp.tee.remote import InProcess
+from tsqp.wire.protocol import Message
+
+
+class Counting(InProcess):
+    """An in-process link that counts each method's requests."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self.methods: list[str] = []
+
+    def __call__(self, method, *args, **kwargs):
+        self.methods.append(method)
+        return super().__call__(method, *args, **kwargs)
+
+
+def prefill_and_steps(path, engine: Engine, fuse: bool, attention: str, verify: bool = True):
+    """A 9-token prefill and three decode steps: the logits of each, and the link's methods of the last step."""
+    link = Counting(engine)
+    tee = tee_model(path, link, attention=attention, fuse=fuse, verify=verify)
+    tee.attach()
+    tee.ops.open_session(12)
+    logits = [tee.forward(token_ids(9, seed=3))]
+    for pos, token in zip(range(9, 12), (5, 17, 42), strict=True):
+        before = len(link.methods)
+        logits.append(tee.forward(torch.tensor([token]), pos=pos))
+        step = link.methods[before:]
+    tee.ops.close_session()
+    return logits, step, tee
+
+
+@pytest.mark.parametrize("attention", ["tee", "decode", "server"])
+@pytest.mark.parametrize("name", ["llama", "qwen2-gqa", "qwen3-gqa", "mistral-window-gqa", "gemma3-gqa"])
+def test_fused_calls_give_the_unfused_logits_in_half_the_calls(checkpoints, name, attention):
+    path = checkpoints("fused-" + name, seed=800, **FAMILY_MODELS.get(name, {}))
+    engine = Engine(str(path))
+    fused, fused_step, tee = prefill_and_steps(path, engine, True, attention)
+    apart, apart_step, _ = prefill_and_steps(path, engine, False, attention)
+    for one, two in zip(fused, apart, strict=True):
+        assert torch.equal(one, two)
+    L = tee.config.num_layers
+    if attention == "server":  # attn_out is not fused: down_qkv only
+        assert fused_step.count("down_qkv") == L - 1 and len(fused_step) == len(apart_step) - (L - 1)
+    else:  # embedding, qkv of layer 0, two a layer (the last one's down alone), lm_head
+        assert fused_step.count("o_proj_gate_up") == L and fused_step.count("down_qkv") == L - 1
+        assert len(fused_step) == 2 * L + 3 and len(apart_step) == 4 * L + 2
+    assert tee.ops.checker.checks["gate_up"] > 0 and max(tee.ops.checker.margin.values()) < 0.5
+
+
+def test_a_bfloat16_server_fuses_within_the_tolerance(checkpoints):
+    """The server rounds h to bfloat16 as the TEE rounds what it sends: the same h, checked alike."""
+    path = checkpoints("fused-gemma3-gqa", seed=800, **FAMILY_MODELS["gemma3-gqa"])
+    engine = Engine(str(path), dtype="bfloat16")
+    fused, _, tee = prefill_and_steps(path, engine, True, "tee")
+    apart, _, _ = prefill_and_steps(path, engine, False, "tee")
+    for one, two in zip(fused, apart, strict=True):
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+    assert max(tee.ops.checker.margin.values()) < 0.5
+
+
+class OtherStream(Engine):
+    """Computes a fused call's second product from a residual stream off by `delta` in one element."""
+
+    def __init__(self, path, delta: float, after: str):
+        super().__init__(str(path))
+        self.delta, self.after, self.lied = delta, after, 0
+        honest = self.norms.next_input
+
+        def next_input(x, y, layer, after):
+            if after == self.after and layer == 1:
+                x = x.clone()
+                x[-1, 3] += self.delta
+                self.lied += 1
+            return honest(x, y, layer, after)
+
+        self.norms.next_input = next_input
+
+
+@pytest.mark.parametrize(
+    "after, named", [("o_proj", "gate_up \\(gate\\) of layer 1"), ("down", "qkv \\(q\\) of layer 2")]
+)
+@pytest.mark.parametrize("delta", [1e-2, 1.0])
+def test_a_product_of_another_stream_is_caught(checkpoints, after, named, delta):
+    path = checkpoints("fused-llama-3", seed=801, num_hidden_layers=3)
+    honest, _, _ = prefill_and_steps(path, Engine(str(path)), True, "tee")
+    liar = OtherStream(path, delta, after)
+    with pytest.raises(IntegrityError, match=f"the server's {named} result is wrong"):
+        prefill_and_steps(path, liar, True, "tee")
+    assert liar.lied >= 1
+    unchecked, _, _ = prefill_and_steps(path, OtherStream(path, delta, after), True, "tee", verify=False)
+    assert any(not torch.equal(one, two) for one, two in zip(unchecked, honest, strict=True))  # the lie tells
+
+
+class Unfused(Engine):
+    fuses = False  # as a tensor-parallel server's init reply says
+
+
+def test_a_server_that_does_not_fuse_gets_the_calls_apart_and_refuses_fused_ones(checkpoints):
+    path = checkpoints("fused-llama", seed=800, **FAMILY_MODELS.get("llama", {}))
+    engine = Unfused(str(path))
+    assert InProcess(engine)("init").args["fused"] is False
+    logits, step, tee = prefill_and_steps(path, engine, True, "tee")
+    assert "o_proj_gate_up" not in step and len(step) == 4 * tee.config.num_layers + 2
+    fused, _, _ = prefill_and_steps(path, Engine(str(path)), True, "tee")
+    assert all(torch.equal(one, two) for one, two in zip(logits, fused, strict=True))
+    c = engine.config
+    session = InProcess(engine)("open_session", {"capacity": 4}).args["session"]
+    args = {"layer": 0, "pos": 0, "values": True}
+    with pytest.raises(ServerError, match="does not compute fused calls"):
+        InProcess(engine)(
+            "down_qkv", args, [torch.randn(1, c.intermediate_size), torch.randn(1, c.hidden_size)], session
+        )
+
+
+@pytest.mark.parametrize(
+    "method, layer, residual, message",
+    [
+        ("down_qkv", 0, lambda h: torch.randn(1, h, dtype=torch.float64), "residual stream is float32"),
+        ("down_qkv", 0, lambda h: torch.randn(2, h), "residual stream is float32"),
+        ("down_qkv", 1, lambda h: torch.randn(1, h), "argument 'layer'"),  # the last layer's down has no next qkv
+        ("o_proj_gate_up", 0, lambda h: torch.randn(1, h - 1), "residual stream is float32"),
+    ],
+)
+def test_fused_calls_are_validated(tiny_model, method, layer, residual, message):
+    engine = Engine(str(tiny_model))
+    c = engine.config
+    assert c.num_layers == 2
+    session = InProcess(engine)("open_session", {"capacity": 4}).args["session"]
+    first = torch.randn(1, c.intermediate_size if method == "down_qkv" else c.q_dim)
+    args = {"layer": layer, "pos": 0}
+    request = Message({"id": 1, "method": method, "session": session, "args": args}, [first, residual(c.hidden_size)])
+    with pytest.raises((ProtocolError, TsqpError), match=message):
+        engine.handle(b"in-process", request)

@@ -1,0 +1,50 @@
+"""A model's RMSNorm gains and where they sit between its products: the TEE's norms, and the server's for
+the plain split's fused calls (server/fused_calls.py).
+
+Both sides run the same float32 operations on the same inputs (`F.rms_norm`, the residual add), so on one
+kind of processor the server's input to a fused call's second product is the TEE's bit for bit; elsewhere it
+differs by roundings, far inside the Freivalds tolerance the TEE checks that product with (verify.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
+
+AFTER = ("o_proj", "down")  # the products a fused call continues after
+
+
+class Norms:
+    """The gains as the norm multiplies by them, float32: w, or Gemma's 1 + w; by checkpoint name."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        c = checkpoint.config
+        self.config, self.family, self.eps = c, c.family, c.rms_norm_eps
+        offset = self.family.norm_offset
+        self.gains = {name: t.to(torch.float32) + offset for name, t in checkpoint.tensors(norm_weight_names(c))}
+
+    def __call__(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
+        """RMSNorm over the last dimension with the gain named `name` (None: the family has no norm there)."""
+        if name is None:
+            return x
+        return F.rms_norm(x, x.shape[-1:], self.gains[name], self.eps)
+
+    def layer(self, layer: int, norm: str | None) -> str | None:
+        """A layer's norm gain by its checkpoint name, or None where the family has none."""
+        return None if norm is None else f"{layer_prefix(layer)}{norm}.weight"
+
+    def between(self, layer: int, after: str) -> tuple[str | None, str | None]:
+        """The norms between `after` (o_proj or down) of `layer` and the next product: the one on its result
+        before the residual add, and the one on the residual stream that makes the next product's input."""
+        f = self.family
+        if after == "o_proj":
+            return self.layer(layer, f.attn_out_norm), self.layer(layer, f.mlp_in_norm)
+        return self.layer(layer, f.mlp_out_norm), self.layer(layer + 1, f.attn_in_norm)
+
+    def next_input(self, x: torch.Tensor, y: torch.Tensor, layer: int, after: str) -> torch.Tensor:
+        """The next product's input, float32: norm_in(x + norm_out(y)), x the residual stream (float32), y the
+        product `after` of `layer` (in any float dtype, taken as float32 as the TEE takes its copy)."""
+        out_norm, in_norm = self.between(layer, after)
+        return self(x + self(y.to(torch.float32), out_norm), in_norm)
