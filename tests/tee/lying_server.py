@@ -159,11 +159,12 @@ class LyingEngine(Engine):
 
 
 def products(request, results: list[torch.Tensor]) -> list[tuple[str, int | None, list[torch.Tensor]]]:
-    """A reply's products as (op, layer, its results): a fused call's two (server/fused_calls.py), each a
+    """A reply's products as (op, layer, its results): a fused call's each (server/fused_calls.py), each a
     list of the reply's own tensors (tampering with one tampers with the reply)."""
     method, layer = request.header.get("method"), request.args.get("layer")
-    if method == "o_proj_gate_up":
-        return [("o_proj", layer, results[:1]), ("gate_up", layer, results[1:])]
+    if method == "o_proj_gate_up":  # through gate_up, down or the next layer's qkv
+        found = [("o_proj", layer, results[:1]), ("gate_up", layer, results[1:2]), ("down", layer, results[2:3])]
+        return found[: len(results)] + ([("qkv", layer + 1, results[3:])] if len(results) > 3 else [])
     if method == "down_qkv":
         return [("down", layer, results[:1]), ("qkv", layer + 1, results[1:])]
     return [(method, layer, results)]

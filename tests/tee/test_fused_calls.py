@@ -1,10 +1,12 @@
-"""The plain split's fused calls (server/fused_calls.py): o_proj with gate_up, down with the next layer's qkv,
-the second product computed by the server from the residual stream the TEE sends.
+"""The plain split's fused calls (server/fused_calls.py): o_proj with the layer's gate_up and down and the next
+layer's qkv, or down with the next qkv, each later product computed by the server from the residual stream
+the TEE sends.
 
-They give the unfused calls' logits bit for bit (the server's norm and residual add are the TEE's own float32
-operations), in every family and attention mode, in half the round trips of a step; a server that computes
-the second product from anything but the TEE's stream fails the check of that product; a server that does
-not fuse (a tensor-parallel one says so in its init reply) gets the calls apart.
+They give the unfused calls' logits bit for bit (the server's norms, residual adds and gated activation are
+the TEE's own float32 operations), in every family and attention mode, in a quarter of the round trips of a
+step with attention in the TEE; a server that computes a later product from anything but the TEE's stream
+fails the check of that product; a server that does not fuse (a tensor-parallel one says so in its init
+reply) gets the calls apart.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def prefill_and_steps(path, engine: Engine, fuse: bool, attention: str, verify: 
 
 @pytest.mark.parametrize("attention", ["tee", "decode", "server"])
 @pytest.mark.parametrize("name", ["llama", "qwen2-gqa", "qwen3-gqa", "mistral-window-gqa", "gemma3-gqa"])
-def test_fused_calls_give_the_unfused_logits_in_half_the_calls(checkpoints, name, attention):
+def test_fused_calls_give_the_unfused_logits_in_fewer_calls(checkpoints, name, attention):
     path = checkpoints("fused-" + name, seed=800, **FAMILY_MODELS.get(name, {}))
     engine = Engine(str(path))
     fused, fused_step, tee = prefill_and_steps(path, engine, True, attention)
@@ -60,9 +62,8 @@ def test_fused_calls_give_the_unfused_logits_in_half_the_calls(checkpoints, name
     L = tee.config.num_layers
     if attention == "server":  # attn_out is not fused: down_qkv only
         assert fused_step.count("down_qkv") == L - 1 and len(fused_step) == len(apart_step) - (L - 1)
-    else:  # embedding, qkv of layer 0, two a layer (the last one's down alone), lm_head
-        assert fused_step.count("o_proj_gate_up") == L and fused_step.count("down_qkv") == L - 1
-        assert len(fused_step) == 2 * L + 3 and len(apart_step) == 4 * L + 2
+    else:  # embedding, qkv of layer 0, one a layer (through the next qkv, the last through down), lm_head
+        assert fused_step.count("o_proj_gate_up") == L and len(fused_step) == L + 3 and len(apart_step) == 4 * L + 2
     assert tee.ops.checker.checks["gate_up"] > 0 and max(tee.ops.checker.margin.values()) < 0.5
 
 
@@ -83,16 +84,16 @@ class OtherStream(Engine):
     def __init__(self, path, delta: float, after: str):
         super().__init__(str(path))
         self.delta, self.after, self.lied = delta, after, 0
-        honest = self.norms.next_input
+        honest = self.norms.after
 
-        def next_input(x, y, layer, after):
-            if after == self.after and layer == 1:
-                x = x.clone()
-                x[-1, 3] += self.delta
+        def after(x, y, layer, product):
+            stream = honest(x, y, layer, product)
+            if product == self.after and layer == 1:
+                stream[-1, 3] += self.delta
                 self.lied += 1
-            return honest(x, y, layer, after)
+            return stream
 
-        self.norms.next_input = next_input
+        self.norms.after = after
 
 
 @pytest.mark.parametrize(
@@ -150,3 +151,32 @@ def test_fused_calls_are_validated(tiny_model, method, layer, residual, message)
     request = Message({"id": 1, "method": method, "session": session, "args": args}, [first, residual(c.hidden_size)])
     with pytest.raises((ProtocolError, TsqpError), match=message):
         engine.handle(b"in-process", request)
+
+
+def test_each_through_returns_the_separate_calls_results(tiny_model):
+    """o_proj_gate_up through gate_up, down and qkv: each product equals its own call's on the input the TEE
+    computes (model/elementwise.py), bit for bit on this server; qkv at the last layer and unknown values
+    are refused."""
+    engine = Engine(str(tiny_model))
+    c, link = engine.config, InProcess(engine)
+    tee = tee_model(tiny_model, link, fuse=False)
+    tee.attach()
+    session = link("open_session", {"capacity": 4}).args["session"]
+    torch.manual_seed(5)
+    a, x = torch.randn(2, c.q_dim), torch.randn(2, c.hidden_size)
+    norms, activation = tee.norms, tee.activation
+    (y,) = link("o_proj", {"layer": 0}, [a], session).tensors
+    x_mid = norms.after(x, y, 0, "o_proj")
+    (gate_up,) = link("gate_up", {"layer": 0}, [norms.next_input(x_mid, 0, "o_proj")], session).tensors
+    act = activation(gate_up[:, : c.intermediate_size]).mul_(gate_up[:, c.intermediate_size :])
+    (down,) = link("down", {"layer": 0}, [act], session).tensors
+    h = norms.next_input(norms.after(x_mid, down, 0, "down"), 0, "down")
+    qk, v = link("qkv", {"layer": 1, "pos": 0, "values": True}, [h], session).tensors
+    separate = [y, gate_up, down, qk, v]
+    for through, count in (("gate_up", 2), ("down", 3), ("qkv", 5)):
+        args = {"layer": 0, "through": through, "pos": 0, "values": True}
+        fused = link("o_proj_gate_up", args, [a, x], session).tensors
+        assert len(fused) == count and all(torch.equal(f, s) for f, s in zip(fused, separate, strict=False))
+    for args in ({"layer": 1, "through": "qkv", "pos": 0}, {"layer": 0, "through": "lm_head"}):
+        with pytest.raises(ServerError, match="argument 'through'"):
+            link("o_proj_gate_up", args, [a, x], session)

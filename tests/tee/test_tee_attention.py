@@ -216,8 +216,8 @@ def test_cli_attention_tee_matches_transformers(tiny_model, tiny_reference, tmp_
 
 
 def test_auto_attends_decode_steps_in_the_tee(tiny_model, tiny_reference):
-    """`--attention auto`, the command line's default: the plain split's decode steps attend in the TEE (two
-    fused calls a layer, no scores round trip), a long prompt on the server; private mode always in the TEE; the
+    """`--attention auto`, the command line's default: the plain split's decode steps attend in the TEE (one
+    fused call a layer, no scores round trip), a long prompt on the server; private mode always in the TEE; the
     library's own default (None) stays the server path."""
     assert run_attention("auto", private=False) == "decode"
     assert run_attention("auto", private=True) == "tee"
@@ -227,8 +227,8 @@ def test_auto_attends_decode_steps_in_the_tee(tiny_model, tiny_reference):
         assert isinstance(tee.ops.attention, DecodeAttention)
         layers, ids = tee.config.num_layers, token_ids(9, seed=4)
         generation = generate(tee, ids.tolist(), 4)
-        # embedding, qkv of layer 0, o_proj_gate_up and down_qkv a layer (the last one's down), lm_head; a step each
-        assert generation.decode_rpc_calls == 3 * (2 * layers + 3)
+        # embedding, qkv of layer 0, one o_proj_gate_up a layer (through the next qkv), lm_head; a step each
+        assert generation.decode_rpc_calls == 3 * (layers + 3)
         tee.ops.open_session(ids.shape[0])
         logits = tee.forward(ids)
         tee.ops.close_session()

@@ -30,7 +30,7 @@ import torch
 from tsqp.errors import ProtocolError, TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
-from tsqp.model.norms import Norms
+from tsqp.model.elementwise import ACTIVATIONS, Norms
 from tsqp.server import kernels
 from tsqp.server.budget import Budget
 from tsqp.server.calls import Call, int_arg
@@ -97,7 +97,9 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
         self.linears = Linears(self.ranks, self.shards, self.device, self.dtype)
         self.masked = MaskedWeights(self.config, self.dtype, self)
         self.fingerprint = self.checkpoint.fingerprint()
-        self.norms = Norms(self.checkpoint)  # the fused calls compute a product's input from the residual stream
+        # the fused calls compute a product's input from the residual stream, as the TEE does (model/elementwise.py)
+        self.norms = Norms(self.checkpoint)
+        self.activation = ACTIVATIONS[self.config.family.activation]
         self.batched = 0  # requests that ran in a product shared with other clients' (handle_batch)
         self.batch_sizes: Counter[int] = Counter()  # products of batchable ops by how many requests shared them
         self.private_only = private_only

@@ -1,16 +1,20 @@
 """Plain mode's fused calls, mixed into the Engine: each half of a layer ends and the next begins in one call.
 
     o_proj_gate_up   attention's output a (T, q_dim) and the TEE's residual stream x (T, hidden, float32)
-                     -> y = o_proj(a) (as the o_proj call), [gate | up] of h = norm_mlp_in(x + norm_attn_out(y))
+                     -> y = o_proj(a) (as the o_proj call), [gate | up] of h = norm_mlp_in(x + norm_attn_out(y));
+                     args.through "down": then down of act(gate) * up too, "qkv": and layer + 1's qkv of
+                     norm_attn_in(x' + norm_mlp_out(down)), x' = x + norm_attn_out(y) (args pos and values, as
+                     qkv's): a whole layer's products after attention in one call
     down_qkv         the gated activation a (T, intermediate) and x -> y = down(a) (as the down call), and
                      layer + 1's qkv (as the qkv call, args pos and values) of h = norm_attn_in(x + norm_mlp_out(y))
 
-With attention in the TEE a layer is then two round trips instead of four (qkv, o_proj, gate_up, down). The
-TEE sends its own residual stream with each call, so the server keeps nothing between them; h is
-`model.norms.Norms.next_input`, the TEE's own operations on the same float32 values. The TEE computes h
-itself and checks the second product against it by Freivalds, as it checks an unfused one against what it
-sent (tee/remote.py): a server that computes from another stream or another h fails that check. The server
-learns nothing it did not: in the plain split it already sees h, and x is h's input.
+With attention in the TEE a layer is then one round trip instead of four (qkv, o_proj, gate_up, down); with
+attention on the server (a prefill's scores and attn_out), down_qkv saves one. The TEE sends its own residual
+stream with each call, so the server keeps nothing between them; each product's input is computed with
+`model.elementwise`, the TEE's own operations on the same float32 values. The TEE computes each input
+itself and checks each product against it by Freivalds, as it checks an unfused one against what it sent
+(tee/remote.py): a server that computes from another stream or another input fails that check. The server
+learns nothing it did not: in the plain split it already sees each product's input.
 
 A tensor-parallel server refuses them (rank 0 alone holds a whole result between the products) and its init
 reply says so: the TEE then sends the calls apart. Several clients' fused calls of one layer run as one
@@ -22,11 +26,13 @@ from __future__ import annotations
 import torch
 
 from tsqp.errors import ProtocolError, TsqpError
+from tsqp.model.elementwise import gated
 from tsqp.server.calls import Call, int_arg, parts, split, stacked
 from tsqp.server.sessions import Session
 from tsqp.server.weights import VALUE_DTYPE
 
 FUSED = ("o_proj_gate_up", "down_qkv")
+THROUGH = ("gate_up", "down", "qkv")  # how far o_proj_gate_up goes
 
 
 class FusedCalls:
@@ -38,19 +44,37 @@ class FusedCalls:
         return self.ranks.world == 1 and not self.private_only
 
     def op_o_proj_gate_up(self, session: Session, args, a, x) -> Call:
+        c = self.config
         self._fusing("o_proj_gate_up")
         o_proj = self.op_o_proj(session, args, a)  # a and the layer validated, its working memory reserved
-        x = self._residual(x, a.shape[0])
-        self.budget.reserve_rows(a.shape[0], 2 * self.config.intermediate_size, self.dtype, "gate_up", x)
-        return Call("o_proj_gate_up", o_proj.args, (a, x))
+        layer, T, through = o_proj.args["layer"], a.shape[0], args.get("through", "gate_up")
+        if through not in THROUGH or (through == "qkv" and layer + 1 == c.num_layers):
+            raise ProtocolError(
+                f"argument 'through' must be one of {THROUGH} (qkv before the last layer), not {through!r}"
+            )
+        x = self._residual(x, T)
+        self.budget.reserve_rows(T, 2 * c.intermediate_size, self.dtype, "gate_up", x)
+        fused = {**o_proj.args, "through": through}
+        if through != "gate_up":  # act(gate) * up in float32 and in the server dtype, then down
+            self.budget.reserve_rows(T, 2 * c.intermediate_size + c.hidden_size, self.dtype, "down")
+        if through == "qkv":
+            fused |= self._next_qkv(session, layer, args, x)
+        return Call("o_proj_gate_up", fused, (a, x))
 
     def step_o_proj_gate_up(self, calls):
-        layer = calls[0].args["layer"]
+        layer, through = calls[0].args["layer"], calls[0].args["through"]
         weights = self.layers[layer]
         y = self.linears.linear(stacked(calls).to(VALUE_DTYPE), weights.o, weights.o_bias, "o")
-        h = self.norms.next_input(_residuals(calls), y, layer, "o_proj").to(self.dtype)
+        x = self.norms.after(_residuals(calls), y, layer, "o_proj")  # the residual stream after attention
+        h = self.norms.next_input(x, layer, "o_proj").to(self.dtype)
         gate_up = self.linears.columns(h, weights.gate_up, weights.gate_up_bias, "gate_up")
-        return [a + b for a, b in zip(split(y, calls), split(gate_up, calls), strict=True)]
+        results = [a + b for a, b in zip(split(y, calls), split(gate_up, calls), strict=True)]
+        if through == "gate_up":
+            return results
+        gate, up = gate_up.split(self.config.intermediate_size, dim=1)
+        act = gated(self.activation, gate, up).to(self.dtype)
+        rest = self._down_then(calls, layer, act, x, through == "qkv")
+        return [a + b for a, b in zip(results, rest, strict=True)]
 
     def op_down_qkv(self, session: Session, args, a, x) -> Call:
         c = self.config
@@ -59,17 +83,26 @@ class FusedCalls:
         a = self._activation(a, c.intermediate_size)
         x = self._residual(x, a.shape[0])
         self.budget.reserve_rows(a.shape[0], c.hidden_size, self.dtype, "down", a)
-        qkv = self._qkv(session, {"layer": layer + 1, "pos": args.get("pos"), "values": args.get("values", False)}, x)
-        return Call("down_qkv", {**qkv.args, "layer": layer}, (a, x))
+        return Call("down_qkv", self._next_qkv(session, layer, args, x), (a, x))
 
     def step_down_qkv(self, calls):
-        layer = calls[0].args["layer"]
+        return self._down_then(calls, calls[0].args["layer"], stacked(calls), _residuals(calls), True)
+
+    def _down_then(self, calls, layer: int, a: torch.Tensor, x: torch.Tensor, qkv: bool) -> list[list]:
+        """down(a) of layer for the calls' rows, then (qkv) layer + 1's qkv of the residual stream x after it."""
         weights = self.layers[layer]
-        y = self.linears.linear(stacked(calls), weights.down, weights.down_bias, "down")
-        h = self.norms.next_input(_residuals(calls), y, layer, "down").to(self.dtype)
+        y = self.linears.linear(a, weights.down, weights.down_bias, "down")
+        if not qkv:
+            return split(y, calls)
+        h = self.norms.next_input(self.norms.after(x, y, layer, "down"), layer, "down").to(self.dtype)
         rows = parts(h, calls)
-        qkv = [Call("qkv", {**call.args, "layer": layer + 1}, (x,)) for call, x in zip(calls, rows, strict=True)]
+        qkv = [Call("qkv", {**call.args, "layer": layer + 1}, (h,)) for call, h in zip(calls, rows, strict=True)]
         return [a + b for a, b in zip(split(y, calls), self.step_qkv(qkv), strict=True)]
+
+    def _next_qkv(self, session: Session, layer: int, args, x) -> dict:
+        """The books of layer + 1's qkv at args' pos (and values) for x's rows: the fused call's resolved args."""
+        qkv = self._qkv(session, {"layer": layer + 1, "pos": args.get("pos"), "values": args.get("values", False)}, x)
+        return {**qkv.args, "layer": layer}
 
     def _fusing(self, method: str) -> None:
         if not self.fuses:

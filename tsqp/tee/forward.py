@@ -14,18 +14,15 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
-from tsqp.model.norms import Norms
+from tsqp.model.elementwise import ACTIVATIONS, Norms, gated
 from tsqp.stats import Stats
 from tsqp.tee.ops import Ops
 from tsqp.tee.remote import server_dtype
 from tsqp.tee.rope import Rotary
 from tsqp.tuning import SHORT_STEP_ROWS, one_thread
-
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 class TeeModel:
@@ -142,7 +139,7 @@ class TeeModel:
         h = self.rms_norm(x, norms.layer(layer, f.mlp_in_norm))
         gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
         with stats.tee("act_mul"):  # the gated activation: act(gate) * up
-            act = self.activation(gate).mul_(up)
+            act = gated(self.activation, gate, up)
         last = layer == c.num_layers - 1  # its down is followed by the final norm and the LM head: not fused
         mlp = ops.down(layer, act, residual=None if last else x)  # (T, hidden)
         mlp = self.rms_norm(mlp, norms.layer(layer, f.mlp_out_norm))

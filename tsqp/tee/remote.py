@@ -11,9 +11,10 @@ TeeAttention: qkv returns v and o_proj is the call `OProj`); every result passes
 hooks (checks.py) with what was sent.
 
 Fused calls (a server whose init says `fused`, server/fused_calls.py): o_proj goes with the TEE's residual
-stream and comes back with gate_up (`o_proj_gate_up`), down with the next layer's qkv (`down_qkv`): two
-round trips a layer instead of four. The second product's result waits in `Calls.next` until the forward
-pass asks for it with its own input, which is what it is checked against: the same hooks, in the same order.
+stream and comes back with the layer's gate_up and down and the next layer's qkv (`o_proj_gate_up` through
+qkv), or down with the next qkv (`down_qkv`, attention on the server): one round trip a layer instead of
+four. The later products' results wait in `Calls.next` until the forward pass asks for each with its own
+input, which is what it is checked against: the same hooks, in the same order.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class Calls:
         self.step: StepCheck = self.checker.immediate  # the open step's checks (call by call outside one)
         self.stats = stats or Stats()
         self.fused = False  # the server computes fused calls (its init says so) and the ops may send them
-        self.next: Next | None = None  # the last fused call's second product, until the forward asks for it
+        self.next: list[Next] = []  # the last fused call's later products, until the forward asks for each
+        self.pos = 0  # the open step's first position: a fused call's qkv is at it
 
     @property
     def wire_name(self) -> str:
@@ -170,7 +172,7 @@ class Calls:
         """exact: inputs sent as they are, after `inputs` (a fused call's float32 residual stream)."""
         if self.checker.failure is not None:  # nothing more is sent after a failed check
             self.checker.usable()
-        self.next = None  # a fused result not asked for before the next call is not used
+        self.next = []  # a fused result not asked for before the next call is not used
         sent = [self.to_wire(t) for t in inputs] + list(exact)
         reply_bytes = sum(math.prod(shape) for shape in shapes) * self.wire.itemsize
         session_id = self.session if session else None
@@ -201,9 +203,9 @@ class Calls:
 
     def take(self, op: str, layer: int) -> list[torch.Tensor] | None:
         """The product op of layer if the last call computed it (fused), else None: it is asked for now."""
-        ready, self.next = self.next, None
-        if ready is None:
+        if not self.next:
             return None
+        ready = self.next.pop(0)
         if (ready.op, ready.layer) != (op, layer):  # the forward pass asks in the order the server computes
             raise TsqpError(f"{op} of layer {layer} asked for after a fused call computed {ready.op} of {ready.layer}")
         return ready.results
@@ -218,13 +220,22 @@ class OProj:
 
     def __call__(self, layer: int, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """out (T, q_dim) -> out W_o^T + b_o (T, hidden), checked. residual (T, hidden): the stream the result
-        is added to; on a fused server gate_up comes back with it (`Calls.next`), computed from it."""
+        is added to; on a fused server the layer's gate_up and down and the next layer's qkv come back with it
+        (`Calls.next`), computed from it."""
         calls, c, T = self.calls, self.calls.config, out.shape[0]
         sent = calls.to_wire(out)
-        if calls.fuses(residual):
-            shapes = [(T, c.hidden_size), (T, 2 * c.intermediate_size)]
-            y, gate_up = calls.run("o_proj_gate_up", {"layer": layer}, [sent], shapes, exact=(residual,))
-            calls.next = Next("gate_up", layer, [gate_up])
+        if calls.fuses(residual):  # the layer's products after attention, and the next layer's qkv (with v)
+            last = layer + 1 == c.num_layers  # the LM head follows: through down
+            args = (
+                {"layer": layer, "through": "down"}
+                if last
+                else {"layer": layer, "through": "qkv", "pos": calls.pos, "values": True}
+            )
+            shapes = [(T, c.hidden_size), (T, 2 * c.intermediate_size), (T, c.hidden_size)]
+            shapes += [] if last else [(T, c.q_dim + c.kv_dim), (T, c.kv_dim)]
+            y, gate_up, down, *qkv = calls.run("o_proj_gate_up", args, [sent], shapes, exact=(residual,))
+            calls.next = [Next("gate_up", layer, [gate_up]), Next("down", layer, [down])]
+            calls.next += [Next("qkv", layer + 1, qkv)] if qkv else []
         else:
             (y,) = calls.run("o_proj", {"layer": layer}, [sent], [(T, c.hidden_size)])
         calls.step.o_proj(layer, sent, y)
@@ -240,7 +251,6 @@ class RemoteOps:
         self.calls, self.attention = calls, attention
         self.config, self.checker = calls.config, calls.checker
         self.fuse = fuse
-        self.pos = 0  # the open step's first position: a fused down's qkv is at it
 
     @property
     def link(self) -> Link:
@@ -290,7 +300,7 @@ class RemoteOps:
 
     def begin_step(self, pos: int, T: int) -> None:
         self.calls.step = self.checker.begin_step(pos, T, self.attention)
-        self.calls.next, self.pos = None, pos
+        self.calls.next, self.calls.pos = [], pos
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -335,11 +345,14 @@ class RemoteOps:
         back with it, at the step's position (`Calls.next`)."""
         calls, T = self.calls, a.shape[0]
         sent = calls.to_wire(a)
-        if calls.fuses(residual) and layer + 1 < self.config.num_layers:
-            args = {"layer": layer, "pos": self.pos, "values": self.attention.keeps_values}
+        ready = calls.take("down", layer)  # computed with o_proj (attention in the TEE)
+        if ready is not None:
+            (y,) = ready
+        elif calls.fuses(residual) and layer + 1 < self.config.num_layers:
+            args = {"layer": layer, "pos": calls.pos, "values": self.attention.keeps_values}
             shapes = [(T, self.config.hidden_size), *self._qkv_shapes(T)]
             y, *results = calls.run("down_qkv", args, [sent], shapes, exact=(residual,))
-            calls.next = Next("qkv", layer + 1, results)
+            calls.next = [Next("qkv", layer + 1, results)]
         else:
             (y,) = calls.run("down", {"layer": layer}, [sent], [(T, self.config.hidden_size)])
         calls.step.down(layer, sent, y)

@@ -1,19 +1,28 @@
-"""A model's RMSNorm gains and where they sit between its products: the TEE's norms, and the server's for
-the plain split's fused calls (server/fused_calls.py).
+"""The elementwise work between a model's products: its RMSNorm gains and where they sit, the residual add,
+the gated activation. The TEE's forward pass runs it, and the server for the plain split's fused calls
+(server/fused_calls.py), with these same functions.
 
-Both sides run the same float32 operations on the same inputs (`F.rms_norm`, the residual add), so on one
-kind of processor the server's input to a fused call's second product is the TEE's bit for bit; elsewhere it
-differs by roundings, far inside the Freivalds tolerance the TEE checks that product with (verify.py).
+Both sides run the same float32 operations on the same inputs (`F.rms_norm`, the residual add, act(gate) *
+up), so on one kind of processor the server's input to a fused call's next product is the TEE's bit for bit;
+elsewhere it differs by roundings, far inside the Freivalds tolerance the TEE checks that product with
+(verify.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from tsqp.model.checkpoint import Checkpoint, layer_prefix, norm_weight_names
 
-AFTER = ("o_proj", "down")  # the products a fused call continues after
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+def gated(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up in float32 (a new tensor; gate and up as they are): down's input."""
+    return activation(gate.to(torch.float32)).mul_(up)
 
 
 class Norms:
@@ -43,8 +52,11 @@ class Norms:
             return self.layer(layer, f.attn_out_norm), self.layer(layer, f.mlp_in_norm)
         return self.layer(layer, f.mlp_out_norm), self.layer(layer + 1, f.attn_in_norm)
 
-    def next_input(self, x: torch.Tensor, y: torch.Tensor, layer: int, after: str) -> torch.Tensor:
-        """The next product's input, float32: norm_in(x + norm_out(y)), x the residual stream (float32), y the
-        product `after` of `layer` (in any float dtype, taken as float32 as the TEE takes its copy)."""
-        out_norm, in_norm = self.between(layer, after)
-        return self(x + self(y.to(torch.float32), out_norm), in_norm)
+    def after(self, x: torch.Tensor, y: torch.Tensor, layer: int, product: str) -> torch.Tensor:
+        """The residual stream after `product` (o_proj or down) of `layer`, float32: x + norm_out(y), x the
+        stream before (float32), y the product (in any float dtype, taken as float32 as the TEE takes its copy)."""
+        return x + self(y.to(torch.float32), self.between(layer, product)[0])
+
+    def next_input(self, x: torch.Tensor, layer: int, after: str) -> torch.Tensor:
+        """The next product's input, float32: norm_in of x, the stream after `after` of layer (`Norms.after`)."""
+        return self(x, self.between(layer, after)[1])
