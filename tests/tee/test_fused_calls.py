@@ -18,6 +18,7 @@ from support import FAMILY_MODELS
 
 from tsqp.errors import IntegrityError, ProtocolError, ServerError, TsqpError
 from tsqp.server.engine import Engine
+from tsqp.server.fused_calls import THROUGH
 from tsqp.tee.compose import tee_model
 from tsqp.tee.remote import InProcess
 from tsqp.wire.protocol import Message
@@ -177,6 +178,10 @@ def test_each_through_returns_the_separate_calls_results(tiny_model):
         args = {"layer": 0, "through": through, "pos": 0, "values": True}
         fused = link("o_proj_gate_up", args, [a, x], session).tensors
         assert len(fused) == count and all(torch.equal(f, s) for f, s in zip(fused, separate, strict=False))
+    requests = [
+        Message({"id": 1, "method": "o_proj_gate_up", "args": {"layer": 0, "through": t}}, [a, x]) for t in THROUGH
+    ]
+    assert len({engine.batch_key(request) for request in requests}) == 3  # two clients' differ: never one step
     for args in ({"layer": 1, "through": "qkv", "pos": 0}, {"layer": 0, "through": "lm_head"}):
         with pytest.raises(ServerError, match="argument 'through'"):
             link("o_proj_gate_up", args, [a, x], session)

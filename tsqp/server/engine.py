@@ -166,10 +166,10 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
         method, args = request.header.get("method"), request.args
         if method not in BATCHED or len(request.tensors) != METHODS[method]:
             return None
-        layer, op = args.get("layer"), args.get("op")
-        if not isinstance(layer, (int, type(None))) or not isinstance(op, (str, type(None))):
+        layer, op, through = args.get("layer"), args.get("op"), args.get("through")  # through: a fused call's
+        if not isinstance(layer, (int, type(None))) or not all(isinstance(a, (str, type(None))) for a in (op, through)):
             return None  # a malformed request runs alone, and is refused there
-        return method, layer, op
+        return method, layer, op, through
 
     def handle_batch(self, items: list[Item]) -> list[Outcome]:
         """Requests of different clients with one batch_key as one step: each one's (reply args, result

@@ -79,9 +79,9 @@ class Synchronous:
 
 @dataclass(slots=True)
 class Next:
-    """A fused call's second product, computed by the server from the residual stream the TEE sent."""
+    """A fused call's later product, computed by the server from the residual stream the TEE sent."""
 
-    op: str  # gate_up or qkv
+    op: str  # gate_up, down or qkv
     layer: int
     results: list[torch.Tensor]
 
