@@ -77,9 +77,10 @@ def build_ops(
 
 def run_attention(attention: str, private: bool) -> str:
     """Where a run of the command line attends (`--attention`): as asked, and for `auto` in the TEE in private
-    mode, else AUTO_PLAIN. Decode steps in the TEE save a round trip a layer (the scores, 5 calls a layer -> 4)
-    and half a token's bytes, and a prompt of more than SHORT_STEP_ROWS tokens still attends on the server,
-    whose T^2 products a fast server does far quicker (docs/benchmarks.md, "Attention in the TEE").
+    mode, else AUTO_PLAIN. Decode steps in the TEE save a round trip a layer (the scores, 5 calls a layer -> 4;
+    1 on a fused server) and half a token's bytes, and a prompt of more than SHORT_STEP_ROWS tokens still
+    attends on the server, whose T^2 products a fast server does far quicker (docs/benchmarks.md, "Attention
+    in the TEE").
     build_ops' own default (None) stays the complete server path: the checks of every server product."""
     if attention != "auto":
         return attention
