@@ -99,8 +99,9 @@ def test_bench_json(tiny_model, tmp_path):
     assert REQUIRED_BENCH_KEYS <= set(figures)
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert figures["tokens"] == 20
-    # embedding, 4 calls a layer, lm_head: `--attention auto` attends a prompt of up to 128 tokens in the TEE
-    assert figures["rpc_calls"] == 4 * layers + 2 and figures["attention"] == "decode"
+    # embedding, qkv of layer 0, one fused call a layer, lm_head: `--attention auto` attends a prompt of up to
+    # 128 tokens in the TEE
+    assert figures["rpc_calls"] == layers + 3 and figures["attention"] == "decode" and figures["fused"] is True
     assert figures["prefill_s"] > 0
     assert figures["tokens_per_s"] == pytest.approx(20 / figures["prefill_s"])
     assert figures["bytes_sent"] > 20 * 32 * 4 and figures["bytes_received"] > 20 * 200 * 4
@@ -112,7 +113,7 @@ def test_bench_defaults_to_the_tiny_preset_in_tsqp_cache(tmp_path):
     result = run_tsqp("bench", "--tokens", "8", "--json", path, env={"TSQP_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
     assert (cache / "presets" / "tiny" / "config.json").is_file()
-    assert json.loads(path.read_text())["rpc_calls"] == 4 * 2 + 2
+    assert json.loads(path.read_text())["rpc_calls"] == 2 + 3  # tiny: 2 layers, one fused call each
 
 
 # -- one clear line for each user error ----------------------------------------------------------------

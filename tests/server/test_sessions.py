@@ -213,7 +213,9 @@ def test_a_session_in_use_does_not_expire(pair):
 
 
 def test_a_decode_step_moves_one_token_and_one_row_of_scores(server, tiny_model):
-    """5 round trips a layer plus embedding and lm_head; the bytes grow only by the scores/probs row."""
+    """Attention on the server: scores, attn_out, gate_up and down_qkv a layer (fused: down with the next
+    layer's qkv), plus embedding, layer 0's qkv, the last down and lm_head; the bytes grow only by the
+    scores/probs row."""
     client = TeeClient(tiny_model, server.endpoint)
     try:
         c = client.tee.config
@@ -222,7 +224,7 @@ def test_a_decode_step_moves_one_token_and_one_row_of_scores(server, tiny_model)
     finally:
         client.close()
     for result in (short, long):
-        assert result.decode_rpc_calls == result.decode_tokens * (5 * c.num_layers + 2)
+        assert result.decode_rpc_calls == result.decode_tokens * (4 * c.num_layers + 3)
     # Each step of the long run sees 90 more keys: one more row entry per head of scores out and probs in.
     row_growth = 90 * c.num_heads * 4 * 2 * c.num_layers * long.decode_tokens
     assert long.decode_bytes - short.decode_bytes == pytest.approx(row_growth, rel=0.02)

@@ -68,6 +68,7 @@ class Measured:
     dtype: str  # what travels on the wire
     verify_setup_s: float | None
     pipelined: bool
+    fused: bool  # the plain split sent fused calls (server/fused_calls.py)
     generation: Generation | None
     decode_cost: dict | None  # the generation's decode steps (floor.cost)
     private: dict | None  # private mode's figures (`private_figures`)
@@ -144,7 +145,7 @@ def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], tra
         others = [timed_prefill(tee, stats, ids[:length]) for length in sweep]
         dtype = tee.ops.wire_name
         verify_setup_s = tee.ops.setup_s if options.verify else None  # computing the Freivalds keys
-        pipelined = tee.ops.pipelined
+        pipelined, fused = tee.ops.pipelined, tee.ops.fused
         decode_offline_s = prepare_pads(tee, tokens + decode - 1) if decode and options.private else 0.0
         mark = DecodeMark(stats)
         generation = generate(tee, ids[:tokens].tolist(), decode, on_token=mark) if decode else None
@@ -154,7 +155,7 @@ def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], tra
             private["decode_offline_s"] = decode_offline_s
         layers = tee.config.num_layers
     return Measured(
-        layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, generation, decode_cost, private
+        layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, fused, generation, decode_cost, private
     )
 
 
@@ -172,6 +173,7 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
         "device": options.device,
         "transport": options.transport,
         "pipelined": run.pipelined,
+        "fused": run.fused,  # o_proj_gate_up and down_qkv: a layer's products after attention in one call
         "attention": run_attention(options.attention, options.private),  # server, tee or decode
         "tee_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
@@ -198,7 +200,8 @@ def print_prefill(options: RunOptions, run: Measured, result: dict, console: Con
         print_private(run.private, console)
     elif result["attention"] != "server":
         where = "every step" if result["attention"] == "tee" else "decode steps; the prefill's on the server"
-        console.print(f"attention: in the TEE over its own KV cache (qkv returns v, o_proj a call): {where}")
+        calls = "one fused call a layer from o_proj to the next qkv" if run.fused else "o_proj a call"
+        console.print(f"attention: in the TEE over its own KV cache (qkv returns v, {calls}): {where}")
     else:
         console.print(
             "attention: " + ("pipelined by query chunks" if run.pipelined else "one chunk per layer, not pipelined")

@@ -274,6 +274,11 @@ class RemoteOps:
     def pipelined(self) -> bool:
         return self.attention.pipelined
 
+    @property
+    def fused(self) -> bool:
+        """The server computes fused calls and these ops send them (known after init)."""
+        return self.calls.fused
+
     # -- control -------------------------------------------------------------------------------
 
     def init(self) -> dict:
