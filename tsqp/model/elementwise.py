@@ -28,11 +28,12 @@ def gated(activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class Norms:
     """The gains as the norm multiplies by them, float32: w, or Gemma's 1 + w; by checkpoint name."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu"):
+        """device: where the gains live (a GPU server's, for its fused calls)."""
         c = checkpoint.config
         self.config, self.family, self.eps = c, c.family, c.rms_norm_eps
-        offset = self.family.norm_offset
-        self.gains = {name: t.to(torch.float32) + offset for name, t in checkpoint.tensors(norm_weight_names(c))}
+        offset, names = self.family.norm_offset, norm_weight_names(c)
+        self.gains = {name: (t.to(torch.float32) + offset).to(device) for name, t in checkpoint.tensors(names)}
 
     def __call__(self, x: torch.Tensor, name: str | None) -> torch.Tensor:
         """RMSNorm over the last dimension with the gain named `name` (None: the family has no norm there)."""

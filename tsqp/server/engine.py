@@ -14,7 +14,7 @@ tensor-parallel server (parallel.py) rank 0 sends the step with its calls to the
 runs the same step method; on a single server the share is the whole model and the collectives do nothing.
 
 Here: dispatch, the control calls (sessions, init, ping) and the validation helpers. The data calls are
-mixed in by seam: layer_calls.py (plain mode), fused_calls.py (its two-product calls), masked_weights.py
+mixed in by seam: layer_calls.py (plain mode), fused_calls.py (several products a call), masked_weights.py
 (private mode and its float64 weights), seed_calls.py (the seed's generic calls); sessions.py keeps the
 sessions' books, sharded.py the linears over the ranks' shares, budget.py the memory budget.
 """
@@ -98,7 +98,7 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
         self.masked = MaskedWeights(self.config, self.dtype, self)
         self.fingerprint = self.checkpoint.fingerprint()
         # the fused calls compute a product's input from the residual stream, as the TEE does (model/elementwise.py)
-        self.norms = Norms(self.checkpoint)
+        self.norms = Norms(self.checkpoint, self.device)
         self.activation = ACTIVATIONS[self.config.family.activation]
         self.batched = 0  # requests that ran in a product shared with other clients' (handle_batch)
         self.batch_sizes: Counter[int] = Counter()  # products of batchable ops by how many requests shared them

@@ -1,4 +1,4 @@
-"""Plain mode's fused calls, mixed into the Engine: each half of a layer ends and the next begins in one call.
+"""Plain mode's fused calls, mixed into the Engine: several products in one call, from the TEE's residual stream.
 
     o_proj_gate_up   attention's output a (T, q_dim) and the TEE's residual stream x (T, hidden, float32)
                      -> y = o_proj(a) (as the o_proj call), [gate | up] of h = norm_mlp_in(x + norm_attn_out(y));
