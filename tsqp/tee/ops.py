@@ -57,7 +57,8 @@ class Ops(Protocol):
     ) -> torch.Tensor:
         """o_proj(softmax(q k^T / sqrt(hd)) V) (T, hidden) for q (T, heads, hd), k (T, kv_heads, hd) post-RoPE.
         residual: the stream (T, hidden) the result is added to; ops that fuse calls send it with o_proj, and
-        the server computes gate_up from it (server/fused_calls.py): the next `gate_up` is then its result."""
+        the server computes the layer's later products from it (server/fused_calls.py): the next `gate_up`,
+        `down` and `qkv` then return its results, each checked against the input the forward pass gives."""
 
     def gate_up(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (T, hidden) -> gate, up (T, intermediate) each."""
@@ -80,7 +81,7 @@ class Attention(Protocol):
         self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, softmax_: Softmax, residual: Residual = None
     ) -> torch.Tensor:
         """q (T, heads, hd), k (T, kv_heads, hd) post-RoPE at [pos, pos + T) -> (T, hidden); residual: handed to
-        o_proj where the seam calls it (`remote.OProj` may fuse gate_up into that call)."""
+        o_proj where the seam calls it (`remote.OProj` may fuse the layer's later products into that call)."""
 
 
 class Draft(Protocol):
