@@ -205,7 +205,7 @@ class RunOptions:
         choices=("auto", "on", "off"),
     )
     attention: str = option(
-        "plain split's attention: server (5 calls a layer), tee (own KV cache: 4, fused 2), decode (prefill: server)",
+        "plain split's attention: server (5 calls a layer), tee (own KV cache: 4, fused 1), decode (prefill: server)",
         "auto",
         choices=("auto", "server", "tee", "decode"),
     )

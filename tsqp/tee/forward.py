@@ -140,8 +140,7 @@ class TeeModel:
         gate, up = ops.gate_up(layer, h)  # (T, intermediate) each
         with stats.tee("act_mul"):  # the gated activation: act(gate) * up
             act = gated(self.activation, gate, up)
-        last = layer == c.num_layers - 1  # its down is followed by the final norm and the LM head: not fused
-        mlp = ops.down(layer, act, residual=None if last else x)  # (T, hidden)
+        mlp = ops.down(layer, act, residual=x)  # (T, hidden)
         mlp = self.rms_norm(mlp, norms.layer(layer, f.mlp_out_norm))
         with stats.tee("residual"):
             return x + mlp
