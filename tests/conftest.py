@@ -26,6 +26,8 @@ from hypothesis import settings as hypothesis_settings
 
 from tsqp.tuning import release_freed_memory
 
+pytest_plugins = ["leftover_processes"]
+
 # The README's test command is reproducible: hypothesis draws the same examples every run ("ci"); a random
 # run, with its seed printed, is bench/fuzz.sh (--hypothesis-profile=random --hypothesis-seed=N).
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
