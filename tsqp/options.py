@@ -308,8 +308,8 @@ class BenchFlags:
     )
     trace: str | None = option("write a Chrome/Perfetto trace of the timed prefill to this JSON file")
     replay: bool = option(
-        "then run the same prompts again over the recorded replies, with no server: the floor the TEE's own work "
-        "imposes, per token and per call (JSON: floor)",
+        "then record the same run's replies (untimed) and run it over them with no server: the floor the TEE's "
+        "own work imposes, per token and per call (JSON: floor)",
         False,
     )
     clients: int = option(

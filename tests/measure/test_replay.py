@@ -136,3 +136,36 @@ def test_bench_replay_reports_the_floor_next_to_the_run(tiny_model, tmp_path):
 def test_bench_replay_refuses_private_mode(tiny_model):
     result = run_tsqp("bench", "--model", tiny_model, "--tokens", "8", "--replay", "--private", timeout=300)
     assert result.returncode != 0 and "private mode's pads differ" in result.stderr
+
+
+def test_bench_replay_times_a_run_that_records_nothing(tiny_model, monkeypatch):
+    """--replay records the replies in a second, untimed run: the timed run's link is the client itself
+    (a Recorder's copy of every reply, into fresh memory, would slow the run it measures)."""
+    import io
+    from contextlib import contextmanager
+
+    from rich.console import Console
+
+    from tsqp.measure import bench
+    from tsqp.options import RunOptions
+    from tsqp.tee.compose import attach, run_attention
+
+    links = []
+
+    @contextmanager
+    def in_process(options, stats, wrap=None):
+        link = Synchronous(InProcess(Engine(str(options.model_dir))))
+        link = wrap(link) if wrap else link
+        links.append(link)
+        tee = tee_model(options.model_dir, link, stats, attention=run_attention(options.attention, False))
+        attach(tee)
+        yield tee
+
+    monkeypatch.setattr(bench, "open_model", in_process)
+    result = bench.run_bench(
+        RunOptions(model_dir=tiny_model), 12, decode=3, replay=True, console=Console(file=io.StringIO())
+    )
+    assert [type(link).__name__ for link in links] == ["Synchronous", "Recorder"]  # timed, then recorded
+    assert links[1].recording.nbytes == result["floor"]["recorded_bytes"] > 0
+    assert result["floor"]["same_tokens"] is True
+    assert result["floor"]["prefill"]["rpc_calls"] > 0 and result["floor"]["decode"]["tokens"] == 2

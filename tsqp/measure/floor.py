@@ -3,8 +3,9 @@
 A run's own time is its wall time less the time the TEE sat waiting on the server's compute
 (`Stats.waited_on_server_s`): the TEE's elementwise work, its checks, its copies, and the calls' cost
 (packing, transfer, waking). Divided by the tokens and by the round trips it gives the figures the
-issue's targets are stated in. `--replay` runs the same prompt again over the recorded replies
-(measure/replay.py): with a server that costs nothing, the wall time itself is the floor.
+issue's targets are stated in. `--replay` then runs the same prompt twice more: once against the server with
+its replies recorded (untimed: the recording's copies would slow the run they measured), once over the
+recorded replies (measure/replay.py): with a server that costs nothing, the wall time itself is the floor.
 
 JSON (`tsqp bench --json`): `tee_cost.prefill` and `tee_cost.decode` for the run, and with --replay
 `floor.prefill` and `floor.decode` in the same layout, each:
