@@ -55,6 +55,7 @@ class AttentionCheck(ChunkCheck):
             kr, k_sq = self._key_sums(state, layer, pos, tiles, k)  # (tiles, K, kv, hd), (tiles, kv)
             self.kr_total, self.k_sq_total = kr[-1].clone(), k_sq[-1].clone()
             n, scale = len(tiles), 1.0 / math.sqrt(hd)
+            rows = torch.tensor([t.rows for t in tiles])
             # every row against every tile's K^T r in one product; each row keeps its own tile's columns
             queries = q.view(T, kv, group, hd).transpose(0, 1).reshape(kv, T * group, hd)
             products = torch.bmm(queries, kr.permute(2, 3, 0, 1).reshape(kv, hd, n * K)).view(kv, T, group, n, K)
@@ -62,14 +63,14 @@ class AttentionCheck(ChunkCheck):
                 rhs = products[:, :, :, 0].transpose(1, 2)  # (kv, group, T, K)
                 k_norm = k_sq.sqrt().view(1, kv)
             else:
-                tile_of_row = torch.repeat_interleave(torch.arange(n), torch.tensor([t.rows for t in tiles]))
+                tile_of_row = torch.repeat_interleave(torch.arange(n), rows)
                 rhs = products[:, torch.arange(T), :, tile_of_row].permute(1, 2, 0, 3)  # (kv, group, T, K)
                 k_norm = k_sq.sqrt()[tile_of_row]  # (T, kv)
             self.rhs = rhs.reshape(c.num_heads, T, K) * scale
             q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group)
             self.qk_norm = (q_norm * k_norm.mul(scale).unsqueeze(-1)).view(T, -1).T.unsqueeze(-1)  # (heads, T, 1)
             gains = [(*score_gains(UNIT_ROUNDOFF[verifier.wire], t.keys, hd), value_gain(c, t.keys)) for t in tiles]
-            per_row = torch.tensor([gain for t, gain in zip(tiles, gains, strict=True) for _ in range(t.rows)])
+            per_row = torch.tensor(gains).repeat_interleave(rows, dim=0)  # (T, 3): each row its tile's factors
             self.row_gain, self.floor = per_row[:, 0].view(1, T, 1), per_row[:, 1].view(1, T, 1)
             self.value_gains = per_row[:, 2].view(T, 1)  # value_gain over each row's keys
             self.lhs: list[torch.Tensor] = []  # each tile's S r (heads, rows, K), in row order
