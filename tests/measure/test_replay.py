@@ -3,18 +3,23 @@ replies still checked, and `tsqp bench --replay` reports the TEE's own cost."""
 
 from __future__ import annotations
 
+import io
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
 from conftest import run_tsqp, token_ids
+from rich.console import Console
 
 from tsqp.errors import IntegrityError, TsqpError
+from tsqp.measure import bench
 from tsqp.measure.floor import DecodeMark, Snapshot, cost
 from tsqp.measure.replay import Recorder, Recording, Replayer
+from tsqp.options import RunOptions
 from tsqp.server.engine import Engine
 from tsqp.stats import Stats
-from tsqp.tee.compose import tee_model
+from tsqp.tee.compose import attach, run_attention, tee_model
 from tsqp.tee.generate import generate
 from tsqp.tee.remote import InProcess, Synchronous
 
@@ -141,15 +146,6 @@ def test_bench_replay_refuses_private_mode(tiny_model):
 def test_bench_replay_times_a_run_that_records_nothing(tiny_model, monkeypatch):
     """--replay records the replies in a second, untimed run: the timed run's link is the client itself
     (a Recorder's copy of every reply, into fresh memory, would slow the run it measures)."""
-    import io
-    from contextlib import contextmanager
-
-    from rich.console import Console
-
-    from tsqp.measure import bench
-    from tsqp.options import RunOptions
-    from tsqp.tee.compose import attach, run_attention
-
     links = []
 
     @contextmanager
