@@ -114,7 +114,8 @@ def run_bench(
         result["floor"] = floor_costs = floor.costs()
         floor_costs["recorded_bytes"] = recording.nbytes
         if floor.generation:
-            floor_costs["same_tokens"] = floor.generation.generated_ids == recorded.generation.generated_ids
+            tokens_of = [m.generation.generated_ids for m in (run, recorded, floor)]  # the floor is the timed run's
+            floor_costs["same_tokens"] = tokens_of[0] == tokens_of[1] == tokens_of[2]
         costs = {**costs, **{f"floor {k}": v for k, v in floor_costs.items() if isinstance(v, dict)}}
     print_costs(costs, console)
     if trace_path:

@@ -19,7 +19,7 @@ JSON (`tsqp bench --json`): `tee_cost.prefill` and `tee_cost.decode` for the run
     call_us                            a round trip's parts, mean us a call: send, to_server, compute, back,
                                        between (tsqp/stats.py, PHASES; the floor's server parts are 0)
 
-plus `floor.same_tokens` (the replayed generation's tokens equal the recorded one's) and
+plus `floor.same_tokens` (the timed, the recorded and the replayed generations' tokens are the same) and
 `floor.recorded_bytes` (what the recording held).
 """
 
