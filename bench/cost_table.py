@@ -48,11 +48,23 @@ def arguments() -> argparse.Namespace:
 
 def run(label: str, tree: str, name: str, model: str, out: Path, round_: int, pin: bool = False) -> dict | None:
     path = out / f"{name}-{label}-{round_}.json"
+    result = bench(tree, ["--model", model, *COMMON, *CONFIGS[name]], path, pin)
+    if isinstance(result, str):
+        print(f"{name} on {label}: {result}", flush=True)
+        return None
+    return result
+
+
+def bench(tree: str, flags: list[str], path: Path, pin: bool = False) -> dict | str:
+    """`tsqp bench FLAGS --json PATH` on the tree: its JSON result, or the failure in a line. pin: the tree's own
+    `tsqp serve` on the last CPU and the bench on the others (`--compare` dropped: transformers would get the
+    TEE's cores only)."""
     tsqp = [sys.executable, "-m", "tsqp"]
-    command = [*tsqp, "bench", "--model", model, *COMMON, *CONFIGS[name], "--json", str(path)]
+    command = [*tsqp, "bench", *flags, "--json", str(path)]
     env = {**os.environ, "PYTHONPATH": tree}
     server = None
     if pin:
+        model = flags[flags.index("--model") + 1]
         cpus = sorted(os.sched_getaffinity(0))
         address = f"ipc://{tempfile.mkdtemp()}/server.sock"
         serve = ["taskset", "-c", str(cpus[-1]), *tsqp, "serve", "--model", model, "--listen", address]
@@ -70,8 +82,7 @@ def run(label: str, tree: str, name: str, model: str, out: Path, round_: int, pi
             server.terminate()
             server.wait()
     if done.returncode != 0:
-        print(f"{name} on {label}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-        return None
+        return f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
     return json.loads(path.read_text())
 
 

@@ -199,8 +199,8 @@ class RunOptions:
         "lone small requests through the arena's doorbell (default); --no-doorbell: always ZeroMQ", True
     )
     pipeline: str = option(
-        "attention by query chunks, the TEE's softmax overlapping the server's next chunk; auto: on when the "
-        "server computes on a GPU (a CPU server on this host shares the TEE's cores)",
+        "the TEE works while the server computes: attention by query chunks, a prefill's checks during the next "
+        "call; auto: on when the server computes on a GPU (a CPU server on this host shares the TEE's cores)",
         env_var="TSQP_PIPELINE",
         choices=("auto", "on", "off"),
     )

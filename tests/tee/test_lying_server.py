@@ -40,17 +40,18 @@ def engines(model) -> dict[str, LyingEngine]:
     return {dtype: LyingEngine(model, dtype) for dtype in DTYPES}
 
 
-def run(model: Path, engine: LyingEngine, verify: bool, deferred: bool = True) -> list[torch.Tensor]:
+def run(model: Path, engine: LyingEngine, verify: bool, checked: str = "at-step-end") -> list[torch.Tensor]:
     """Two prefills of the same length in two sessions (so embedding and lm_head have a reply to replay),
-    then one decode step (so there is a past position in the cache). deferred: steps this short are
-    checked at their end (step_checks.py), else call by call."""
+    then one decode step (so there is a past position in the cache). checked: at-step-end (steps this short
+    are checked at their end, step_checks.py), call-by-call, or overlapped (call by call, each result while
+    the server computes the next call: checks.Overlapped)."""
     engine.sessions.clear()
     engine.previous.clear()
     engine.tampered = 0
-    tee = tee_model(model, InProcess(engine), verify=verify)
+    tee = tee_model(model, InProcess(engine), verify=verify, pipeline="on" if checked == "overlapped" else "off")
     if verify:
         tee.ops.checker.generator.manual_seed(SEED)
-        tee.ops.checker.defer_rows = tee.ops.checker.defer_rows if deferred else 0
+        tee.ops.checker.defer_rows = tee.ops.checker.defer_rows if checked == "at-step-end" else 0
     tee.attach()
     return two_prefills_and_a_step(tee)
 
@@ -73,7 +74,7 @@ def honest(model, engines) -> dict[str, list[torch.Tensor]]:
     return outputs
 
 
-@pytest.mark.parametrize("checked", ["at-step-end", "call-by-call"])
+@pytest.mark.parametrize("checked", ["at-step-end", "call-by-call", "overlapped"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
@@ -81,7 +82,7 @@ def test_tampering_is_caught(model, engines, honest, dtype, plan, checked):
     engine.plan = plan
     try:
         with pytest.raises(IntegrityError, match=expected_message(plan)):
-            run(model, engine, verify=True, deferred=checked == "at-step-end")
+            run(model, engine, verify=True, checked=checked)
         assert engine.tampered >= 1
         unverified = run(model, engine, verify=False)  # the same lie, unchecked: it goes through
         assert engine.tampered >= 1

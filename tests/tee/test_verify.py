@@ -186,3 +186,9 @@ def test_cli_verify_flag(tiny_model, tmp_path):
     assert figures["--verify"]["verify"] is True and figures["--verify"]["verify_s"] > 0
     assert figures["--verify"]["verify_setup_s"] > 0
     assert figures["--no-verify"]["verify"] is False and figures["--no-verify"]["verify_s"] == 0
+    assert figures["--verify"]["verify_overlapped"] is False  # a CPU server shares the TEE's cores
+    path = tmp_path / "overlapped.json"  # a prefill longer than a short step, its checks during the next call
+    result = run_tsqp("bench", "--model", tiny_model, "--tokens", "160", "--json", path, "--pipeline", "on")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(path.read_text())["verify_overlapped"] is True, result.stdout
+    assert "checks made while the server computed the next call" in result.stdout

@@ -26,6 +26,7 @@ from tsqp.stats import Stats
 from tsqp.tee.compose import run_attention
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
+from tsqp.tuning import SHORT_STEP_ROWS
 
 WARMUP_TOKENS = 16
 
@@ -72,6 +73,7 @@ class Measured:
     generation: Generation | None
     decode_cost: dict | None  # the generation's decode steps (floor.cost)
     private: dict | None  # private mode's figures (`private_figures`)
+    checks_overlapped: bool = False  # the prefill's checks ran while the server computed (checks.Overlapped)
 
     def costs(self) -> dict:
         """The TEE's own time in the timed prefill and in the decode steps (floor.py)."""
@@ -159,8 +161,21 @@ def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], tra
         if private:
             private["decode_offline_s"] = decode_offline_s
         layers = tee.config.num_layers
+        overlapped = tee.ops.checks_overlapped and tokens > SHORT_STEP_ROWS  # a shorter one: at its end
     return Measured(
-        layers, ids, warmup, main, others, dtype, verify_setup_s, pipelined, fused, generation, decode_cost, private
+        layers,
+        ids,
+        warmup,
+        main,
+        others,
+        dtype,
+        verify_setup_s,
+        pipelined,
+        fused,
+        generation,
+        decode_cost,
+        private,
+        overlapped,
     )
 
 
@@ -183,7 +198,8 @@ def prefill_result(options: RunOptions, run: Measured) -> dict:
         "tee_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "threads": torch.get_num_threads(),
         "verify": options.verify,
-        "verify_s": summary["tee_ops"].get("verify", 0.0),
+        "verify_s": summary["tee_ops"].get("verify", 0.0),  # time in checks, overlapped or not
+        "verify_overlapped": run.checks_overlapped,  # made while the server computed the next call
         "verify_setup_s": run.verify_setup_s,
         "private": options.private,
         "detail": summary,
@@ -212,9 +228,10 @@ def print_prefill(options: RunOptions, run: Measured, result: dict, console: Con
             "attention: " + ("pipelined by query chunks" if run.pipelined else "one chunk per layer, not pipelined")
         )
     if options.verify:
+        overlapped = " in checks made while the server computed the next call" if run.checks_overlapped else ""
         console.print(
-            f"verification {result['verify_s']:.3f} s ({100 * result['verify_s'] / prefill_s:.1f}% of the "
-            f"prefill), "
+            f"verification {result['verify_s']:.3f} s{overlapped} ({100 * result['verify_s'] / prefill_s:.1f}% of "
+            f"the prefill), "
             + (
                 f"keys, embedding table and calibration at start in {run.verify_setup_s:.2f} s"
                 if options.private

@@ -64,6 +64,80 @@ class StepCheck:
 
     def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
+    def waiting(self) -> None:
+        """The TEE is about to wait for a server reply: checks held back may run now (`Overlapped`)."""
+
+
+class Overlapped(StepCheck):
+    """A step's linear checks held back until the TEE next waits on the server: a result is checked while the
+    server computes the next call (sent from it unchecked), not between the two.
+
+    The order of the checks stays the forward order, and every one runs before the step ends: `attention`
+    (whose chunk check reads what qkv's check records) and `layers_done` (the logits come after it) run all
+    that is held first, and the calls' collect (`remote.Calls.collect`) runs them before it waits for its
+    reply, giving the request up if one fails. In the plain split this tells the server nothing: each input
+    sent before its source is checked is computed from results the server itself returned and inputs it
+    already saw. A chunk's scores and probabilities are checked tile by tile as before (a tile is read once,
+    while it is in cache); its attn_out is held like a linear result."""
+
+    def __init__(self, checks: StepCheck):
+        self.checks = checks
+        self.held: list[tuple] = []  # (hook, its arguments), in forward order
+
+    def embedding(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        self.held.append((self.checks.embedding, ids, rows))
+
+    def qkv(self, layer: int, pos: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.held.append((self.checks.qkv, layer, pos, x, q, k))
+
+    def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
+        self.waiting()
+        return HeldAttnOut(self.checks.attention(layer, pos, q, k, tile), self.held)
+
+    def values(self, layer: int, pos: int, x: torch.Tensor, v: torch.Tensor) -> None:
+        self.held.append((self.checks.values, layer, pos, x, v))
+
+    def o_proj(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.held.append((self.checks.o_proj, layer, x, y))
+
+    def gate_up(self, layer: int, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+        self.held.append((self.checks.gate_up, layer, x, gate, up))
+
+    def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.held.append((self.checks.down, layer, x, y))
+
+    def layers_done(self) -> None:
+        self.waiting()
+        self.checks.layers_done()
+
+    def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.checks.lm_head(x, y)
+
+    def waiting(self) -> None:
+        held = self.held
+        while held:
+            hook, *args = held.pop(0)
+            hook(*args)
+
+
+class HeldAttnOut(ChunkCheck):
+    """A chunk's check whose attn_out joins the step's held checks (`Overlapped`)."""
+
+    def __init__(self, check: ChunkCheck, held: list[tuple]):
+        self.check, self.held = check, held
+
+    def scores(self, tile: Tile, block: torch.Tensor) -> None:
+        self.check.scores(tile, block)
+
+    def probs(self, tile: Tile, block: torch.Tensor) -> None:
+        self.check.probs(tile, block)
+
+    def scores_done(self) -> None:
+        self.check.scores_done()
+
+    def attn_out(self, y: torch.Tensor) -> None:
+        self.held.append((self.check.attn_out, y))
+
 
 NO_CHUNK_CHECK = ChunkCheck()
 NO_STEP_CHECK = StepCheck()
@@ -73,11 +147,12 @@ class Unchecked:
     """The checker of an unverified split: every hook is a no-op."""
 
     setup_s = 0.0  # computing keys: none
+    overlap = False  # a long step's checks made while the server computes the next call: none made
     failure = None  # what failed (a checker raises at every later call once it is set)
     immediate = NO_STEP_CHECK  # the hooks of calls outside a step
 
-    def init(self, wire: torch.dtype) -> None:
-        """The server's dtype is known."""
+    def init(self, wire: torch.dtype, device: str = "cpu") -> None:
+        """The server's dtype and device are known."""
 
     def usable(self) -> None:
         """Raises if an earlier check failed (before anything more is sent)."""

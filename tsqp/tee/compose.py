@@ -53,7 +53,8 @@ def build_ops(
     """call: a `wire.client.Client`, a `remote.InProcess`, or a call function.
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
-    the server reports a GPU device): see server_attention.py. private: private mode's options; None: the
+    the server reports a GPU device): the server's attention by chunks (server_attention.py) and a prefill's
+    checks while the server computes the next call (checks.Overlapped). private: private mode's options; None: the
     plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
     split's (private mode's is always in the TEE); by default where the mode runs it. fuse: the plain split
     sends fused calls (several products a call, server/fused_calls.py) when the server computes them."""
@@ -65,7 +66,8 @@ def build_ops(
     link = link_of(call)
     if private is not None:
         return PrivateOps(link, checkpoint, private, stats, verify=verify)
-    calls = Calls(link, checkpoint.config, Verifier(checkpoint, stats) if verify else Unchecked(), stats)
+    checker = Verifier(checkpoint, stats, overlap=pipeline) if verify else Unchecked()
+    calls = Calls(link, checkpoint.config, checker, stats)
     if attention == "server":
         return RemoteOps(calls, ServerAttention(calls, pipeline), fuse)
     if attention == ROWS:

@@ -65,6 +65,7 @@ class LinearOps:
     seam itself is the op)."""
 
     pipelined = False
+    checks_overlapped = False  # each masked product is checked before it is unmasked
     fused = False  # no fused calls: the server sees only masked inputs, one product each
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):

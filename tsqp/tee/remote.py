@@ -157,7 +157,7 @@ class Calls:
         """The server's description of itself; its dtype becomes the wire dtype (and the checker's keys')."""
         info = self.control("init").args
         self.wire = server_dtype(info)
-        self.checker.init(self.wire)
+        self.checker.init(self.wire, str(info.get("device", "cpu")))
         return info
 
     def submit(
@@ -184,7 +184,13 @@ class Calls:
         return x if x.dtype == self.wire or not x.is_floating_point() else x.to(self.wire)
 
     def collect(self, request: Request) -> list[torch.Tensor]:
+        """The request's reply, copied out; the step's held checks run first, while the server computes it."""
         request.collected = True
+        try:
+            self.step.waiting()
+        except BaseException:
+            self.link.discard(request.id)
+            raise
         reply = self.link.wait(request.id)
         wire = self.wire
         expect(reply.tensors, [(wire, shape) for shape in request.shapes], request.method)
@@ -273,6 +279,11 @@ class RemoteOps:
     @property
     def pipelined(self) -> bool:
         return self.attention.pipelined
+
+    @property
+    def checks_overlapped(self) -> bool:
+        """A long step's results are checked while the server computes the next call (checks.Overlapped)."""
+        return self.checker.overlap
 
     @property
     def fused(self) -> bool:

@@ -1,6 +1,8 @@
 """Verified mode: the TEE checks every result the untrusted server returns before anything derived from it
-leaves the TEE: call by call in a prefill (`Immediate`), at the end of a decode step for all layers at once
-(step_checks.py; the logits come after the checks). `Verifier` is the checker the plain split's ops are
+leaves the TEE, but for the server's next inputs, which the server could compute itself: call by call in a
+prefill (`Immediate`; with a server on a GPU each while the server computes the next call:
+checks.Overlapped), at the end of a decode step for all layers at once (step_checks.py; the logits come
+after the checks). `Verifier` is the checker the plain split's ops are
 handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison; a prefill's
 attention chunks are checked by attention_check.py, each chunk's tiles compared at once.
 
@@ -72,7 +74,7 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.attention_check import AttentionCheck
-from tsqp.tee.checks import ChunkCheck, StepCheck
+from tsqp.tee.checks import ChunkCheck, Overlapped, StepCheck
 from tsqp.tee.freivalds import (
     S_MAX,
     U32,
@@ -137,8 +139,11 @@ class Verifier:
     (`immediate`), or at the end of a decode step for all its layers at once (`begin_step`), before the
     step's logits are returned."""
 
-    def __init__(self, checkpoint: Checkpoint, stats: Stats | None = None, seed: int | None = None):
-        """seed: for tests only; by default 63 secret bits the server cannot know."""
+    def __init__(
+        self, checkpoint: Checkpoint, stats: Stats | None = None, seed: int | None = None, overlap: str = "auto"
+    ):
+        """seed: for tests only; by default 63 secret bits the server cannot know. overlap: on, off or auto (on
+        when the server computes on another device than the CPU: checks.Overlapped; `--pipeline`)."""
         self.checkpoint, self.config = checkpoint, checkpoint.config
         self.stats = stats or Stats()
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
@@ -151,6 +156,8 @@ class Verifier:
         self.keys: ModelKeys | None = None
         self.stacked: StackedKeys | None = None  # the layer keys stacked, for a step's checks at once
         self.defer_rows = SHORT_STEP_ROWS  # steps of up to this many tokens are checked at their end
+        self.overlap_mode = overlap
+        self.overlap = overlap == "on"  # a longer step's checks run while the server computes the next call
         self.immediate = Immediate(self)
         self.state: AttentionState | None = None
         self.setup_s = 0.0  # computing the keys from the checkpoint
@@ -161,8 +168,12 @@ class Verifier:
 
     # -- control -------------------------------------------------------------------------------
 
-    def init(self, wire: torch.dtype) -> None:
-        """The server's dtype is known now: the keys are computed here, at start, not on the first call."""
+    def init(self, wire: torch.dtype, device: str = "cpu") -> None:
+        """The server's dtype is known now: the keys are computed here, at start, not on the first call.
+        A server on a GPU has the checks overlap its calls (`overlap` auto): a CPU server on this host would
+        share the cores they run on (measured: docs/benchmarks.md, "Checks while the server computes")."""
+        if self.overlap_mode == "auto":
+            self.overlap = not device.startswith("cpu")
         self.usable()
         if wire != self.wire:
             self.wire, self.keys, self.bounded_norms = wire, None, wire == torch.float32
@@ -187,16 +198,20 @@ class Verifier:
     def begin_step(self, pos: int, T: int, attention) -> StepCheck:
         """A forward pass of T tokens at pos begins: a decode-sized one (at most `defer_rows` tokens, one
         query tile, one attention chunk) has its layers' checks made at its end, all at once
-        (step_checks.py); a longer one call by call. A step left unfinished is dropped unchecked: its
+        (step_checks.py); a longer one call by call, each result checked while the server computes the next
+        call (checks.Overlapped; `overlap` off: before it). A step left unfinished is dropped unchecked: its
         results were never released, and the attention state had not moved on."""
         self.usable()
-        if T > self.defer_rows or self.state is None:
+        if self.state is None:
             return self.immediate
+        call_by_call = Overlapped(self.immediate) if self.overlap else self.immediate
+        if T > self.defer_rows:
+            return call_by_call
         if attention.attends_here(pos, T):  # attention in the TEE (its linears only), or one tile in one chunk
             return StepChecks(self, pos, T, here=True)  # (a window changes neither count)
         if len(query_tiles(T, pos, self.config.num_heads, attention.tile)[0]) == len(attention.chunks(T, pos)) == 1:
             return StepChecks(self, pos, T)
-        return self.immediate
+        return call_by_call
 
     def session_state(self) -> AttentionState:
         if self.state is None:
