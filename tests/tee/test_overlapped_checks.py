@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import token_ids
+from support import FAMILY_MODELS
 
 from tsqp.errors import IntegrityError
 from tsqp.server.engine import Engine
@@ -83,6 +84,28 @@ def test_each_result_is_checked_while_the_server_computes_the_next_call(model, m
     assert next_call(during, ("check", "embedding", None)) == ("qkv", 0)
     last = len(tee.config.family.windows) - 1
     assert next_call(during, ("check", "down", last)) == ("lm_head", None)  # before the logits are read
+
+
+@pytest.mark.parametrize("attention", ["server", "tee", "decode"])
+@pytest.mark.parametrize("name", ["llama", *FAMILY_MODELS])
+def test_every_family_passes_its_held_checks_with_the_same_logits(checkpoints, name, attention):
+    """A held check reads its result after the forward pass went on from it: no family's step may have
+    written a result in place by then (an honest server would fail), and the logits are bit for bit those
+    of the checks made in between. Short steps too (a decode step checked at its end)."""
+    path = checkpoints("overlap-" + name, seed=41, **FAMILY_MODELS.get(name, {}))
+    engine = Engine(str(path))
+    logits = {}
+    for pipeline in ("off", "on"):
+        tee = tee_model(path, InProcess(engine), pipeline=pipeline, attention=attention)
+        tee.attach()
+        tee.ops.checker.defer_rows = 4  # a 20-token prefill is call by call, the decode steps at their end
+        tee.ops.open_session(22)
+        logits[pipeline] = [tee.forward(token_ids(20, seed=6)), tee.forward(torch.tensor([7]), pos=20)]
+        logits[pipeline].append(tee.forward(torch.tensor([9]), pos=21))
+        assert tee.ops.checker.checks["gate_up"] > 0 and tee.ops.checker.failure is None
+        tee.ops.close_session()
+    for on, off in zip(logits["on"], logits["off"], strict=True):
+        torch.testing.assert_close(on, off, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,9 @@ class Overlapped(StepCheck):
     reply, giving the request up if one fails. In the plain split this tells the server nothing: each input
     sent before its source is checked is computed from results the server itself returned and inputs it
     already saw. A chunk's scores and probabilities are checked tile by tile as before (a tile is read once,
-    while it is in cache); its attn_out is held like a linear result."""
+    while it is in cache); its attn_out is held like a linear result. A held check reads its result after the
+    forward pass went on from it: no step writes a result in place (as for a decode step's checks at its end;
+    tests/tee/test_overlapped_checks.py runs every family both ways)."""
 
     def __init__(self, checks: StepCheck):
         self.checks = checks
