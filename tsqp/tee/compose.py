@@ -54,10 +54,10 @@ def build_ops(
 
     verify: check every result (Freivalds); off only for measurements. pipeline: on, off, or auto (on when
     the server reports a GPU device): the server's attention by chunks (server_attention.py) and a prefill's
-    checks while the server computes the next call (checks.Overlapped). private: private mode's options; None: the
-    plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the plain
-    split's (private mode's is always in the TEE); by default where the mode runs it. fuse: the plain split
-    sends fused calls (several products a call, server/fused_calls.py) when the server computes them."""
+    checks while the server computes the next call (checks.Overlapped). private: private mode's options;
+    None: the plain split. attention: server, tee or decode (prefill on the server, decode in the TEE): the
+    plain split's (private mode's is always in the TEE); by default where the mode runs it. fuse: the plain
+    split sends fused calls (several products a call, server/fused_calls.py) when the server computes them."""
     attention = attention or ("tee" if private is not None else "server")
     if attention not in ATTENTION and not (attention == ROWS and private is None):
         raise TsqpError(f"--attention must be one of {', '.join(ATTENTION)}, not {attention!r}")

@@ -2,9 +2,9 @@
 leaves the TEE, but for the server's next inputs, which the server could compute itself: call by call in a
 prefill (`Immediate`; with a server on a GPU each while the server computes the next call:
 checks.Overlapped), at the end of a decode step for all layers at once (step_checks.py; the logits come
-after the checks). `Verifier` is the checker the plain split's ops are
-handed (checks.py); freivalds.py has the keys, the tolerance factors and the comparison; a prefill's
-attention chunks are checked by attention_check.py, each chunk's tiles compared at once.
+after the checks). `Verifier` is the checker the plain split's ops are handed (checks.py); freivalds.py has
+the keys, the tolerance factors and the comparison; a prefill's attention chunks are checked by
+attention_check.py, each chunk's tiles compared at once.
 
 Freivalds' test. For a result Y that should equal X W^T + b, the TEE keeps a secret random matrix s
 (out, K) and w = W^T s (in, K), computed once at start from its own copy of the checkpoint
