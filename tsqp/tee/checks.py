@@ -15,6 +15,8 @@ of what came back. Attention is checked chunk by chunk, tile by tile while each 
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from tsqp.wire.protocol import Tile
@@ -84,7 +86,7 @@ class Overlapped(StepCheck):
 
     def __init__(self, checks: StepCheck):
         self.checks = checks
-        self.held: list[tuple] = []  # (hook, its arguments), in forward order
+        self.held: deque[tuple] = deque()  # (hook, its arguments), in forward order
 
     def embedding(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         self.held.append((self.checks.embedding, ids, rows))
@@ -118,14 +120,14 @@ class Overlapped(StepCheck):
     def waiting(self) -> None:
         held = self.held
         while held:
-            hook, *args = held.pop(0)
+            hook, *args = held.popleft()
             hook(*args)
 
 
 class HeldAttnOut(ChunkCheck):
     """A chunk's check whose attn_out joins the step's held checks (`Overlapped`)."""
 
-    def __init__(self, check: ChunkCheck, held: list[tuple]):
+    def __init__(self, check: ChunkCheck, held: deque[tuple]):
         self.check, self.held = check, held
 
     def scores(self, tile: Tile, block: torch.Tensor) -> None:
