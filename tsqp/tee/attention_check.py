@@ -56,16 +56,22 @@ class AttentionCheck(ChunkCheck):
             self.kr_total, self.k_sq_total = kr[-1].clone(), k_sq[-1].clone()
             n, scale = len(tiles), 1.0 / math.sqrt(hd)
             rows = torch.tensor([t.rows for t in tiles])
-            # every row against every tile's K^T r in one product; each row keeps its own tile's columns
+            # each tile's rows (a run of them) against its own K^T r: one product per tile
             queries = q.view(T, kv, group, hd).transpose(0, 1).reshape(kv, T * group, hd)
-            products = torch.bmm(queries, kr.permute(2, 3, 0, 1).reshape(kv, hd, n * K)).view(kv, T, group, n, K)
+            per_tile = kr.permute(0, 2, 3, 1)  # (tiles, kv, hd, K)
             if n == 1:
-                rhs = products[:, :, :, 0].transpose(1, 2)  # (kv, group, T, K)
+                products = torch.bmm(queries, per_tile[0])
                 k_norm = k_sq.sqrt().view(1, kv)
             else:
-                tile_of_row = torch.repeat_interleave(torch.arange(n), rows)
-                rhs = products[:, torch.arange(T), :, tile_of_row].permute(1, 2, 0, 3)  # (kv, group, T, K)
-                k_norm = k_sq.sqrt()[tile_of_row]  # (T, kv)
+                products = torch.cat(
+                    [
+                        torch.bmm(queries[:, t.row * group : (t.row + t.rows) * group], per_tile[i])
+                        for i, t in enumerate(tiles)
+                    ],
+                    dim=1,
+                )
+                k_norm = k_sq.sqrt()[torch.repeat_interleave(torch.arange(n), rows)]  # (T, kv): each row its tile's
+            rhs = products.view(kv, T, group, K).transpose(1, 2)  # (kv, group, T, K)
             self.rhs = rhs.reshape(c.num_heads, T, K) * scale
             q_norm = torch.linalg.vector_norm(q, dim=-1).view(T, kv, group)
             self.qk_norm = (q_norm * k_norm.mul(scale).unsqueeze(-1)).view(T, -1).T.unsqueeze(-1)  # (heads, T, 1)
