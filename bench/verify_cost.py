@@ -7,9 +7,9 @@
 prefill less than that (checks.Overlapped, `--pipeline`), or more where the two share cores. This measures
 the cost itself: per round and tree, a verified run and an unverified one (`--no-verify`) in turn, and
 prints each pair and, per tree and variant (more `tsqp bench` flags, e.g. --variant on="--pipeline on"),
-the medians and the median of the paired differences as a share of the
-verified prefill. --pin: the server on the last CPU and the TEE on the others (cost_table.py), as a server
-on a GPU or another host would leave the TEE's cores to it.
+the medians and the median of the paired differences as a share of the verified prefill. --pin: the
+server on the last CPU and the TEE on the others (cost_table.py), as a server on a GPU or another host would
+leave the TEE's cores to it.
 """
 
 from __future__ import annotations

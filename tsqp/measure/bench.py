@@ -26,7 +26,6 @@ from tsqp.stats import Stats
 from tsqp.tee.compose import run_attention
 from tsqp.tee.generate import Generation, generate
 from tsqp.tee.runner import open_model
-from tsqp.tuning import SHORT_STEP_ROWS
 
 WARMUP_TOKENS = 16
 
@@ -161,7 +160,7 @@ def measure(options: RunOptions, tokens: int, decode: int, sweep: list[int], tra
         if private:
             private["decode_offline_s"] = decode_offline_s
         layers = tee.config.num_layers
-        overlapped = tee.ops.checks_overlapped and tokens > SHORT_STEP_ROWS  # a shorter one: at its end
+        overlapped = tee.ops.checks_overlap(tokens)
     return Measured(
         layers,
         ids,

@@ -152,6 +152,7 @@ class Unchecked:
 
     setup_s = 0.0  # computing keys: none
     overlap = False  # a long step's checks made while the server computes the next call: none made
+    defer_rows = 0  # steps of up to this many tokens checked at their end: none
     failure = None  # what failed (a checker raises at every later call once it is set)
     immediate = NO_STEP_CHECK  # the hooks of calls outside a step
 

@@ -65,8 +65,11 @@ class LinearOps:
     seam itself is the op)."""
 
     pipelined = False
-    checks_overlapped = False  # each masked product is checked before it is unmasked
     fused = False  # no fused calls: the server sees only masked inputs, one product each
+
+    def checks_overlap(self, tokens: int) -> bool:
+        """Never: each masked product is checked before it is unmasked."""
+        return False
 
     def __init__(self, config: ModelConfig, embed: torch.Tensor | None, linear: Linear | None, stats: Stats):
         """embed: the whole embedding table (None until init); linear: None until attached."""

@@ -280,10 +280,10 @@ class RemoteOps:
     def pipelined(self) -> bool:
         return self.attention.pipelined
 
-    @property
-    def checks_overlapped(self) -> bool:
-        """A long step's results are checked while the server computes the next call (checks.Overlapped)."""
-        return self.checker.overlap
+    def checks_overlap(self, tokens: int) -> bool:
+        """Whether a step of this many tokens has its results checked while the server computes the next
+        call (checks.Overlapped), not at its end or between calls."""
+        return self.checker.overlap and tokens > self.checker.defer_rows
 
     @property
     def fused(self) -> bool:
