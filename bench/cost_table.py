@@ -29,6 +29,7 @@ COMMON = ["--tokens", "512", "--decode", "64", "--compare"]
 CONFIGS = {
     "plain": ["--replay"],
     "bf16": ["--dtype", "bfloat16"],
+    "bf16-tee": ["--dtype", "bfloat16", "--attention", "tee"],
     "private": ["--private"],
     "attention-decode": ["--attention", "decode", "--replay"],
     "attention-tee": ["--attention", "tee", "--replay"],
@@ -68,6 +69,8 @@ def bench(tree: str, flags: list[str], path: Path, pin: bool = False) -> dict | 
         cpus = sorted(os.sched_getaffinity(0))
         address = f"ipc://{tempfile.mkdtemp()}/server.sock"
         serve = ["taskset", "-c", str(cpus[-1]), *tsqp, "serve", "--model", model, "--listen", address]
+        if "--dtype" in flags:  # the server's dtype is the wire's: the bench takes it from the server
+            serve += ["--dtype", flags[flags.index("--dtype") + 1]]
         server = subprocess.Popen(serve, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         socket, deadline = Path(address.removeprefix("ipc://")), time.monotonic() + 120
         while not socket.exists() and server.poll() is None and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """What several test modules share beyond conftest's fixtures: the config features the split must match
-transformers on, an attached in-process model, several clients decoding at once on a real server, and a
-running `tsqp api`."""
+transformers on, an attached in-process model and a link that counts its calls, several clients decoding at
+once on a real server, and a running `tsqp api`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,18 @@ def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[in
         pad_token_id=0,
     )
     return out[0, prompt.shape[0] :].tolist()
+
+
+class Counting(InProcess):
+    """An in-process link that keeps each request's method, in order."""
+
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        self.methods: list[str] = []
+
+    def __call__(self, method, *args, **kwargs):
+        self.methods.append(method)
+        return super().__call__(method, *args, **kwargs)
 
 
 def in_process(model_dir) -> tuple[TeeModel, Engine]:

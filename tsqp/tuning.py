@@ -62,7 +62,9 @@ SMALL_STEP_ROWS = 8  # a forward of at most this many tokens (a decode step) run
 # turn), a step of the API's batches. A verified one has its checks made at its end, all layers at once
 # (step_checks.py); it runs on one TEE thread (forward.TeeModel.threads); `--attention decode` attends it in
 # the TEE. SmolLM2 on this 2-core host, a 40-token prompt: checks 88-105 ms call by call, 17-21 ms at the
-# end (python bench/short_prompt.py, docs/benchmarks.md).
+# end (python bench/short_prompt.py, docs/benchmarks.md). Over a 16-bit wire only a short step sends fused
+# calls (tee/calls.py): a longer one's products go apart, where the server's float32 work between them, its
+# returned inputs and their checks cost more than the round trips they save (docs/benchmarks.md).
 SHORT_STEP_ROWS = 128
 
 

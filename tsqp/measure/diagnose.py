@@ -1,7 +1,7 @@
 """`tsqp diagnose`: which transport is in use, small round-trip latency and bulk bandwidth (the seed's tool).
 
 Bandwidth is what a result costs the TEE end to end: the request copied in (arena) or sent (zmq), the
-server's copy to its reply, and the TEE's copy out of the arena, as `remote.Calls` does it.
+server's copy to its reply, and the TEE's copy out of the arena, as `tee.calls.Calls` does it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@
     down_qkv         the gated activation a (T, intermediate) and x -> y = down(a) (as the down call), and
                      layer + 1's qkv (as the qkv call, args pos and values) of h = norm_attn_in(x + norm_mlp_out(y))
 
+On a 16-bit server each fused call also returns, after its products, the input it computed each later
+product from, as it rounded it (gate_up's, down's, then qkv's): the two sides' float32 inputs may differ in
+their last bit on different processors (a GPU's norms and activation are not the CPU's), and rounded to 16
+bits by a whole unit, so the TEE checks each product against the input the server used and that input
+against its own, within one unit (tee/checks.py, `StepCheck.inputs`).
+
 With attention in the TEE a layer is then one round trip instead of four (qkv, o_proj, gate_up, down); with
 attention on the server (a prefill's scores and attn_out), down_qkv saves one. The TEE sends its own residual
 stream with each call, so the server keeps nothing between them; each product's input is computed with
@@ -70,11 +76,12 @@ class FusedCalls:
         gate_up = self.linears.columns(h, weights.gate_up, weights.gate_up_bias, "gate_up")
         results = [a + b for a, b in zip(split(y, calls), split(gate_up, calls), strict=True)]
         if through == "gate_up":
-            return results
+            return self._echoing(results, [h], calls)
         gate, up = gate_up.split(self.config.intermediate_size, dim=1)
         act = gated(self.activation, gate, up).to(self.dtype)
-        rest = self._down_then(calls, layer, act, x, through == "qkv")
-        return [a + b for a, b in zip(results, rest, strict=True)]
+        rest, inputs = self._down_then(calls, layer, act, x, through == "qkv")
+        results = [a + b for a, b in zip(results, rest, strict=True)]
+        return self._echoing(results, [h, act, *inputs], calls)
 
     def op_down_qkv(self, session: Session, args, a, x) -> Call:
         c = self.config
@@ -86,18 +93,27 @@ class FusedCalls:
         return Call("down_qkv", self._next_qkv(session, layer, args, x), (a, x))
 
     def step_down_qkv(self, calls):
-        return self._down_then(calls, calls[0].args["layer"], stacked(calls), _residuals(calls), True)
+        results, inputs = self._down_then(calls, calls[0].args["layer"], stacked(calls), _residuals(calls), True)
+        return self._echoing(results, inputs, calls)
 
-    def _down_then(self, calls, layer: int, a: torch.Tensor, x: torch.Tensor, qkv: bool) -> list[list]:
-        """down(a) of layer for the calls' rows, then (qkv) layer + 1's qkv of the residual stream x after it."""
+    def _down_then(self, calls, layer: int, a: torch.Tensor, x: torch.Tensor, qkv: bool) -> tuple[list[list], list]:
+        """down(a) of layer for the calls' rows, then (qkv) layer + 1's qkv of the residual stream x after it;
+        with the input of that qkv ([] without it)."""
         weights = self.layers[layer]
         y = self.linears.linear(a, weights.down, weights.down_bias, "down")
         if not qkv:
-            return split(y, calls)
+            return split(y, calls), []
         h = self.norms.next_input(self.norms.after(x, y, layer, "down"), layer, "down").to(self.dtype)
         rows = parts(h, calls)
         qkv = [Call("qkv", {**call.args, "layer": layer + 1}, (h,)) for call, h in zip(calls, rows, strict=True)]
-        return [a + b for a, b in zip(split(y, calls), self.step_qkv(qkv), strict=True)]
+        return [a + b for a, b in zip(split(y, calls), self.step_qkv(qkv), strict=True)], [h]
+
+    def _echoing(self, results: list[list], inputs: list[torch.Tensor], calls) -> list[list]:
+        """Each call's results, followed on a 16-bit server by its rows of the later products' inputs."""
+        if self.dtype.itemsize > 2:
+            return results
+        rows = [parts(t, calls) for t in inputs]
+        return [result + [part[i] for part in rows] for i, result in enumerate(results)]
 
     def _next_qkv(self, session: Session, layer: int, args, x) -> dict:
         """The books of layer + 1's qkv at args' pos (and values) for x's rows: the fused call's resolved args."""

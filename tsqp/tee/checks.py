@@ -61,6 +61,10 @@ class StepCheck:
 
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None: ...
 
+    def inputs(self, op: str, layer: int, own: torch.Tensor, used: torch.Tensor) -> None:
+        """A fused call's later product op (gate_up, down or qkv) was computed by a 16-bit server from `used`,
+        its own rounding of the input the TEE computed as `own` (float32); the product's hook gets `used`."""
+
     def layers_done(self) -> None:
         """Every layer's result came; lm_head is asked next (nothing derived may leave before it passes)."""
 
@@ -76,7 +80,7 @@ class Overlapped(StepCheck):
 
     The order of the checks stays the forward order, and every one runs before the step ends: `attention`
     (whose chunk check reads what qkv's check records) and `layers_done` (the logits come after it) run all
-    that is held first, and the calls' collect (`remote.Calls.collect`) runs them before it waits for its
+    that is held first, and the calls' collect (`calls.Calls.collect`) runs them before it waits for its
     reply, giving the request up if one fails. In the plain split this tells the server nothing: each input
     sent before its source is checked is computed from results the server itself returned and inputs it
     already saw. A chunk's scores and probabilities are checked tile by tile as before (a tile is read once,
@@ -109,6 +113,9 @@ class Overlapped(StepCheck):
 
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         self.held.append((self.checks.down, layer, x, y))
+
+    def inputs(self, op: str, layer: int, own: torch.Tensor, used: torch.Tensor) -> None:
+        self.held.append((self.checks.inputs, op, layer, own, used))
 
     def layers_done(self) -> None:
         self.waiting()

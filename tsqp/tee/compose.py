@@ -24,13 +24,14 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint
 from tsqp.stats import Stats
 from tsqp.tee.attention import TeeAttention
+from tsqp.tee.calls import Calls
 from tsqp.tee.checks import Unchecked
 from tsqp.tee.decode_attention import DecodeAttention
 from tsqp.tee.forward import TeeModel
 from tsqp.tee.linear import Local, Recording
 from tsqp.tee.ops import Call, Link, Ops
 from tsqp.tee.private import LinearOps, PrivateOps, PrivateOptions, calibration_ids
-from tsqp.tee.remote import Calls, OProj, RemoteOps, link_of
+from tsqp.tee.remote import OProj, RemoteOps, link_of
 from tsqp.tee.rows_attention import RowsAttention
 from tsqp.tee.server_attention import ServerAttention
 from tsqp.tee.verify import Verifier

@@ -19,8 +19,8 @@ from tsqp.errors import TsqpError
 from tsqp.model.checkpoint import Checkpoint, layer_prefix
 from tsqp.model.elementwise import ACTIVATIONS, Norms, gated
 from tsqp.stats import Stats
+from tsqp.tee.calls import server_dtype
 from tsqp.tee.ops import Ops
-from tsqp.tee.remote import server_dtype
 from tsqp.tee.rope import Rotary
 from tsqp.tuning import SHORT_STEP_ROWS, one_thread
 

@@ -33,12 +33,12 @@ from tsqp.model.checkpoint import Checkpoint
 from tsqp.model.config import ModelConfig
 from tsqp.stats import Stats
 from tsqp.tee.attention import TeeAttention
+from tsqp.tee.calls import server_dtype
 from tsqp.tee.freivalds import masked_keys
 from tsqp.tee.linear import Checked, Linear, Masked, Remote, leak_bits
 from tsqp.tee.op_weights import Op, model_ops
 from tsqp.tee.ops import Link
 from tsqp.tee.pads import Ahead, HelperPads, PoolPads
-from tsqp.tee.remote import server_dtype
 from tsqp.tee.tokenizer import TOKENIZER_FILE, TextTokenizer
 
 PAD_BITS = 20  # pads 2^20 times the largest calibrated input: docs/threat-model.md has the table

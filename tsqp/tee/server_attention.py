@@ -17,8 +17,8 @@ from collections import deque
 import torch
 
 from tsqp.errors import TsqpError
+from tsqp.tee.calls import Calls, Request
 from tsqp.tee.ops import Softmax
-from tsqp.tee.remote import Calls, Request
 from tsqp.wire.protocol import DEFAULT_QUERY_TILE, expect, query_tiles
 
 PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split

@@ -43,6 +43,12 @@ LINEAR = ("q", "k", "gate", "up", "down")
 ORDER = ("qkv (q)", "qkv (k)", "scores", "attn_out", "gate_up (gate)", "gate_up (up)", "down")  # within a layer
 # attention in the TEE
 ORDER_HERE = ("qkv (q)", "qkv (k)", "qkv (v)", "o_proj", "gate_up (gate)", "gate_up (up)", "down")
+FUSED_INPUTS = {"qkv (q)": "input (qkv)", "gate_up (gate)": "input (gate_up)", "down": "input (down)"}  # before
+
+
+def with_inputs(order: tuple[str, ...], checks: dict) -> list[str]:
+    """order with a 16-bit server's fused inputs (those in checks) each before its product."""
+    return [op for product in order for op in (FUSED_INPUTS.get(product), product) if op == product or op in checks]
 
 
 @dataclass
@@ -124,6 +130,8 @@ class StepChecks(StepCheck):
         self.probs = [None] * L  # the probabilities as sent (heads, T, keys)
         self.firsts = [0] * L  # each layer's first key position (its window's start, or 0)
         self.window_keys: dict[int, torch.Tensor] = {}  # windowed layer -> the keys within its reach, kept once checked
+        self.inputs_of: dict[str, dict[int, tuple]] = {}  # op -> layer -> (own, used): a 16-bit server's fused inputs
+        self.absent: dict[str, int] = {}  # check -> layers that had none (layer 0's qkv input): not counted
 
     def _expect(self, pos: int | None, x: torch.Tensor) -> torch.Tensor:
         """x (T, n) as sent, as float32, once its call is found part of the step (pos None: a call without one)."""
@@ -154,6 +162,9 @@ class StepChecks(StepCheck):
 
     def down(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x["down"][layer], self.y["down"][layer] = self._expect(None, x), y
+
+    def inputs(self, op: str, layer: int, own: torch.Tensor, used: torch.Tensor) -> None:
+        self.inputs_of.setdefault(op, {})[layer] = (self._expect(None, own), used)
 
     def attention(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, tile: int) -> ChunkCheck:
         state, T = self.state, q.shape[0]
@@ -191,7 +202,7 @@ class StepChecks(StepCheck):
         if missing:
             raise TsqpError(f"verified mode: the step at position {self.pos} ended without {', '.join(missing)}")
         keys = v.stacked
-        checks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # op -> lhs, rhs, bound
+        checks = self._inputs()  # op -> lhs, rhs, bound
 
         x = torch.stack(self.x["qkv"])  # (L, T, hidden)
         x_norm = torch.linalg.vector_norm(x, dim=2, keepdim=True)  # (L, T, 1)
@@ -211,7 +222,7 @@ class StepChecks(StepCheck):
         down_norm = torch.linalg.vector_norm(down_x, dim=2, keepdim=True)
         checks["down"] = self._linear("down", down_x @ keys.down_w, down_norm, c.intermediate_size)
         if self.here:  # nothing of attention crossed: the state's sums of keys and values stay unused
-            self._compare({op: checks[op] for op in ORDER_HERE})
+            self._compare({op: checks[op] for op in with_inputs(ORDER_HERE, checks)})
             self.state.c_filled[:] = [self.pos + self.T] * c.num_layers
             return
         self._attention(checks, proj, x_norm)
@@ -261,7 +272,7 @@ class StepChecks(StepCheck):
         bound = rounding * y_norm + magnitude
         checks["attn_out"] = (y @ keys.s["o"], weighted[..., :K].sum(1) + keys.bias_s["o"], bound)
 
-        self._compare({op: checks[op] for op in ORDER})
+        self._compare({op: checks[op] for op in with_inputs(ORDER, checks)})
         state.c[..., pos : pos + T] = fold
         state.kr.copy_(kr)
         state.k_sq.copy_(k_sq)
@@ -283,6 +294,19 @@ class StepChecks(StepCheck):
         for layer, (first, block) in enumerate(zip(self.firsts, self.probs, strict=True)):
             probs[layer, :, :, first:] = block
         return probs, [end - first for first in self.firsts]
+
+    def _inputs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """verify.Verifier.check_input over the stacked layers, for each op a 16-bit server fused: (deviation
+        (L, T, 1), 0, bound); a layer without one (layer 0's qkv) deviates by 0."""
+        checks = {}
+        for op, per_layer in self.inputs_of.items():
+            zero = torch.zeros_like(next(iter(per_layer.values()))[0])
+            pairs = [per_layer.get(layer, (zero, zero)) for layer in range(len(self.firsts))]
+            own, used = torch.stack([own for own, _ in pairs]), torch.stack([used.float() for _, used in pairs])
+            deviation, bound = self.verifier.input_deviation(own, used)
+            checks[f"input ({op})"] = (deviation, torch.zeros_like(deviation), bound)
+            self.absent[f"input ({op})"] = len(pairs) - len(per_layer)
+        return checks
 
     def _linear(self, kind: str, xw: torch.Tensor, x_norm: torch.Tensor, in_dim: int):
         """verify.Verifier.check_linear over the stacked layers: (lhs, rhs, bound)."""
@@ -314,8 +338,9 @@ class StepChecks(StepCheck):
                     raise IntegrityError(v.failure)
         for i, op in enumerate(checks):
             v.margin[op] = max(v.margin.get(op, 0.0), max(layer_worst[i] for layer_worst in worst))
-            v.checks[op.split(" ")[0]] += len(worst)
-            v.comparisons += checks[op][0].numel()
+            counted = len(worst) - self.absent.get(op, 0)
+            v.checks[op.split(" ")[0]] += counted
+            v.comparisons += checks[op][0].numel() // len(worst) * counted
 
 
 class _Deferred(ChunkCheck):

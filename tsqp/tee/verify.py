@@ -76,6 +76,7 @@ from tsqp.stats import Stats
 from tsqp.tee.attention_check import AttentionCheck
 from tsqp.tee.checks import ChunkCheck, Overlapped, StepCheck
 from tsqp.tee.freivalds import (
+    LAMBDA,
     S_MAX,
     U32,
     UNIT_ROUNDOFF,
@@ -233,6 +234,20 @@ class Verifier:
             bound = _row_norm(y).mul_(rounding).add_(x_norm, alpha=accumulation)
         self.check(op, layer, times(y, key.s), xw + key.bias_s if key.bias_norm else xw, bound)
 
+    def check_input(self, op: str, layer: int, own: torch.Tensor, used: torch.Tensor) -> None:
+        """The input a 16-bit server computed a fused product op from (used) against the TEE's own (float32):
+        each row within ||used - own|| <= 2 u ||own||, u the wire dtype's unit roundoff (rounding own makes at
+        most u ||own||; the rest is room for the two sides' float32 values to differ in their last bits). The
+        product is then checked against what the server used."""
+        deviation, bound = self.input_deviation(own, used)
+        self.check(f"input ({op})", layer, deviation, torch.zeros_like(deviation), bound)
+
+    def input_deviation(self, own: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||used - own||, its bound over LAMBDA) per row (..., 1), for `check`."""
+        norm = torch.linalg.vector_norm
+        bound = norm(own, dim=-1, keepdim=True).mul_(2 * UNIT_ROUNDOFF[self.wire] / LAMBDA)
+        return norm(used.float().sub_(own), dim=-1, keepdim=True), bound
+
     def check(
         self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
     ) -> None:
@@ -300,6 +315,11 @@ class Immediate(StepCheck):
 
     def lm_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._linear("lm_head", None, self.verifier.keys.head, x, y)
+
+    def inputs(self, op: str, layer: int, own: torch.Tensor, used: torch.Tensor) -> None:
+        v = self.verifier
+        with v.stats.tee("verify"):
+            v.check_input(op, layer, own, used)
 
     def _linear(self, op: str, layer: int | None, key: LinearKey, x: torch.Tensor, y: torch.Tensor) -> None:
         v, x = self.verifier, x.float()

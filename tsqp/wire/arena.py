@@ -10,7 +10,7 @@ nothing in flight, the next request starts right after the doorbell, so only the
 moment are ever touched.
 
 The arena is untrusted memory: the server may write there at any time. The TEE copies each result
-out before it checks or uses it (remote.Calls does), and never reads a value twice from here.
+out before it checks or uses it (calls.Calls does), and never reads a value twice from here.
 """
 
 from __future__ import annotations
