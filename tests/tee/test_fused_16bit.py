@@ -20,6 +20,7 @@ from support import FAMILY_MODELS, Counting
 from tsqp.errors import IntegrityError
 from tsqp.server.engine import Engine
 from tsqp.tee.compose import tee_model
+from tsqp.tee.remote import InProcess
 from tsqp.tuning import SHORT_STEP_ROWS
 
 CHECKED = ("at-step-end", "call-by-call", "overlapped")
@@ -163,3 +164,23 @@ def test_a_long_prefill_sends_its_calls_apart_over_a_16_bit_wire(checkpoints):
     assert step.count("o_proj_gate_up") == L and len(step) == L + 3
     float32, _, tee = run(path, Engine(str(path)), prompt=SHORT_STEP_ROWS + 1)
     assert "gate_up" not in tee.link.methods  # a float32 wire fuses every step
+
+
+class Older(Engine):
+    """A 16-bit server that fuses but does not say it returns the later products' inputs (one from before)."""
+
+    def op_init(self, peer, session_id, args):
+        info, tensors = super().op_init(peer, session_id, args)
+        del info["fused_inputs"]
+        return info, tensors
+
+
+def test_a_16_bit_server_that_returns_no_inputs_gets_the_calls_apart(checkpoints):
+    path = checkpoints("fused16-llama", seed=810)
+    engine = Engine(str(path), dtype="bfloat16")
+    assert InProcess(engine)("init").args["fused_inputs"] is True
+    assert InProcess(Engine(str(path)))("init").args["fused_inputs"] is False  # float32: nothing to return
+    logits, step, tee = run(path, Older(str(path), dtype="bfloat16"))
+    assert not tee.ops.fused and "o_proj_gate_up" not in step and len(step) == 4 * tee.config.num_layers + 2
+    fused, _, _ = run(path, engine)
+    assert all(torch.equal(one, two) for one, two in zip(logits, fused, strict=True))

@@ -291,6 +291,7 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
             "hidden": c.hidden_size,
             "vocab": c.vocab_size,
             "fused": self.fuses,  # o_proj_gate_up and down_qkv (fused_calls.py)
+            "fused_inputs": self.fuses and self.dtype.itemsize == 2,  # they return their later products' inputs
         }
         return info, []
 

@@ -12,7 +12,8 @@ On a 16-bit server each fused call also returns, after its products, the input i
 product from, as it rounded it (gate_up's, down's, then qkv's): the two sides' float32 inputs may differ in
 their last bit on different processors (a GPU's norms and activation are not the CPU's), and rounded to 16
 bits by a whole unit, so the TEE checks each product against the input the server used and that input
-against its own, within one unit (tee/checks.py, `StepCheck.inputs`).
+against its own, row by row within twice the rounding (tee/verify.py, `Verifier.check_input`). Its init
+reply says so (`fused_inputs`): a TEE fuses over a 16-bit wire only with a server that does.
 
 With attention in the TEE a layer is then one round trip instead of four (qkv, o_proj, gate_up, down); with
 attention on the server (a prefill's scores and attn_out), down_qkv saves one. The TEE sends its own residual

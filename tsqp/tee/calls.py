@@ -145,9 +145,9 @@ class Calls:
         return results[: len(shapes)], results[len(shapes) :]
 
     def ready(self, op: str, layer: int, own: torch.Tensor, sent: torch.Tensor) -> tuple[list | None, torch.Tensor]:
-        """(the product op of layer if the last call computed it, else None; what it was computed from): own,
-        the TEE's float32 input, and sent, its rounding to the wire; a 16-bit server's own rounding of its own
-        input, once checked against the TEE's (`StepCheck.inputs`)."""
+        """(the product op of layer if the last call computed it, else None; the input to check it against):
+        sent, the TEE's rounding of its own input `own` to the wire, unless a 16-bit server returned its own
+        rounding, which is checked against own first (`StepCheck.inputs`)."""
         ready = self.take(op, layer)
         if ready is None or ready.input is None:
             return (None if ready is None else ready.results), sent
