@@ -4,6 +4,7 @@ trusts Intel's root and refuses these quotes)."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import socket
 import ssl
@@ -47,14 +48,33 @@ def impostor(target: str, folder: Path):
     host, port = target.removeprefix("https://").rsplit(":", 1)
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def pump(source, sink):
+    def relay(inbound, outbound):
+        """Both directions in one thread: an SSL socket must not be read in one thread while another writes
+        to it (OpenSSL does not allow it; two pumping threads could hang the relay). Non-blocking reads, as a
+        TLS record without application data (a session ticket) leaves nothing to read."""
+        peer = {inbound: outbound, outbound: inbound}
+        for sock in peer:
+            sock.setblocking(False)
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
+            while True:
+                ready = [sock for sock in peer if sock.pending()] or select.select(list(peer), [], [], 120)[0]
+                if not ready:
+                    return
+                for sock in ready:
+                    try:
+                        data = sock.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        continue
+                    if not data:
+                        return
+                    peer[sock].setblocking(True)
+                    peer[sock].sendall(data)
+                    peer[sock].setblocking(False)
         except OSError:
             pass
         finally:
-            sink.close()
+            inbound.close()
+            outbound.close()
 
     def serve():
         while True:
@@ -64,8 +84,7 @@ def impostor(target: str, folder: Path):
             except OSError:
                 return
             outbound = ssl._create_unverified_context().wrap_socket(socket.create_connection((host, int(port))))
-            threading.Thread(target=pump, args=(inbound, outbound), daemon=True).start()
-            threading.Thread(target=pump, args=(outbound, inbound), daemon=True).start()
+            threading.Thread(target=relay, args=(inbound, outbound), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
