@@ -246,7 +246,7 @@ class Verifier:
         """(||used - own||, its bound over LAMBDA) per row (..., 1), for `check`."""
         norm = torch.linalg.vector_norm
         bound = norm(own, dim=-1, keepdim=True).mul_(2 * UNIT_ROUNDOFF[self.wire] / LAMBDA)
-        return norm(used.float().sub_(own), dim=-1, keepdim=True), bound
+        return norm(torch.sub(used, own), dim=-1, keepdim=True), bound  # a new float32 tensor: neither is written
 
     def check(
         self, op: str, layer: int | None, lhs: torch.Tensor, rhs: torch.Tensor, bound: torch.Tensor, count: bool = True
