@@ -58,7 +58,11 @@ VARIABLES = (
         "a CPU server's linear kernels: `auto` (measured per host), `unpacked`, `onednn`, `mkl` (server/kernels.py)",
     ),
     Variable(
-        "TSQP_DOORBELL_SPIN_MS", float, 0.0, "milliseconds a client polls the doorbell for its reply before it sleeps"
+        "TSQP_DOORBELL_SPIN_MS",
+        float,
+        None,
+        "milliseconds a client polls the doorbell for its reply before it sleeps (unset: 20 where the server computes "
+        "on other cores or a GPU, else 0)",
     ),
     Variable(
         "TSQP_DOORBELL_NAP", bool, True, "`0`: no nap until a doorbell reply is nearly due (tsqp/wire/doorbell.py)"

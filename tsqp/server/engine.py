@@ -21,6 +21,7 @@ sessions' books, sharded.py the linears over the ranks' shares, budget.py the me
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections import Counter
@@ -158,6 +159,10 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
         finally:
             self.budget.release()
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
+
+    def compute_cores(self) -> list[int]:
+        """The CPUs this server's products may run on: none on a GPU (its launches are a core's small share)."""
+        return [] if self.device.type == "cuda" else sorted(os.sched_getaffinity(0))
 
     def batch_key(self, request) -> tuple | None:
         """Requests of different clients with one key may run as one step (handle_batch); None: alone."""

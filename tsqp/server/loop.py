@@ -289,7 +289,7 @@ class Server:
             return {}
         bell = self.doorbells[peer] = Doorbell(arena.map)
         bell.awake(self.polling)
-        return {"doorbell": True}
+        return {"doorbell": True, "compute_cores": self.engine.compute_cores()}
 
     def close(self) -> None:
         for arena in self.arenas.values():

@@ -67,7 +67,7 @@ class Client:
         self.timeout_s = timeout_s
         self.stats = stats or Stats()
         self.ids = itertools.count(1)
-        self.placement = Placement(shm, arena_name, doorbell, lambda args: self.call("attach_arena", args))
+        self.placement = Placement(shm, arena_name, doorbell, self._attach)
         self.waiter = DoorbellWait()
         self.doorbell_requests = 0  # requests that went by the doorbell
         self.in_flight: dict[int, InFlight] = {}  # request id -> what the statistics need
@@ -201,6 +201,12 @@ class Client:
             raise ServerError(
                 f"server refused {request.method}: {_one_line(reply.header.get('error', 'no reason given'))}"
             )
+        return reply
+
+    def _attach(self, args: dict) -> Message:
+        """The server maps the arena (Placement.ensure); its reply says where it computes (DoorbellWait.adapt)."""
+        reply = self.call("attach_arena", args)
+        self.waiter.adapt(reply.args.get("compute_cores"))
         return reply
 
     def ring_doorbell(self, on: bool) -> None:

@@ -32,10 +32,13 @@ it, so the next request of a decode step, a TEE step later, finds it awake.
 
 The client first naps, as Linux's block layer polls a fast disk ("hybrid polling"): it sleeps on the
 wake word until shortly before the reply is due by that method's last replies (waiting.py), then polls for the spin
-time (`TSQP_DOORBELL_SPIN_MS`, 0 by default), then sleeps until the server's wake. A polling client is
-a runnable process on cores the server and other clients share, so by default it does not poll; a
-reply that comes during the nap wakes it, so a nap too long costs only the wake-up
-(`TSQP_DOORBELL_NAP=0` turns the nap off). The figures behind these choices are in docs/benchmarks.md.
+time (`TSQP_DOORBELL_SPIN_MS`), then sleeps until the server's wake. A polling client is a runnable
+process on cores the server and other clients share, so there it does not poll; a reply that comes
+during the nap wakes it, so a nap too long costs only the wake-up (`TSQP_DOORBELL_NAP=0` turns the nap
+off). Where the server computes on cores the client does not run on (`attach_arena`'s reply names
+them: another core set, or none for a GPU), the client polls 20 ms without a nap, as a CUDA host thread
+spins on its device: it takes nothing the server wants, and it does not wake on cold caches
+(waiting.py, `DoorbellWait.adapt`). The figures behind these choices are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

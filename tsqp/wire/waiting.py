@@ -19,6 +19,7 @@ from tsqp.wire.doorbell import Doorbell, futex_usable
 from tsqp.wire.protocol import Message, unpack
 
 ZMQ_SPIN_S = 0.02  # the client's poll where it sleeps on ZeroMQ, not the wake word (inside an enclave)
+OWN_CORES_SPIN_S = 0.02  # the client's poll, without a nap, where the server computes on cores it does not run on
 DOORBELL_POLL_MS = 5  # waiting for a doorbell reply: how often the slot is looked at between ZeroMQ polls
 
 Received = tuple[Message, int, float]  # a reply, bytes received in frames, seconds to unpack it
@@ -44,12 +45,26 @@ class DoorbellWait:
 
     def __init__(self):
         self.futex = futex_usable()  # a rung request's wait sleeps on the arena's wake word
-        self.spin_s = env.read("TSQP_DOORBELL_SPIN_MS") / 1000  # polls the slot this long, then sleeps
+        spin_ms = env.read("TSQP_DOORBELL_SPIN_MS")
+        self.chosen = spin_ms is not None  # the user chose the spin: the server's cores do not change it
+        self.spin_s = (spin_ms or 0.0) / 1000  # polls the slot this long, then sleeps
         self.zmq_spin_s = ZMQ_SPIN_S  # polls this long where it sleeps on ZeroMQ instead (no futex)
         self.nap = env.read("TSQP_DOORBELL_NAP")  # sleeps until a reply is nearly due, then polls
         self.slice_s = DOORBELL_POLL_MS / 1000  # the longest sleep between looks at the link
         self.reply_due: dict[str, float] = {}  # per method: seconds from a rung request to its reply, lately
         self.replies = 0  # replies that came by the doorbell
+
+    def adapt(self, compute_cores) -> None:
+        """After the server attached the arena: the CPUs its products run on (`attach_arena`'s reply; [] for a
+        GPU). Where none is one this client may run on, polling takes nothing the server wants, and a client
+        that slept wakes on cold caches (a decode call's reply header, parsed right after a futex wake, cost
+        ten times what it costs in a loop: docs/benchmarks.md): it polls OWN_CORES_SPIN_S, without a nap,
+        before it sleeps. Otherwise (two processes on the same cores) it does not poll at all."""
+        if self.chosen:
+            return
+        own = isinstance(compute_cores, list) and set(compute_cores).isdisjoint(os.sched_getaffinity(0))
+        self.spin_s = OWN_CORES_SPIN_S if own else 0.0
+        self.nap = env.read("TSQP_DOORBELL_NAP") and not own
 
     def early(self, request_id: int, request: InFlight, arena: Arena) -> Received | None:
         """Naps until the reply is nearly due, then polls for it: the reply if it came by then."""
