@@ -200,7 +200,7 @@ class RunOptions:
     )
     pipeline: str = option(
         "the TEE works while the server computes: attention by query chunks, a prefill's checks during the next "
-        "call; auto: on when the server computes on a GPU (a CPU server on this host shares the TEE's cores)",
+        "call; auto: on when the server computes apart from the TEE's cores (a GPU, another host, other CPUs)",
         env_var="TSQP_PIPELINE",
         choices=("auto", "on", "off"),
     )

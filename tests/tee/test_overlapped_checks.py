@@ -3,7 +3,7 @@
 Each result is checked after the next request has gone out and before its reply is read, in the forward
 order; the logits are those of the checks made in between; a lie is caught and named as before (the whole
 matrix: test_lying_server.py, "overlapped"), and the request in flight when a check fails is given up;
-`--pipeline auto` overlaps only for a server on another device than the CPU.
+`--pipeline auto` overlaps only for a server that computes apart from the TEE's cores (wire/cores.py).
 """
 
 from __future__ import annotations
@@ -140,13 +140,13 @@ def test_a_lie_is_named_and_the_call_in_flight_given_up(model, op, layer, named)
 
 
 @pytest.mark.parametrize(
-    ("pipeline", "device", "overlaps"),
-    [("auto", "cpu", False), ("auto", "cuda:0", True), ("on", "cpu", True), ("off", "cuda:0", False)],
+    ("pipeline", "apart", "overlaps"),
+    [("auto", False, False), ("auto", True, True), ("on", False, True), ("off", True, False)],
 )
-def test_auto_overlaps_only_a_server_on_another_device(model, pipeline, device, overlaps):
+def test_auto_overlaps_only_a_server_apart_from_the_tees_cores(model, pipeline, apart, overlaps):
     tee = tee_model(model, InProcess(Engine(str(model))), pipeline=pipeline)
     checker = tee.ops.checker
-    checker.init(torch.float32, device)
+    checker.init(torch.float32, apart)
     checker.open_session(24)
     step = checker.begin_step(0, 200, tee.ops.attention)
     assert isinstance(step, Overlapped) == overlaps

@@ -1,7 +1,8 @@
-"""How a client waits for a doorbell reply (waiting.py), and the arena's views made once (arena.py).
+"""Where a server computes (cores.py), how a client waits for a doorbell reply (waiting.py), and the arena's
+views made once (arena.py).
 
-A client polls for its reply only where the server computes on cores the client does not run on (the
-server names them when it attaches the arena); on cores both share it sleeps, as before. The user's
+A client polls for its reply only where the server computes apart from its cores (the server says where
+it computes when it attaches the arena); on cores both share it sleeps, as before. The user's
 TSQP_DOORBELL_SPIN_MS wins over either.
 """
 
@@ -14,7 +15,7 @@ import torch
 
 from tsqp.errors import ProtocolError
 from tsqp.tee.launcher import ServerProcess
-from tsqp.wire import doorbell
+from tsqp.wire import cores, doorbell
 from tsqp.wire.arena import SHM_DIR, VIEWS_KEPT, Arena
 from tsqp.wire.client import Client
 from tsqp.wire.waiting import OWN_CORES_SPIN_S, DoorbellWait
@@ -28,23 +29,35 @@ def fresh_env(monkeypatch):
     monkeypatch.delenv("TSQP_DOORBELL_NAP", raising=False)
 
 
-def test_a_server_on_other_cores_or_a_gpu_makes_the_client_poll_without_a_nap(fresh_env, monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    for cores in ([2, 3], []):  # another core set; a GPU's server names none
-        wait = DoorbellWait()
-        assert (wait.spin_s, wait.nap) == (0.0, True), "before the server says anything: no poll"
-        wait.adapt(cores)
-        assert (wait.spin_s, wait.nap) == (OWN_CORES_SPIN_S, False), cores
+HERE = cores.host_id()
 
 
-def test_a_server_on_the_clients_cores_leaves_it_asleep(fresh_env, monkeypatch):
+@pytest.mark.parametrize(
+    ("server", "is_apart"),
+    [
+        ({"device": "cuda:0"}, True),  # a GPU, whatever it says of cores
+        ({"device": "cpu", "compute_cores": []}, True),  # names no CPU
+        ({"device": "cpu", "compute_cores": [2, 3], "host": HERE}, True),  # CPUs this process may not run on
+        ({"device": "cpu", "compute_cores": [0, 1], "host": "another host"}, HERE is not None),
+        ({"device": "cpu", "compute_cores": [1], "host": HERE}, False),  # one of this process's CPUs
+        ({"device": "cpu", "compute_cores": [0, 1, 2]}, False),
+        ({"device": "cpu"}, False),  # an older server names none: it shares them, for all the TEE knows
+        ({"compute_cores": "all"}, False),
+        ({"compute_cores": [True]}, False),
+    ],
+)
+def test_a_server_computes_apart_only_on_a_gpu_another_host_or_other_cpus(monkeypatch, server, is_apart):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    for cores in ([1], [0, 1, 2], None, "all"):  # shared cores, or a reply that names none rightly
-        wait = DoorbellWait()
-        wait.adapt(cores)
-        assert (wait.spin_s, wait.nap) == (0.0, True), cores
-    wait.adapt([2])
-    wait.adapt([0])  # the server behind a new connection (attached again) shares the client's cores
+    assert cores.apart(server) is is_apart
+
+
+def test_a_client_polls_without_a_nap_only_where_the_server_computes_apart(fresh_env, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    wait = DoorbellWait()
+    assert (wait.spin_s, wait.nap) == (0.0, True), "before the server says anything: no poll"
+    wait.adapt({"compute_cores": [2, 3], "host": HERE})
+    assert (wait.spin_s, wait.nap) == (OWN_CORES_SPIN_S, False)
+    wait.adapt({"compute_cores": [0], "host": HERE})  # the server behind a new connection shares its cores
     assert (wait.spin_s, wait.nap) == (0.0, True)
 
 
@@ -53,11 +66,11 @@ def test_the_users_spin_wins_over_the_servers_cores(monkeypatch):
     monkeypatch.setenv("TSQP_DOORBELL_SPIN_MS", "0")
     monkeypatch.setenv("TSQP_DOORBELL_NAP", "1")
     wait = DoorbellWait()
-    wait.adapt([2, 3])
+    wait.adapt({"compute_cores": [2, 3]})
     assert (wait.spin_s, wait.nap) == (0.0, True)
     monkeypatch.setenv("TSQP_DOORBELL_SPIN_MS", "3")
     wait = DoorbellWait()
-    wait.adapt([0])
+    wait.adapt({"compute_cores": [0]})
     assert wait.spin_s == 0.003
 
 
@@ -85,6 +98,9 @@ def test_the_server_names_its_cores_and_a_client_apart_from_them_polls(model, fr
                     assert client.call("ping").header["ok"] is True
                 polls = client.waiter.spin_s == OWN_CORES_SPIN_S and not client.waiter.nap
                 assert polls is apart
+                info = client.call("init").args  # the TEE's checks and pipeline read the same description
+                assert info["compute_cores"] == ([CPUS[-1]] if apart else CPUS) and info["host"] == cores.host_id()
+                assert cores.apart(info) is apart
                 assert client.doorbell_requests > 0 and client.waiter.replies > 0
         finally:
             os.sched_setaffinity(0, mine)

@@ -21,7 +21,6 @@ sessions' books, sharded.py the linears over the ranks' shares, budget.py the me
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import Counter
@@ -45,6 +44,7 @@ from tsqp.server.seed_calls import SeedCalls
 from tsqp.server.sessions import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CACHE_BYTES, Session, Sessions
 from tsqp.server.sharded import Alloc, Linears, shards
 from tsqp.server.weights import VALUE_DTYPE, load_weights
+from tsqp.wire import cores
 from tsqp.wire.protocol import (
     CONTROL_METHODS,
     DTYPES,
@@ -159,10 +159,6 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
         finally:
             self.budget.release()
         return {**reply_args, "compute_start": start, "compute_s": time.perf_counter() - start}, tensors
-
-    def compute_cores(self) -> list[int]:
-        """The CPUs this server's products may run on: none on a GPU (its launches are a core's small share)."""
-        return [] if self.device.type == "cuda" else sorted(os.sched_getaffinity(0))
 
     def batch_key(self, request) -> tuple | None:
         """Requests of different clients with one key may run as one step (handle_batch); None: alone."""
@@ -297,6 +293,7 @@ class Engine(LayerCalls, FusedCalls, PrivateCalls, SeedCalls):
             "vocab": c.vocab_size,
             "fused": self.fuses,  # o_proj_gate_up and down_qkv (fused_calls.py)
             "fused_inputs": self.fuses and self.dtype.itemsize == 2,  # they return their later products' inputs
+            **cores.describe(self.device.type),  # where it computes: on the TEE's cores or apart (wire/cores.py)
         }
         return info, []
 

@@ -26,6 +26,7 @@ from tsqp.errors import ProtocolError, TsqpError
 from tsqp.server.engine import Engine
 from tsqp.server.parallel import RankFailure
 from tsqp.server.scheduler import Pending, Scheduler
+from tsqp.wire import cores
 from tsqp.wire.arena import Arena, align
 from tsqp.wire.curve import CurveKeys, start_authenticator
 from tsqp.wire.doorbell import CONTROL_BYTES, SERVER_SPIN_S, Doorbell, fits
@@ -289,7 +290,7 @@ class Server:
             return {}
         bell = self.doorbells[peer] = Doorbell(arena.map)
         bell.awake(self.polling)
-        return {"doorbell": True, "compute_cores": self.engine.compute_cores()}
+        return {"doorbell": True, **cores.describe(self.engine.device.type)}
 
     def close(self) -> None:
         for arena in self.arenas.values():

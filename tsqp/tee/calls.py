@@ -21,6 +21,7 @@ from tsqp.stats import Stats
 from tsqp.tee.checks import ChunkCheck, StepCheck, Unchecked
 from tsqp.tee.ops import Link
 from tsqp.tuning import SHORT_STEP_ROWS
+from tsqp.wire import cores
 from tsqp.wire.protocol import DTYPES, FLOAT_DTYPES, Message, expect
 
 
@@ -83,7 +84,7 @@ class Calls:
         """The server's description of itself; its dtype becomes the wire dtype (and the checker's keys')."""
         info = self.control("init").args
         self.wire = server_dtype(info)
-        self.checker.init(self.wire, str(info.get("device", "cpu")))
+        self.checker.init(self.wire, cores.apart(info))
         return info
 
     def submit(

@@ -163,8 +163,8 @@ class Unchecked:
     failure = None  # what failed (a checker raises at every later call once it is set)
     immediate = NO_STEP_CHECK  # the hooks of calls outside a step
 
-    def init(self, wire: torch.dtype, device: str = "cpu") -> None:
-        """The server's dtype and device are known."""
+    def init(self, wire: torch.dtype, apart: bool = False) -> None:
+        """The server's dtype is known, and whether it computes apart from the TEE's cores (wire/cores.py)."""
 
     def usable(self) -> None:
         """Raises if an earlier check failed (before anything more is sent)."""

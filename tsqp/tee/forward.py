@@ -23,6 +23,7 @@ from tsqp.tee.calls import server_dtype
 from tsqp.tee.ops import Ops
 from tsqp.tee.rope import Rotary
 from tsqp.tuning import SHORT_STEP_ROWS, one_thread
+from tsqp.wire import cores
 
 
 class TeeModel:
@@ -49,7 +50,7 @@ class TeeModel:
                 "the server runs a different model than the TEE's model folder (fingerprints differ): "
                 "start the server with the same checkpoint"
             )
-        self.shares_cores = not str(info.get("device", "cpu")).startswith(("cuda", "xpu", "mps"))
+        self.shares_cores = not cores.apart(info)
         if "dtype" in info:  # transformers rounds Gemma's sqrt(hidden) to the embedding's dtype (bfloat16: 25.25)
             self.embed_scale = float(torch.tensor(self.family.embed_scale, dtype=server_dtype(info)))
         return info

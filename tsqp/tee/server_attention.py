@@ -19,6 +19,7 @@ import torch
 from tsqp.errors import TsqpError
 from tsqp.tee.calls import Calls, Request
 from tsqp.tee.ops import Softmax
+from tsqp.wire import cores
 from tsqp.wire.protocol import DEFAULT_QUERY_TILE, expect, query_tiles
 
 PIPELINE_CHUNKS = 8  # query chunks per attention call, when it is large enough to split
@@ -31,8 +32,8 @@ class ServerAttention:
     keeps_values = False  # the server caches v (qkv returns q and k only)
 
     def __init__(self, calls: Calls, pipeline: str = "auto", tile: int = DEFAULT_QUERY_TILE):
-        """pipeline: on, off, or auto: on when the server reports a device other than the CPU (a CPU server
-        on the TEE's host computes on the TEE's cores, where overlapping the two only makes them compete)."""
+        """pipeline: on, off, or auto: on when the server computes apart from the TEE's cores (a GPU, another
+        host, other CPUs: wire/cores.py); on the TEE's own cores overlapping the two only makes them compete."""
         if pipeline not in PIPELINE_MODES:
             raise TsqpError(f"pipeline must be one of {', '.join(PIPELINE_MODES)}, not {pipeline!r}")
         self.calls, self.config = calls, calls.config
@@ -43,7 +44,7 @@ class ServerAttention:
 
     def init(self, info: dict) -> None:
         if self.pipeline == "auto":
-            self.pipelined = not str(info.get("device", "cpu")).startswith("cpu")
+            self.pipelined = cores.apart(info)
 
     def attends_here(self, pos: int, T: int) -> bool:
         """Whether the step's attention runs in the TEE: never."""

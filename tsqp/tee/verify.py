@@ -144,7 +144,7 @@ class Verifier:
         self, checkpoint: Checkpoint, stats: Stats | None = None, seed: int | None = None, overlap: str = "auto"
     ):
         """seed: for tests only; by default 63 secret bits the server cannot know. overlap: on, off or auto (on
-        when the server computes on another device than the CPU: checks.Overlapped; `--pipeline`)."""
+        when the server computes apart from the TEE's cores: checks.Overlapped; `--pipeline`)."""
         self.checkpoint, self.config = checkpoint, checkpoint.config
         self.stats = stats or Stats()
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
@@ -169,12 +169,13 @@ class Verifier:
 
     # -- control -------------------------------------------------------------------------------
 
-    def init(self, wire: torch.dtype, device: str = "cpu") -> None:
+    def init(self, wire: torch.dtype, apart: bool = False) -> None:
         """The server's dtype is known now: the keys are computed here, at start, not on the first call.
-        A server on a GPU has the checks overlap its calls (`overlap` auto): a CPU server on this host would
-        share the cores they run on (measured: docs/benchmarks.md, "Checks while the server computes")."""
+        A server that computes apart from the TEE's cores (a GPU, another host, other CPUs: wire/cores.py) has
+        the checks overlap its calls (`overlap` auto); one on the TEE's own cores would share the cores they
+        run on (measured: docs/benchmarks.md, "Checks while the server computes")."""
         if self.overlap_mode == "auto":
-            self.overlap = not device.startswith("cpu")
+            self.overlap = apart
         self.usable()
         if wire != self.wire:
             self.wire, self.keys, self.bounded_norms = wire, None, wire == torch.float32

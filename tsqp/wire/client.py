@@ -206,7 +206,7 @@ class Client:
     def _attach(self, args: dict) -> Message:
         """The server maps the arena (Placement.ensure); its reply says where it computes (DoorbellWait.adapt)."""
         reply = self.call("attach_arena", args)
-        self.waiter.adapt(reply.args.get("compute_cores"))
+        self.waiter.adapt(reply.args)
         return reply
 
     def ring_doorbell(self, on: bool) -> None:

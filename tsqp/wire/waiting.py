@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tsqp import env
 from tsqp.errors import ProtocolError
+from tsqp.wire import cores
 from tsqp.wire.arena import Arena
 from tsqp.wire.doorbell import Doorbell, futex_usable
 from tsqp.wire.protocol import Message, unpack
@@ -54,15 +55,15 @@ class DoorbellWait:
         self.reply_due: dict[str, float] = {}  # per method: seconds from a rung request to its reply, lately
         self.replies = 0  # replies that came by the doorbell
 
-    def adapt(self, compute_cores) -> None:
-        """After the server attached the arena: the CPUs its products run on (`attach_arena`'s reply; [] for a
-        GPU). Where none is one this client may run on, polling takes nothing the server wants, and a client
+    def adapt(self, server: dict) -> None:
+        """After the server attached the arena, from what its reply says of where it computes (cores.py).
+        Where its products run apart from this client, polling takes nothing the server wants, and a client
         that slept wakes on cold caches (a decode call's reply header, parsed right after a futex wake, cost
         ten times what it costs in a loop: docs/benchmarks.md): it polls OWN_CORES_SPIN_S, without a nap,
         before it sleeps. Otherwise (two processes on the same cores) it does not poll at all."""
         if self.chosen:
             return
-        own = isinstance(compute_cores, list) and set(compute_cores).isdisjoint(os.sched_getaffinity(0))
+        own = cores.apart(server)
         self.spin_s = OWN_CORES_SPIN_S if own else 0.0
         self.nap = env.read("TSQP_DOORBELL_NAP") and not own
 
