@@ -58,9 +58,10 @@ class DoorbellWait:
     def adapt(self, server: dict) -> None:
         """After the server attached the arena, from what its reply says of where it computes (cores.py).
         Where its products run apart from this client, polling takes nothing the server wants, and a client
-        that slept wakes on cold caches (a decode call's reply header, parsed right after a futex wake, cost
-        ten times what it costs in a loop: docs/benchmarks.md): it polls OWN_CORES_SPIN_S, without a nap,
-        before it sleeps. Otherwise (two processes on the same cores) it does not poll at all."""
+        that slept pays the futex wake and wakes on cold caches (a round trip's cost beyond a 2 ms compute
+        68-95 us asleep against 7-23 polling: bench/cold_wake.py, docs/benchmarks.md): it polls
+        OWN_CORES_SPIN_S, without a nap, before it sleeps. Otherwise (two processes on the same cores) it does
+        not poll at all."""
         if self.chosen:
             return
         own = cores.apart(server)
