@@ -101,6 +101,7 @@ def row(result: dict) -> dict:
         "decode_ms": decode.get("ms_per_token"),
         "decode_x": decode.get("ratio_ms_per_token"),
         "calls_per_token": decode.get("rpc_calls_per_token"),
+        "beyond_compute_us": result.get("tee_cost", {}).get("decode", {}).get("beyond_compute_us"),
         "floor_us_per_call": floor.get("own_us_per_call"),
         "private_x_plain": result.get("ratio_plain"),
         "pads_x_float64": result.get("ratio_pads_float64"),

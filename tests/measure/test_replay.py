@@ -97,6 +97,7 @@ def test_a_round_trips_parts_are_summed_per_call_from_its_timestamps():
     start = Snapshot({}, calls=0, waited_s=0.0, at=0.0)
     figures = cost(320e-6, 1, start, Snapshot({}, calls=2, waited_s=0.0, at=320e-6, phases=stats.phase_s))
     assert figures["call_us"] == pytest.approx({"send": 10, "to_server": 20, "compute": 75, "back": 20, "between": 25})
+    assert figures["beyond_compute_us"] == pytest.approx(50)  # send, to_server and back: not compute, not between
 
 
 def test_decodes_between_counts_from_the_first_token_not_from_the_prefills_last_reply():

@@ -18,6 +18,7 @@ JSON (`tsqp bench --json`): `tee_cost.prefill` and `tee_cost.decode` for the run
                                        its wait in `pads`)
     call_us                            a round trip's parts, mean us a call: send, to_server, compute, back,
                                        between (tsqp/stats.py, PHASES; the floor's server parts are 0)
+    beyond_compute_us                  send + to_server + back: what a call costs beyond the server's compute
 
 plus `floor.same_tokens` (the timed, the recorded and the replayed generations' tokens are the same) and
 `floor.recorded_bytes` (what the recording held).
@@ -32,6 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tsqp.stats import PHASES, Stats
+
+BEYOND_COMPUTE = ("send", "to_server", "back")  # a call's cost beyond the server's compute: issue 32's per-call figure
 
 
 @dataclass
@@ -68,6 +71,7 @@ def cost(seconds: float, tokens: int, start: Snapshot, end: Snapshot) -> dict:
                 "us_per_token": 1e6 * s / max(tokens, 1),
                 "us_per_call": 1e6 * s / max(calls, 1),
             }
+    parts = {name: 1e6 * (end.phases[name] - start.phases[name]) / max(calls, 1) for name in PHASES}
     return {
         "seconds": seconds,
         "tokens": tokens,
@@ -76,7 +80,8 @@ def cost(seconds: float, tokens: int, start: Snapshot, end: Snapshot) -> dict:
         "own_ms_per_token": 1e3 * own_s / max(tokens, 1),
         "own_us_per_call": 1e6 * own_s / max(calls, 1),
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]["seconds"])),
-        "call_us": {name: 1e6 * (end.phases[name] - start.phases[name]) / max(calls, 1) for name in PHASES},
+        "call_us": parts,
+        "beyond_compute_us": sum(parts[name] for name in BEYOND_COMPUTE),
     }
 
 
@@ -125,6 +130,7 @@ def print_costs(costs: dict[str, dict], console: Console) -> None:
     parts.add_column("run")
     for name in PHASES:
         parts.add_column(name, justify="right")
+    parts.add_column("beyond compute", justify="right")
     for name, f in costs.items():
-        parts.add_row(name, *(f"{f['call_us'][phase]:.1f}" for phase in PHASES))
+        parts.add_row(name, *(f"{f['call_us'][phase]:.1f}" for phase in PHASES), f"{f['beyond_compute_us']:.1f}")
     console.print(parts)
