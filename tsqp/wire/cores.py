@@ -12,6 +12,7 @@ What a server says here only steers the TEE's scheduling, never what it checks o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+@functools.cache  # a boot's id does not change while a process lives: read once
 def host_id() -> str | None:
     """A digest of this boot's id (the same for every process of one host until it reboots), or None."""
     try:

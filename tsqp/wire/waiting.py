@@ -50,7 +50,8 @@ class DoorbellWait:
         self.chosen = spin_ms is not None  # the user chose the spin: the server's cores do not change it
         self.spin_s = (spin_ms or 0.0) / 1000  # polls the slot this long, then sleeps
         self.zmq_spin_s = ZMQ_SPIN_S  # polls this long where it sleeps on ZeroMQ instead (no futex)
-        self.nap = env.read("TSQP_DOORBELL_NAP")  # sleeps until a reply is nearly due, then polls
+        self.nap_asked = env.read("TSQP_DOORBELL_NAP")  # the nap, where the client does not poll instead
+        self.nap = self.nap_asked  # sleeps until a reply is nearly due, then polls
         self.slice_s = DOORBELL_POLL_MS / 1000  # the longest sleep between looks at the link
         self.reply_due: dict[str, float] = {}  # per method: seconds from a rung request to its reply, lately
         self.replies = 0  # replies that came by the doorbell
@@ -66,7 +67,7 @@ class DoorbellWait:
             return
         own = cores.apart(server)
         self.spin_s = OWN_CORES_SPIN_S if own else 0.0
-        self.nap = env.read("TSQP_DOORBELL_NAP") and not own
+        self.nap = self.nap_asked and not own
 
     def early(self, request_id: int, request: InFlight, arena: Arena) -> Received | None:
         """Naps until the reply is nearly due, then polls for it: the reply if it came by then."""
